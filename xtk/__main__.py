@@ -1,0 +1,79 @@
+"""``python -m xtk info`` (versions, device, extension, which backend auto picks and why)
+and ``python -m xtk bench`` (the benchmark suite, see bench/)."""
+from __future__ import annotations
+
+import argparse
+import platform
+import sys
+
+import torch
+
+
+def _versions() -> list[tuple[str, str]]:
+    rows = [("python", platform.python_version()), ("torch", torch.__version__)]
+    try:
+        import triton
+        rows.append(("triton", triton.__version__))
+    except Exception as e:
+        rows.append(("triton", f"not available ({type(e).__name__}: {e})"))
+    rows.append(("torch CUDA", str(torch.version.cuda) if torch.version.cuda else "none (CPU build)"))
+    if torch.cuda.is_available():
+        p = torch.cuda.get_device_properties(0)
+        rows.append(("device", f"{p.name} (sm_{p.major}{p.minor}, {p.total_memory / 2**30:.0f} GiB)"))
+    else:
+        rows.append(("device", f"CPU only ({platform.processor() or platform.machine()}, {torch.get_num_threads()} threads)"))
+    from . import backends
+    ext = backends.load("rms_norm", "ext")
+    rows.append(("C++/CUDA extension", "built" if not isinstance(ext, str) else f"not usable: {ext}"))
+    import os
+    rows.append(("XTK_BACKEND", os.environ.get("XTK_BACKEND", "auto (unset)")))
+    rows.append(("TRITON_INTERPRET", os.environ.get("TRITON_INTERPRET", "unset")))
+    return rows
+
+
+def _sample_inputs(device: str, dtype):
+    """One small representative call per op, to ask each backend whether it would run it."""
+    from .ops import attention, glu, norm
+    from .bias import Alibi
+    q = torch.zeros(1, 2, 4, 64, device=device, dtype=dtype)
+    return {
+        "attention": attention._validate(q, q, q, None, 0.0, True, None, False, Alibi(torch.ones(2, device=device)),
+                                         None, None, None, None, 0, None),
+        "rms_norm": norm._validate(torch.zeros(4, 64, device=device, dtype=dtype), torch.ones(64, device=device, dtype=dtype), 1e-12, None),
+        "glu": glu._validate(torch.zeros(4, 64, device=device, dtype=dtype), "gelu", gated=True),
+        "activation": glu._validate(torch.zeros(4, 64, device=device, dtype=dtype), "relu_squared", gated=False),
+    }
+
+
+def info(out=sys.stdout) -> None:
+    from . import backends
+    w = max(len(k) for k, _ in _versions())
+    print("xtk", __import__("xtk").__version__, file=out)
+    for k, v in _versions():
+        print(f"  {k:<{w}}  {v}", file=out)
+    devices = [("cpu", torch.float32)] + ([("cuda", torch.bfloat16)] if torch.cuda.is_available() else [])
+    for device, dtype in devices:
+        print(f"\nbackend choice for {device} {str(dtype).replace('torch.', '')} tensors (auto):", file=out)
+        for op, inputs in _sample_inputs(device, dtype).items():
+            rows = backends.explain(op, inputs)
+            chosen = next((n for n, r in rows if not r), None)
+            print(f"  {op}: auto -> {chosen}", file=out)
+            for name, why in rows:
+                mark = "ok" if not why else "; ".join(str(x) for x in why)
+                print(f"      {name:<7} {mark}", file=out)
+
+
+def main(argv=None) -> int:
+    parser = argparse.ArgumentParser(prog="python -m xtk", description=__doc__)
+    sub = parser.add_subparsers(dest="cmd")
+    sub.add_parser("info", help="versions, device, extension, backend choice per op")
+    args, rest = parser.parse_known_args(argv)
+    if args.cmd in (None, "info"):
+        info()
+        return 0
+    parser.error(f"unknown command {args.cmd!r}")
+    return 2
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,127 @@
+"""Backend selection: ``XTK_BACKEND``, what each backend supports and why not, ``pick()``.
+
+Each op (``attention``, ``rms_norm``, ``glu``, ``activation``) has an ordered list of
+backends. A backend is a module-level ``Backend`` object living beside its implementation;
+it is imported lazily, and an import failure becomes the reason it cannot run. ``pick``
+takes the forced backend (the call's ``backend=`` argument, else ``XTK_BACKEND``) or, for
+``auto``, the first backend whose reasons list is empty.
+"""
+from __future__ import annotations
+
+import importlib
+import logging
+import os
+from dataclasses import dataclass
+from typing import Any, Callable
+
+log = logging.getLogger("xtk")
+
+BACKEND_NAMES = ("auto", "eager", "sdpa", "triton", "ext")
+
+
+@dataclass(frozen=True)
+class Backend:
+    """One implementation of one op.
+
+    reasons(inputs, forced) -> list of strings saying why it cannot run these inputs
+    (empty: it can). ``forced`` is True when the user asked for this backend by name
+    (e.g. the Triton interpreter on CPU tensors is allowed only then).
+    run(inputs) -> the op's result."""
+
+    name: str
+    op: str
+    reasons: Callable[[Any, bool], list]
+    run: Callable[[Any], Any]
+
+
+# op -> ordered list of (backend name, "module:attribute") tried by auto, first to last
+_LAZY: dict[str, list[tuple[str, str]]] = {
+    "attention": [
+        ("triton", "xtk.kernels.attention_op:BACKEND"),
+        ("sdpa", "xtk.ops.attention_sdpa:BACKEND"),
+        ("eager", "xtk.ops.attention:EAGER"),
+    ],
+    "rms_norm": [
+        ("ext", "xtk.ops.ext_backends:RMS_NORM"),
+        ("eager", "xtk.ops.norm:EAGER"),
+    ],
+    "glu": [
+        ("ext", "xtk.ops.ext_backends:GLU"),
+        ("eager", "xtk.ops.glu:EAGER_GLU"),
+    ],
+    "activation": [
+        ("ext", "xtk.ops.ext_backends:ACTIVATION"),
+        ("eager", "xtk.ops.glu:EAGER_ACTIVATION"),
+    ],
+}
+_loaded: dict[tuple[str, str], Any] = {}
+
+
+def load(op: str, name: str):
+    """The ``Backend`` object, or a string saying why it could not be imported."""
+    key = (op, name)
+    if key not in _loaded:
+        entries = dict(_LAZY[op])
+        if name not in entries:
+            _loaded[key] = f"no {name!r} backend exists for {op} (have: {', '.join(entries)})"
+        else:
+            mod, attr = entries[name].split(":")
+            try:
+                _loaded[key] = getattr(importlib.import_module(mod), attr)
+            except Exception as e:  # ImportError, missing triton, missing built extension ...
+                _loaded[key] = f"not importable: {type(e).__name__}: {e}"
+    return _loaded[key]
+
+
+def names(op: str) -> list[str]:
+    return [n for n, _ in _LAZY[op]]
+
+
+def requested(backend: str) -> str:
+    """The backend asked for: the call's ``backend`` unless it is 'auto', else ``XTK_BACKEND``."""
+    if backend not in BACKEND_NAMES:
+        raise ValueError(f"backend: expected one of {BACKEND_NAMES}, got {backend!r}")
+    if backend != "auto":
+        return backend
+    env = os.environ.get("XTK_BACKEND", "auto").strip() or "auto"
+    if env not in BACKEND_NAMES:
+        raise ValueError(f"XTK_BACKEND: expected one of {BACKEND_NAMES}, got {env!r}")
+    return env
+
+
+def reasons(op: str, name: str, inputs, forced: bool) -> list:
+    b = load(op, name)
+    if isinstance(b, str):
+        return [b]
+    return list(b.reasons(inputs, forced))
+
+
+def pick(op: str, inputs, backend: str = "auto") -> Backend:
+    """The backend that runs ``op`` on ``inputs``; raises with every reason when none can."""
+    want = requested(backend)
+    if want != "auto":
+        why = reasons(op, want, inputs, forced=True)
+        if why:
+            raise RuntimeError(f"{op}: backend {want!r} was requested but cannot run these inputs: " + "; ".join(why))
+        return load(op, want)
+    collected = []
+    for name in names(op):
+        why = reasons(op, name, inputs, forced=False)
+        if not why:
+            return load(op, name)
+        collected.append(f"{name}: " + "; ".join(why))
+    raise RuntimeError(f"{op}: no backend can run these inputs: " + " | ".join(collected))
+
+
+def explain(op: str, inputs) -> list[tuple[str, list]]:
+    """For ``python -m xtk info``: each backend of ``op`` with its reasons on ``inputs`` (auto mode)."""
+    return [(name, reasons(op, name, inputs, forced=False)) for name in names(op)]
+
+
+_warned: set = set()
+
+
+def warn_once(key: str, message: str) -> None:
+    if key not in _warned:
+        _warned.add(key)
+        log.warning(message)

@@ -1,0 +1,1 @@
+"""One dispatch point per op: validate inputs, pick the backend, call it."""

@@ -1,0 +1,42 @@
+"""Input checks shared by the ops: each error names the argument, what was expected and what came."""
+from __future__ import annotations
+
+import torch
+
+
+def tensor(name: str, x, ndim=None) -> None:
+    if not isinstance(x, torch.Tensor):
+        raise TypeError(f"{name}: expected a torch.Tensor, got {type(x).__name__}")
+    if ndim is not None and x.dim() not in (ndim if isinstance(ndim, tuple) else (ndim,)):
+        raise ValueError(f"{name}: expected a {ndim}-D tensor, got shape {tuple(x.shape)}")
+
+
+def floating(name: str, x) -> None:
+    if not x.is_floating_point():
+        raise TypeError(f"{name}: expected a floating-point tensor, got dtype {x.dtype}")
+
+
+def same(name: str, x, ref_name: str, ref) -> None:
+    if x.device != ref.device:
+        raise ValueError(f"{name}: expected device {ref.device} (the device of {ref_name}), got {x.device}")
+    if x.dtype != ref.dtype:
+        raise TypeError(f"{name}: expected dtype {ref.dtype} (the dtype of {ref_name}), got {x.dtype}")
+
+
+def broadcastable(name: str, x, shape) -> None:
+    try:
+        out = torch.broadcast_shapes(tuple(x.shape), tuple(shape))
+    except RuntimeError:
+        out = None
+    if out != tuple(shape):
+        raise ValueError(f"{name}: expected a shape broadcastable to {tuple(shape)}, got {tuple(x.shape)}")
+
+
+def integer(name: str, value, minimum=None) -> int:
+    if isinstance(value, torch.Tensor) and value.numel() == 1 and not value.is_floating_point():
+        value = int(value)
+    if isinstance(value, bool) or not isinstance(value, int):
+        raise TypeError(f"{name}: expected an int, got {type(value).__name__} {value!r}")
+    if minimum is not None and value < minimum:
+        raise ValueError(f"{name}: expected an int >= {minimum}, got {value}")
+    return value

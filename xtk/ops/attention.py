@@ -1,0 +1,178 @@
+"""``xtk.attention``: the one dispatch point for attention.
+
+A drop-in for ``torch.nn.functional.scaled_dot_product_attention`` (same positional
+arguments, same result when only SDPA's arguments are given) that also takes in-kernel
+bias descriptors, top-k, QK-norm, rotary/xpos and a query offset (SPEC §1, §2).
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass, replace
+from typing import Any, Optional
+
+import torch
+
+from .. import backends
+from ..bias import Alibi, Dense, DistanceTable, T5
+from ..qk import QKNorm, Rotary
+from ..reference import attention as reference
+from ..reference.attention import ScoreHooks
+from . import _check
+
+
+@dataclass(frozen=True, eq=False)
+class AttentionInputs:
+    """Validated arguments of one attention call; q/k/v are 4-D ``(b, h|hk, n, d)``."""
+
+    q: torch.Tensor
+    k: torch.Tensor
+    v: torch.Tensor
+    attn_mask: Optional[torch.Tensor]
+    dropout_p: float
+    is_causal: bool
+    scale: Optional[float]
+    bias: Any
+    topk: Optional[int]
+    qk_norm: Optional[QKNorm]
+    rotary: Optional[Rotary]
+    q_offset: int
+    k_prefix: int
+    hooks: Optional[ScoreHooks]
+
+    def kwargs(self) -> dict:
+        """Everything but q, k, v, as keyword arguments of the reference."""
+        return dict(attn_mask=self.attn_mask, dropout_p=self.dropout_p, is_causal=self.is_causal,
+                    scale=self.scale, bias=self.bias, topk=self.topk, qk_norm=self.qk_norm,
+                    rotary=self.rotary, q_offset=self.q_offset, k_prefix=self.k_prefix, hooks=self.hooks)
+
+
+def _validate(q, k, v, attn_mask, dropout_p, is_causal, scale, enable_gqa, bias, topk, qk_norm,
+              rotary, q_offset, k_prefix, hooks) -> AttentionInputs:
+    for name, x in (("q", q), ("k", k), ("v", v)):
+        _check.tensor(name, x, ndim=4)
+        _check.floating(name, x)
+    _check.same("k", k, "q", q)
+    _check.same("v", v, "q", q)
+    b, h, nq, d = q.shape
+    if k.shape[0] != b or v.shape[0] != b:
+        raise ValueError(f"k, v: expected batch size {b} (q's), got k {k.shape[0]}, v {v.shape[0]}")
+    hk, nk = k.shape[1], k.shape[2]
+    if k.shape[3] != d:
+        raise ValueError(f"k: expected head dim {d} (q's), got {k.shape[3]}")
+    if tuple(v.shape[1:3]) != (hk, nk):
+        raise ValueError(f"v: expected (heads, length) = {(hk, nk)} (k's), got {tuple(v.shape[1:3])}")
+    if h % hk != 0:
+        raise ValueError(f"k: query heads ({h}) must be divisible by key/value heads, got {hk} kv heads")
+    if hk != h and not enable_gqa:
+        raise ValueError(f"enable_gqa: q has {h} heads and k/v have {hk}; pass enable_gqa=True for grouped-query attention")
+    if attn_mask is not None:
+        _check.tensor("attn_mask", attn_mask)
+        if not (attn_mask.dtype == torch.bool or attn_mask.is_floating_point()):
+            raise TypeError(f"attn_mask: expected a bool or floating-point tensor, got dtype {attn_mask.dtype}")
+        if attn_mask.device != q.device:
+            raise ValueError(f"attn_mask: expected device {q.device} (q's), got {attn_mask.device}")
+        _check.broadcastable("attn_mask", attn_mask, (b, h, nq, nk))
+    if not isinstance(dropout_p, (int, float)) or not 0.0 <= float(dropout_p) < 1.0:
+        raise ValueError(f"dropout_p: expected a float in [0, 1), got {dropout_p!r}")
+    if scale is not None and not isinstance(scale, (int, float)):
+        raise TypeError(f"scale: expected a float or None, got {type(scale).__name__}")
+    q_offset = 0 if q_offset is None else _check.integer("q_offset", q_offset)
+    k_prefix = _check.integer("k_prefix", k_prefix, minimum=0)
+    if k_prefix > nk:
+        raise ValueError(f"k_prefix: expected at most nk = {nk}, got {k_prefix}")
+    if topk is not None:
+        topk = _check.integer("topk", topk, minimum=1)
+    _validate_bias(bias, q, b, h, nq, nk, q_offset, k_prefix)
+    if qk_norm is not None:
+        if not isinstance(qk_norm, QKNorm):
+            raise TypeError(f"qk_norm: expected xtk.QKNorm or None, got {type(qk_norm).__name__}")
+        if scale is not None:
+            raise ValueError("scale: with qk_norm the logit scale is qk_norm.scale; pass scale=None")
+        g = _check.integer("qk_norm.groups", qk_norm.groups, minimum=1)
+        if d % g != 0:
+            raise ValueError(f"qk_norm.groups: expected a divisor of the head dim {d}, got {g}")
+        for name, t, heads in (("qk_norm.q_dim_scale", qk_norm.q_dim_scale, h), ("qk_norm.k_dim_scale", qk_norm.k_dim_scale, hk)):
+            if t is not None:
+                _check.tensor(name, t)
+                _check.broadcastable(name, t, (heads, 1, d))
+    if rotary is not None:
+        if not isinstance(rotary, Rotary):
+            raise TypeError(f"rotary: expected xtk.Rotary or None, got {type(rotary).__name__}")
+        rd = _check.integer("rotary.dim", rotary.dim, minimum=2)
+        if rd % 2 or rd > d:
+            raise ValueError(f"rotary.dim: expected an even number <= head dim {d}, got {rd}")
+        if tuple(rotary.inv_freq.shape) != (rd // 2,):
+            raise ValueError(f"rotary.inv_freq: expected shape {(rd // 2,)}, got {tuple(rotary.inv_freq.shape)}")
+        if rotary.xpos_scale is not None and tuple(rotary.xpos_scale.shape) != (rd // 2,):
+            raise ValueError(f"rotary.xpos_scale: expected shape {(rd // 2,)}, got {tuple(rotary.xpos_scale.shape)}")
+    if hooks is not None and not isinstance(hooks, ScoreHooks):
+        raise TypeError(f"hooks: expected xtk.reference.attention.ScoreHooks or None, got {type(hooks).__name__}")
+    return AttentionInputs(q, k, v, attn_mask, float(dropout_p), bool(is_causal), scale, bias, topk,
+                           qk_norm, rotary, q_offset, k_prefix, hooks)
+
+
+def _validate_bias(bias, q, b, h, nq, nk, q_offset, k_prefix) -> None:
+    if bias is None:
+        return
+    if isinstance(bias, Alibi):
+        _check.tensor("bias.slopes", bias.slopes, ndim=1)
+        if bias.slopes.shape[0] > h:
+            raise ValueError(f"bias.slopes: expected at most {h} slopes (one per head), got {bias.slopes.shape[0]}")
+        tables = [("bias.slopes", bias.slopes)]
+    elif isinstance(bias, T5):
+        _check.tensor("bias.table", bias.table, ndim=2)
+        if tuple(bias.table.shape) != (bias.num_buckets, h):
+            raise ValueError(f"bias.table: expected shape (num_buckets, heads) = {(bias.num_buckets, h)}, got {tuple(bias.table.shape)}")
+        tables = [("bias.table", bias.table)]
+    elif isinstance(bias, DistanceTable):
+        _check.tensor("bias.table", bias.table, ndim=2)
+        rows = bias.table.shape[0]
+        if rows % 2 == 0 or bias.table.shape[1] != h:
+            raise ValueError(f"bias.table: expected shape (2L-1, {h}), got {tuple(bias.table.shape)}")
+        far = max(abs(q_offset + nq - 1), abs(q_offset - (nk - k_prefix - 1))) if nk > k_prefix else 0
+        if far > bias.max_distance:
+            raise ValueError(f"bias.table: covers distances up to {bias.max_distance}, the call needs {far}")
+        tables = [("bias.table", bias.table)]
+    elif isinstance(bias, Dense):
+        _check.tensor("bias.tensor", bias.tensor)
+        if not (bias.tensor.dtype == torch.bool or bias.tensor.is_floating_point()):
+            raise TypeError(f"bias.tensor: expected a bool or floating-point tensor, got dtype {bias.tensor.dtype}")
+        _check.broadcastable("bias.tensor", bias.tensor, (b, h, nq, nk))
+        tables = [("bias.tensor", bias.tensor)]
+    else:
+        raise TypeError(f"bias: expected xtk.bias.Alibi, T5, DistanceTable, Dense or None, got {type(bias).__name__}")
+    for name, t in tables:
+        if t.device != q.device:
+            raise ValueError(f"{name}: expected device {q.device} (q's), got {t.device}")
+
+
+def _eager_reasons(inputs, forced):
+    return []
+
+
+def _eager_run(inputs: AttentionInputs):
+    return reference.attention(inputs.q, inputs.k, inputs.v, **inputs.kwargs())
+
+
+EAGER = backends.Backend("eager", "attention", _eager_reasons, _eager_run)
+
+
+def attention(q, k, v, attn_mask=None, dropout_p=0.0, is_causal=False, scale=None, enable_gqa=False, *,
+              bias=None, topk=None, qk_norm=None, rotary=None, q_offset=None, k_prefix=0,
+              backend="auto", hooks=None):
+    """Scaled dot-product attention with in-kernel bias, top-k, QK-norm and rotary/xpos.
+
+    q ``(b, h, nq, d)``, k ``(b, hk, nk, d)``, v ``(b, hk, nk, dv)``, any strides -> ``(b, h, nq, dv)``.
+    Query ``i`` sits at position ``q_offset + i`` (default 0, SDPA's top-left alignment); the
+    first ``k_prefix`` keys (memory key/values) carry no position, key ``j`` sits at
+    ``j - k_prefix``. ``attn_mask``: bool keep-mask or additive float, broadcastable to
+    ``(b, h, nq, nk)``. ``bias``: ``xtk.bias.Alibi | T5 | DistanceTable | Dense``. ``topk``:
+    keep per row the logits >= the k-th largest (ties kept). Rows with no key give zeros.
+    ``hooks`` (``ScoreHooks``): features that need the whole score matrix; always eager.
+    ``backend``: auto|eager|sdpa|triton|ext (``XTK_BACKEND`` applies when 'auto')."""
+    inputs = _validate(q, k, v, attn_mask, dropout_p, is_causal, scale, enable_gqa, bias, topk,
+                       qk_norm, rotary, q_offset, k_prefix, hooks)
+    if hooks is not None:
+        backends.warn_once("hooks:" + hooks.reason,
+                           f"xtk.attention: {hooks.reason} needs the whole attention matrix; these layers run the eager path")
+        return EAGER.run(inputs)
+    return backends.pick("attention", inputs, backend).run(inputs)
