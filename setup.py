@@ -1,6 +1,6 @@
 """xtk: install with ``pip install --no-build-isolation -e .`` after installing torch.
 
-The top-level ``kernels/`` folder (Triton kernels) installs as ``xtk.kernels``. The C++/CUDA
+The top-level ``kernels/`` (Triton kernels) and ``bench/`` folders install as ``xtk.kernels`` and ``xtk.bench``. The C++/CUDA
 extension in ``csrc/`` builds when a compiler is present (CUDA sources when torch has CUDA
 and nvcc is found); ``XTK_NO_EXT=1`` skips it, and a failed build never fails the install.
 """
@@ -19,8 +19,8 @@ setup(
     name="xtk",
     version="0.1.0",
     description="Fused GPU kernels for x-transformers features behind a torch module API",
-    packages=["xtk", "xtk.ops", "xtk.reference", "xtk.modules", "xtk.models", "xtk.kernels"],
-    package_dir={"xtk": "xtk", "xtk.kernels": "kernels"},
+    packages=["xtk", "xtk.ops", "xtk.reference", "xtk.modules", "xtk.models", "xtk.kernels", "xtk.bench"],
+    package_dir={"xtk": "xtk", "xtk.kernels": "kernels", "xtk.bench": "bench"},
     python_requires=">=3.10",
     install_requires=install_requires,
     extras_require={"test": test_requires, "bench": ["matplotlib"]},

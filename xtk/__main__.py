@@ -67,10 +67,14 @@ def main(argv=None) -> int:
     parser = argparse.ArgumentParser(prog="python -m xtk", description=__doc__)
     sub = parser.add_subparsers(dest="cmd")
     sub.add_parser("info", help="versions, device, extension, backend choice per op")
+    sub.add_parser("bench", help="benchmark suite (python -m xtk bench --help)", add_help=False)
     args, rest = parser.parse_known_args(argv)
     if args.cmd in (None, "info"):
         info()
         return 0
+    if args.cmd == "bench":
+        from .bench.cli import main as bench_main
+        return bench_main(rest)
     parser.error(f"unknown command {args.cmd!r}")
     return 2
 
