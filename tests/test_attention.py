@@ -174,3 +174,11 @@ def test_xtk_backend_env_forces_and_raises(monkeypatch):
     monkeypatch.setenv("XTK_BACKEND", "bogus")
     with pytest.raises(ValueError, match="XTK_BACKEND"):
         xtk.attention(q, q, q)
+
+
+def test_three_d_inputs_like_sdpa():
+    q, k, v = rand(3, 7, 8), rand(3, 5, 8), rand(3, 5, 8)
+    mask = torch.rand(3, 7, 5) > 0.2
+    mask[..., 0] = True
+    torch.testing.assert_close(xtk.attention(q, k, v, mask), F.scaled_dot_product_attention(q, k, v, mask))
+    torch.testing.assert_close(xtk.attention(q, k, v, is_causal=True), F.scaled_dot_product_attention(q, k, v, is_causal=True))

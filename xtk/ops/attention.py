@@ -161,7 +161,8 @@ def attention(q, k, v, attn_mask=None, dropout_p=0.0, is_causal=False, scale=Non
               backend="auto", hooks=None):
     """Scaled dot-product attention with in-kernel bias, top-k, QK-norm and rotary/xpos.
 
-    q ``(b, h, nq, d)``, k ``(b, hk, nk, d)``, v ``(b, hk, nk, dv)``, any strides -> ``(b, h, nq, dv)``.
+    q ``(b, h, nq, d)``, k ``(b, hk, nk, d)``, v ``(b, hk, nk, dv)``, any strides -> ``(b, h, nq, dv)``
+    (SDPA's 3-D ``(N, L, E)`` form is accepted too).
     Query ``i`` sits at position ``q_offset + i`` (default 0, SDPA's top-left alignment); the
     first ``k_prefix`` keys (memory key/values) carry no position, key ``j`` sits at
     ``j - k_prefix``. ``attn_mask``: bool keep-mask or additive float, broadcastable to
@@ -169,6 +170,14 @@ def attention(q, k, v, attn_mask=None, dropout_p=0.0, is_causal=False, scale=Non
     keep per row the logits >= the k-th largest (ties kept). Rows with no key give zeros.
     ``hooks`` (``ScoreHooks``): features that need the whole score matrix; always eager.
     ``backend``: auto|eager|sdpa|triton|ext (``XTK_BACKEND`` applies when 'auto')."""
+    if all(isinstance(t, torch.Tensor) and t.dim() == 3 for t in (q, k, v)):
+        # SDPA's (N, L, E) form: one head per batch entry
+        if isinstance(attn_mask, torch.Tensor) and attn_mask.dim() == 3:
+            attn_mask = attn_mask.unsqueeze(1)
+        out = attention(q.unsqueeze(1), k.unsqueeze(1), v.unsqueeze(1), attn_mask, dropout_p, is_causal, scale,
+                        enable_gqa, bias=bias, topk=topk, qk_norm=qk_norm, rotary=rotary, q_offset=q_offset,
+                        k_prefix=k_prefix, backend=backend, hooks=hooks)
+        return out.squeeze(1)
     inputs = _validate(q, k, v, attn_mask, dropout_p, is_causal, scale, enable_gqa, bias, topk,
                        qk_norm, rotary, q_offset, k_prefix, hooks)
     if hooks is not None:

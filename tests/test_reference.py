@@ -1,0 +1,116 @@
+"""The eager oracle itself: norms and GLUs against their formulas, attention gradients by gradcheck,
+rotary/xpos against a per-element formula."""
+import math
+
+import pytest
+import torch
+import torch.nn.functional as F
+
+import xtk
+from xtk.bias import Alibi, Dense, DistanceTable, T5
+from xtk.reference import attention as ref_attention
+from xtk.reference import glu as ref_glu
+from xtk.reference import norm as ref_norm
+
+
+@pytest.mark.parametrize("dim", [1, 7, 64])
+def test_rms_norm_formula(dim):
+    x, g = torch.randn(5, dim, dtype=torch.float64), torch.randn(dim, dtype=torch.float64)
+    want = x / x.norm(dim=-1, keepdim=True).clamp_min(1e-12) * math.sqrt(dim) * g
+    torch.testing.assert_close(xtk.rms_norm(x, g), want)
+    r = torch.randn_like(x)
+    y, s = xtk.rms_norm(x, g, residual=r)
+    torch.testing.assert_close(s, x + r)
+    torch.testing.assert_close(y, ref_norm.rms_norm(x + r, g))
+    scale = torch.tensor([2.5], dtype=torch.float64)  # ScaleNorm: one learned scalar
+    torch.testing.assert_close(xtk.rms_norm(x, scale), want / g * 2.5)
+
+
+def test_rms_norm_zero_row_is_finite():
+    x = torch.zeros(2, 8, requires_grad=True)
+    y = xtk.rms_norm(x, torch.ones(8))
+    y.sum().backward()
+    assert torch.isfinite(y).all() and torch.isfinite(x.grad).all()
+
+
+@pytest.mark.parametrize("act,fn", [
+    ("gelu", lambda g: 0.5 * g * (1 + torch.erf(g / math.sqrt(2)))),
+    ("gelu_tanh", lambda g: 0.5 * g * (1 + torch.tanh(math.sqrt(2 / math.pi) * (g + 0.044715 * g ** 3)))),
+    ("silu", lambda g: g / (1 + torch.exp(-g))),
+    ("relu", lambda g: g.clamp_min(0)),
+    ("relu_squared", lambda g: g.clamp_min(0) ** 2),
+])
+def test_glu_and_activation_formulas(act, fn):
+    x = torch.randn(3, 10, dtype=torch.float64)
+    a, g = x[:, :5], x[:, 5:]
+    torch.testing.assert_close(xtk.glu(x, act), a * fn(g))
+    torch.testing.assert_close(xtk.ops.glu.activation(x, act), fn(x))
+
+
+def test_glu_errors():
+    with pytest.raises(ValueError, match="even last dim"):
+        xtk.glu(torch.randn(3, 5))
+    with pytest.raises(ValueError, match="activation"):
+        xtk.glu(torch.randn(3, 4), "tanh")
+    with pytest.raises(ValueError, match="weight"):
+        xtk.rms_norm(torch.randn(3, 4), torch.ones(5))
+    with pytest.raises(ValueError, match="residual"):
+        xtk.rms_norm(torch.randn(3, 4), torch.ones(4), residual=torch.randn(3, 5))
+
+
+def _gradcheck_attention(**kw):
+    torch.manual_seed(0)
+    b, h, hk, nq, nk, d = 1, 4, 2, 3, 5, 4
+    q = torch.randn(b, h, nq, d, dtype=torch.float64, requires_grad=True)
+    k = torch.randn(b, hk, nk, d, dtype=torch.float64, requires_grad=True)
+    v = torch.randn(b, hk, nk, d, dtype=torch.float64, requires_grad=True)
+    extra = kw.pop("tensors", ())
+    bias_fn = kw.pop("bias_fn", None)
+
+    def f(q, k, v, *t):
+        bias = bias_fn(*t) if bias_fn else None
+        return xtk.attention(q, k, v, enable_gqa=True, bias=bias, backend="eager", **kw)
+    assert torch.autograd.gradcheck(f, (q, k, v, *extra))
+
+
+@pytest.mark.parametrize("case", ["alibi", "t5", "table", "dense", "qknorm_rotary_xpos"])
+def test_reference_gradients_gradcheck(case):
+    f64 = dict(dtype=torch.float64, requires_grad=True)
+    if case == "alibi":
+        _gradcheck_attention(is_causal=True, q_offset=2, k_prefix=1, tensors=(torch.rand(3, **f64),), bias_fn=Alibi)
+    elif case == "t5":
+        _gradcheck_attention(tensors=(torch.randn(8, 4, **f64),), bias_fn=lambda t: T5(t, num_buckets=8, max_distance=16))
+    elif case == "table":
+        _gradcheck_attention(is_causal=True, q_offset=2, tensors=(torch.randn(11, 4, **f64),), bias_fn=DistanceTable)
+    elif case == "dense":
+        _gradcheck_attention(tensors=(torch.randn(1, 4, 3, 5, **f64),), bias_fn=Dense)
+    else:
+        qs, ks = torch.rand(4, 1, 4, **f64), torch.rand(2, 1, 4, **f64)
+        rot = xtk.Rotary(2, xtk.qk.rotary_inv_freq(2).double(), xpos_scale=xtk.qk.xpos_scale(2).double(), xpos_scale_base=4)
+        q = torch.randn(1, 4, 3, 4, **f64)
+        k = torch.randn(1, 2, 5, 4, **f64)
+        v = torch.randn(1, 2, 5, 4, **f64)
+
+        def f(q, k, v, qs, ks):
+            return xtk.attention(q, k, v, enable_gqa=True, qk_norm=xtk.QKNorm(2, 3.0, qs, ks), rotary=rot,
+                                 q_offset=2, k_prefix=1, is_causal=True)
+        assert torch.autograd.gradcheck(f, (q, k, v, qs, ks))
+
+
+def test_xpos_scales_q_up_and_k_down():
+    n, d = 6, 4
+    x = torch.randn(1, 1, n, d, dtype=torch.float64)
+    inv = xtk.qk.rotary_inv_freq(d).double()
+    s = xtk.qk.xpos_scale(d).double()
+    rot = xtk.Rotary(d, inv, xpos_scale=s, xpos_scale_base=8)
+    pos = torch.arange(n)
+    power = (pos - n // 2) / 8
+    yq = ref_attention.rotary_apply(x, pos, rot, power)
+    yk = ref_attention.rotary_apply(x, pos, rot, -power)
+    plain = ref_attention.rotary_apply(x, pos, xtk.Rotary(d, inv), None)
+    for p in range(n):
+        for m in range(d // 2):
+            f = s[m].item() ** power[p].item()
+            for c in (2 * m, 2 * m + 1):
+                assert math.isclose(yq[0, 0, p, c].item(), plain[0, 0, p, c].item() * f, rel_tol=1e-9, abs_tol=1e-12)
+                assert math.isclose(yk[0, 0, p, c].item(), plain[0, 0, p, c].item() / f, rel_tol=1e-9, abs_tol=1e-12)
