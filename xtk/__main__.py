@@ -66,11 +66,17 @@ def info(out=sys.stdout) -> None:
 def main(argv=None) -> int:
     parser = argparse.ArgumentParser(prog="python -m xtk", description=__doc__)
     sub = parser.add_subparsers(dest="cmd")
-    sub.add_parser("info", help="versions, device, extension, backend choice per op")
+    info_p = sub.add_parser("info", help="versions, device, extension, backend choice per op")
+    info_p.add_argument("--model", metavar="EXPR", default=None,
+                        help='a model constructor, e.g. "Decoder(dim=64, depth=2, heads=4, attn_talking_heads=True)": '
+                             "lists the layers that cannot use a kernel and why")
     sub.add_parser("bench", help="benchmark suite (python -m xtk bench --help)", add_help=False)
     args, rest = parser.parse_known_args(argv)
     if args.cmd in (None, "info"):
         info()
+        if getattr(args, "model", None):
+            from .introspect import print_model_report
+            print_model_report(args.model, sys.stdout)
         return 0
     if args.cmd == "bench":
         from .bench.cli import main as bench_main
