@@ -1,0 +1,314 @@
+"""AutoregressiveWrapper / ContinuousAutoregressiveWrapper: loss, sampling, KV-cached generation.
+
+The central property: greedy decoding (temperature 0) gives the same tokens with and without
+the KV cache, and with the cache every step after the first feeds only the new token through
+the network. Exact eos / filter behaviour is checked on a tiny deterministic network.
+"""
+import pytest
+import torch
+from torch import nn
+
+import x_transformers as xt
+from x_transformers.autoregressive_wrapper import top_k as xt_top_k, top_p as xt_top_p
+
+from xtk.models.autoregressive import AutoregressiveWrapper, top_k, top_p
+# the networks under test (x_transformers stands in until xtk's TransformerWrapper lands)
+from x_transformers import TransformerWrapper, Decoder
+
+
+def copy_weights(net, ref):
+    """Give xtk ``net`` the weights of the x-transformers model ``ref``."""
+    if isinstance(net, xt.TransformerWrapper):
+        net.load_state_dict(ref.state_dict())
+    else:
+        import xtk
+        xtk.load_x_transformers_weights(net, ref.state_dict())
+
+V = 37  # vocabulary size, not a power of two
+
+
+def lm(max_seq_len=24, seed=0, wrapper_kw=None, **layer_kw):
+    torch.manual_seed(seed)
+    layer = dict(dim=16, depth=2, heads=2)
+    layer.update(layer_kw)
+    net = TransformerWrapper(num_tokens=V, max_seq_len=max_seq_len, attn_layers=Decoder(**layer),
+                             **(wrapper_kw or {}))
+    return net.eval()
+
+
+class TokenCounter:
+    """Counts the sequence rows every nn.Linear of a network sees, per network call."""
+
+    def __init__(self, net):
+        self.calls, self._cur = [], None
+        self.handles = [m.register_forward_hook(self._hook) for m in net.modules() if isinstance(m, nn.Linear)]
+        self.handles.append(net.register_forward_pre_hook(self._start))
+        self.handles.append(net.register_forward_hook(self._end))
+
+    def _start(self, mod, args):
+        self._cur = 0
+
+    def _hook(self, mod, args, out):
+        x = args[0]
+        if x.dim() >= 2:
+            self._cur = max(self._cur, x.shape[-2])
+
+    def _end(self, mod, args, out):
+        self.calls.append(self._cur)
+
+    def remove(self):
+        for h in self.handles:
+            h.remove()
+
+
+# ------------------------------------------------------------------ greedy: cache == no cache
+
+@pytest.mark.parametrize("layer_kw", [
+    dict(),                                   # absolute positions
+    dict(rotary_pos_emb=True),
+    dict(alibi_pos_bias=True, heads=4),
+    dict(rel_pos_bias=True),
+    dict(attn_kv_heads=1, heads=4, rotary_pos_emb=True),  # GQA
+])
+def test_greedy_cached_equals_uncached(layer_kw):
+    net = lm(**layer_kw)
+    w = AutoregressiveWrapper(net)
+    prompts = torch.randint(0, V, (3, 5))
+    counter = TokenCounter(net)
+    cached = w.generate(prompts, 12, temperature=0., cache_kv=True)
+    steps_cached = counter.calls
+    counter.calls = []
+    plain = w.generate(prompts, 12, temperature=0., cache_kv=False)
+    steps_plain = counter.calls
+    counter.remove()
+    assert cached.shape == (3, 12)
+    assert torch.equal(cached, plain)
+    # with the cache only the new token goes through the layers after the prompt
+    assert steps_cached[0] == 5 and all(n == 1 for n in steps_cached[1:]), steps_cached
+    assert steps_plain == list(range(5, 17))
+
+
+def test_greedy_matches_x_transformers_generate():
+    net = lm(rotary_pos_emb=True)
+    ref = xt.TransformerWrapper(num_tokens=V, max_seq_len=24,
+                                attn_layers=xt.Decoder(dim=16, depth=2, heads=2, rotary_pos_emb=True)).eval()
+    copy_weights(net, ref)
+    prompts = torch.randint(0, V, (2, 4))
+    ours = AutoregressiveWrapper(net).generate(prompts, 10, temperature=0.)
+    theirs = xt.AutoregressiveWrapper(ref).generate(prompts, 10, temperature=0.)
+    assert torch.equal(ours, theirs)
+
+
+def test_greedy_cached_with_prompt_mask():
+    net = lm(rotary_pos_emb=True)
+    w = AutoregressiveWrapper(net)
+    prompts = torch.randint(0, V, (2, 6))
+    mask = torch.ones(2, 6, dtype=torch.bool)
+    mask[0, :3] = False
+    a = w.generate(prompts, 8, temperature=0., mask=mask, cache_kv=True)
+    b = w.generate(prompts, 8, temperature=0., mask=mask, cache_kv=False)
+    assert torch.equal(a, b)
+    # the unmasked row decodes as without a mask
+    c = w.generate(prompts, 8, temperature=0.)
+    assert torch.equal(a[1], c[1])
+
+
+def test_greedy_cached_variable_length_prompts():
+    net = lm(rotary_pos_emb=True)
+    w = AutoregressiveWrapper(net)
+    p0, p1 = torch.randint(0, V, (3,)), torch.randint(0, V, (6,))
+    a = w.generate([p0, p1], 7, temperature=0., cache_kv=True)
+    b = w.generate([p0, p1], 7, temperature=0., cache_kv=False)
+    assert torch.equal(a, b)
+    # a left-padded short prompt decodes like the same prompt alone
+    alone = w.generate(p0[None], 7, temperature=0.)
+    assert torch.equal(a[0], alone[0])
+
+
+def test_cache_dropped_past_max_seq_len_with_absolute_positions():
+    # absolute positions cannot slide a cached window: generation past max_seq_len recomputes
+    net = lm(max_seq_len=10)
+    w = AutoregressiveWrapper(net)
+    prompts = torch.randint(0, V, (2, 4))
+    a = w.generate(prompts, 15, temperature=0., cache_kv=True)
+    b = w.generate(prompts, 15, temperature=0., cache_kv=False)
+    assert a.shape == (2, 15) and torch.equal(a, b)
+
+
+def test_one_dim_prompt():
+    w = AutoregressiveWrapper(lm())
+    p = torch.randint(0, V, (5,))
+    out = w.generate(p, 6, temperature=0.)
+    assert out.shape == (6,)
+    assert torch.equal(out, w.generate(p[None], 6, temperature=0.)[0])
+
+
+def test_generate_keeps_training_mode_and_no_grad():
+    net = lm().train()
+    w = AutoregressiveWrapper(net).train()
+    out = w.generate(torch.randint(0, V, (1, 3)), 3)
+    assert w.training and net.training
+    assert not out.requires_grad
+
+
+# ------------------------------------------------------------------ exact behaviour on a counting network
+
+class Counter(nn.Module):
+    """Always predicts (last token + 1) mod V, with a strong margin; supports the cache protocol."""
+    max_seq_len = 64
+    can_cache_kv = True
+
+    def __init__(self):
+        super().__init__()
+        self.dummy = nn.Parameter(torch.zeros(()))
+        self.seen = []
+
+    def forward(self, x, return_intermediates=False, cache=None, **kwargs):
+        self.seen.append(x.shape[1])
+        logits = torch.nn.functional.one_hot((x + 1) % V, V).float() * 10 + self.dummy
+        if cache is not None:
+            logits = logits[:, -1:]
+        return (logits, object()) if return_intermediates else logits
+
+
+def test_eos_stops_and_pads_after_eos():
+    net = Counter()
+    w = AutoregressiveWrapper(net, pad_value=-1)
+    prompts = torch.tensor([[3], [7]])
+    out = w.generate(prompts, 20, temperature=0., eos_token=9)
+    # row 0: 4 5 6 7 8 9 then padding; row 1 reaches 9 after two tokens; all rows done at step 6
+    assert out.tolist() == [[4, 5, 6, 7, 8, 9], [8, 9, -1, -1, -1, -1]]
+    assert len(net.seen) == 6
+
+
+def test_eos_in_prompt_does_not_stop():
+    w = AutoregressiveWrapper(Counter())
+    out = w.generate(torch.tensor([[9, 0]]), 3, temperature=0., eos_token=9)
+    assert out.tolist() == [[1, 2, 3]]
+
+
+def test_sampling_with_top_k_one_is_greedy():
+    w = AutoregressiveWrapper(lm(rotary_pos_emb=True))
+    prompts = torch.randint(0, V, (2, 4))
+    greedy = w.generate(prompts, 6, temperature=0.)
+    sampled = w.generate(prompts, 6, temperature=1., filter_logits_fn=top_k, filter_kwargs=dict(k=1))
+    assert torch.equal(greedy, sampled)
+    by_name = w.generate(prompts, 6, temperature=0.7, filter_logits_fn="top_p", filter_kwargs=dict(thres=1e-6))
+    assert torch.equal(greedy, by_name)
+    old_style = w.generate(prompts, 6, temperature=0.7, filter_logits_fn=top_k, filter_thres=0.99)
+    assert torch.equal(greedy, old_style)  # keeps ceil(0.01 * 37) = 1 token
+
+
+def test_sampling_stays_in_filtered_set():
+    torch.manual_seed(1)
+    logits = torch.randn(4, V)
+    allowed = logits.topk(5, dim=-1).indices
+    w = AutoregressiveWrapper(Counter())
+    w.net.forward = lambda x, return_intermediates=False, cache=None, **kw: (logits[:, None].expand(-1, x.shape[1], -1), None)
+    out = w.generate(torch.zeros(4, 1, dtype=torch.long), 30, temperature=2., filter_kwargs=dict(k=5), cache_kv=False)
+    for row, ok in zip(out, allowed):
+        assert set(row.tolist()) <= set(ok.tolist())
+
+
+@pytest.mark.parametrize("shape", [(3, 37), (2, 1), (1, 200)])
+def test_filters_match_x_transformers(shape):
+    torch.manual_seed(0)
+    logits = torch.randn(shape)
+    assert torch.equal(top_k(logits), xt_top_k(logits))
+    assert torch.equal(top_k(logits, k=3), xt_top_k(logits, k=3))
+    assert torch.equal(top_k(logits, frac_num_tokens=0.5), xt_top_k(logits, frac_num_tokens=0.5))
+    for thres in (0.1, 0.5, 0.9, 1.0):
+        assert torch.equal(top_p(logits, thres=thres), xt_top_p(logits, thres=thres))
+
+
+def test_top_p_keeps_token_that_crosses_threshold():
+    logits = torch.log(torch.tensor([[0.5, 0.3, 0.15, 0.05]]))
+    kept = torch.isfinite(top_p(logits, thres=0.6))
+    assert kept.tolist() == [[True, True, False, False]]
+
+
+# ------------------------------------------------------------------ training loss
+
+def test_loss_matches_x_transformers_wrapper():
+    net = lm(rotary_pos_emb=True)
+    ref = xt.TransformerWrapper(num_tokens=V, max_seq_len=24,
+                                attn_layers=xt.Decoder(dim=16, depth=2, heads=2, rotary_pos_emb=True)).eval()
+    copy_weights(net, ref)
+    x = torch.randint(0, V, (2, 11))
+    x[1, 8:] = -100  # padding marked with ignore_index
+    ours = AutoregressiveWrapper(net)(x)
+    theirs = xt.AutoregressiveWrapper(ref)(x)
+    torch.testing.assert_close(ours, theirs, rtol=1e-5, atol=1e-5)
+    lens = torch.tensor([11, 6])
+    torch.testing.assert_close(AutoregressiveWrapper(net)(x, lens=lens),
+                               xt.AutoregressiveWrapper(ref)(x, lens=lens), rtol=1e-5, atol=1e-5)
+
+
+def test_loss_is_next_token_cross_entropy():
+    net = lm()
+    x = torch.randint(0, V, (2, 9))
+    loss = AutoregressiveWrapper(net)(x)
+    logits = net(x)
+    expected = torch.nn.functional.cross_entropy(logits[:, :-1].reshape(-1, V), x[:, 1:].reshape(-1))
+    torch.testing.assert_close(loss, expected)
+    loss.backward()
+    assert all(p.grad is not None for p in net.parameters() if p.requires_grad)
+
+
+def test_mask_prob_matches_x_transformers_wrapper():
+    net = lm()
+    ref = xt.TransformerWrapper(num_tokens=V, max_seq_len=24,
+                                attn_layers=xt.Decoder(dim=16, depth=2, heads=2)).eval()
+    copy_weights(net, ref)
+    x = torch.randint(0, V, (2, 20))
+    torch.manual_seed(5)
+    ours = AutoregressiveWrapper(net, mask_prob=0.25)(x)
+    torch.manual_seed(5)
+    theirs = xt.AutoregressiveWrapper(ref, mask_prob=0.25)(x)
+    torch.testing.assert_close(ours, theirs, rtol=1e-5, atol=1e-5)
+    # and the masking does change the loss
+    assert not torch.allclose(ours, AutoregressiveWrapper(net)(x))
+
+
+def test_mask_prob_never_hides_first_token():
+    seen = {}
+
+    class Spy(Counter):
+        def forward(self, x, **kwargs):
+            seen.update(kwargs)
+            return super().forward(x)
+
+    x = torch.randint(0, V, (4, 10))
+    AutoregressiveWrapper(Spy(), mask_prob=0.5)(x)
+    m = seen["self_attn_kv_mask"]
+    assert m.shape == (4, 10) and m.dtype == torch.bool
+    assert m[:, 0].all() and (m.sum(-1) == 5).all()
+
+
+# ------------------------------------------------------------------ bad input
+
+def test_errors_name_the_argument():
+    w = AutoregressiveWrapper(lm())
+    p = torch.randint(0, V, (1, 3))
+    with pytest.raises(ValueError, match="seq_len"):
+        w.generate(p, 0)
+    with pytest.raises(TypeError, match="seq_len"):
+        w.generate(p, 2.5)
+    with pytest.raises(TypeError, match="prompts.*integer.*float"):
+        w.generate(p.float(), 3)
+    with pytest.raises(ValueError, match="prompts.*1.*2.*-D"):
+        w.generate(p[None], 3)
+    with pytest.raises(ValueError, match="temperature"):
+        w.generate(p, 3, temperature=-1.)
+    with pytest.raises(ValueError, match="filter_logits_fn"):
+        w.generate(p, 3, filter_logits_fn="top_q")
+    with pytest.raises(ValueError, match="mask"):
+        w.generate(p, 3, mask=torch.ones(1, 4, dtype=torch.bool))
+    with pytest.raises(ValueError, match="mask_prob"):
+        AutoregressiveWrapper(lm(), mask_prob=1.)
+    with pytest.raises(TypeError, match="net"):
+        AutoregressiveWrapper(object())
+    with pytest.raises(ValueError, match="x: expected at least 2 tokens"):
+        w(torch.randint(0, V, (2, 1)))
+    with pytest.raises(TypeError, match="x: expected an integer"):
+        w(torch.randn(2, 5))

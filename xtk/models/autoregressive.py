@@ -1,0 +1,341 @@
+"""``AutoregressiveWrapper``: next-token loss and sampling around a decoder ``TransformerWrapper``.
+
+Mirrors x-transformers 2.31.10's wrapper (names, arguments, return values): ``forward(x)`` gives
+the next-token cross entropy (with ``mask_prob > 0`` a random subset of the input tokens is
+hidden from self-attention, as in "Forgetful Causal Masking"), ``generate(prompts, seq_len, ...)``
+samples ``seq_len`` new tokens. With ``cache_kv=True`` the network gets the KV cache of the
+previous step and computes only the newest token, so each new token costs O(n), not a re-run.
+
+The wrapped network is duck-typed: it must take ``(tokens, return_intermediates=True,
+cache=...)`` and return ``(logits, intermediates)`` with logits for the new tokens only, and
+expose ``max_seq_len`` and ``can_cache_kv`` (xtk's ``TransformerWrapper`` does).
+"""
+from __future__ import annotations
+
+from math import ceil
+from typing import Callable, Optional
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from ..ops import _check
+
+__all__ = ["AutoregressiveWrapper", "top_k", "top_p", "top_a", "min_p", "FILTER_LOGITS_FN", "align_right"]
+
+
+# ---------------------------------------------------------------- logit filters (x-transformers names)
+
+def top_k(logits: torch.Tensor, frac_num_tokens: float = 0.1, k: Optional[int] = None) -> torch.Tensor:
+    """Keep the ``k`` largest logits per row (default ``ceil(frac_num_tokens * num_tokens)``), -inf elsewhere."""
+    num_tokens = logits.shape[-1]
+    if k is None:
+        k = ceil(frac_num_tokens * num_tokens)
+    k = max(1, min(int(k), num_tokens))
+    val, ind = torch.topk(logits, k, dim=-1)
+    return torch.full_like(logits, float("-inf")).scatter(-1, ind, val)
+
+
+def top_p(logits: torch.Tensor, thres: float = 0.9) -> torch.Tensor:
+    """Nucleus filter: keep the most likely tokens until their cumulative probability exceeds
+    ``thres`` (the token that crosses it is kept, so at least one token always survives)."""
+    sorted_logits, sorted_indices = torch.sort(logits, descending=True, dim=-1)
+    cum_probs = torch.cumsum(F.softmax(sorted_logits, dim=-1), dim=-1)
+    remove = cum_probs > thres
+    remove = F.pad(remove, (1, -1), value=False)  # shift right: keep the token that crosses thres
+    sorted_logits = sorted_logits.masked_fill(remove, float("-inf"))
+    return sorted_logits.scatter(-1, sorted_indices, sorted_logits)
+
+
+def top_a(logits: torch.Tensor, min_p_pow: float = 2.0, min_p_ratio: float = 0.02) -> torch.Tensor:
+    """Drop tokens whose probability is below ``max_prob ** min_p_pow * min_p_ratio``."""
+    probs = logits.softmax(dim=-1)
+    limit = probs.amax(dim=-1, keepdim=True).pow(min_p_pow) * min_p_ratio
+    return logits.masked_fill(probs < limit, float("-inf"))
+
+
+def min_p(logits: torch.Tensor, min_p: float = 0.1) -> torch.Tensor:
+    """Drop tokens whose probability is below ``min_p * max_prob`` (arXiv 2407.01082)."""
+    probs = logits.softmax(dim=-1)
+    limit = min_p * probs.amax(dim=-1, keepdim=True)
+    return logits.masked_fill(probs < limit, float("-inf"))
+
+
+FILTER_LOGITS_FN = dict(top_k=top_k, top_p=top_p, top_a=top_a, min_p=min_p)
+
+
+def _identity(t, **kwargs):
+    return t
+
+
+# ---------------------------------------------------------------- helpers
+
+def align_right(t: torch.Tensor, lens: torch.Tensor, pad_id=0) -> torch.Tensor:
+    """Move each row's first ``lens[b]`` entries to the right end (left padding with ``pad_id``)."""
+    batch, seq_len = t.shape[:2]
+    pad_lens = seq_len - lens
+    idx = torch.arange(seq_len, device=t.device)[None, :] - pad_lens[:, None]  # source index per slot
+    valid = idx >= 0
+    gathered = t.gather(1, idx.clamp(min=0).view(batch, seq_len, *([1] * (t.dim() - 2))).expand_as(t))
+    fill = torch.full_like(t, pad_id)
+    return torch.where(valid.view(batch, seq_len, *([1] * (t.dim() - 2))), gathered, fill)
+
+
+def _cached_kv_layers(cache):
+    """The per-attention-layer intermediates of a cache that hold ``cached_kv`` (self-attention)."""
+    inters = getattr(cache, "attn_intermediates", None) or []
+    return [i for i in inters if getattr(i, "layer_type", "a") == "a" and getattr(i, "cached_kv", None) is not None]
+
+
+def _trim_cache(cache, keep: int) -> bool:
+    """Keep the last ``keep`` cached positions of every self-attention layer; False if the cache
+    has no structure this function knows (the caller then drops it and recomputes)."""
+    layers = _cached_kv_layers(cache)
+    if not layers:
+        return False
+    for inter in layers:
+        inter.cached_kv = type(inter.cached_kv)(t[..., -keep:, :] for t in inter.cached_kv)
+    return True
+
+
+def _check_tokens(name: str, x, ndim):
+    _check.tensor(name, x, ndim=ndim)
+    if x.is_floating_point() or x.is_complex() or x.dtype == torch.bool:
+        raise TypeError(f"{name}: expected an integer tensor of token ids, got dtype {x.dtype}")
+
+
+class AutoregressiveWrapper(nn.Module):
+    """Next-token training and sampling for a decoder-only ``TransformerWrapper``.
+
+    Args:
+        net: the network (``TransformerWrapper`` with a ``Decoder``).
+        ignore_index: target value skipped by the loss (also marks padding in ``x``).
+        pad_value: token fed to the network where ``x`` holds ``ignore_index``, and written
+            after ``eos_token`` by ``generate``.
+        mask_prob: fraction of input tokens hidden from self-attention during training
+            (the first token never is); 0 turns it off. Must be in [0, 1).
+    """
+
+    def __init__(self, net: nn.Module, ignore_index: int = -100, pad_value: int = 0, mask_prob: float = 0.):
+        super().__init__()
+        if not isinstance(net, nn.Module):
+            raise TypeError(f"net: expected a torch.nn.Module (a TransformerWrapper), got {type(net).__name__}")
+        if not hasattr(net, "max_seq_len"):
+            raise TypeError(f"net: expected a network with a max_seq_len attribute (a TransformerWrapper), "
+                            f"got {type(net).__name__}")
+        if not isinstance(mask_prob, (int, float)) or not 0. <= mask_prob < 1.:
+            raise ValueError(f"mask_prob: expected a float in [0, 1), got {mask_prob!r}")
+        self.net = net
+        self.max_seq_len = net.max_seq_len
+        self.ignore_index = ignore_index
+        self.pad_value = pad_value
+        self.mask_prob = float(mask_prob)
+
+    # ------------------------------------------------------------ sampling
+
+    @torch.no_grad()
+    def generate(
+        self,
+        prompts,
+        seq_len: int,
+        eos_token: Optional[int] = None,
+        temperature: float = 1.,
+        prompt_lens: Optional[torch.Tensor] = None,
+        filter_logits_fn: str | Callable = top_k,
+        restrict_to_max_seq_len: bool = True,
+        filter_kwargs: Optional[dict] = None,
+        filter_thres: Optional[float] = None,
+        cache_kv: bool = True,
+        return_intermediates: bool = False,
+        **kwargs,
+    ):
+        """Sample ``seq_len`` tokens after ``prompts`` and return only the new ones.
+
+        ``prompts``: ``(b, n)`` or ``(n,)`` integer tensor, or a list of 1-D tensors of different
+        lengths (left-aligned internally, as ``prompt_lens`` does). ``temperature=0.`` is greedy.
+        ``filter_logits_fn``: ``top_k`` (default), ``top_p``, ``top_a``, ``min_p``, their names, or
+        any callable ``(logits, **filter_kwargs) -> logits``. ``filter_thres`` is the older
+        x-transformers argument: for ``top_k`` it keeps the ``1 - filter_thres`` fraction of the
+        vocabulary, for ``top_p`` it is the nucleus threshold. ``eos_token``: stop once every row
+        has produced it; everything after a row's first eos becomes ``pad_value``.
+        ``mask`` (in kwargs): a ``(b, n)`` prompt key mask, extended with True for new tokens.
+        Other kwargs go to the network on every step (e.g. ``context``, ``context_mask``).
+        Returns ``(b, seq_len')`` (or ``(seq_len',)`` for a 1-D prompt); with
+        ``return_intermediates=True`` also the last cache.
+        """
+        seq_len = _check.integer("seq_len", seq_len, minimum=1)
+        if not isinstance(temperature, (int, float)) or temperature < 0:
+            raise ValueError(f"temperature: expected a float >= 0 (0 = greedy), got {temperature!r}")
+        if eos_token is not None:
+            eos_token = _check.integer("eos_token", eos_token)
+        greedy = temperature == 0.
+
+        # prompts: list of variable length 1-D tensors, (n,), or (b, n)
+        if isinstance(prompts, (list, tuple)):
+            if len(prompts) == 0:
+                raise ValueError("prompts: expected a non-empty list of 1-D token tensors, got an empty list")
+            if prompt_lens is not None:
+                raise ValueError("prompt_lens: must be None when prompts is a list (the lengths come from the list)")
+            for i, p in enumerate(prompts):
+                _check_tokens(f"prompts[{i}]", p, 1)
+                if p.shape[0] < 1:
+                    raise ValueError(f"prompts[{i}]: expected at least one token, got an empty tensor")
+            prompt_lens = torch.tensor([p.shape[0] for p in prompts], device=prompts[0].device)
+            prompts = nn.utils.rnn.pad_sequence(list(prompts), batch_first=True, padding_value=self.pad_value)
+        _check_tokens("prompts", prompts, (1, 2))
+        no_batch = prompts.dim() == 1
+        if no_batch:
+            prompts = prompts[None]
+        b, t = prompts.shape
+        if t < 1:
+            raise ValueError(f"prompts: expected at least one token per row, got shape {tuple(prompts.shape)}")
+        device = prompts.device
+
+        # filter function
+        if isinstance(filter_logits_fn, str):
+            if filter_logits_fn not in FILTER_LOGITS_FN:
+                raise ValueError(f"filter_logits_fn: expected one of {', '.join(FILTER_LOGITS_FN)} or a callable, "
+                                 f"got {filter_logits_fn!r}")
+            filter_logits_fn = FILTER_LOGITS_FN[filter_logits_fn]
+        if not callable(filter_logits_fn):
+            raise TypeError(f"filter_logits_fn: expected a callable or a name, got {type(filter_logits_fn).__name__}")
+        filter_kwargs = dict(filter_kwargs or {})
+        if filter_thres is not None:
+            if filter_logits_fn is top_k:
+                filter_kwargs.setdefault("frac_num_tokens", 1. - filter_thres)
+            elif filter_logits_fn is top_p:
+                filter_kwargs.setdefault("thres", filter_thres)
+            else:
+                raise ValueError("filter_thres: only understood with filter_logits_fn top_k or top_p; "
+                                 "pass filter_kwargs for other filters")
+
+        # variable length prompts are aligned right; the network masks the left padding
+        seq_start_pos = None
+        if prompt_lens is not None:
+            _check_tokens("prompt_lens", prompt_lens, 1)
+            if prompt_lens.shape[0] != b:
+                raise ValueError(f"prompt_lens: expected shape ({b},) (one length per prompt), got {tuple(prompt_lens.shape)}")
+            if bool((prompt_lens < 1).any()) or bool((prompt_lens > t).any()):
+                raise ValueError(f"prompt_lens: expected lengths in [1, {t}], got {prompt_lens.tolist()}")
+            prompts = align_right(prompts, prompt_lens.to(device), pad_id=self.pad_value)
+            seq_start_pos = t - prompt_lens.to(device)
+            kwargs["seq_start_pos"] = seq_start_pos
+
+        mask = kwargs.pop("mask", None)
+        if mask is not None:
+            _check.tensor("mask", mask, ndim=2)
+            if mask.dtype != torch.bool or tuple(mask.shape) != (b, t):
+                raise ValueError(f"mask: expected a bool tensor of shape {(b, t)} (the prompts'), "
+                                 f"got {mask.dtype} {tuple(mask.shape)}")
+
+        max_seq_len = self.max_seq_len
+        can_cache = bool(cache_kv) and bool(getattr(self.net, "can_cache_kv", False))
+        cache_outside = bool(getattr(self.net, "can_cache_kv_outside_max_seq_len", False))
+
+        was_training = self.training
+        self.eval()
+        try:
+            out = prompts
+            cache = None
+            is_eos = None
+            for _ in range(seq_len):
+                x, step_mask = out, mask
+                if restrict_to_max_seq_len and max_seq_len and out.shape[-1] > max_seq_len:
+                    x = out[:, -max_seq_len:]
+                    if step_mask is not None:
+                        step_mask = step_mask[:, -max_seq_len:]
+                    if cache is not None:
+                        # a sliding window: keep the last max_seq_len - 1 cached positions when the
+                        # network's positions allow it, else recompute the window without cache
+                        if not (cache_outside and _trim_cache(cache, max_seq_len - 1)):
+                            cache = None
+                if step_mask is not None:
+                    kwargs["mask"] = step_mask
+
+                logits, new_cache = self.net(x, return_intermediates=True, cache=cache, **kwargs)
+                cache = new_cache if can_cache else None
+                logits = logits[:, -1]
+
+                if greedy:
+                    sample = logits.argmax(dim=-1, keepdim=True)
+                else:
+                    filtered = filter_logits_fn(logits, **filter_kwargs)
+                    probs = F.softmax(filtered / temperature, dim=-1)
+                    sample = torch.multinomial(probs, 1)
+
+                out = torch.cat((out, sample), dim=-1)
+                if mask is not None:
+                    mask = F.pad(mask, (0, 1), value=True)
+
+                if eos_token is not None:
+                    is_eos = out == eos_token
+                    if bool(is_eos[:, t:].any(dim=-1).all()):
+                        break
+        finally:
+            self.train(was_training)
+
+        out = out[:, t:]
+        if eos_token is not None:
+            # everything after the first eos of a row becomes pad_value (the eos itself stays)
+            is_eos = out == eos_token
+            after = F.pad(is_eos, (1, -1), value=False).cumsum(dim=-1) > 0
+            out = out.masked_fill(after, self.pad_value)
+        if no_batch:
+            out = out[0]
+        if return_intermediates:
+            return out, cache
+        return out
+
+    # ------------------------------------------------------------ training
+
+    def forward(self, x: torch.Tensor, return_outputs: bool = False, prepend_embeds=None, lens=None, **kwargs):
+        """Mean next-token cross entropy of ``x`` ``(b, n)``, ignoring targets equal to ``ignore_index``.
+
+        ``lens``: ``(b,)`` valid lengths (the rest is ignored). ``prepend_embeds``: ``(b, m, dim)``
+        embeddings put before the tokens (no loss on them). Other kwargs (``mask``, ``context``,
+        ``mems``...) go to the network. ``return_outputs=True`` returns ``(loss, (logits, intermediates))``.
+        """
+        _check_tokens("x", x, 2)
+        b, seq = x.shape
+        if seq < 2:
+            raise ValueError(f"x: expected at least 2 tokens per row (an input and a target), got shape {tuple(x.shape)}")
+
+        if lens is not None:
+            _check_tokens("lens", lens, 1)
+            if lens.shape[0] != b:
+                raise ValueError(f"lens: expected shape ({b},), got {tuple(lens.shape)}")
+            keep = torch.arange(seq, device=x.device)[None, :] < lens[:, None]
+            x = x.masked_fill(~keep, self.ignore_index)
+
+        inp, target = x, x[:, 1:]
+        inp = torch.where(inp == self.ignore_index, torch.full_like(inp, self.pad_value), inp)
+
+        if self.mask_prob > 0.:
+            # hide a random mask_prob fraction of the tokens from self-attention (never the first)
+            rand = torch.randn(inp.shape, device=x.device)
+            rand[:, 0] = -torch.finfo(rand.dtype).max
+            num_mask = min(int(seq * self.mask_prob), seq - 1)
+            indices = rand.topk(num_mask, dim=-1).indices
+            kv_mask = ~torch.zeros_like(inp, dtype=torch.bool).scatter(1, indices, True)
+            kwargs["self_attn_kv_mask"] = kv_mask
+
+        if prepend_embeds is not None:
+            kwargs["prepend_embeds"] = prepend_embeds
+
+        if return_outputs:
+            logits, cache = self.net(inp, return_intermediates=True, **kwargs)
+        else:
+            logits, cache = self.net(inp, **kwargs), None
+
+        if prepend_embeds is not None:
+            logits = logits[:, prepend_embeds.shape[1]:]
+        logits = logits[:, :-1]
+
+        if getattr(self.net, "output_is_log_prob", False):
+            loss = F.nll_loss(logits.transpose(1, 2), target, ignore_index=self.ignore_index)
+        else:
+            loss = F.cross_entropy(logits.transpose(1, 2), target, ignore_index=self.ignore_index)
+
+        if not return_outputs:
+            return loss
+        return loss, (logits, cache)
