@@ -1,0 +1,163 @@
+"""Attention backward: recompute P from the saved log-sum-exp, then dK/dV and dQ (flash-attention-2).
+
+``delta = rowsum(dO * O)`` is the preprocess (computed by the launcher, O(n)). With
+``dS = P * (dP - delta)`` (the gradient of the biased logits):
+- ``_attn_bwd_dkdv``: one program per (key block, batch * kv head); it loops over the query
+  heads of its GQA group and over the query blocks, so dK/dV are written once, no atomics.
+- ``_attn_bwd_dq``: one program per (query block, batch * head) over the key blocks; it also
+  produces the gradients of the learned bias inputs: ALiBi slope partials per program
+  (summed by the launcher: deterministic), distance-table gradient by ``tl.atomic_add``
+  (unordered: the launcher refuses it in deterministic mode), dense-bias gradient as the
+  dS tile stored into a (b, h, nq, nk) buffer (only when a dense bias requires grad).
+Dropout: the same counter-based keep-mask as the forward (``_dropout_keep``).
+"""
+import triton
+import triton.language as tl
+
+from .attention_common import _causal_key_end, _causal_query_start, _dropout_keep, _logits
+
+
+@triton.jit
+def _attn_bwd_dkdv(
+        Q, K, V, DO, DK, DV_, LSE, DELTA, THR, SLOPES, TAB, MASK, BIAS,
+        sqb, sqh, sqm, sqd, skb, skh, skn, skd, svb, svh, svn, svd, sdob, sdoh, sdom, sdod,
+        sdkb, sdkh, sdkn, sdkd, sdvb, sdvh, sdvn, sdvd,
+        stab_l, stab_h, tab_center, smb, smh, smm, smn, sbb, sbh, sbm, sbn,
+        H, HK, NQ, NK, D, DV, q_offset, k_prefix, sm_scale, dropout_p, seed,
+        IS_CAUSAL: tl.constexpr, BIAS_KIND: tl.constexpr, MASK_KIND: tl.constexpr, HAS_TOPK: tl.constexpr,
+        HAS_DROPOUT: tl.constexpr, PRECISION: tl.constexpr,
+        BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_DV: tl.constexpr):
+    pid_n = tl.program_id(0)
+    off_bhk = tl.program_id(1)
+    off_b = off_bhk // HK
+    off_hk = off_bhk % HK
+    group = H // HK
+    start_n = pid_n * BLOCK_N
+    offs_n = start_n + tl.arange(0, BLOCK_N)
+    offs_m0 = tl.arange(0, BLOCK_M)
+    offs_d = tl.arange(0, BLOCK_D)
+    offs_dv = tl.arange(0, BLOCK_DV)
+    col_ok = offs_n < NK
+    kt = tl.load(K + off_b.to(tl.int64) * skb + off_hk.to(tl.int64) * skh + offs_n[None, :] * skn + offs_d[:, None] * skd,
+                 mask=col_ok[None, :] & (offs_d[:, None] < D), other=0.0)
+    vt = tl.load(V + off_b.to(tl.int64) * svb + off_hk.to(tl.int64) * svh + offs_n[None, :] * svn + offs_dv[:, None] * svd,
+                 mask=col_ok[None, :] & (offs_dv[:, None] < DV), other=0.0)
+    dk = tl.zeros([BLOCK_N, BLOCK_D], tl.float32)
+    dv = tl.zeros([BLOCK_N, BLOCK_DV], tl.float32)
+    start_q = _causal_query_start(start_n, BLOCK_M, q_offset, k_prefix, IS_CAUSAL)
+    for g in range(0, group):
+        off_h = off_hk * group + g
+        off_bh = off_b * H + off_h
+        q_base = Q + off_b.to(tl.int64) * sqb + off_h.to(tl.int64) * sqh
+        do_base = DO + off_b.to(tl.int64) * sdob + off_h.to(tl.int64) * sdoh
+        slope = 0.0
+        if BIAS_KIND == 1:
+            slope = tl.load(SLOPES + off_h).to(tl.float32)
+        tab = TAB + off_h * stab_h
+        for start_m in range(start_q, NQ, BLOCK_M):
+            offs_m = start_m + offs_m0
+            row_ok = offs_m < NQ
+            q = tl.load(q_base + offs_m[:, None] * sqm + offs_d[None, :] * sqd,
+                        mask=row_ok[:, None] & (offs_d[None, :] < D), other=0.0)
+            do = tl.load(do_base + offs_m[:, None] * sdom + offs_dv[None, :] * sdod,
+                         mask=row_ok[:, None] & (offs_dv[None, :] < DV), other=0.0)
+            lse = tl.load(LSE + off_bh.to(tl.int64) * NQ + offs_m, mask=row_ok, other=float("inf"))
+            delta = tl.load(DELTA + off_bh.to(tl.int64) * NQ + offs_m, mask=row_ok, other=0.0)
+            s = _logits(tl.dot(q, kt, input_precision=PRECISION), offs_m, offs_n, off_b, off_h, NQ, NK, q_offset,
+                        k_prefix, sm_scale, slope, tab, stab_l, tab_center,
+                        MASK, smb, smh, smm, smn, BIAS, sbb, sbh, sbm, sbn, IS_CAUSAL, BIAS_KIND, MASK_KIND)
+            if HAS_TOPK:
+                thr = tl.load(THR + off_bh.to(tl.int64) * NQ + offs_m, mask=row_ok, other=float("-inf"))
+                s = tl.where(s >= thr[:, None], s, float("-inf"))
+            p = tl.exp(s - lse[:, None])
+            dp = tl.dot(do, vt, input_precision=PRECISION)
+            if HAS_DROPOUT:
+                keep = _dropout_keep(seed, off_bh, offs_m, offs_n, NK, dropout_p)
+                pd = tl.where(keep, p / (1.0 - dropout_p), 0.0)
+                dp = tl.where(keep, dp / (1.0 - dropout_p), 0.0)
+            else:
+                pd = p
+            dv += tl.dot(tl.trans(pd).to(do.dtype), do, input_precision=PRECISION)
+            ds = p * (dp - delta[:, None])
+            dk += tl.dot(tl.trans(ds).to(q.dtype), q, input_precision=PRECISION)
+    dk = dk * sm_scale
+    tl.store(DK + off_b.to(tl.int64) * sdkb + off_hk.to(tl.int64) * sdkh + offs_n[:, None] * sdkn + offs_d[None, :] * sdkd,
+             dk.to(DK.dtype.element_ty), mask=col_ok[:, None] & (offs_d[None, :] < D))
+    tl.store(DV_ + off_b.to(tl.int64) * sdvb + off_hk.to(tl.int64) * sdvh + offs_n[:, None] * sdvn + offs_dv[None, :] * sdvd,
+             dv.to(DV_.dtype.element_ty), mask=col_ok[:, None] & (offs_dv[None, :] < DV))
+
+
+@triton.jit
+def _attn_bwd_dq(
+        Q, K, V, DO, DQ, LSE, DELTA, THR, SLOPES, TAB, MASK, BIAS, DSLOPE, DTAB, DS,
+        sqb, sqh, sqm, sqd, skb, skh, skn, skd, svb, svh, svn, svd, sdob, sdoh, sdom, sdod,
+        sdqb, sdqh, sdqm, sdqd,
+        stab_l, stab_h, tab_center, smb, smh, smm, smn, sbb, sbh, sbm, sbn,
+        H, HK, NQ, NK, D, DV, q_offset, k_prefix, sm_scale, dropout_p, seed,
+        IS_CAUSAL: tl.constexpr, BIAS_KIND: tl.constexpr, MASK_KIND: tl.constexpr, HAS_TOPK: tl.constexpr,
+        HAS_DROPOUT: tl.constexpr, PRECISION: tl.constexpr,
+        NEED_DSLOPE: tl.constexpr, NEED_DTAB: tl.constexpr, NEED_DS: tl.constexpr,
+        BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_DV: tl.constexpr):
+    pid_m = tl.program_id(0)
+    off_bh = tl.program_id(1)
+    off_b = off_bh // H
+    off_h = off_bh % H
+    off_hk = off_h // (H // HK)
+    start_m = pid_m * BLOCK_M
+    offs_m = start_m + tl.arange(0, BLOCK_M)
+    offs_n0 = tl.arange(0, BLOCK_N)
+    offs_d = tl.arange(0, BLOCK_D)
+    offs_dv = tl.arange(0, BLOCK_DV)
+    row_ok = offs_m < NQ
+    q = tl.load(Q + off_b.to(tl.int64) * sqb + off_h.to(tl.int64) * sqh + offs_m[:, None] * sqm + offs_d[None, :] * sqd,
+                mask=row_ok[:, None] & (offs_d[None, :] < D), other=0.0)
+    do = tl.load(DO + off_b.to(tl.int64) * sdob + off_h.to(tl.int64) * sdoh + offs_m[:, None] * sdom + offs_dv[None, :] * sdod,
+                 mask=row_ok[:, None] & (offs_dv[None, :] < DV), other=0.0)
+    lse = tl.load(LSE + off_bh.to(tl.int64) * NQ + offs_m, mask=row_ok, other=float("inf"))
+    delta = tl.load(DELTA + off_bh.to(tl.int64) * NQ + offs_m, mask=row_ok, other=0.0)
+    if HAS_TOPK:
+        thr = tl.load(THR + off_bh.to(tl.int64) * NQ + offs_m, mask=row_ok, other=float("-inf"))
+    k_base = K + off_b.to(tl.int64) * skb + off_hk.to(tl.int64) * skh
+    v_base = V + off_b.to(tl.int64) * svb + off_hk.to(tl.int64) * svh
+    slope = 0.0
+    if BIAS_KIND == 1:
+        slope = tl.load(SLOPES + off_h).to(tl.float32)
+    tab = TAB + off_h * stab_h
+    dq = tl.zeros([BLOCK_M, BLOCK_D], tl.float32)
+    dslope = tl.zeros([BLOCK_M], tl.float32)
+    pi = q_offset + offs_m
+    end_n = _causal_key_end(start_m, BLOCK_M, NK, q_offset, k_prefix, IS_CAUSAL)
+    for start_n in range(0, end_n, BLOCK_N):
+        offs_n = start_n + offs_n0
+        col_ok = offs_n < NK
+        kt = tl.load(k_base + offs_n[None, :] * skn + offs_d[:, None] * skd,
+                     mask=col_ok[None, :] & (offs_d[:, None] < D), other=0.0)
+        vt = tl.load(v_base + offs_n[None, :] * svn + offs_dv[:, None] * svd,
+                     mask=col_ok[None, :] & (offs_dv[:, None] < DV), other=0.0)
+        s = _logits(tl.dot(q, kt, input_precision=PRECISION), offs_m, offs_n, off_b, off_h, NQ, NK, q_offset,
+                    k_prefix, sm_scale, slope, tab, stab_l, tab_center,
+                    MASK, smb, smh, smm, smn, BIAS, sbb, sbh, sbm, sbn, IS_CAUSAL, BIAS_KIND, MASK_KIND)
+        if HAS_TOPK:
+            s = tl.where(s >= thr[:, None], s, float("-inf"))
+        p = tl.exp(s - lse[:, None])
+        dp = tl.dot(do, vt, input_precision=PRECISION)
+        if HAS_DROPOUT:
+            keep = _dropout_keep(seed, off_bh, offs_m, offs_n, NK, dropout_p)
+            dp = tl.where(keep, dp / (1.0 - dropout_p), 0.0)
+        ds = p * (dp - delta[:, None])
+        dq += tl.dot(ds.to(q.dtype), tl.trans(kt), input_precision=PRECISION)
+        positional = (offs_n >= k_prefix) & col_ok
+        dist = pi[:, None] - (offs_n - k_prefix)[None, :]
+        if NEED_DSLOPE:
+            dslope += tl.sum(tl.where(positional[None, :], -ds * tl.abs(dist).to(tl.float32), 0.0), axis=1)
+        if NEED_DTAB:
+            tl.atomic_add(DTAB + (dist + tab_center).to(tl.int64) * stab_l + off_h * stab_h, ds,
+                          mask=positional[None, :] & row_ok[:, None])
+        if NEED_DS:
+            tl.store(DS + off_bh.to(tl.int64) * NQ * NK + offs_m[:, None].to(tl.int64) * NK + offs_n[None, :], ds,
+                     mask=row_ok[:, None] & col_ok[None, :])
+    dq = dq * sm_scale
+    tl.store(DQ + off_b.to(tl.int64) * sdqb + off_h.to(tl.int64) * sdqh + offs_m[:, None] * sdqm + offs_d[None, :] * sdqd,
+             dq.to(DQ.dtype.element_ty), mask=row_ok[:, None] & (offs_d[None, :] < D))
+    if NEED_DSLOPE:
+        tl.store(DSLOPE + off_bh.to(tl.int64) * tl.num_programs(0) + pid_m, tl.sum(dslope, axis=0))

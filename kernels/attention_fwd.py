@@ -1,0 +1,132 @@
+"""Attention forward: the top-k threshold pass and the flash-attention-2 style forward kernel.
+
+One program per (query block, batch * head). Online softmax in fp32, log-sum-exp saved for
+the backward; a row with no unmasked key stores output 0 and lse = +inf (so a recomputed
+``exp(s - lse)`` is 0 everywhere). GQA: query head ``h`` reads kv head ``h // (H // HK)``.
+
+Top-k (HAS_TOPK): ``_attn_topk_threshold`` streams the key blocks, keeps the K2 (a power of two
+>= topk) largest logits of each row in a (BLOCK_M, K2) buffer merged tile by tile with
+``tl.topk``, and stores the row's topk-th largest unmasked logit (-inf when the row has fewer
+than topk unmasked keys, i.e. keep all). The forward and backward then mask ``s < threshold``.
+"""
+import triton
+import triton.language as tl
+
+from .attention_common import _causal_key_end, _dropout_keep, _logits
+
+
+@triton.jit
+def _attn_topk_threshold(
+        Q, K, THR, SLOPES, TAB, MASK, BIAS,
+        sqb, sqh, sqm, sqd, skb, skh, skn, skd,
+        stab_l, stab_h, tab_center, smb, smh, smm, smn, sbb, sbh, sbm, sbn,
+        H, HK, NQ, NK, D, q_offset, k_prefix, sm_scale, TOPK,
+        IS_CAUSAL: tl.constexpr, BIAS_KIND: tl.constexpr, MASK_KIND: tl.constexpr, PRECISION: tl.constexpr,
+        K2: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr):
+    pid_m = tl.program_id(0)
+    off_bh = tl.program_id(1)
+    off_b = off_bh // H
+    off_h = off_bh % H
+    off_hk = off_h // (H // HK)
+    start_m = pid_m * BLOCK_M
+    offs_m = start_m + tl.arange(0, BLOCK_M)
+    offs_n0 = tl.arange(0, BLOCK_N)
+    offs_d = tl.arange(0, BLOCK_D)
+    q = tl.load(Q + off_b.to(tl.int64) * sqb + off_h.to(tl.int64) * sqh + offs_m[:, None] * sqm + offs_d[None, :] * sqd,
+                mask=(offs_m[:, None] < NQ) & (offs_d[None, :] < D), other=0.0)
+    k_base = K + off_b.to(tl.int64) * skb + off_hk.to(tl.int64) * skh
+    slope = 0.0
+    if BIAS_KIND == 1:
+        slope = tl.load(SLOPES + off_h).to(tl.float32)
+    tab = TAB + off_h * stab_h
+    best = tl.full([BLOCK_M, K2], float("-inf"), tl.float32)
+    end_n = _causal_key_end(start_m, BLOCK_M, NK, q_offset, k_prefix, IS_CAUSAL)
+    for start_n in range(0, end_n, BLOCK_N):
+        offs_n = start_n + offs_n0
+        kt = tl.load(k_base + offs_n[None, :] * skn + offs_d[:, None] * skd,
+                     mask=(offs_n[None, :] < NK) & (offs_d[:, None] < D), other=0.0)
+        s = _logits(tl.dot(q, kt, input_precision=PRECISION), offs_m, offs_n, off_b, off_h, NQ, NK, q_offset,
+                    k_prefix, sm_scale, slope, tab, stab_l, tab_center,
+                    MASK, smb, smh, smm, smn, BIAS, sbb, sbh, sbm, sbn, IS_CAUSAL, BIAS_KIND, MASK_KIND)
+        tile_top = tl.topk(s, K2, dim=1)
+        best = tl.topk(tl.reshape(tl.join(best, tile_top), [BLOCK_M, 2 * K2]), K2, dim=1)
+    # the topk-th largest of the kept multiset (sorted largest first)
+    ranked = tl.sort(best, dim=1, descending=True)
+    col = tl.arange(0, K2)
+    kth = tl.max(tl.where(col[None, :] == TOPK - 1, ranked, float("-inf")), axis=1)
+    tl.store(THR + off_bh.to(tl.int64) * NQ + offs_m, kth, mask=offs_m < NQ)
+
+
+@triton.jit
+def _attn_fwd(
+        Q, K, V, O, LSE, THR, SLOPES, TAB, MASK, BIAS,
+        sqb, sqh, sqm, sqd, skb, skh, skn, skd, svb, svh, svn, svd, sob, soh, som, sod,
+        stab_l, stab_h, tab_center, smb, smh, smm, smn, sbb, sbh, sbm, sbn,
+        H, HK, NQ, NK, D, DV, q_offset, k_prefix, sm_scale, dropout_p, seed,
+        IS_CAUSAL: tl.constexpr, BIAS_KIND: tl.constexpr, MASK_KIND: tl.constexpr, HAS_TOPK: tl.constexpr,
+        HAS_DROPOUT: tl.constexpr, PRECISION: tl.constexpr,
+        BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_DV: tl.constexpr):
+    pid_m = tl.program_id(0)
+    off_bh = tl.program_id(1)
+    off_b = off_bh // H
+    off_h = off_bh % H
+    off_hk = off_h // (H // HK)
+    start_m = pid_m * BLOCK_M
+    offs_m = start_m + tl.arange(0, BLOCK_M)
+    offs_n0 = tl.arange(0, BLOCK_N)
+    offs_d = tl.arange(0, BLOCK_D)
+    offs_dv = tl.arange(0, BLOCK_DV)
+    row_ok = offs_m < NQ
+    q = tl.load(Q + off_b.to(tl.int64) * sqb + off_h.to(tl.int64) * sqh + offs_m[:, None] * sqm + offs_d[None, :] * sqd,
+                mask=row_ok[:, None] & (offs_d[None, :] < D), other=0.0)
+    k_base = K + off_b.to(tl.int64) * skb + off_hk.to(tl.int64) * skh
+    v_base = V + off_b.to(tl.int64) * svb + off_hk.to(tl.int64) * svh
+    slope = 0.0
+    if BIAS_KIND == 1:
+        slope = tl.load(SLOPES + off_h).to(tl.float32)
+    tab = TAB + off_h * stab_h
+    if HAS_TOPK:
+        thr = tl.load(THR + off_bh.to(tl.int64) * NQ + offs_m, mask=row_ok, other=float("-inf"))
+    m_i = tl.full([BLOCK_M], float("-inf"), tl.float32)
+    l_i = tl.zeros([BLOCK_M], tl.float32)
+    acc = tl.zeros([BLOCK_M, BLOCK_DV], tl.float32)
+    end_n = _causal_key_end(start_m, BLOCK_M, NK, q_offset, k_prefix, IS_CAUSAL)
+    for start_n in range(0, end_n, BLOCK_N):
+        offs_n = start_n + offs_n0
+        col_ok = offs_n < NK
+        kt = tl.load(k_base + offs_n[None, :] * skn + offs_d[:, None] * skd,
+                     mask=col_ok[None, :] & (offs_d[:, None] < D), other=0.0)
+        s = _logits(tl.dot(q, kt, input_precision=PRECISION), offs_m, offs_n, off_b, off_h, NQ, NK, q_offset,
+                    k_prefix, sm_scale, slope, tab, stab_l, tab_center,
+                    MASK, smb, smh, smm, smn, BIAS, sbb, sbh, sbm, sbn, IS_CAUSAL, BIAS_KIND, MASK_KIND)
+        if HAS_TOPK:
+            s = tl.where(s >= thr[:, None], s, float("-inf"))
+        m_new = tl.maximum(m_i, tl.max(s, axis=1))
+        m_safe = tl.where(m_new == float("-inf"), 0.0, m_new)
+        p = tl.exp(s - m_safe[:, None])
+        alpha = tl.exp(m_i - m_safe)
+        l_i = l_i * alpha + tl.sum(p, axis=1)
+        if HAS_DROPOUT:
+            keep = _dropout_keep(seed, off_bh, offs_m, offs_n, NK, dropout_p)
+            p = tl.where(keep, p / (1.0 - dropout_p), 0.0)
+        v = tl.load(v_base + offs_n[:, None] * svn + offs_dv[None, :] * svd,
+                    mask=col_ok[:, None] & (offs_dv[None, :] < DV), other=0.0)
+        acc = acc * alpha[:, None] + tl.dot(p.to(v.dtype), v, input_precision=PRECISION)
+        m_i = m_new
+    empty = l_i == 0.0
+    out = acc / tl.where(empty, 1.0, l_i)[:, None]
+    lse = tl.where(empty, float("inf"), m_i + tl.log(tl.where(empty, 1.0, l_i)))
+    tl.store(O + off_b.to(tl.int64) * sob + off_h.to(tl.int64) * soh + offs_m[:, None] * som + offs_dv[None, :] * sod,
+             out.to(O.dtype.element_ty), mask=row_ok[:, None] & (offs_dv[None, :] < DV))
+    tl.store(LSE + off_bh.to(tl.int64) * NQ + offs_m, lse, mask=row_ok)
+
+
+@triton.jit
+def _dropout_mask_kernel(OUT, H, NQ, NK, dropout_p, seed, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr):
+    """Debug: the boolean keep-mask (b*h, nq, nk) the forward and backward draw for ``seed``."""
+    offs_m = tl.program_id(0) * BLOCK_M + tl.arange(0, BLOCK_M)
+    offs_n = tl.program_id(1) * BLOCK_N + tl.arange(0, BLOCK_N)
+    off_bh = tl.program_id(2)
+    keep = _dropout_keep(seed, off_bh, offs_m, offs_n, NK, dropout_p)
+    tl.store(OUT + off_bh.to(tl.int64) * NQ * NK + offs_m[:, None] * NK + offs_n[None, :], keep.to(tl.int8),
+             mask=(offs_m[:, None] < NQ) & (offs_n[None, :] < NK))

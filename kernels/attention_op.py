@@ -1,0 +1,395 @@
+"""Launchers, the ``xtk::attention_fwd`` / ``xtk::attention_bwd`` custom ops and the Triton ``BACKEND``.
+
+Data flow: ``xtk.attention`` validates -> ``backends.pick`` -> ``BACKEND.run(inputs)`` here:
+QK-norm / rotary pre-pass (``_prepare_qk``), bias descriptors turned into the kernel's O(n)
+inputs (ALiBi slopes padded to all heads, T5 turned into a per-distance table by indexing the
+(num_buckets, h) table with the reference bucket function, so autograd carries its gradient),
+then the custom op. The op takes q/k/v with any strides (no copies) and dense masks/biases as
+broadcast views (stride 0 on broadcast dims, no copies).
+
+Memory: besides the outputs, the forward allocates the (b, h, nq) log-sum-exp (and the top-k
+threshold); the backward allocates dq/dk/dv, the (b, h, nq) delta, an (h, 2L-1) table gradient
+and per-program ALiBi partials -- all linear in n. Only a dense bias that requires grad gets a
+(b, h, nq, nk) gradient buffer (its gradient has that size anyway).
+"""
+from __future__ import annotations
+
+import os
+from typing import Optional
+
+import torch
+import triton
+
+from xtk import backends
+from xtk.bias import Alibi, Dense, DistanceTable, T5, t5_bucket
+from xtk.reference.attention import qk_norm_apply, rotary_apply
+
+from .attention_bwd import _attn_bwd_dkdv, _attn_bwd_dq
+from .attention_common import (BIAS_ALIBI, BIAS_DENSE_BOOL, BIAS_DENSE_FLOAT, BIAS_NONE, BIAS_TABLE,
+                               MASK_BOOL, MASK_FLOAT, MASK_NONE)
+from .attention_fwd import _attn_fwd, _attn_topk_threshold, _dropout_mask_kernel
+
+Tensor = torch.Tensor
+MAX_HEAD_DIM = 256
+MAX_TOPK = 128
+DTYPES = (torch.float16, torch.bfloat16, torch.float32)
+
+
+def interpreting() -> bool:
+    return os.environ.get("TRITON_INTERPRET", "0") == "1"
+
+
+# ----------------------------------------------------------------------------- configs (pinned, no autotune)
+
+def block_d(d: int) -> int:
+    return max(16, triton.next_power_of_2(d))
+
+
+def config(kind: str, d: int, dv: int, arch: int = 90, topk: int = 0) -> dict:
+    """Pinned tile config of one kernel: BLOCK_M, BLOCK_N, num_warps, num_stages.
+
+    kind: 'fwd' (also the top-k threshold pass) | 'bwd'. Chosen so that no shipped
+    specialization spills on sm_80/sm_90 (tests/test_kernels_build.py checks it)."""
+    bd = max(block_d(d), block_d(dv))
+    if interpreting():
+        bm, bn, warps, stages = 32, 32, 4, 1
+    elif kind == "fwd":
+        if bd <= 64:
+            bm, bn, warps, stages = 64, 64, 4, 3
+        elif bd <= 128:
+            bm, bn, warps, stages = 64, 64, 4, 2
+        else:
+            bm, bn, warps, stages = 64, 32, 4, 2
+    else:
+        if bd <= 64:
+            bm, bn, warps, stages = 32, 64, 4, 2
+        elif bd <= 128:
+            bm, bn, warps, stages = 32, 64, 8, 1
+        else:
+            bm, bn, warps, stages = 16, 32, 8, 1
+    if topk:
+        bn = max(bn, triton.next_power_of_2(topk))
+    return dict(BLOCK_M=bm, BLOCK_N=bn, num_warps=warps, num_stages=stages)
+
+
+def _arch(device) -> int:
+    if device.type != "cuda":
+        return 90
+    major, minor = torch.cuda.get_device_capability(device)
+    return major * 10 + minor
+
+
+def _precision(dtype) -> str:
+    if dtype == torch.float32 and not torch.backends.cuda.matmul.allow_tf32:
+        return "ieee"
+    return "tf32"  # ignored by tl.dot for fp16/bf16 operands
+
+
+# ----------------------------------------------------------------------------- launch helpers
+
+def _dense4(t: Optional[Tensor], b, h, nq, nk):
+    """(view, strides, kind) of a dense mask/bias broadcast to (b, h, nq, nk) without a copy."""
+    if t is None:
+        return None, (0, 0, 0, 0), 0
+    view = t.expand(b, h, nq, nk)
+    if view.dtype == torch.bool:
+        view = view.view(torch.uint8)
+        kind = 2
+    else:
+        kind = 1
+    return view, tuple(view.stride()), kind
+
+
+def _slots(q, slopes, table, mask, dense, b, h, nq, nk):
+    """Kernel arguments shared by every pass: pointers, strides and the bias/mask kinds."""
+    mview, mstr, mkind = _dense4(mask, b, h, nq, nk)
+    bview, bstr, bkind = _dense4(dense, b, h, nq, nk)
+    if slopes is not None:
+        bias_kind = BIAS_ALIBI
+    elif table is not None:
+        bias_kind = BIAS_TABLE
+    elif dense is not None:
+        bias_kind = BIAS_DENSE_FLOAT if bkind == 1 else BIAS_DENSE_BOOL
+    else:
+        bias_kind = BIAS_NONE
+    mask_kind = {0: MASK_NONE, 1: MASK_FLOAT, 2: MASK_BOOL}[mkind]
+    tab = table if table is not None else q
+    tstr = tuple(table.stride()) if table is not None else (0, 0)
+    center = (table.shape[0] - 1) // 2 if table is not None else 0
+    ptrs = (slopes if slopes is not None else q, tab, mview if mview is not None else q,
+            bview if bview is not None else q)
+    scal = (tstr[0], tstr[1], center) + mstr + bstr
+    return ptrs, scal, bias_kind, mask_kind
+
+
+def _seed(seed: int) -> int:
+    if seed >= 0:
+        return seed
+    return int(torch.randint(0, 2 ** 30, (1,), dtype=torch.int64).item())
+
+
+def _forward(q, k, v, slopes, table, mask, dense, scale, is_causal, q_offset, k_prefix, topk, dropout_p, seed):
+    b, h, nq, d = q.shape
+    hk, nk, dv = k.shape[1], k.shape[2], v.shape[3]
+    out = torch.empty(b, h, nq, dv, dtype=q.dtype, device=q.device)
+    lse = torch.empty(b, h, nq, dtype=torch.float32, device=q.device)
+    has_topk = 0 < topk < nk
+    thr = torch.empty(b, h, nq if has_topk else 0, dtype=torch.float32, device=q.device)
+    cfg = config("fwd", d, dv, _arch(q.device), topk if has_topk else 0)
+    bm, bn = cfg["BLOCK_M"], cfg["BLOCK_N"]
+    ptrs, scal, bias_kind, mask_kind = _slots(q, slopes, table, mask, dense, b, h, nq, nk)
+    prec = _precision(q.dtype)
+    grid = (triton.cdiv(nq, bm), b * h)
+    if nq == 0 or b * h == 0:
+        return out, lse, thr
+    if has_topk:
+        _attn_topk_threshold[grid](
+            q, k, thr, *ptrs, *q.stride(), *k.stride(), *scal,
+            h, hk, nq, nk, d, q_offset, k_prefix, scale, topk,
+            IS_CAUSAL=is_causal, BIAS_KIND=bias_kind, MASK_KIND=mask_kind, PRECISION=prec,
+            K2=triton.next_power_of_2(topk), BLOCK_M=bm, BLOCK_N=bn, BLOCK_D=block_d(d),
+            num_warps=cfg["num_warps"], num_stages=cfg["num_stages"])
+    _attn_fwd[grid](
+        q, k, v, out, lse, thr if has_topk else lse, *ptrs,
+        *q.stride(), *k.stride(), *v.stride(), *out.stride(), *scal,
+        h, hk, nq, nk, d, dv, q_offset, k_prefix, scale, dropout_p, seed,
+        IS_CAUSAL=is_causal, BIAS_KIND=bias_kind, MASK_KIND=mask_kind, HAS_TOPK=has_topk,
+        HAS_DROPOUT=dropout_p > 0.0, PRECISION=prec,
+        BLOCK_M=bm, BLOCK_N=bn, BLOCK_D=block_d(d), BLOCK_DV=block_d(dv),
+        num_warps=cfg["num_warps"], num_stages=cfg["num_stages"])
+    return out, lse, thr
+
+
+def _backward(do, q, k, v, out, lse, thr, seed, slopes, table, mask, dense, scale, is_causal, q_offset,
+              k_prefix, topk, dropout_p, need_dslopes, need_dtable, need_ds):
+    b, h, nq, d = q.shape
+    hk, nk, dv = k.shape[1], k.shape[2], v.shape[3]
+    dq = torch.empty_like(q)
+    dk = torch.empty_like(k)
+    dvv = torch.empty_like(v)
+    has_topk = 0 < topk < nk
+    cfg = config("bwd", d, dv, _arch(q.device), topk if has_topk else 0)
+    bm, bn = cfg["BLOCK_M"], cfg["BLOCK_N"]
+    n_mblocks = triton.cdiv(nq, bm)
+    dslopes = torch.zeros(b, h, n_mblocks if need_dslopes else 0, dtype=torch.float32, device=q.device)
+    dtab = torch.zeros_like(table, dtype=torch.float32) if need_dtable else q.new_empty(0, dtype=torch.float32)
+    ds = torch.zeros(b, h, nq, nk, dtype=torch.float32, device=q.device) if need_ds else q.new_empty(0, dtype=torch.float32)
+    if b * h == 0 or nq == 0 or nk == 0:
+        dq.zero_(), dk.zero_(), dvv.zero_()
+        return dq, dk, dvv, dslopes.sum((0, 2)), dtab, ds
+    delta = (do.float() * out.float()).sum(-1)  # (b, h, nq): the preprocess, O(n)
+    ptrs, scal, bias_kind, mask_kind = _slots(q, slopes, table, mask, dense, b, h, nq, nk)
+    prec = _precision(q.dtype)
+    common = dict(IS_CAUSAL=is_causal, BIAS_KIND=bias_kind, MASK_KIND=mask_kind, HAS_TOPK=has_topk,
+                  HAS_DROPOUT=dropout_p > 0.0, PRECISION=prec, BLOCK_M=bm, BLOCK_N=bn,
+                  BLOCK_D=block_d(d), BLOCK_DV=block_d(dv), num_warps=cfg["num_warps"], num_stages=cfg["num_stages"])
+    thr_arg = thr if has_topk else lse
+    _attn_bwd_dkdv[(triton.cdiv(nk, bn), b * hk)](
+        q, k, v, do, dk, dvv, lse, delta, thr_arg, *ptrs,
+        *q.stride(), *k.stride(), *v.stride(), *do.stride(), *dk.stride(), *dvv.stride(), *scal,
+        h, hk, nq, nk, d, dv, q_offset, k_prefix, scale, dropout_p, seed, **common)
+    _attn_bwd_dq[(n_mblocks, b * h)](
+        q, k, v, do, dq, lse, delta, thr_arg, *ptrs, dslopes if need_dslopes else lse,
+        dtab if need_dtable else lse, ds if need_ds else lse,
+        *q.stride(), *k.stride(), *v.stride(), *do.stride(), *dq.stride(), *scal,
+        h, hk, nq, nk, d, dv, q_offset, k_prefix, scale, dropout_p, seed,
+        NEED_DSLOPE=need_dslopes, NEED_DTAB=need_dtable, NEED_DS=need_ds, **common)
+    return dq, dk, dvv, dslopes.sum((0, 2)), dtab, ds
+
+
+# ----------------------------------------------------------------------------- custom ops
+
+@torch.library.custom_op("xtk::attention_fwd", mutates_args=())
+def attention_fwd(q: Tensor, k: Tensor, v: Tensor, slopes: Optional[Tensor], table: Optional[Tensor],
+                  mask: Optional[Tensor], dense: Optional[Tensor], scale: float, is_causal: bool, q_offset: int,
+                  k_prefix: int, topk: int, dropout_p: float, seed: int) -> tuple[Tensor, Tensor, Tensor, Tensor]:
+    """-> (out (b,h,nq,dv), lse (b,h,nq) fp32, top-k threshold (b,h,nq|0) fp32, the dropout seed used (int64 0-d)).
+
+    slopes: (h,) fp32 ALiBi slopes (0 for heads without one) | table: (2L-1, h) fp32 per-distance
+    bias | dense: float or bool tensor broadcastable to (b,h,nq,nk); at most one of the three.
+    mask: attn_mask, float or bool, broadcastable. topk 0: off. seed < 0: draw one."""
+    seed = _seed(seed) if dropout_p > 0.0 else 0
+    out, lse, thr = _forward(q, k, v, slopes, table, mask, dense, scale, is_causal, q_offset, k_prefix, topk,
+                             dropout_p, seed)
+    return out, lse, thr, torch.tensor(seed, dtype=torch.int64)
+
+
+@attention_fwd.register_fake
+def _(q, k, v, slopes, table, mask, dense, scale, is_causal, q_offset, k_prefix, topk, dropout_p, seed):
+    b, h, nq, _ = q.shape
+    nk = k.shape[2]
+    out = q.new_empty(b, h, nq, v.shape[3])
+    lse = q.new_empty(b, h, nq, dtype=torch.float32)
+    thr = q.new_empty(b, h, nq if 0 < topk < nk else 0, dtype=torch.float32)
+    return out, lse, thr, torch.empty((), dtype=torch.int64)
+
+
+@torch.library.custom_op("xtk::attention_bwd", mutates_args=())
+def attention_bwd(do: Tensor, q: Tensor, k: Tensor, v: Tensor, out: Tensor, lse: Tensor, thr: Tensor,
+                  seed: Tensor, slopes: Optional[Tensor], table: Optional[Tensor], mask: Optional[Tensor],
+                  dense: Optional[Tensor], scale: float, is_causal: bool, q_offset: int, k_prefix: int, topk: int,
+                  dropout_p: float, need_dslopes: bool, need_dtable: bool,
+                  need_ds: bool) -> tuple[Tensor, Tensor, Tensor, Tensor, Tensor, Tensor]:
+    """-> (dq, dk, dv, dslopes (h,)|(0,), dtable like table|(0,), dS (b,h,nq,nk) fp32 | (0,))."""
+    return _backward(do, q, k, v, out, lse, thr, int(seed.item()), slopes, table, mask, dense, scale, is_causal,
+                     q_offset, k_prefix, topk, dropout_p, need_dslopes, need_dtable, need_ds)
+
+
+@attention_bwd.register_fake
+def _(do, q, k, v, out, lse, thr, seed, slopes, table, mask, dense, scale, is_causal, q_offset, k_prefix, topk,
+      dropout_p, need_dslopes, need_dtable, need_ds):
+    b, h, nq, _ = q.shape
+    nk = k.shape[2]
+    f32 = dict(dtype=torch.float32)
+    return (torch.empty_like(q), torch.empty_like(k), torch.empty_like(v),
+            q.new_empty(h if need_dslopes else 0, **f32),
+            table.new_empty(table.shape, **f32) if need_dtable else q.new_empty(0, **f32),
+            q.new_empty((b, h, nq, nk) if need_ds else (0,), **f32))
+
+
+def _setup_context(ctx, inputs, output):
+    q, k, v, slopes, table, mask, dense, scale, is_causal, q_offset, k_prefix, topk, dropout_p, seed = inputs
+    out, lse, thr, seed_t = output
+    ctx.save_for_backward(q, k, v, out, lse, thr, seed_t, slopes, table, mask, dense)
+    ctx.args = (scale, is_causal, q_offset, k_prefix, topk, dropout_p)
+
+
+def _reduce_to(grad: Tensor, like: Tensor) -> Tensor:
+    """Sum a (b, h, nq, nk) gradient over the dims ``like`` broadcasts, back to ``like``'s shape."""
+    shape = (1,) * (4 - like.dim()) + tuple(like.shape)
+    dims = [i for i, n in enumerate(shape) if n == 1 and grad.shape[i] != 1]
+    if dims:
+        grad = grad.sum(dims, keepdim=True)
+    return grad.reshape(like.shape).to(like.dtype)
+
+
+def _backward_rule(ctx, dout, dlse, dthr, dseed):
+    q, k, v, out, lse, thr, seed_t, slopes, table, mask, dense = ctx.saved_tensors
+    scale, is_causal, q_offset, k_prefix, topk, dropout_p = ctx.args
+    need = ctx.needs_input_grad
+    need_dslopes = bool(need[3]) and slopes is not None
+    need_dtable = bool(need[4]) and table is not None
+    need_dmask = bool(need[5]) and mask is not None and mask.is_floating_point()
+    need_ddense = bool(need[6]) and dense is not None and dense.is_floating_point()
+    dq, dk, dv, dslopes, dtab, ds = attention_bwd(
+        dout, q, k, v, out, lse, thr, seed_t, slopes, table, mask, dense, scale, is_causal, q_offset, k_prefix,
+        topk, dropout_p, need_dslopes, need_dtable, need_dmask or need_ddense)
+    return (dq, dk, dv,
+            dslopes.to(slopes.dtype) if need_dslopes else None,
+            dtab.to(table.dtype) if need_dtable else None,
+            _reduce_to(ds, mask) if need_dmask else None,
+            _reduce_to(ds, dense) if need_ddense else None,
+            None, None, None, None, None, None, None)
+
+
+attention_fwd.register_autograd(_backward_rule, setup_context=_setup_context)
+
+
+def dropout_keep_mask(seed: int, b: int, h: int, nq: int, nk: int, dropout_p: float, device) -> Tensor:
+    """Debug: the boolean keep-mask (b, h, nq, nk) the kernels draw for ``seed`` (feed it to the
+    reference's ``dropout_mask=``)."""
+    out = torch.empty(b * h, nq, nk, dtype=torch.int8, device=device)
+    grid = (triton.cdiv(nq, 32), triton.cdiv(nk, 32), b * h)
+    if out.numel():
+        _dropout_mask_kernel[grid](out, h, nq, nk, dropout_p, seed, BLOCK_M=32, BLOCK_N=32)
+    return out.view(b, h, nq, nk).bool()
+
+
+# ----------------------------------------------------------------------------- the backend
+
+def _prepare_qk(inputs):
+    """QK-norm and rotary/xpos before the kernel (torch ops, autograd through them); returns q, k, scale.
+
+    A tensor QK-norm scale is folded into q so its gradient comes from autograd."""
+    q, k = inputs.q, inputs.k
+    scale = inputs.scale
+    qn = inputs.qk_norm
+    if qn is not None:
+        q = qk_norm_apply(q, qn.groups, qn.q_dim_scale)
+        k = qk_norm_apply(k, qn.groups, qn.k_dim_scale)
+        if isinstance(qn.scale, torch.Tensor):
+            q = q * qn.scale.to(q.dtype)
+            scale = 1.0
+        else:
+            scale = float(qn.scale)
+    if inputs.rotary is not None:
+        from xtk.reference.attention import _rotate_qk
+        q, k = _rotate_qk(q, k, inputs.rotary, inputs.q_offset, inputs.k_prefix)
+    if scale is None:
+        scale = q.shape[-1] ** -0.5
+    return q, k, float(scale)
+
+
+def t5_distance_table(bias: T5, nq: int, nk: int, q_offset: int, k_prefix: int) -> Tensor:
+    """The T5 bias per signed distance ``p_i - p_j``, (2L-1, h) fp32, gathered from ``bias.table``
+    with the reference bucket function (so the table's gradient flows through the gather)."""
+    npos = nk - k_prefix
+    far = max(abs(q_offset + nq - 1), abs(q_offset - (npos - 1))) if npos > 0 and nq > 0 else 0
+    L = far + 1
+    dist = torch.arange(-(L - 1), L, device=bias.table.device)
+    bucket = t5_bucket(-dist, bias.num_buckets, bias.max_distance, bias.causal)
+    return (bias.table[bucket] * bias.scale).float()
+
+
+def _bias_args(inputs, h, nq, nk):
+    bias = inputs.bias
+    slopes = table = dense = None
+    if isinstance(bias, Alibi):
+        s = bias.slopes.float()
+        slopes = torch.cat([s, s.new_zeros(h - s.shape[0])]) if s.shape[0] < h else s
+    elif isinstance(bias, T5):
+        table = t5_distance_table(bias, nq, nk, inputs.q_offset, inputs.k_prefix)
+    elif isinstance(bias, DistanceTable):
+        table = bias.table.float().contiguous()
+    elif isinstance(bias, Dense):
+        dense = bias.tensor
+    return slopes, table, dense
+
+
+def run(inputs) -> Tensor:
+    q, k, scale = _prepare_qk(inputs)
+    b, h, nq, _ = q.shape
+    nk = k.shape[2]
+    slopes, table, dense = _bias_args(inputs, h, nq, nk)
+    topk = inputs.topk if inputs.topk is not None and inputs.topk < nk else 0
+    out = torch.ops.xtk.attention_fwd(q, k, inputs.v, slopes, table, inputs.attn_mask, dense, scale,
+                                      inputs.is_causal, inputs.q_offset, inputs.k_prefix, topk,
+                                      inputs.dropout_p, -1)[0]
+    return out
+
+
+def _needs_grad(t) -> bool:
+    return isinstance(t, torch.Tensor) and t.requires_grad and torch.is_grad_enabled()
+
+
+def reasons(inputs, forced: bool) -> list:
+    why = []
+    q = inputs.q
+    if inputs.hooks is not None:
+        why.append(f"hooks ({inputs.hooks.reason}) need the whole score matrix")
+    if q.device.type == "cpu":
+        if not (forced and interpreting()):
+            why.append("CPU tensors run only when backend='triton' is forced with TRITON_INTERPRET=1")
+    elif q.device.type != "cuda":
+        why.append(f"device {q.device.type} is not supported (cuda, or cpu under TRITON_INTERPRET=1)")
+    if q.dtype not in DTYPES:
+        why.append(f"dtype {q.dtype} is not supported (float16, bfloat16, float32)")
+    d, dv = q.shape[-1], inputs.v.shape[-1]
+    if d > MAX_HEAD_DIM or dv > MAX_HEAD_DIM:
+        why.append(f"head dim {max(d, dv)} > {MAX_HEAD_DIM}")
+    nk = inputs.k.shape[2]
+    if inputs.topk is not None and inputs.topk < nk and inputs.topk > MAX_TOPK:
+        why.append(f"topk {inputs.topk} > {MAX_TOPK} (the streaming threshold buffer)")
+    bias = inputs.bias
+    if isinstance(bias, Dense) and inputs.attn_mask is not None:
+        pass  # two dense slots: supported
+    if isinstance(bias, (T5, DistanceTable)) and torch.are_deterministic_algorithms_enabled() \
+            and _needs_grad(bias.table):
+        why.append("the distance/T5 table gradient uses atomics; not available in deterministic mode")
+    for name, t in (("attn_mask", inputs.attn_mask), ("bias.tensor", bias.tensor if isinstance(bias, Dense) else None)):
+        if t is not None and t.dim() > 4:
+            why.append(f"{name}: more than 4 dims")
+    return why
+
+
+BACKEND = backends.Backend("triton", "attention", reasons, run)
