@@ -1,0 +1,436 @@
+"""The ``sdpa`` attention backend: exactly the reference's math (SPEC §2), fast and memory-bounded.
+
+Where the reference materializes the ``(b, h, nq, nk)`` scores, bias and masks, this backend
+feeds torch's fused CPU attention kernel (``aten::_scaled_dot_product_flash_attention_for_cpu``,
+what SDPA runs on CPU) query chunk by query chunk, with an additive float mask that is never
+bigger than one chunk and, for the position biases, usually not materialized at all:
+
+* ALiBi, T5, DistanceTable and the causal mask all depend only on the signed distance
+  ``p_i - p_j``. One vector per head over the ``nq + nk - 1`` distances holds them, and a
+  chunk's ``(h, c, nk)`` bias is a strided *view* of it (a Toeplitz matrix: with the chunk's
+  query rows taken in reverse order, row and key strides are both +1). The fused kernel reads
+  the view; nothing of size ``c * nk`` is written.
+* Causal chunks only see keys up to their last query's position, so keys beyond are cut off
+  (the work is about half, as with the kernel's own causal flag).
+* Prefix keys (``k_prefix``), ``attn_mask``/``Dense`` pieces and top-k make the chunk's mask
+  materialized (one ``(b|1, h|1, c, nkc)`` tensor per chunk, never the whole matrix).
+* QK-norm and rotary/xpos are applied to q and k up front (O(n d)); GQA is passed through to
+  the kernel without repeating k/v.
+
+Gradients: a custom ``autograd.Function`` saves only q, k, v, the output, the log-sum-exp and
+(top-k) the per-row threshold. Backward rebuilds each chunk's mask and calls the fused
+backward kernel; when a learned bias input (ALiBi slopes, T5/DistanceTable table, a float
+``Dense``/``attn_mask`` tensor) needs a gradient, the chunk's ``dS = P * (dP - D)`` is formed
+explicitly and pushed through the chunk's mask builder with autograd. Off CPU (or for dtypes
+or head dims the fused kernel lacks) the same chunk loop runs a plain math core.
+
+Rows with no key get zeros (their mask row is opened before the kernel and the output row
+zeroed after; their gradient is zero). Dropout is not supported: auto falls back to eager.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Optional
+
+import torch
+
+from .. import backends
+from ..bias import Alibi, Dense, DistanceTable, T5, t5_bucket
+from ..reference.attention import _rotate_qk, qk_norm_apply
+
+_FLASH = getattr(torch.ops.aten, "_scaled_dot_product_flash_attention_for_cpu", None)
+_FLASH_BWD = getattr(torch.ops.aten, "_scaled_dot_product_flash_attention_for_cpu_backward", None)
+_FLASH_DTYPES = (torch.float32, torch.bfloat16, torch.float64)
+_DTYPES = (torch.float16, torch.bfloat16, torch.float32, torch.float64)
+CAUSAL_CHUNK = 256       # query rows per chunk when the mask is a free view (causal: cuts keys)
+MATERIALIZED_ELEMS = 1 << 22  # max elements of a materialized chunk mask / math-core score chunk
+FORCE_MATH = False       # tests flip this to run the math core on CPU
+
+
+@dataclass(eq=False)
+class _Plan:
+    b: int
+    h: int
+    hk: int
+    nq: int
+    nk: int
+    dv: int
+    scale: float
+    work: torch.dtype
+    causal: bool
+    q_offset: int
+    k_prefix: int
+    topk: Optional[int]
+    bias_kind: Optional[str]       # "alibi" | "t5" | "dt" | "dense" | None
+    toeplitz: bool                 # a distance-vector piece (position bias and/or causal)
+    t5_buckets: Optional[torch.Tensor]
+    dvals: Optional[torch.Tensor]  # the signed distances p_i - p_j covered, (nq + nk - 1,)
+    t5: Optional[T5]
+    flash: bool
+    gqa_native: bool
+    chunk: int
+
+
+# ----------------------------------------------------------------------------- support
+def reasons(inputs, forced: bool) -> list:
+    why = []
+    if inputs.hooks is not None:
+        why.append(f"hooks ({inputs.hooks.reason}) need the whole attention matrix")
+    if inputs.dropout_p > 0.0:
+        why.append(f"dropout_p={inputs.dropout_p}: attention dropout is not implemented here (the eager path draws it)")
+    if inputs.q.dtype not in _DTYPES:
+        why.append(f"dtype {inputs.q.dtype} not supported (have {', '.join(str(d) for d in _DTYPES)})")
+    return why
+
+
+_gqa_cache: dict = {}
+
+
+def _flash_gqa_native() -> bool:
+    """Whether this torch's fused CPU kernel reads kv head ``h // (H / hk)`` itself (checked once)."""
+    if "ok" not in _gqa_cache:
+        try:
+            g = torch.Generator().manual_seed(0)
+            q = torch.randn(1, 4, 3, 8, generator=g)
+            k, v = torch.randn(1, 2, 5, 8, generator=g), torch.randn(1, 2, 5, 8, generator=g)
+            got = _FLASH(q, k, v)[0]
+            want = _FLASH(q, k.repeat_interleave(2, 1), v.repeat_interleave(2, 1))[0]
+            _gqa_cache["ok"] = bool(torch.allclose(got, want, atol=1e-6))
+        except Exception:
+            _gqa_cache["ok"] = False
+    return _gqa_cache["ok"]
+
+
+# ----------------------------------------------------------------------------- plan and masks
+def _learned(inputs) -> list:
+    """The tensors of attn_mask and bias a gradient may flow to (None where absent or boolean)."""
+    am = inputs.attn_mask
+    bias = inputs.bias
+    bt = None
+    if isinstance(bias, Alibi):
+        bt = bias.slopes
+    elif isinstance(bias, (T5, DistanceTable)):
+        bt = bias.table
+    elif isinstance(bias, Dense):
+        bt = bias.tensor
+    return [am, bt]
+
+
+def _make_plan(inputs, q, scale) -> _Plan:
+    b, h, nq, _ = q.shape
+    hk, nk, dv = inputs.k.shape[1], inputs.k.shape[2], inputs.v.shape[3]
+    work = torch.promote_types(q.dtype, torch.float32)
+    bias = inputs.bias
+    kind = {Alibi: "alibi", T5: "t5", DistanceTable: "dt", Dense: "dense"}.get(type(bias))
+    toeplitz = kind in ("alibi", "t5", "dt") or inputs.is_causal
+    dvals = t5b = None
+    if toeplitz:
+        dmin = inputs.q_offset - (nk - 1 - inputs.k_prefix)
+        dvals = torch.arange(dmin, dmin + nq + nk - 1, device=q.device)
+        if kind == "t5":  # buckets of rel = p_j - p_i = -d, by the reference's own function
+            t5b = t5_bucket(-dvals, bias.num_buckets, bias.max_distance, bias.causal)
+    flash = (_FLASH is not None and not FORCE_MATH and q.device.type == "cpu" and q.dtype in _FLASH_DTYPES
+             and dv == q.shape[3])
+    materialized = (inputs.topk is not None or inputs.attn_mask is not None or kind == "dense"
+                    or (toeplitz and inputs.k_prefix > 0) or not flash)
+    if materialized:
+        chunk = max(16, MATERIALIZED_ELEMS // max(1, b * h * nk))
+    elif inputs.is_causal:
+        chunk = CAUSAL_CHUNK
+    else:
+        chunk = nq
+    return _Plan(b, h, hk, nq, nk, dv, scale, work, inputs.is_causal, inputs.q_offset, inputs.k_prefix,
+                 inputs.topk, kind, toeplitz, t5b, dvals, bias if kind == "t5" else None, flash,
+                 flash and hk != h and _flash_gqa_native(), min(chunk, max(nq, 1)))
+
+
+def _distance_vector(plan: _Plan, bt) -> torch.Tensor:
+    """``(h|1, nq + nk - 1)``: the position bias (and causal -inf) per head at each distance ``d = p_i - p_j``."""
+    d = plan.dvals
+    w = plan.work
+    if plan.bias_kind == "alibi":
+        slopes = bt.to(w)
+        if slopes.shape[0] < plan.h:
+            slopes = torch.cat([slopes, slopes.new_zeros(plan.h - slopes.shape[0])])
+        vec = -slopes[:, None] * d.abs().to(w)[None, :]
+    elif plan.bias_kind == "t5":
+        vec = bt.to(w)[plan.t5_buckets].t() * plan.t5.scale
+    elif plan.bias_kind == "dt":
+        L = (bt.shape[0] + 1) // 2
+        vec = bt.to(w)[(d + (L - 1)).clamp(0, 2 * L - 2)].t()
+    else:
+        vec = torch.zeros(1, d.shape[0], dtype=w, device=d.device)
+    if plan.causal:
+        vec = vec.masked_fill(d[None, :] < 0, float("-inf"))
+    return vec
+
+
+def _toeplitz_view(plan: _Plan, rvec: torch.Tensor, i0: int, c: int, nkc: int) -> torch.Tensor:
+    """The chunk's ``(1, h|1, c, nkc)`` distance piece, query rows in REVERSE order, as a view of
+    ``rvec`` (the distance vector flipped): entry ``(r', j)`` is ``rvec[nq - i0 - c + r' + j]``."""
+    hb, R = rvec.shape
+    return rvec.as_strided((1, hb, c, nkc), (0, R, 1, 1), rvec.storage_offset() + plan.nq - i0 - c)
+
+
+def _dense_piece(t: torch.Tensor, plan: _Plan, i0: int, i1: int, nkc: int, rev: bool) -> torch.Tensor:
+    """Rows i0:i1 and keys :nkc of a broadcastable attn_mask / Dense tensor, as an additive 4-D float."""
+    t = t.reshape((1,) * (4 - t.dim()) + tuple(t.shape))
+    if t.shape[-2] != 1:
+        t = t[..., i0:i1, :]
+        if rev:
+            t = t.flip(-2)
+    if t.shape[-1] != 1:
+        t = t[..., :nkc]
+    if t.dtype == torch.bool:
+        return torch.zeros((), dtype=plan.work, device=t.device).masked_fill(~t, float("-inf")).expand(t.shape)
+    return t.to(plan.work)
+
+
+def _keys_for(plan: _Plan, i1: int) -> int:
+    """Keys a chunk ending at query i1 can see: causal cuts keys past its last position."""
+    if not plan.causal:
+        return plan.nk
+    last = plan.k_prefix + plan.q_offset + i1  # keys j < last have p_j <= p_(i1-1)
+    return max(1, min(plan.nk, max(last, plan.k_prefix)))
+
+
+def _chunk_mask(plan: _Plan, ts, rvec, i0: int, i1: int, nkc: int, scores=None, kth=None):
+    """The chunk's additive mask (4-D, broadcastable to (b, h, c, nkc), rows reversed when
+    ``plan.toeplitz``), the rows with no key (bool, broadcastable to (b, h, c)) or None, and the
+    top-k threshold per row. ``scores()`` gives the chunk's scaled logits (for top-k);
+    ``kth`` (b, h, c, 1), when given, is the forward's threshold to reuse."""
+    c = i1 - i0
+    rev = plan.toeplitz
+    am, bt = ts
+    m = None
+    if plan.toeplitz:
+        m = _toeplitz_view(plan, rvec, i0, c, nkc)
+        if plan.k_prefix > 0:  # prefix keys: no position bias, never causally masked
+            m = m.clone()
+            m[..., : min(plan.k_prefix, nkc)] = 0.0
+    for t in (am, bt if plan.bias_kind == "dense" else None):  # the reference adds attn_mask, then bias
+        if t is not None:
+            piece = _dense_piece(t, plan, i0, i1, nkc, rev)
+            m = piece if m is None else m + piece
+    is_view = m is not None and plan.toeplitz and plan.k_prefix == 0 and am is None and plan.bias_kind != "dense"
+    if plan.topk is not None and plan.topk < nkc:
+        s = scores()
+        if m is not None:
+            s = s + m
+        if kth is None:
+            kth = s.topk(plan.topk, dim=-1).values[..., -1:]
+        base = torch.zeros_like(s) if m is None else m
+        m = base.masked_fill(s < kth, float("-inf"))
+        is_view = False
+    if is_view and plan.causal and plan.q_offset + i0 < 0:
+        m, is_view = m.clone(), False  # query positions < 0 see no key: rows to open below
+    row_empty = None
+    if m is not None and not is_view:
+        row_empty = torch.isneginf(m).all(-1)
+        if row_empty.any():
+            m = m.masked_fill(row_empty[..., None], 0.0)
+        else:
+            row_empty = None
+    return m, row_empty, kth
+
+
+# ----------------------------------------------------------------------------- cores
+def _grouped(x: torch.Tensor, hk: int) -> torch.Tensor:
+    """(b, h, c, e) -> (b, hk, r * c, e): query head h reads kv head h // r without copying k/v."""
+    b, h, c, e = x.shape
+    return x.reshape(b, hk, (h // hk) * c, e)
+
+
+def _scores(plan: _Plan, qc, kc) -> torch.Tensor:
+    """Scaled logits of a chunk, computed as the reference does (matmul in the input dtype)."""
+    b, h, c, _ = qc.shape
+    s = _grouped(qc, kc.shape[1]) @ kc.transpose(-1, -2)
+    return s.reshape(b, h, c, -1).to(plan.work) * plan.scale
+
+
+def _math_logits(plan, qc, kc, m):
+    b, h, c, _ = qc.shape
+    w = plan.work
+    s = (_grouped(qc.to(w), kc.shape[1]) @ kc.to(w).transpose(-1, -2)).reshape(b, h, c, -1) * plan.scale
+    return s if m is None else s + m
+
+
+def _core_fwd(plan: _Plan, qc, kc, vc, m):
+    """-> (out chunk in q's dtype, log-sum-exp (b, h, c))."""
+    b, h, c, _ = qc.shape
+    if plan.flash:
+        if kc.shape[1] != h and not plan.gqa_native:
+            kc, vc = kc.repeat_interleave(h // kc.shape[1], 1), vc.repeat_interleave(h // vc.shape[1], 1)
+        return _FLASH(qc, kc, vc, 0.0, False, attn_mask=m, scale=plan.scale)
+    s = _math_logits(plan, qc, kc, m)
+    lse = torch.logsumexp(s, -1)
+    p = torch.exp(s - lse[..., None])
+    out = (_grouped(p, kc.shape[1]) @ vc.to(plan.work)).reshape(b, h, c, -1)
+    return out.to(qc.dtype), lse
+
+
+def _math_bwd(plan: _Plan, go, qc, kc, vc, oc, lc, m):
+    """-> dq (b, h, c, d), dk (b, hk, nkc, d), dv, dS (b, h, c, nkc): all in the work dtype."""
+    b, h, c, d = qc.shape
+    hk, w = kc.shape[1], plan.work
+    p = torch.exp(_math_logits(plan, qc, kc, m) - lse_col(lc))
+    gow = go.to(w)
+    pg = _grouped(p, hk)
+    dv = pg.transpose(-1, -2) @ _grouped(gow, hk)
+    dp = (_grouped(gow, hk) @ vc.to(w).transpose(-1, -2)).reshape(p.shape)
+    ds = p * (dp - (gow * oc.to(w)).sum(-1, keepdim=True))
+    dsg = _grouped(ds, hk)
+    dq = (dsg @ kc.to(w)).reshape(b, h, c, d) * plan.scale
+    dk = dsg.transpose(-1, -2) @ _grouped(qc.to(w), hk) * plan.scale
+    return dq, dk, dv, ds
+
+
+def lse_col(lse):
+    return lse[..., None].to(torch.promote_types(lse.dtype, torch.float32))
+
+
+def _core_bwd(plan: _Plan, go, qc, kc, vc, oc, lc, m):
+    """-> dq, dk (b, hk, nkc, d), dv through the fused backward kernel."""
+    h, hk = qc.shape[1], kc.shape[1]
+    if not plan.flash:
+        return _math_bwd(plan, go, qc, kc, vc, oc, lc, m)[:3]
+    expand = hk != h and not plan.gqa_native
+    if expand:
+        kc, vc = kc.repeat_interleave(h // hk, 1), vc.repeat_interleave(h // hk, 1)
+    dq, dk, dv = _FLASH_BWD(go.contiguous(), qc, kc, vc, oc, lc, 0.0, False, attn_mask=m, scale=plan.scale)
+    if expand:
+        b, _, nkc, _ = dk.shape
+        dk = dk.reshape(b, hk, h // hk, nkc, -1).sum(2)
+        dv = dv.reshape(b, hk, h // hk, nkc, -1).sum(2)
+    return dq, dk, dv
+
+
+# ----------------------------------------------------------------------------- chunk loops
+def _chunks(plan: _Plan):
+    for i0 in range(0, plan.nq, plan.chunk):
+        i1 = min(plan.nq, i0 + plan.chunk)
+        yield i0, i1, _keys_for(plan, i1)
+
+
+def _rows(x, i0, i1, rev):
+    x = x[:, :, i0:i1]
+    return x.flip(2) if rev else x
+
+
+def _rvec(plan: _Plan, ts):
+    return _distance_vector(plan, ts[1]).flip(-1).contiguous() if plan.toeplitz else None
+
+
+def _forward(plan: _Plan, q, k, v, ts):
+    b, h, nq = plan.b, plan.h, plan.nq
+    rev = plan.toeplitz
+    out = q.new_empty(b, h, nq, plan.dv)
+    lse = None
+    kth_all = torch.full((b, h, nq, 1), float("-inf"), dtype=plan.work, device=q.device) if plan.topk else None
+    rvec = _rvec(plan, ts)
+    for i0, i1, nkc in _chunks(plan):
+        qc, kc, vc = _rows(q, i0, i1, rev), k[:, :, :nkc], v[:, :, :nkc]
+        m, empty, kth = _chunk_mask(plan, ts, rvec, i0, i1, nkc, scores=lambda: _scores(plan, qc, kc))
+        oc, lc = _core_fwd(plan, qc, kc, vc, m)
+        if empty is not None:
+            oc = oc.masked_fill(empty[..., None], 0.0)
+        if lse is None:
+            lse = torch.empty(b, h, nq, dtype=lc.dtype, device=q.device)
+        out[:, :, i0:i1] = oc.flip(2) if rev else oc
+        lse[:, :, i0:i1] = lc.flip(2) if rev else lc
+        if kth is not None:
+            kth_all[:, :, i0:i1] = kth.flip(2) if rev else kth
+    return out, lse, kth_all
+
+
+def _backward(plan: _Plan, go, q, k, v, out, lse, kth_all, ts, need):
+    rev = plan.toeplitz
+    w = plan.work
+    dq = torch.empty(q.shape, dtype=w, device=q.device)
+    dk = torch.zeros(k.shape, dtype=w, device=k.device)
+    dv = torch.zeros(v.shape, dtype=w, device=v.device)
+    tsg = [None if t is None else t.detach().requires_grad_(n) for t, n in zip(ts, need)]
+    dts = [None if t is None else torch.zeros_like(t, dtype=torch.promote_types(t.dtype, torch.float32)) for t in tsg]
+    with torch.enable_grad():
+        rvec = _rvec(plan, tsg)
+    for i0, i1, nkc in _chunks(plan):
+        qc, kc, vc = _rows(q, i0, i1, rev), k[:, :, :nkc], v[:, :, :nkc]
+        oc, lc, gc = _rows(out, i0, i1, rev), _rows(lse[..., None], i0, i1, rev)[..., 0], _rows(go, i0, i1, rev)
+        kth = None if kth_all is None else _rows(kth_all, i0, i1, rev)
+        with torch.set_grad_enabled(any(need)):
+            m, empty, _ = _chunk_mask(plan, tsg, rvec, i0, i1, nkc, scores=lambda: _scores(plan, qc, kc), kth=kth)
+        if empty is not None:
+            gc = gc.masked_fill(empty[..., None], 0.0)
+        if m is not None and m.requires_grad:
+            dqc, dkc, dvc, ds = _math_bwd(plan, gc, qc, kc, vc, oc, lc, m.detach())
+            wanted = [t for t in tsg if t is not None and t.requires_grad]
+            grads = torch.autograd.grad(m, wanted, ds.sum_to_size(m.shape), retain_graph=True, allow_unused=True)
+            it = iter(grads)
+            for idx, t in enumerate(tsg):
+                if t is not None and t.requires_grad:
+                    g = next(it)
+                    if g is not None:
+                        dts[idx] += g
+        else:
+            dqc, dkc, dvc = _core_bwd(plan, gc, qc, kc, vc, oc, lc, m)
+        dq[:, :, i0:i1] = dqc.flip(2) if rev else dqc
+        dk[:, :, :nkc] += dkc
+        dv[:, :, :nkc] += dvc
+    dts = [None if (t is None or not n) else g.to(t.dtype) for t, n, g in zip(ts, need, dts)]
+    return dq.to(q.dtype), dk.to(k.dtype), dv.to(v.dtype), dts
+
+
+class _Attention(torch.autograd.Function):
+    @staticmethod
+    def forward(ctx, plan, q, k, v, am, bt):
+        out, lse, kth = _forward(plan, q, k, v, [am, bt])
+        ctx.plan = plan
+        ctx.save_for_backward(q, k, v, out, lse, kth, am, bt)
+        return out
+
+    @staticmethod
+    def backward(ctx, go):
+        q, k, v, out, lse, kth, am, bt = ctx.saved_tensors
+        need = [ctx.needs_input_grad[4] and am is not None and am.is_floating_point(),
+                ctx.needs_input_grad[5] and bt is not None and bt.is_floating_point()]
+        dq, dk, dv, dts = _backward(ctx.plan, go, q, k, v, out, lse, kth, [am, bt], need)
+        return None, dq, dk, dv, dts[0], dts[1]
+
+
+# ----------------------------------------------------------------------------- entry
+def _prepare(inputs):
+    """QK-norm and rotary/xpos on q and k (ordinary autograd), and the logit scale as a float."""
+    q, k, scale = inputs.q, inputs.k, inputs.scale
+    if inputs.qk_norm is not None:
+        n = inputs.qk_norm
+        q = qk_norm_apply(q, n.groups, n.q_dim_scale)
+        k = qk_norm_apply(k, n.groups, n.k_dim_scale)
+        scale = n.scale
+    if inputs.rotary is not None:
+        q, k = _rotate_qk(q, k, inputs.rotary, inputs.q_offset, inputs.k_prefix)
+    if scale is None:
+        scale = q.shape[-1] ** -0.5
+    if isinstance(scale, torch.Tensor):
+        if scale.requires_grad:  # a learned logit scale: fold it into q so that it gets its gradient
+            q = q * scale.to(q.dtype)
+            scale = 1.0
+        else:
+            scale = float(scale)
+    return q, k, float(scale)
+
+
+def run(inputs):
+    q, k, scale = _prepare(inputs)
+    v = inputs.v
+    b, h, nq, _ = q.shape
+    if nq == 0 or k.shape[2] == 0:
+        return q.new_zeros(b, h, nq, v.shape[3]) + 0.0 * (q.sum() + k.sum() + v.sum())
+    plan = _make_plan(inputs, q, scale)
+    am, bt = _learned(inputs)
+    tensors = (q, k, v, am, bt)
+    if torch.is_grad_enabled() and any(t is not None and t.requires_grad for t in tensors):
+        return _Attention.apply(plan, q, k, v, am, bt)
+    return _forward(plan, q, k, v, [am, bt])[0]
+
+
+BACKEND = backends.Backend("sdpa", "attention", reasons, run)
