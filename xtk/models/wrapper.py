@@ -1,0 +1,221 @@
+"""TransformerWrapper: token embedding, positions, memory tokens, Transformer-XL memories,
+KV cache, logits — x-transformers 2.31's kwargs, parameter names and return conventions."""
+from __future__ import annotations
+
+from typing import Optional
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from ..modules.norms import LayerNorm
+from ..modules.positional import AbsolutePositionalEmbedding, ScaledSinusoidalEmbedding
+from .intermediates import LayerIntermediates
+from .layers import AttentionLayers
+
+
+class TokenEmbedding(nn.Module):
+    """``nn.Embedding`` (key ``emb.weight``), l2-normalized with ``l2norm_embed``."""
+
+    def __init__(self, dim, num_tokens, l2norm_embed=False):
+        super().__init__()
+        self.l2norm_embed = l2norm_embed
+        self.emb = nn.Embedding(num_tokens, dim)
+        if l2norm_embed:
+            nn.init.normal_(self.emb.weight, std=1e-5)
+        else:
+            nn.init.kaiming_normal_(self.emb.weight)
+
+    def forward(self, x):
+        t = self.emb(x.long())
+        return F.normalize(t, dim=-1) if self.l2norm_embed else t
+
+
+class TransformerWrapper(nn.Module):
+    """Token model around an ``AttentionLayers`` (``Encoder``, ``Decoder``, ...)."""
+
+    def __init__(self, *, num_tokens, max_seq_len, attn_layers: AttentionLayers, emb_dim=None, max_mem_len=0,
+                 shift_mem_down=0, emb_dropout=0.0, post_emb_norm=False, num_memory_tokens=None, tie_embedding=False,
+                 tie_embedding_scale=None, logits_dim=None, return_only_embed=False, use_abs_pos_emb=True,
+                 scaled_sinu_pos_emb=False, l2norm_embed=False, emb_frac_gradient=1.0, average_pool_embed=False):
+        super().__init__()
+        if not isinstance(attn_layers, AttentionLayers):
+            raise TypeError(f"attn_layers: expected an xtk AttentionLayers (Encoder, Decoder, ...), got {type(attn_layers).__name__}")
+        if not isinstance(num_tokens, int) or num_tokens < 1:
+            raise ValueError(f"num_tokens: expected a positive int, got {num_tokens!r}")
+        if not isinstance(max_seq_len, int) or max_seq_len < 0:
+            raise ValueError(f"max_seq_len: expected an int >= 0, got {max_seq_len!r}")
+        if not 0 < emb_frac_gradient <= 1:
+            raise ValueError(f"emb_frac_gradient: expected a float in (0, 1], got {emb_frac_gradient}")
+        dim = attn_layers.dim
+        emb_dim = dim if emb_dim is None else emb_dim
+        self.emb_dim, self.num_tokens = emb_dim, num_tokens
+        self.max_seq_len, self.max_mem_len, self.shift_mem_down = max_seq_len, max_mem_len, shift_mem_down
+        self.l2norm_embed = l2norm_embed
+        self.token_emb = TokenEmbedding(emb_dim, num_tokens, l2norm_embed=l2norm_embed)
+        no_abs = max_seq_len == 0 or not (use_abs_pos_emb and not attn_layers.disable_abs_pos_emb)
+        if no_abs:
+            self.pos_emb = None
+        elif scaled_sinu_pos_emb:
+            self.pos_emb = ScaledSinusoidalEmbedding(emb_dim)
+        else:
+            self.pos_emb = AbsolutePositionalEmbedding(emb_dim, max_seq_len, l2norm_embed=l2norm_embed)
+            if l2norm_embed:
+                nn.init.normal_(self.pos_emb.emb.weight, std=1e-5)
+        self.emb_frac_gradient = emb_frac_gradient
+        self.post_emb_norm = LayerNorm(emb_dim) if post_emb_norm else nn.Identity()
+        self.emb_dropout = nn.Dropout(emb_dropout)
+        self.project_emb = nn.Linear(emb_dim, dim) if emb_dim != dim else nn.Identity()
+        self.attn_layers = attn_layers
+        self.average_pool_embed = average_pool_embed
+        logits_dim = num_tokens if logits_dim is None else logits_dim
+        self.tie_embedding = tie_embedding
+        if return_only_embed:
+            self.to_logits = None
+        elif tie_embedding:
+            self.tie_embedding_scale = dim ** -0.5 if tie_embedding_scale is None else tie_embedding_scale
+            self.to_logits = None
+        else:
+            self.to_logits = nn.Linear(dim, logits_dim, bias=False)
+        self.return_only_embed = return_only_embed
+        num_memory_tokens = num_memory_tokens or 0
+        self.num_memory_tokens = num_memory_tokens
+        if num_memory_tokens > 0:
+            self.memory_tokens = nn.Parameter(torch.randn(num_memory_tokens, dim))
+        self.can_cache_kv = num_memory_tokens == 0 and attn_layers.can_cache_kv
+        self.can_cache_kv_outside_max_seq_len = no_abs
+
+    def _logits(self, x):
+        if self.tie_embedding:
+            return (x @ self.token_emb.emb.weight.t()) * self.tie_embedding_scale
+        return self.to_logits(x)
+
+    def forward(self, x, return_embeddings=False, return_logits_and_embeddings=False, return_intermediates=False,
+                mask=None, return_mems=False, return_attn=False, mems=None, mem_masks=None, pos=None,
+                prepend_embeds=None, prepend_mask=None, sum_embeds=None, return_attn_z_loss=False,
+                seq_start_pos=None, cache: Optional[LayerIntermediates] = None, detach_mems=True,
+                return_embeddings_and_intermediates=False, **kwargs):
+        """x ``(b, n)`` token ids. With ``cache`` (from a previous ``return_intermediates=True``
+        call) only the tokens after the cached positions are computed; the outputs cover those.
+        Returns logits ``(b, n, logits_dim)``, or per the ``return_*`` flags:
+        ``return_embeddings`` -> embeddings; ``return_logits_and_embeddings`` -> (logits, embeddings);
+        ``return_mems`` -> (out, mems); ``return_intermediates`` -> (out, LayerIntermediates);
+        ``return_attn`` -> (out, [post-softmax attention per layer])."""
+        if return_attn_z_loss:
+            raise NotImplementedError("return_attn_z_loss: not supported by xtk (needs every attention matrix)")
+        if pos is not None:
+            raise NotImplementedError("pos: custom positions are not supported by xtk's TransformerWrapper")
+        if not isinstance(x, torch.Tensor) or x.dim() != 2:
+            raise ValueError(f"x: expected a (batch, seq) tensor of token ids, got "
+                             f"{tuple(x.shape) if isinstance(x, torch.Tensor) else type(x).__name__}")
+        if x.is_floating_point() or x.is_complex() or x.dtype == torch.bool:
+            raise TypeError(f"x: expected integer token ids, got dtype {x.dtype}")
+        if x.numel() and (int(x.min()) < 0 or int(x.max()) >= self.num_tokens):
+            raise ValueError(f"x: token ids must be in [0, {self.num_tokens}) (num_tokens), got values in "
+                             f"[{int(x.min())}, {int(x.max())}]")
+        b, n = x.shape
+        device = x.device
+        return_hiddens = return_mems or return_attn or return_intermediates or return_embeddings_and_intermediates
+        return_embeddings = return_embeddings or self.to_logits is None and not self.tie_embedding \
+            or return_embeddings_and_intermediates
+        if mask is not None:
+            if not isinstance(mask, torch.Tensor) or mask.dtype != torch.bool:
+                raise TypeError(f"mask: expected a bool tensor (True = keep), got "
+                                f"{mask.dtype if isinstance(mask, torch.Tensor) else type(mask).__name__}")
+            if tuple(mask.shape) != (b, n):
+                raise ValueError(f"mask: expected shape {(b, n)} (x's), got {tuple(mask.shape)}")
+        prepend_len = prepend_embeds.shape[1] if prepend_embeds is not None else 0
+
+        offset, n_new = 0, n
+        if cache is not None:
+            if not self.can_cache_kv:
+                raise ValueError("cache: this model cannot use a KV cache (memory tokens or token shift)")
+            cached = cache.cached_length
+            n_new = n + prepend_len - cached
+            if not 1 <= n_new <= n:
+                raise ValueError(f"x: with a cache of {cached} positions expected more than {cached - prepend_len} "
+                                 f"tokens, got {n}")
+            offset = n - n_new
+            x = x[:, offset:]
+            if sum_embeds is not None:
+                sum_embeds = sum_embeds[:, offset:]
+            prepend_embeds = None
+        if self.pos_emb is not None and isinstance(self.pos_emb, AbsolutePositionalEmbedding) and n > self.max_seq_len:
+            raise ValueError(f"x: sequence length {n} exceeds max_seq_len {self.max_seq_len} "
+                             f"(absolute positional embedding); expected at most {self.max_seq_len} tokens")
+
+        h = self.token_emb(x)
+        if self.pos_emb is not None:
+            h = h + self.pos_emb(x.shape[1], offset, device, seq_start_pos).to(h.dtype)
+        if sum_embeds is not None:
+            h = h + sum_embeds
+        h = self.post_emb_norm(h)
+        if prepend_embeds is not None:
+            if prepend_embeds.dim() != 3 or prepend_embeds.shape[0] != b or prepend_embeds.shape[-1] != h.shape[-1]:
+                raise ValueError(f"prepend_embeds: expected shape ({b}, m, {h.shape[-1]}), got {tuple(prepend_embeds.shape)}")
+            h = torch.cat((prepend_embeds.to(h.dtype), h), dim=-2)
+            if prepend_mask is not None or mask is not None:
+                mask = mask if mask is not None else torch.ones(b, n, dtype=torch.bool, device=device)
+                prepend_mask = prepend_mask if prepend_mask is not None else torch.ones(b, prepend_len, dtype=torch.bool, device=device)
+                mask = torch.cat((prepend_mask, mask), dim=-1)
+        if self.emb_frac_gradient < 1:
+            h = h * self.emb_frac_gradient + h.detach() * (1 - self.emb_frac_gradient)
+        init_embed = h
+        h = self.emb_dropout(h)
+        h = self.project_emb(h)
+
+        num_mems = self.num_memory_tokens
+        if num_mems > 0:
+            mem_seq = h.shape[-2]
+            h = torch.cat((self.memory_tokens[None].expand(b, -1, -1).to(h.dtype), h), dim=-2)
+            if mask is not None:
+                mask = F.pad(mask, (num_mems, 0), value=True)
+
+        if self.shift_mem_down and mems is not None:
+            mems = [*mems[self.shift_mem_down:], *mems[:self.shift_mem_down]]
+
+        attended, inter = self.attn_layers(h, mask=mask, mems=mems, mem_masks=mem_masks, cache=cache,
+                                           input_not_include_cache=True, seq_start_pos=seq_start_pos,
+                                           return_hiddens=True, return_attn=return_attn, **kwargs)
+        x = attended
+        if num_mems > 0:
+            inter.memory_tokens = x[:, :num_mems]
+            x = x[:, num_mems:num_mems + mem_seq]
+        inter.last_layer_hiddens = x
+        inter.initial_embeds = init_embed
+        if self.average_pool_embed:
+            if mask is None:
+                x = x.mean(dim=1)
+            else:
+                m = mask[:, -x.shape[1]:, None].to(x.dtype)
+                x = (x * m).sum(1) / m.sum(1).clamp(min=1)
+
+        logits = None
+        if not return_embeddings:
+            logits = self._logits(x)
+
+        if return_logits_and_embeddings:
+            out = (logits, x)
+        elif return_embeddings:
+            out = x
+        else:
+            out = logits
+
+        if return_embeddings_and_intermediates:
+            return x, inter
+
+        if return_mems:
+            hiddens = inter.hiddens
+            new_mems = [torch.cat(pair, dim=-2) for pair in zip(mems, hiddens)] if mems is not None else hiddens
+            new_mems = [t[..., -self.max_mem_len:, :] if self.max_mem_len > 0 else t[..., :0, :] for t in new_mems]
+            if detach_mems:
+                new_mems = [t.detach() for t in new_mems]
+            if not return_intermediates:
+                return out, new_mems
+            inter.mems = new_mems
+
+        if return_intermediates:
+            return out, inter
+        if return_attn:
+            return out, [t.post_softmax_attn for t in inter.attn_intermediates]
+        return out

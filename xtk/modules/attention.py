@@ -1,0 +1,378 @@
+"""The Attention module: x-transformers' parameters and semantics, computed by ``xtk.attention``.
+
+Position bias goes in as descriptors (``xtk.bias.*``), QK-norm as ``xtk.QKNorm``, rotary as
+``xtk.Rotary``, top-k as ``topk=``; memory key/values are the ``k_prefix`` keys. Features that
+need the whole score matrix (talking heads, residual attention, entmax15) pass ``ScoreHooks`` and
+say so in ``full_matrix_reason``.
+
+GQA head order (SPEC §2.1): x-transformers' query head ``h`` reads kv head ``h % hk``;
+``xtk.attention`` reads ``h // (H / hk)``. The module permutes the query heads (and all per-head
+data: bias tables, QK-norm scales, talking-heads weights) into xtk's order and the output back.
+"""
+from __future__ import annotations
+
+import math
+from dataclasses import replace
+from typing import Optional
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from .. import bias as xbias
+from ..ops.attention import attention as xattention
+from ..qk import QKNorm
+from ..reference.attention import ScoreHooks
+from ..models.intermediates import Intermediates
+
+
+class _Entmax15(torch.autograd.Function):
+    """1.5-entmax over the last dim (Peters et al. 2019, sort-based exact threshold)."""
+
+    @staticmethod
+    def forward(ctx, x):
+        z = (x - x.amax(dim=-1, keepdim=True)) / 2
+        z = z.clamp(min=-2.0)  # entries below max-2 are outside the support (tau >= max-1): same output, no overflow
+        zs, _ = z.sort(dim=-1, descending=True)
+        rho = torch.arange(1, z.shape[-1] + 1, device=z.device, dtype=z.dtype)
+        mean = zs.cumsum(-1) / rho
+        mean_sq = (zs ** 2).cumsum(-1) / rho
+        ss = rho * (mean_sq - mean ** 2)
+        delta = ((1 - ss) / rho).clamp(min=0)
+        tau = mean - delta.sqrt()
+        support = (tau <= zs).sum(dim=-1, keepdim=True)
+        tau_star = tau.gather(-1, support - 1)
+        y = (z - tau_star).clamp(min=0) ** 2
+        ctx.save_for_backward(y)
+        return y
+
+    @staticmethod
+    def backward(ctx, dy):
+        (y,) = ctx.saved_tensors
+        g = y.sqrt()
+        dx = dy * g
+        q = dx.sum(-1, keepdim=True) / g.sum(-1, keepdim=True)
+        return dx - q * g
+
+
+def entmax15(x: torch.Tensor) -> torch.Tensor:
+    return _Entmax15.apply(x)
+
+
+def gqa_perm(heads: int, kv_heads: int) -> Optional[torch.Tensor]:
+    """xtk head ``i`` <- x-transformers head ``perm[i]`` (None when no permutation is needed)."""
+    if kv_heads in (1, heads):
+        return None
+    r = heads // kv_heads
+    return torch.tensor([(i % r) * kv_heads + i // r for i in range(heads)])
+
+
+def _permute_bias(b, perm, heads):
+    if perm is None or b is None:
+        return b
+    if isinstance(b, xbias.Alibi):
+        s = torch.zeros(heads, dtype=b.slopes.dtype, device=b.slopes.device)
+        s = torch.cat([b.slopes, s[b.slopes.shape[0]:]])
+        return xbias.Alibi(s[perm.to(s.device)])
+    if isinstance(b, (xbias.T5, xbias.DistanceTable)):
+        return replace(b, table=b.table[:, perm.to(b.table.device)])
+    return b
+
+
+class Attention(nn.Module):
+    """Multi-head (self or cross) attention with x-transformers 2.31's kwargs and parameter names."""
+
+    def __init__(self, dim, dim_head=64, heads=8, causal=False, dim_context=None, dim_out=None, value_dim_head=None,
+                 dropout=0.0, kv_heads=None, one_kv_head=False, num_mem_kv=0, sparse_topk=None,
+                 qk_norm=False, qk_norm_groups=1, qk_norm_scale=10, qk_norm_dim_scale=False,
+                 on_attn=False, gate_values=False, head_scale=False, talking_heads=False,
+                 pre_talking_heads=False, post_talking_heads=False, use_entmax15=False,
+                 collab_heads=False, collab_compression=0.3, zero_init_output=False, flash=False):
+        super().__init__()
+        if dim_head < 1:
+            raise ValueError(f"attn_dim_head: expected >= 1, got {dim_head}")
+        if heads < 1:
+            raise ValueError(f"heads: expected >= 1, got {heads}")
+        if kv_heads is not None and one_kv_head:
+            raise ValueError("attn_one_kv_head / attn_kv_heads: set one of them, not both")
+        kv_heads = 1 if one_kv_head else (heads if kv_heads is None else kv_heads)
+        if kv_heads < 1 or heads % kv_heads:
+            raise ValueError(f"attn_kv_heads: expected a divisor of heads ({heads}), got {kv_heads}")
+        if sparse_topk is not None and (not isinstance(sparse_topk, int) or sparse_topk < 1):
+            raise ValueError(f"attn_sparse_topk: expected an int >= 1, got {sparse_topk!r}")
+        if qk_norm and dim_head % qk_norm_groups:
+            raise ValueError(f"attn_qk_norm_groups: expected a divisor of dim_head ({dim_head}), got {qk_norm_groups}")
+        if not 0.0 <= dropout < 1.0:
+            raise ValueError(f"attn_dropout: expected a float in [0, 1), got {dropout}")
+        if collab_heads and (kv_heads != heads or qk_norm):
+            raise ValueError("attn_collab_heads: not combinable with attn_kv_heads/attn_one_kv_head or attn_qk_norm")
+        dim_kv = dim if dim_context is None else dim_context
+        value_dim_head = dim_head if value_dim_head is None else value_dim_head
+        dim_out = dim if dim_out is None else dim_out
+        self.dim, self.dim_kv = dim, dim_kv
+        self.heads, self.kv_heads, self.dim_head, self.value_dim_head = heads, kv_heads, dim_head, value_dim_head
+        self.causal = causal
+        self.scale = dim_head ** -0.5
+        self.dropout = dropout
+        self.sparse_topk = sparse_topk
+        self.collab_heads = collab_heads
+
+        qk_dim = dim_head * heads
+        if collab_heads:
+            # collaborative heads (Cordonnier et al. 2020): one shared query/key projection of
+            # `collab_compression * heads * dim_head` dims, each head re-weights its features
+            qk_dim = max(1, int(collab_compression * qk_dim))
+            self.collab_mixing = nn.Parameter(torch.randn(heads, qk_dim))
+            self.to_q = nn.Linear(dim, qk_dim, bias=False)
+            self.to_k = nn.Linear(dim_kv, qk_dim, bias=False)
+        else:
+            self.to_q = nn.Linear(dim, qk_dim, bias=False)
+            self.to_k = nn.Linear(dim_kv, dim_head * kv_heads, bias=False)
+        self.qk_dim = qk_dim
+        self.to_v = nn.Linear(dim_kv, value_dim_head * kv_heads, bias=False)
+        out_dim = value_dim_head * heads
+
+        self.to_v_gate = None
+        if gate_values:
+            self.to_v_gate = nn.Linear(dim, out_dim, bias=False)
+            nn.init.zeros_(self.to_v_gate.weight)
+
+        self.qk_norm, self.qk_norm_groups, self.qk_norm_dim_scale = qk_norm, qk_norm_groups, qk_norm_dim_scale
+        self.qk_norm_scale = qk_norm_scale
+        if qk_norm and qk_norm_dim_scale:
+            init = dim_head ** 0.25
+            self.qk_norm_q_scale = nn.Parameter(torch.ones(heads, 1, dim_head) * init)
+            self.qk_norm_k_scale = nn.Parameter(torch.ones(kv_heads, 1, dim_head) * init)
+            self.qk_norm_scale = self.scale
+
+        self.head_scale = head_scale
+        if head_scale:
+            self.head_scale_params = nn.Parameter(torch.ones(1, heads, 1, 1))
+
+        self.num_mem_kv = num_mem_kv
+        if num_mem_kv > 0:
+            self.mem_k = nn.Parameter(torch.randn(kv_heads, num_mem_kv, dim_head))
+            self.mem_v = nn.Parameter(torch.randn(kv_heads, num_mem_kv, value_dim_head))
+
+        # talking heads: 2.31's pre (residual: s + W s) / post (p <- W p), and the original paper's
+        # form (`attn_talking_heads`: s <- W s before softmax, p <- W p after), as 1x1 convs
+        self.attend = nn.Module()
+        self.talking_heads = talking_heads
+        self.pre_talking_residual = pre_talking_heads and not talking_heads
+        self.attend.pre_softmax_talking_heads = nn.Conv2d(heads, heads, 1, bias=False) if (pre_talking_heads or talking_heads) else None
+        self.attend.post_softmax_talking_heads = nn.Conv2d(heads, heads, 1, bias=False) if (post_talking_heads or talking_heads) else None
+        for m in (self.attend.pre_softmax_talking_heads, self.attend.post_softmax_talking_heads):
+            if m is not None:
+                nn.init.dirac_(m.weight)
+        self.use_entmax15 = use_entmax15
+
+        self.on_attn = on_attn
+        if heads > 1 or dim != dim_out or on_attn:
+            self.to_out = nn.Sequential(nn.Linear(out_dim, dim_out * 2, bias=False), nn.GLU()) if on_attn \
+                else nn.Linear(out_dim, dim_out, bias=False)
+        else:
+            self.to_out = nn.Identity()
+        if zero_init_output:
+            for m in self.to_out.modules():
+                if isinstance(m, nn.Linear):
+                    nn.init.zeros_(m.weight)
+
+        self.register_buffer("_perm", gqa_perm(heads, kv_heads), persistent=False)
+        # set by AttentionLayers: residual attention needs this layer's masked logits
+        self.record_pre_softmax = False
+        self.can_cache_kv = True
+
+    # -- introspection ------------------------------------------------------------------------
+    @property
+    def full_matrix_reason(self) -> Optional[str]:
+        """None when ``xtk.attention`` can run this layer in a kernel, else why it cannot."""
+        why = []
+        if self.attend.pre_softmax_talking_heads is not None or self.attend.post_softmax_talking_heads is not None:
+            why.append("talking heads")
+        if self.use_entmax15:
+            why.append("entmax15")
+        if self.record_pre_softmax:
+            why.append("residual attention")
+        return ", ".join(why) or None
+
+    # -- helpers --------------------------------------------------------------------------------
+    def _split(self, t, heads):
+        b, n, _ = t.shape
+        return t.view(b, n, heads, -1).transpose(1, 2)
+
+    def _mix_heads(self, conv, perm):
+        w = conv.weight[:, :, 0, 0]
+        if perm is not None:
+            w = w[perm][:, perm]
+        return w
+
+    def _hooks(self, prev_attn, record, want_post):
+        pre_w = self._mix_heads(self.attend.pre_softmax_talking_heads, self._perm) if self.attend.pre_softmax_talking_heads is not None else None
+        post_w = self._mix_heads(self.attend.post_softmax_talking_heads, self._perm) if self.attend.post_softmax_talking_heads is not None else None
+        if pre_w is None and post_w is None and prev_attn is None and not record and not want_post and not self.use_entmax15:
+            return None
+        residual_pre = self.pre_talking_residual
+
+        def pre_bias(s):
+            if prev_attn is not None:
+                s = s + prev_attn
+            if pre_w is not None:
+                mixed = torch.einsum("bhij,gh->bgij", s, pre_w.to(s.dtype))
+                s = s + mixed if residual_pre else mixed
+            return s
+
+        post_store = {}
+
+        def post_softmax(p):
+            if want_post:
+                post_store["p"] = p
+            if post_w is not None:
+                p = torch.einsum("bhij,gh->bgij", p, post_w.to(p.dtype))
+            return p
+
+        hooks = ScoreHooks(reason=self.full_matrix_reason or "attention maps requested",
+                           pre_bias=pre_bias if (prev_attn is not None or pre_w is not None) else None,
+                           softmax=entmax15 if self.use_entmax15 else None,
+                           post_softmax=post_softmax if (post_w is not None or want_post) else None,
+                           record={} if record else None)
+        hooks._post_store = post_store
+        return hooks
+
+    # -- forward --------------------------------------------------------------------------------
+    def forward(self, x, context=None, mask=None, context_mask=None, attn_mask=None, rel_pos=None, rotary=None,
+                prev_attn=None, mem=None, mem_mask=None, cache: Optional[Intermediates] = None, return_intermediates=False,
+                pia_pos_emb=None, pos_offset=0, return_attn=False):
+        """x ``(b, n, dim)``; context ``(b, m, dim_context)`` for cross attention; mask ``(b, n)`` bool
+        (query/key padding mask of self attention); context_mask ``(b, m)``; attn_mask bool
+        broadcastable to ``(b, heads, n, keys)``; rel_pos: a positional-bias module (``descriptor(L)``);
+        rotary: an ``xtk.Rotary``; mem ``(b, m, dim)``: Transformer-XL memories; cache: this layer's
+        ``Intermediates`` of the previous call; pia_pos_emb: ``FixedSinusoidalEmbedding``
+        (position-infused attention, ``pos_offset`` = position of ``x[:, 0]``)."""
+        b, n, _ = x.shape
+        h, hk, perm = self.heads, self.kv_heads, self._perm
+        has_context = context is not None
+        if has_context and context.shape[-1] != self.dim_kv:
+            raise ValueError(f"context: expected last dim {self.dim_kv}, got shape {tuple(context.shape)}")
+        kv_input = context if has_context else x
+        q_input, k_input, v_input = x, kv_input, kv_input
+        mem_len = mem.shape[-2] if mem is not None else 0
+        if mem is not None:
+            k_input = torch.cat((mem, k_input), dim=-2)
+            v_input = torch.cat((mem, v_input), dim=-2)
+        if pia_pos_emb is not None and not has_context:
+            q_input = q_input + pia_pos_emb(n, pos_offset, x.device).to(x.dtype)
+            k_input = k_input + pia_pos_emb(k_input.shape[-2], pos_offset - mem_len, x.device).to(x.dtype)
+
+        cross_cached = has_context and cache is not None and cache.cached_kv is not None
+        q = self.to_q(q_input)
+        if self.collab_heads:
+            q = q[:, None] * self.collab_mixing[None, :, None, :]   # (b, h, n, qk_dim)
+        else:
+            q = self._split(q, h)
+        if cross_cached:
+            k, v = cache.cached_kv
+        else:
+            k = self.to_k(k_input)
+            k = k[:, None] if self.collab_heads else self._split(k, hk)
+            v = self._split(self.to_v(v_input), hk)
+            if cache is not None and cache.cached_kv is not None:
+                ck, cv = cache.cached_kv
+                mk, k = k[..., :mem_len, :], k[..., mem_len:, :]
+                mv, v = v[..., :mem_len, :], v[..., mem_len:, :]
+                k = torch.cat((mk, ck, k), dim=-2)
+                v = torch.cat((mv, cv, v), dim=-2)
+        cached_kv = (k[..., mem_len:, :], v[..., mem_len:, :])
+        if self.collab_heads:
+            k = k.expand(-1, h, -1, -1)
+        nk_pos = k.shape[-2]   # keys that carry a position
+
+        # key padding mask (True = keep), memory key/values never masked
+        key_mask = context_mask if context_mask is not None else (None if has_context else mask)
+        if key_mask is not None:
+            key_mask = _check_mask("mask" if context_mask is None else "context_mask", key_mask, b, nk_pos - mem_len, nk_pos)
+            if key_mask.shape[-1] == nk_pos - mem_len and mem_len:
+                pre = mem_mask if mem_mask is not None else torch.ones(b, mem_len, dtype=torch.bool, device=x.device)
+                key_mask = torch.cat((pre, key_mask), dim=-1)
+        elif mem_mask is not None:
+            key_mask = torch.cat((mem_mask, torch.ones(b, nk_pos - mem_len, dtype=torch.bool, device=x.device)), dim=-1)
+
+        k_prefix = self.num_mem_kv
+        if k_prefix:
+            mk = self.mem_k[None].expand(b, -1, -1, -1).to(k.dtype)
+            mv = self.mem_v[None].expand(b, -1, -1, -1).to(v.dtype)
+            k = torch.cat((mk, k), dim=-2)
+            v = torch.cat((mv, v), dim=-2)
+        nk = k.shape[-2]
+
+        keep = None
+        if key_mask is not None:
+            keep = key_mask[:, None, None, :]
+            if k_prefix:
+                keep = F.pad(keep, (k_prefix, 0), value=True)
+        if attn_mask is not None:
+            am = attn_mask
+            if am.dtype != torch.bool:
+                raise TypeError(f"attn_mask: expected a bool tensor (True = attend), got dtype {am.dtype}")
+            if am.dim() == 2:
+                am = am[None, None]
+            elif am.dim() == 3:
+                am = am[None]
+            if am.shape[-1] == nk - k_prefix and k_prefix:
+                am = F.pad(am, (k_prefix, 0), value=True)
+            if perm is not None and am.shape[1] == h:
+                am = am[:, perm.to(am.device)]
+            keep = am if keep is None else keep & am
+
+        if perm is not None:
+            q = q[:, perm.to(q.device)]
+        bias = _permute_bias(rel_pos.descriptor(nk - k_prefix), perm, h) if rel_pos is not None else None
+
+        qk_norm = None
+        scale = self.scale
+        if self.qk_norm:
+            qs = ks = None
+            if self.qk_norm_dim_scale:
+                qs = self.qk_norm_q_scale if perm is None else self.qk_norm_q_scale[perm.to(q.device)]
+                ks = self.qk_norm_k_scale
+            qk_norm = QKNorm(self.qk_norm_groups, self.qk_norm_scale, qs, ks)
+            scale = None
+
+        record = self.record_pre_softmax
+        hooks = self._hooks(prev_attn, record, return_attn)
+        causal = self.causal and not has_context
+        out = xattention(q, k, v, attn_mask=keep, dropout_p=self.dropout if self.training else 0.0, is_causal=causal,
+                         scale=scale, enable_gqa=k.shape[1] != h, bias=bias, topk=self.sparse_topk, qk_norm=qk_norm,
+                         rotary=rotary if not has_context else None, q_offset=(nk - k_prefix) - n, k_prefix=k_prefix,
+                         hooks=hooks)
+        inv = None
+        if perm is not None:
+            inv = torch.argsort(perm).to(out.device)
+            out = out[:, inv]
+        if self.head_scale:
+            out = out * self.head_scale_params
+        out = out.transpose(1, 2).reshape(b, n, h * self.value_dim_head)
+        if self.to_v_gate is not None:
+            out = out * torch.sigmoid(self.to_v_gate(x))
+        out = self.to_out(out)
+        if mask is not None and cache is None and mask.shape[-1] == n:
+            out = out.masked_fill(~mask[..., None], 0.0)
+
+        if not return_intermediates:
+            return out
+        inter = Intermediates(cached_kv=cached_kv)
+        if hooks is not None:
+            if hooks.record is not None:
+                inter.pre_softmax_attn = hooks.record.get("pre_softmax")   # xtk head order (for the next layer)
+            p = hooks._post_store.get("p")
+            if p is not None:
+                inter.post_softmax_attn = p[:, inv] if inv is not None else p
+        return out, inter
+
+
+def _check_mask(name, m, b, n_new, n_all):
+    if not isinstance(m, torch.Tensor) or m.dtype != torch.bool:
+        raise TypeError(f"{name}: expected a bool tensor (True = keep), got "
+                        f"{m.dtype if isinstance(m, torch.Tensor) else type(m).__name__}")
+    if m.dim() != 2 or m.shape[0] != b or m.shape[1] not in (n_new, n_all):
+        raise ValueError(f"{name}: expected shape ({b}, {n_new}), got {tuple(m.shape)}")
+    return m
