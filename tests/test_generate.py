@@ -12,17 +12,13 @@ import x_transformers as xt
 from x_transformers.autoregressive_wrapper import top_k as xt_top_k, top_p as xt_top_p
 
 from xtk.models.autoregressive import AutoregressiveWrapper, top_k, top_p
-# the networks under test (x_transformers stands in until xtk's TransformerWrapper lands)
-from x_transformers import TransformerWrapper, Decoder
+import xtk
+from xtk import TransformerWrapper, Decoder
 
 
 def copy_weights(net, ref):
-    """Give xtk ``net`` the weights of the x-transformers model ``ref``."""
-    if isinstance(net, xt.TransformerWrapper):
-        net.load_state_dict(ref.state_dict())
-    else:
-        import xtk
-        xtk.load_x_transformers_weights(net, ref.state_dict())
+    """Give the xtk model ``net`` the weights of the x-transformers model ``ref``."""
+    xtk.load_x_transformers_weights(net, ref.state_dict())
 
 V = 37  # vocabulary size, not a power of two
 

@@ -1,0 +1,702 @@
+"""Every code example of the three seed READMEs (/work/shared/seeds), run with xtk's classes.
+
+One test per example, in README order: ``test_s002_*`` (newest README), ``test_s000_*`` (older),
+``test_s004_*`` (the oldest). Sizes are shrunk (width 16, 2 layers unless the feature needs the
+seed's depth, vocabulary 64, sequences of 12, images 16x16 in 4x4 patches); ``.cuda()`` calls
+are dropped (CPU CI). Each test runs the example's own statements and checks what its comments
+promise (output shapes, a loss that backpropagates), plus a forward pass where the example only
+builds the model.
+"""
+import torch
+
+from xtk import (TransformerWrapper, Encoder, Decoder, CrossAttender, XTransformer, ViTransformerWrapper,
+                 ContinuousTransformerWrapper, ContinuousAutoregressiveWrapper, AutoregressiveWrapper)
+
+NUM_TOKENS = 64     # seeds: 20000 / 256
+MAX_SEQ_LEN = 16    # seeds: 1024
+SEQ = 12            # seeds: 1024 (not a power of two on purpose)
+DIM = 16            # seeds: 512
+IMAGE, PATCH = 16, 4  # seeds: 256, 32
+
+
+def _tokens(n=SEQ, num_tokens=NUM_TOKENS, batch=1):
+    return torch.randint(0, num_tokens, (batch, n))
+
+
+def _check_lm(model, mask=None, **kwargs):
+    """Run a token model as the seeds do and check the (b, n, num_tokens) logits and gradients."""
+    x = _tokens()
+    logits = model(x, mask=mask, **kwargs) if mask is not None else model(x, **kwargs)
+    assert logits.shape == (1, SEQ, NUM_TOKENS)
+    assert torch.isfinite(logits).all()
+    logits.float().logsumexp(-1).mean().backward()
+    grads = [p.grad for p in model.parameters() if p.requires_grad]
+    assert any(g is not None and g.abs().sum() > 0 for g in grads)
+    return logits
+
+
+def _check_loss(loss):
+    assert loss.dim() == 0 and torch.isfinite(loss)
+    loss.backward()
+
+
+# ====================================================================== seed 002 (newest README)
+
+def test_s002_01_full_encoder_decoder():
+    model = XTransformer(
+        dim=DIM,
+        enc_num_tokens=NUM_TOKENS, enc_depth=2, enc_heads=2, enc_max_seq_len=MAX_SEQ_LEN,
+        dec_num_tokens=NUM_TOKENS, dec_depth=2, dec_heads=2, dec_max_seq_len=MAX_SEQ_LEN,
+        tie_token_emb=True,  # tie embeddings of encoder and decoder
+    )
+    assert model.decoder.net.token_emb is model.encoder.token_emb
+    src = _tokens()
+    src_mask = torch.ones_like(src).bool()
+    tgt = _tokens()
+    loss = model(src, tgt, mask=src_mask)
+    _check_loss(loss)
+
+
+def test_s002_02_decoder_only_gpt_like():
+    model = TransformerWrapper(num_tokens=NUM_TOKENS, max_seq_len=MAX_SEQ_LEN,
+                               attn_layers=Decoder(dim=DIM, depth=2, heads=2))
+    x = torch.randint(0, NUM_TOKENS, (1, SEQ))
+    assert model(x).shape == (1, SEQ, NUM_TOKENS)
+
+
+def test_s002_03_gpt3_shape():
+    gpt3 = TransformerWrapper(num_tokens=NUM_TOKENS, max_seq_len=MAX_SEQ_LEN,
+                              attn_layers=Decoder(dim=32, depth=2, heads=4, attn_dim_head=8))
+    _check_lm(gpt3)
+
+
+def test_s002_04_encoder_only_bert_like():
+    model = TransformerWrapper(num_tokens=NUM_TOKENS, max_seq_len=MAX_SEQ_LEN,
+                               attn_layers=Encoder(dim=DIM, depth=2, heads=2))
+    x = torch.randint(0, NUM_TOKENS, (1, SEQ))
+    mask = torch.ones_like(x).bool()
+    assert model(x, mask=mask).shape == (1, SEQ, NUM_TOKENS)
+
+
+def test_s002_05_image_classification():
+    model = ViTransformerWrapper(image_size=IMAGE, patch_size=PATCH, num_classes=10,
+                                 attn_layers=Encoder(dim=DIM, depth=2, heads=2))
+    img = torch.randn(1, 3, IMAGE, IMAGE)
+    assert model(img).shape == (1, 10)
+
+
+def test_s002_06_image_to_caption():
+    encoder = ViTransformerWrapper(image_size=IMAGE, patch_size=PATCH,
+                                   attn_layers=Encoder(dim=DIM, depth=2, heads=2))
+    decoder = TransformerWrapper(num_tokens=NUM_TOKENS, max_seq_len=MAX_SEQ_LEN,
+                                 attn_layers=Decoder(dim=DIM, depth=2, heads=2, cross_attend=True))
+    img = torch.randn(1, 3, IMAGE, IMAGE)
+    caption = torch.randint(0, NUM_TOKENS, (1, SEQ))
+    encoded = encoder(img, return_embeddings=True)
+    assert encoded.shape == (1, (IMAGE // PATCH) ** 2, DIM)
+    assert decoder(caption, context=encoded).shape == (1, SEQ, NUM_TOKENS)
+
+
+def test_s002_07_pali():
+    vit = ViTransformerWrapper(image_size=IMAGE, patch_size=PATCH,
+                               attn_layers=Encoder(dim=DIM, depth=2, heads=2))
+    pali = XTransformer(
+        dim=DIM,
+        enc_num_tokens=NUM_TOKENS, enc_depth=2, enc_heads=2, enc_max_seq_len=MAX_SEQ_LEN,
+        dec_num_tokens=NUM_TOKENS, dec_depth=2, dec_heads=2, dec_max_seq_len=MAX_SEQ_LEN,
+    )
+    img = torch.randn(1, 3, IMAGE, IMAGE)
+    prompt = torch.randint(0, NUM_TOKENS, (1, SEQ))
+    prompt_mask = torch.ones(1, SEQ).bool()
+    output_text = torch.randint(0, NUM_TOKENS, (1, SEQ))
+    img_embeds = vit(img, return_embeddings=True)
+    loss = pali(prompt, output_text, mask=prompt_mask, src_prepend_embeds=img_embeds)
+    _check_loss(loss)
+    assert vit.patch_to_embedding[1].weight.grad is not None  # the image encoder trains through PaLI
+
+
+def test_s002_08_dropouts():
+    model = TransformerWrapper(num_tokens=NUM_TOKENS, max_seq_len=MAX_SEQ_LEN, emb_dropout=0.1,
+                               attn_layers=Decoder(dim=DIM, depth=2, heads=2, layer_dropout=0.1,
+                                                   attn_dropout=0.1, ff_dropout=0.1))
+    x = torch.randint(0, NUM_TOKENS, (1, SEQ))
+    out = model(x)
+    assert out.shape == (1, SEQ, NUM_TOKENS)
+    model.eval()
+    torch.testing.assert_close(model(x), model(x))  # no dropout in eval
+
+
+def test_s002_09_memory_key_values():
+    enc = Encoder(dim=DIM, depth=2, heads=2, attn_num_mem_kv=16)
+    x = torch.randn(1, SEQ, DIM)
+    assert enc(x).shape == (1, SEQ, DIM)
+
+
+def test_s002_10_memory_tokens():
+    model = TransformerWrapper(num_tokens=NUM_TOKENS, max_seq_len=MAX_SEQ_LEN, num_memory_tokens=20,
+                               attn_layers=Encoder(dim=DIM, depth=2, heads=2))
+    _check_lm(model)
+
+
+def test_s002_11_scalenorm():
+    model = TransformerWrapper(num_tokens=NUM_TOKENS, max_seq_len=MAX_SEQ_LEN,
+                               attn_layers=Decoder(dim=DIM, depth=2, heads=2, use_scalenorm=True))
+    _check_lm(model)
+
+
+def test_s002_12_l2norm_embed():
+    model = TransformerWrapper(num_tokens=NUM_TOKENS, max_seq_len=MAX_SEQ_LEN, l2norm_embed=True,
+                               attn_layers=Decoder(dim=DIM, depth=2, heads=2))
+    _check_lm(model)
+
+
+def test_s002_13_post_emb_norm():
+    model = TransformerWrapper(num_tokens=NUM_TOKENS, max_seq_len=MAX_SEQ_LEN, post_emb_norm=True,
+                               attn_layers=Decoder(dim=DIM, depth=2, heads=2))
+    _check_lm(model)
+
+
+def test_s002_14_rmsnorm():
+    model = TransformerWrapper(num_tokens=NUM_TOKENS, max_seq_len=MAX_SEQ_LEN,
+                               attn_layers=Decoder(dim=DIM, depth=2, heads=2, use_rmsnorm=True))
+    _check_lm(model)
+
+
+def test_s002_15_ff_glu():
+    model = TransformerWrapper(num_tokens=NUM_TOKENS, max_seq_len=MAX_SEQ_LEN,
+                               attn_layers=Decoder(dim=DIM, depth=2, heads=2, ff_glu=True))
+    _check_lm(model)
+
+
+def test_s002_16_ff_swish_glu():
+    model = TransformerWrapper(num_tokens=NUM_TOKENS, max_seq_len=MAX_SEQ_LEN,
+                               attn_layers=Decoder(dim=DIM, depth=2, heads=2, ff_swish=True, ff_glu=True))
+    _check_lm(model)
+
+
+def test_s002_17_ff_no_bias():
+    model = TransformerWrapper(num_tokens=NUM_TOKENS, max_seq_len=MAX_SEQ_LEN,
+                               attn_layers=Decoder(dim=DIM, depth=2, heads=2, ff_no_bias=True))
+    _check_lm(model)
+
+
+def test_s002_18_ff_relu_squared():
+    model = TransformerWrapper(num_tokens=NUM_TOKENS, max_seq_len=MAX_SEQ_LEN,
+                               attn_layers=Decoder(dim=DIM, depth=2, heads=2, ff_relu_squared=True))
+    _check_lm(model)
+
+
+def test_s002_19_sparse_topk():
+    model = TransformerWrapper(num_tokens=NUM_TOKENS, max_seq_len=MAX_SEQ_LEN,
+                               attn_layers=Decoder(dim=DIM, depth=2, heads=2, attn_sparse_topk=8))
+    _check_lm(model)
+
+
+def test_s002_20_talking_heads():
+    model = TransformerWrapper(num_tokens=NUM_TOKENS, max_seq_len=MAX_SEQ_LEN,
+                               attn_layers=Decoder(dim=DIM, depth=2, heads=2, attn_talking_heads=True))
+    _check_lm(model)
+
+
+def test_s002_21_one_kv_head():
+    model = TransformerWrapper(num_tokens=NUM_TOKENS, max_seq_len=MAX_SEQ_LEN,
+                               attn_layers=Decoder(dim=DIM, depth=2, heads=4, attn_one_kv_head=True))
+    _check_lm(model)
+
+
+def test_s002_22_attn_on_attn():
+    model = TransformerWrapper(num_tokens=NUM_TOKENS, max_seq_len=MAX_SEQ_LEN,
+                               attn_layers=Encoder(dim=DIM, depth=2, heads=2, attn_on_attn=True))
+    _check_lm(model)
+
+
+def test_s002_23_gate_values():
+    model = TransformerWrapper(num_tokens=NUM_TOKENS, max_seq_len=MAX_SEQ_LEN,
+                               attn_layers=Encoder(dim=DIM, depth=2, heads=2, attn_gate_values=True))
+    _check_lm(model)
+
+
+def test_s002_24_sandwich_coef():
+    model = TransformerWrapper(num_tokens=NUM_TOKENS, max_seq_len=MAX_SEQ_LEN,
+                               attn_layers=Encoder(dim=DIM, depth=6, heads=2, sandwich_coef=6))
+    _check_lm(model)
+
+
+def test_s002_25_macaron():
+    model = TransformerWrapper(num_tokens=NUM_TOKENS, max_seq_len=MAX_SEQ_LEN,
+                               attn_layers=Encoder(dim=DIM, depth=2, heads=2, macaron=True))
+    _check_lm(model)
+
+
+def test_s002_26_t5_rel_pos_bias():
+    model = TransformerWrapper(num_tokens=NUM_TOKENS, max_seq_len=MAX_SEQ_LEN,
+                               attn_layers=Decoder(dim=DIM, depth=2, heads=2, rel_pos_bias=True))
+    _check_lm(model)
+
+
+def test_s002_27_residual_attn():
+    model = TransformerWrapper(num_tokens=NUM_TOKENS, max_seq_len=MAX_SEQ_LEN,
+                               attn_layers=Encoder(dim=DIM, depth=2, heads=2, pre_norm=False, residual_attn=True))
+    _check_lm(model)
+
+
+def test_s002_28_cross_residual_attn():
+    model = XTransformer(
+        dim=DIM,
+        enc_num_tokens=NUM_TOKENS, enc_depth=2, enc_heads=2, enc_max_seq_len=MAX_SEQ_LEN,
+        dec_num_tokens=NUM_TOKENS, dec_depth=2, dec_heads=2, dec_max_seq_len=MAX_SEQ_LEN,
+        dec_cross_residual_attn=True,
+    )
+    _check_loss(model(_tokens(), _tokens()))
+
+
+def test_s002_29_deepnorm():
+    model = TransformerWrapper(num_tokens=NUM_TOKENS, max_seq_len=MAX_SEQ_LEN,
+                               attn_layers=Decoder(deepnorm=True, dim=DIM, depth=2, heads=2))
+    _check_lm(model)
+
+
+def test_s002_30_transformer_xl_recurrence():
+    model_xl = TransformerWrapper(num_tokens=NUM_TOKENS, max_seq_len=8, max_mem_len=20,
+                                  attn_layers=Decoder(dim=DIM, depth=2, heads=2, rel_pos_bias=True))
+    seg1, seg2, seg3 = (torch.randint(0, NUM_TOKENS, (1, 8)) for _ in range(3))
+    logits1, mems1 = model_xl(seg1, return_mems=True)
+    logits2, mems2 = model_xl(seg2, mems=mems1, return_mems=True)
+    logits3, mems3 = model_xl(seg3, mems=mems2, return_mems=True)
+    assert logits3.shape == (1, 8, NUM_TOKENS)
+    assert len(mems1) == 2 and mems1[0].shape == (1, 8, DIM)
+    assert mems2[0].shape == (1, 16, DIM) and mems3[0].shape == (1, 20, DIM)  # capped at max_mem_len
+    # the memories matter
+    assert not torch.allclose(logits2, model_xl(seg2))
+
+
+def test_s002_31_enhanced_recurrence_shift_mem_down():
+    model_xl = TransformerWrapper(num_tokens=NUM_TOKENS, max_seq_len=8, max_mem_len=20, shift_mem_down=1,
+                                  attn_layers=Decoder(dim=DIM, depth=2, heads=2, rotary_pos_emb=True))
+    seg1, seg2, seg3 = (torch.randint(0, NUM_TOKENS, (1, 8)) for _ in range(3))
+    logits1, mems1 = model_xl(seg1, return_mems=True)
+    logits2, mems2 = model_xl(seg2, mems=mems1, return_mems=True)
+    assert logits2.shape == (1, 8, NUM_TOKENS) and len(mems2) == 2
+
+
+def test_s002_32_gated_residual():
+    model = TransformerWrapper(num_tokens=NUM_TOKENS, max_seq_len=MAX_SEQ_LEN, max_mem_len=20,
+                               attn_layers=Decoder(dim=DIM, depth=2, heads=4, gate_residual=True))
+    _check_lm(model)
+
+
+def test_s002_33_rotary():
+    model = TransformerWrapper(num_tokens=NUM_TOKENS, max_seq_len=MAX_SEQ_LEN,
+                               attn_layers=Decoder(dim=DIM, depth=2, heads=2, rotary_pos_emb=True))
+    _check_lm(model)
+
+
+def test_s002_34_rotary_xpos():
+    model = TransformerWrapper(num_tokens=NUM_TOKENS, max_seq_len=MAX_SEQ_LEN,
+                               attn_layers=Decoder(dim=DIM, depth=2, heads=2, rotary_xpos=True))
+    _check_lm(model)
+
+
+def test_s002_35_dynamic_pos_bias():
+    model = TransformerWrapper(num_tokens=NUM_TOKENS, max_seq_len=MAX_SEQ_LEN,
+                               attn_layers=Decoder(dim=DIM, depth=2, heads=2, dynamic_pos_bias=True,
+                                                   dynamic_pos_bias_log_distance=False))
+    _check_lm(model)
+
+
+def test_s002_36_alibi():
+    model = TransformerWrapper(num_tokens=NUM_TOKENS, max_seq_len=MAX_SEQ_LEN,
+                               attn_layers=Decoder(dim=DIM, depth=2, heads=4, alibi_pos_bias=True, alibi_num_heads=2))
+    _check_lm(model)
+
+
+def test_s002_37_shift_tokens():
+    model = TransformerWrapper(num_tokens=NUM_TOKENS, max_seq_len=MAX_SEQ_LEN,
+                               attn_layers=Decoder(dim=DIM, depth=2, heads=2, shift_tokens=1))
+    _check_lm(model)
+
+
+def test_s002_38_shift_tokens_per_block():
+    model = TransformerWrapper(num_tokens=NUM_TOKENS, max_seq_len=MAX_SEQ_LEN,
+                               attn_layers=Decoder(dim=DIM, depth=6, heads=2,
+                                                   shift_tokens=(1, 1, 1, 1, 1, 1, 0, 0, 0, 0, 0, 0)))
+    _check_lm(model)
+
+
+def test_s002_39_sandwich_norm():
+    model = TransformerWrapper(num_tokens=NUM_TOKENS, max_seq_len=MAX_SEQ_LEN,
+                               attn_layers=Decoder(dim=DIM, depth=2, heads=2, sandwich_norm=True))
+    x = torch.randint(0, NUM_TOKENS, (1, SEQ))
+    assert model(x).shape == (1, SEQ, NUM_TOKENS)
+
+
+def test_s002_40_normformer_head_scale():
+    model = TransformerWrapper(num_tokens=NUM_TOKENS, max_seq_len=MAX_SEQ_LEN,
+                               attn_layers=Decoder(dim=DIM, depth=2, heads=2, attn_head_scale=True))
+    x = torch.randint(0, NUM_TOKENS, (1, SEQ))
+    assert model(x).shape == (1, SEQ, NUM_TOKENS)
+
+
+def test_s002_41_normformer_ff_post_act_ln():
+    model = TransformerWrapper(num_tokens=NUM_TOKENS, max_seq_len=MAX_SEQ_LEN,
+                               attn_layers=Decoder(dim=DIM, depth=2, heads=2, ff_post_act_ln=True))
+    x = torch.randint(0, NUM_TOKENS, (1, SEQ))
+    assert model(x).shape == (1, SEQ, NUM_TOKENS)
+
+
+def test_s002_42_normformer_scale_residual():
+    model = TransformerWrapper(num_tokens=NUM_TOKENS, max_seq_len=MAX_SEQ_LEN,
+                               attn_layers=Decoder(dim=DIM, depth=2, heads=2, scale_residual=True))
+    x = torch.randint(0, NUM_TOKENS, (1, SEQ))
+    assert model(x).shape == (1, SEQ, NUM_TOKENS)
+
+
+def test_s002_43_qk_norm_groups():
+    model = TransformerWrapper(num_tokens=NUM_TOKENS, max_seq_len=MAX_SEQ_LEN,
+                               attn_layers=Decoder(dim=DIM, depth=2, heads=2, attn_qk_norm=True,
+                                                   attn_qk_norm_groups=8))
+    x = torch.randint(0, NUM_TOKENS, (1, SEQ))
+    assert model(x).shape == (1, SEQ, NUM_TOKENS)
+
+
+def test_s002_44_qk_norm_scale():
+    model = TransformerWrapper(num_tokens=NUM_TOKENS, max_seq_len=MAX_SEQ_LEN,
+                               attn_layers=Decoder(dim=DIM, depth=2, heads=2, attn_qk_norm=True,
+                                                   attn_qk_norm_scale=10))
+    x = torch.randint(0, NUM_TOKENS, (1, SEQ))
+    assert model(x).shape == (1, SEQ, NUM_TOKENS)
+
+
+def test_s002_45_qk_norm_dim_scale():
+    model = TransformerWrapper(num_tokens=NUM_TOKENS, max_seq_len=MAX_SEQ_LEN,
+                               attn_layers=Decoder(dim=DIM, depth=2, heads=2, attn_qk_norm=True,
+                                                   attn_qk_norm_dim_scale=True))
+    x = torch.randint(0, NUM_TOKENS, (1, SEQ))
+    assert model(x).shape == (1, SEQ, NUM_TOKENS)
+
+
+def test_s002_46_no_abs_pos_emb():
+    model = TransformerWrapper(num_tokens=NUM_TOKENS, max_seq_len=MAX_SEQ_LEN, use_abs_pos_emb=False,
+                               attn_layers=Decoder(dim=DIM, depth=2, heads=2))
+    x = torch.randint(0, NUM_TOKENS, (1, SEQ))
+    assert model(x).shape == (1, SEQ, NUM_TOKENS)
+
+
+def test_s002_47_autoregressive_mask_prob():
+    model = TransformerWrapper(num_tokens=NUM_TOKENS, max_seq_len=MAX_SEQ_LEN,
+                               attn_layers=Decoder(dim=DIM, depth=2, heads=2))
+    model = AutoregressiveWrapper(model, mask_prob=0.15)
+    x = torch.randint(0, NUM_TOKENS, (1, SEQ))
+    loss = model(x)
+    _check_loss(loss)
+
+
+def test_s002_48_cross_attention():
+    enc = Encoder(dim=DIM, depth=2)
+    model = CrossAttender(dim=DIM, depth=2)
+    nodes = torch.randn(1, 1, DIM)
+    node_masks = torch.ones(1, 1).bool()
+    neighbors = torch.randn(1, 5, DIM)
+    neighbor_masks = torch.ones(1, 5).bool()
+    encoded_neighbors = enc(neighbors, mask=neighbor_masks)
+    out = model(nodes, context=encoded_neighbors, mask=node_masks, context_mask=neighbor_masks)
+    assert out.shape == (1, 1, DIM)
+
+
+def test_s002_49_continuous_values():
+    model = ContinuousTransformerWrapper(dim_in=32, dim_out=100, max_seq_len=MAX_SEQ_LEN,
+                                         attn_layers=Decoder(dim=DIM, depth=2, heads=2))
+    x = torch.randn((1, SEQ, 32))
+    assert model(x).shape == (1, SEQ, 100)
+
+
+def test_s002_50_continuous_autoregressive():
+    model = ContinuousTransformerWrapper(dim_in=7, dim_out=7, max_seq_len=MAX_SEQ_LEN,
+                                         attn_layers=Decoder(dim=DIM, depth=2, heads=2))
+    model = ContinuousAutoregressiveWrapper(model)
+    x = torch.randn((1, SEQ, 7))
+    mask = torch.ones(1, SEQ).bool()
+    loss = model(x, mask=mask)
+    loss.backward
+    _check_loss(loss)
+    start_emb = torch.randn(1, 7)
+    generated = model.generate(start_emb, 5)
+    assert generated.shape == (5, 7)
+
+
+# ====================================================================== seed 000 (older README)
+
+def test_s000_01_full_encoder_decoder_src_tgt_masks():
+    model = XTransformer(
+        dim=DIM,
+        enc_num_tokens=NUM_TOKENS, enc_depth=2, enc_heads=2, enc_max_seq_len=MAX_SEQ_LEN,
+        dec_num_tokens=NUM_TOKENS, dec_depth=2, dec_heads=2, dec_max_seq_len=MAX_SEQ_LEN,
+        tie_token_emb=True,
+    )
+    src = _tokens()
+    src_mask = torch.ones_like(src).bool()
+    tgt = _tokens()
+    tgt_mask = torch.ones_like(tgt).bool()
+    loss = model(src, tgt, src_mask=src_mask, tgt_mask=tgt_mask)
+    _check_loss(loss)
+    torch.testing.assert_close(loss, model(src, tgt, mask=src_mask))  # all-True masks change nothing
+
+
+def test_s000_02_decoder_only_gpt_like():
+    model = TransformerWrapper(num_tokens=NUM_TOKENS, max_seq_len=MAX_SEQ_LEN,
+                               attn_layers=Decoder(dim=DIM, depth=2, heads=2))
+    x = torch.randint(0, NUM_TOKENS, (1, SEQ))
+    assert model(x).shape == (1, SEQ, NUM_TOKENS)
+
+
+def test_s000_03_gpt3_shape():
+    gpt3 = TransformerWrapper(num_tokens=NUM_TOKENS, max_seq_len=MAX_SEQ_LEN,
+                              attn_layers=Decoder(dim=32, depth=2, heads=4, attn_dim_head=8))
+    _check_lm(gpt3)
+
+
+def test_s000_04_encoder_only_bert_like():
+    model = TransformerWrapper(num_tokens=NUM_TOKENS, max_seq_len=MAX_SEQ_LEN,
+                               attn_layers=Encoder(dim=DIM, depth=2, heads=2))
+    x = torch.randint(0, NUM_TOKENS, (1, SEQ))
+    mask = torch.ones_like(x).bool()
+    assert model(x, mask=mask).shape == (1, SEQ, NUM_TOKENS)
+
+
+def test_s000_05_image_classification():
+    model = ViTransformerWrapper(image_size=IMAGE, patch_size=PATCH, num_classes=10,
+                                 attn_layers=Encoder(dim=DIM, depth=2, heads=2))
+    img = torch.randn(1, 3, IMAGE, IMAGE)
+    assert model(img).shape == (1, 10)
+
+
+def test_s000_06_image_to_caption():
+    encoder = ViTransformerWrapper(image_size=IMAGE, patch_size=PATCH,
+                                   attn_layers=Encoder(dim=DIM, depth=2, heads=2))
+    decoder = TransformerWrapper(num_tokens=NUM_TOKENS, max_seq_len=MAX_SEQ_LEN,
+                                 attn_layers=Decoder(dim=DIM, depth=2, heads=2, cross_attend=True))
+    img = torch.randn(1, 3, IMAGE, IMAGE)
+    caption = torch.randint(0, NUM_TOKENS, (1, SEQ))
+    encoded = encoder(img, return_embeddings=True)
+    assert decoder(caption, context=encoded).shape == (1, SEQ, NUM_TOKENS)
+
+
+def test_s000_07_dropouts():
+    model = TransformerWrapper(num_tokens=NUM_TOKENS, max_seq_len=MAX_SEQ_LEN, emb_dropout=0.1,
+                               attn_layers=Decoder(dim=DIM, depth=2, heads=2, attn_dropout=0.1, ff_dropout=0.1))
+    x = torch.randint(0, NUM_TOKENS, (1, SEQ))
+    assert model(x).shape == (1, SEQ, NUM_TOKENS)
+
+
+def test_s000_08_memory_key_values():
+    enc = Encoder(dim=DIM, depth=2, heads=2, attn_num_mem_kv=16)
+    assert enc(torch.randn(1, SEQ, DIM)).shape == (1, SEQ, DIM)
+
+
+def test_s000_09_memory_tokens():
+    model = TransformerWrapper(num_tokens=NUM_TOKENS, max_seq_len=MAX_SEQ_LEN, num_memory_tokens=20,
+                               attn_layers=Encoder(dim=DIM, depth=2, heads=2))
+    _check_lm(model)
+
+
+def test_s000_10_scalenorm():
+    model = TransformerWrapper(num_tokens=NUM_TOKENS, max_seq_len=MAX_SEQ_LEN,
+                               attn_layers=Decoder(dim=DIM, depth=2, heads=2, use_scalenorm=True))
+    _check_lm(model)
+
+
+def test_s000_11_ff_glu():
+    model = TransformerWrapper(num_tokens=NUM_TOKENS, max_seq_len=MAX_SEQ_LEN,
+                               attn_layers=Decoder(dim=DIM, depth=2, heads=2, ff_glu=True))
+    _check_lm(model)
+
+
+def test_s000_12_ff_relu_squared():
+    model = TransformerWrapper(num_tokens=NUM_TOKENS, max_seq_len=MAX_SEQ_LEN,
+                               attn_layers=Decoder(dim=DIM, depth=2, heads=2, ff_relu_squared=True))
+    _check_lm(model)
+
+
+def test_s000_13_rezero():
+    model = TransformerWrapper(num_tokens=NUM_TOKENS, max_seq_len=MAX_SEQ_LEN,
+                               attn_layers=Decoder(dim=DIM, depth=2, heads=2, use_rezero=True))
+    _check_lm(model)
+
+
+def test_s000_14_sparse_topk():
+    model = TransformerWrapper(num_tokens=NUM_TOKENS, max_seq_len=MAX_SEQ_LEN,
+                               attn_layers=Decoder(dim=DIM, depth=2, heads=2, attn_sparse_topk=8))
+    _check_lm(model)
+
+
+def test_s000_15_entmax15():
+    model = TransformerWrapper(num_tokens=NUM_TOKENS, max_seq_len=MAX_SEQ_LEN,
+                               attn_layers=Decoder(dim=DIM, depth=2, heads=2, attn_use_entmax15=True))
+    _check_lm(model)
+
+
+def test_s000_16_talking_heads():
+    model = TransformerWrapper(num_tokens=NUM_TOKENS, max_seq_len=MAX_SEQ_LEN,
+                               attn_layers=Decoder(dim=DIM, depth=2, heads=2, attn_talking_heads=True))
+    _check_lm(model)
+
+
+def test_s000_17_collaborative_heads():
+    model = TransformerWrapper(num_tokens=NUM_TOKENS, max_seq_len=MAX_SEQ_LEN,
+                               attn_layers=Decoder(dim=DIM, depth=2, heads=2, attn_collab_heads=True,
+                                                   attn_collab_compression=.3))
+    _check_lm(model)
+
+
+def test_s000_18_attn_on_attn():
+    model = TransformerWrapper(num_tokens=NUM_TOKENS, max_seq_len=MAX_SEQ_LEN,
+                               attn_layers=Encoder(dim=DIM, depth=2, heads=2, attn_on_attn=True))
+    _check_lm(model)
+
+
+def test_s000_19_gate_values_old_name():
+    model = TransformerWrapper(num_tokens=NUM_TOKENS, max_seq_len=MAX_SEQ_LEN,
+                               attn_layers=Encoder(dim=DIM, depth=2, heads=2, gate_values=True))
+    _check_lm(model)
+
+
+def test_s000_20_sandwich_coef():
+    model = TransformerWrapper(num_tokens=NUM_TOKENS, max_seq_len=MAX_SEQ_LEN,
+                               attn_layers=Encoder(dim=DIM, depth=6, heads=2, sandwich_coef=6))
+    _check_lm(model)
+
+
+def test_s000_21_macaron():
+    model = TransformerWrapper(num_tokens=NUM_TOKENS, max_seq_len=MAX_SEQ_LEN,
+                               attn_layers=Encoder(dim=DIM, depth=2, heads=2, macaron=True))
+    _check_lm(model)
+
+
+def test_s000_22_t5_rel_pos_bias():
+    model = TransformerWrapper(num_tokens=NUM_TOKENS, max_seq_len=MAX_SEQ_LEN,
+                               attn_layers=Decoder(dim=DIM, depth=2, heads=2, rel_pos_bias=True))
+    _check_lm(model)
+
+
+def test_s000_23_position_infused_attn():
+    model = TransformerWrapper(num_tokens=NUM_TOKENS, max_seq_len=MAX_SEQ_LEN,
+                               attn_layers=Decoder(dim=DIM, depth=2, heads=2, position_infused_attn=True))
+    _check_lm(model)
+
+
+def test_s000_24_residual_attn():
+    model = TransformerWrapper(num_tokens=NUM_TOKENS, max_seq_len=MAX_SEQ_LEN,
+                               attn_layers=Encoder(dim=DIM, depth=2, heads=2, pre_norm=False, residual_attn=True))
+    _check_lm(model)
+
+
+def test_s000_25_cross_residual_attn():
+    model = XTransformer(
+        dim=DIM,
+        enc_num_tokens=NUM_TOKENS, enc_depth=2, enc_heads=2, enc_max_seq_len=MAX_SEQ_LEN,
+        dec_num_tokens=NUM_TOKENS, dec_depth=2, dec_heads=2, dec_max_seq_len=MAX_SEQ_LEN,
+        dec_cross_residual_attn=True,
+    )
+    _check_loss(model(_tokens(), _tokens()))
+
+
+def test_s000_26_transformer_xl_recurrence():
+    model_xl = TransformerWrapper(num_tokens=NUM_TOKENS, max_seq_len=8, max_mem_len=20,
+                                  attn_layers=Decoder(dim=DIM, depth=2, heads=2, rel_pos_bias=True))
+    seg1, seg2, seg3 = (torch.randint(0, NUM_TOKENS, (1, 8)) for _ in range(3))
+    logits1, mems1 = model_xl(seg1, return_mems=True)
+    logits2, mems2 = model_xl(seg2, mems=mems1, return_mems=True)
+    logits3, mems3 = model_xl(seg3, mems=mems2, return_mems=True)
+    assert logits3.shape == (1, 8, NUM_TOKENS) and mems3[0].shape == (1, 20, DIM)
+
+
+def test_s000_27_enhanced_recurrence_shift_mem_down():
+    model_xl = TransformerWrapper(num_tokens=NUM_TOKENS, max_seq_len=8, max_mem_len=20, shift_mem_down=1,
+                                  attn_layers=Decoder(dim=DIM, depth=2, heads=2, rotary_pos_emb=True))
+    seg1, seg2, seg3 = (torch.randint(0, NUM_TOKENS, (1, 8)) for _ in range(3))
+    logits1, mems1 = model_xl(seg1, return_mems=True)
+    logits2, mems2 = model_xl(seg2, mems=mems1, return_mems=True)
+    assert logits2.shape == (1, 8, NUM_TOKENS)
+
+
+def test_s000_28_gated_residual():
+    model = TransformerWrapper(num_tokens=NUM_TOKENS, max_seq_len=MAX_SEQ_LEN, max_mem_len=20,
+                               attn_layers=Decoder(dim=DIM, depth=2, heads=4, gate_residual=True))
+    _check_lm(model)
+
+
+def test_s000_29_rotary():
+    model = TransformerWrapper(num_tokens=NUM_TOKENS, max_seq_len=MAX_SEQ_LEN,
+                               attn_layers=Decoder(dim=DIM, depth=2, heads=2, rotary_pos_emb=True))
+    _check_lm(model)
+
+
+def test_s000_30_alibi_old_name():
+    model = TransformerWrapper(num_tokens=NUM_TOKENS, max_seq_len=MAX_SEQ_LEN,
+                               attn_layers=Decoder(dim=DIM, depth=2, heads=4, alibi_pos_emb=True, alibi_num_heads=2))
+    _check_lm(model)
+
+
+def test_s000_31_shift_tokens():
+    model = TransformerWrapper(num_tokens=NUM_TOKENS, max_seq_len=MAX_SEQ_LEN,
+                               attn_layers=Decoder(dim=DIM, depth=2, heads=2, shift_tokens=1))
+    _check_lm(model)
+
+
+def test_s000_32_shift_tokens_per_block():
+    model = TransformerWrapper(num_tokens=NUM_TOKENS, max_seq_len=MAX_SEQ_LEN,
+                               attn_layers=Decoder(dim=DIM, depth=6, heads=2,
+                                                   shift_tokens=(1, 1, 1, 1, 1, 1, 0, 0, 0, 0, 0, 0)))
+    _check_lm(model)
+
+
+def test_s000_33_sandwich_norm():
+    model = TransformerWrapper(num_tokens=NUM_TOKENS, max_seq_len=MAX_SEQ_LEN,
+                               attn_layers=Decoder(dim=DIM, depth=2, heads=2, sandwich_norm=True))
+    _check_lm(model)
+
+
+def test_s000_34_normformer_head_scale():
+    model = TransformerWrapper(num_tokens=NUM_TOKENS, max_seq_len=MAX_SEQ_LEN,
+                               attn_layers=Decoder(dim=DIM, depth=2, heads=2, attn_head_scale=True))
+    x = torch.randint(0, NUM_TOKENS, (1, SEQ))
+    assert model(x).shape == (1, SEQ, NUM_TOKENS)
+
+
+def test_s000_35_normformer_ff_post_act_ln():
+    model = TransformerWrapper(num_tokens=NUM_TOKENS, max_seq_len=MAX_SEQ_LEN,
+                               attn_layers=Decoder(dim=DIM, depth=2, heads=2, ff_post_act_ln=True))
+    x = torch.randint(0, NUM_TOKENS, (1, SEQ))
+    assert model(x).shape == (1, SEQ, NUM_TOKENS)
+
+
+def test_s000_36_cross_attention():
+    enc = Encoder(dim=DIM, depth=2)
+    model = CrossAttender(dim=DIM, depth=2)
+    nodes = torch.randn(1, 1, DIM)
+    node_masks = torch.ones(1, 1).bool()
+    neighbors = torch.randn(1, 5, DIM)
+    neighbor_masks = torch.ones(1, 5).bool()
+    encoded_neighbors = enc(neighbors, mask=neighbor_masks)
+    assert model(nodes, context=encoded_neighbors, mask=node_masks, context_mask=neighbor_masks).shape == (1, 1, DIM)
+
+
+def test_s000_37_continuous_values_with_mask():
+    model = ContinuousTransformerWrapper(dim_in=32, dim_out=100, max_seq_len=MAX_SEQ_LEN,
+                                         attn_layers=Decoder(dim=DIM, depth=2, heads=2))
+    x = torch.randn((1, SEQ, 32))
+    mask = torch.ones(1, SEQ).bool()
+    assert model(x, mask=mask).shape == (1, SEQ, 100)
+
+
+# ====================================================================== seed 004 (oldest README)
+
+def test_s004_01_xtransformer_oldest_signature():
+    model = XTransformer(num_tokens=NUM_TOKENS, dim=DIM, depth=2, heads=2, max_seq_len=MAX_SEQ_LEN)
+    src = torch.randint(0, NUM_TOKENS, (1, SEQ))
+    tgt = torch.randint(0, NUM_TOKENS, (1, SEQ))
+    out = model(src, tgt)
+    # that version returned the decoder's logits over the target vocabulary
+    assert out.shape == (1, SEQ, NUM_TOKENS)
+    out.mean().backward()
+    assert model.encoder.token_emb.emb.weight.grad is not None

@@ -1,0 +1,339 @@
+"""Transformers on continuous vectors: ``ContinuousTransformerWrapper`` and its autoregressive wrapper.
+
+Mirrors x-transformers 2.31.10 (``x_transformers/continuous.py``): the same constructor and forward
+arguments, the same parameter names (so its checkpoints load), the same return conventions.
+"""
+from __future__ import annotations
+
+from typing import Optional
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from ..modules.norms import LayerNorm
+from ..modules.positional import AbsolutePositionalEmbedding, ScaledSinusoidalEmbedding
+from ..ops import _check
+from .autoregressive import align_right
+
+__all__ = ["ContinuousTransformerWrapper", "ContinuousAutoregressiveWrapper", "GaussianNLL"]
+
+
+def _float_tensor(name, x, ndim):
+    _check.tensor(name, x, ndim=ndim)
+    _check.floating(name, x)
+
+
+def _bool_mask(name, mask, shape):
+    _check.tensor(name, mask, ndim=len(shape))
+    if mask.dtype != torch.bool:
+        raise TypeError(f"{name}: expected a bool tensor (True = keep), got dtype {mask.dtype}")
+    if tuple(mask.shape) != tuple(shape):
+        raise ValueError(f"{name}: expected shape {tuple(shape)}, got {tuple(mask.shape)}")
+
+
+def _lens_to_mask(lens, n):
+    return torch.arange(n, device=lens.device)[None, :] < lens[:, None]
+
+
+class ContinuousTransformerWrapper(nn.Module):
+    """``attn_layers`` over a sequence of vectors ``(b, n, dim_in)`` -> ``(b, n, dim_out)``.
+
+    ``dim_in``/``dim_out`` add bias-less input/output projections (or give your own modules as
+    ``project_in``/``project_out``); without them the vectors must already have the model width.
+    ``probabilistic=True`` makes the output ``stack((mean, variance))`` of shape ``(2, b, n, dim_out)``.
+    """
+
+    def __init__(
+        self,
+        *,
+        max_seq_len: Optional[int] = None,
+        attn_layers: nn.Module,
+        dim_in: Optional[int] = None,
+        dim_out: Optional[int] = None,
+        project_in: Optional[nn.Module] = None,
+        project_out: Optional[nn.Module] = None,
+        max_mem_len: int = 0,
+        num_memory_tokens: Optional[int] = None,
+        post_emb_norm: bool = False,
+        emb_dropout: float = 0.,
+        use_abs_pos_emb: bool = True,
+        scaled_sinu_pos_emb: bool = False,
+        average_pool_embed: bool = False,
+        probabilistic: bool = False,
+        use_identity_if_same_dim: bool = False,
+    ):
+        super().__init__()
+        if not isinstance(attn_layers, nn.Module) or not hasattr(attn_layers, "dim"):
+            raise TypeError(f"attn_layers: expected an Encoder/Decoder (AttentionLayers) module, got {type(attn_layers).__name__}")
+        dim = attn_layers.dim
+        if dim_in is not None and project_in is not None:
+            raise ValueError("dim_in, project_in: expected at most one of them, got both")
+        if dim_out is not None and project_out is not None:
+            raise ValueError("dim_out, project_out: expected at most one of them, got both")
+        for name, val in (("dim_in", dim_in), ("dim_out", dim_out)):
+            if val is not None:
+                _check.integer(name, val, minimum=1)
+        if max_seq_len is not None:
+            _check.integer("max_seq_len", max_seq_len, minimum=0)
+        _check.integer("max_mem_len", max_mem_len, minimum=0)
+
+        self.max_seq_len = max_seq_len
+        self.max_mem_len = max_mem_len
+        self.dim = dim
+
+        no_abs_pos_emb = (not max_seq_len or not use_abs_pos_emb
+                          or getattr(attn_layers, "disable_abs_pos_emb", False))
+        if no_abs_pos_emb:
+            self.pos_emb = None
+        elif scaled_sinu_pos_emb:
+            self.pos_emb = ScaledSinusoidalEmbedding(dim)
+        else:
+            self.pos_emb = AbsolutePositionalEmbedding(dim, max_seq_len)
+        self.has_abs_pos_emb = not no_abs_pos_emb
+
+        self.post_emb_norm = LayerNorm(dim) if post_emb_norm else nn.Identity()
+        self.emb_dropout = nn.Dropout(emb_dropout)
+
+        num_memory_tokens = num_memory_tokens or 0
+        self.num_memory_tokens = num_memory_tokens
+        self.has_memory_tokens = num_memory_tokens > 0
+        if self.has_memory_tokens:
+            self.memory_tokens = nn.Parameter(torch.randn(num_memory_tokens, dim))
+
+        self.attn_layers = attn_layers
+        self.average_pool_embed = average_pool_embed
+
+        self.dim_in = dim_in
+        has_project_in = dim_in is not None and (not use_identity_if_same_dim or dim_in != dim)
+        if project_in is None:
+            project_in = nn.Linear(dim_in, dim, bias=False) if has_project_in else nn.Identity()
+        self.project_in = project_in
+
+        self.probabilistic = probabilistic
+        dim_out_total = dim_out * (2 if probabilistic else 1) if dim_out is not None else None
+        has_project_out = dim_out is not None and (not use_identity_if_same_dim or dim_out_total != dim)
+        if project_out is None:
+            project_out = nn.Linear(dim, dim_out_total, bias=False) if has_project_out else nn.Identity()
+        self.project_out = project_out
+
+        self.can_cache_kv = bool(getattr(attn_layers, "can_cache_kv", False)) and not self.has_memory_tokens
+        self.can_cache_kv_outside_max_seq_len = no_abs_pos_emb
+
+    def forward(
+        self,
+        x: torch.Tensor,
+        return_embeddings: bool = False,
+        return_intermediates: bool = False,
+        return_mems: bool = False,
+        mask: Optional[torch.Tensor] = None,
+        lens: Optional[torch.Tensor] = None,
+        return_attn: bool = False,
+        mems=None,
+        mem_masks=None,
+        pos: Optional[torch.Tensor] = None,
+        sum_embeds: Optional[torch.Tensor] = None,
+        prepend_embeds: Optional[torch.Tensor] = None,
+        prepend_mask: Optional[torch.Tensor] = None,
+        cache=None,
+        seq_start_pos: Optional[torch.Tensor] = None,
+        **kwargs,
+    ):
+        _float_tensor("x", x, 3)
+        b, n = x.shape[:2]
+        if self.dim_in is not None and x.shape[-1] != self.dim_in:
+            raise ValueError(f"x: expected last dimension {self.dim_in} (dim_in), got shape {tuple(x.shape)}")
+        if self.has_abs_pos_emb and n > self.max_seq_len:
+            raise ValueError(f"x: sequence length {n} exceeds max_seq_len {self.max_seq_len} "
+                             f"(absolute positional embedding)")
+        if lens is not None:
+            if mask is not None:
+                raise ValueError("mask, lens: expected at most one of them, got both")
+            _check.tensor("lens", lens, ndim=1)
+            mask = _lens_to_mask(lens, n)
+        if mask is not None:
+            _bool_mask("mask", mask, (b, n))
+        orig_mask = mask
+
+        x = self.project_in(x)
+        if x.shape[-1] != self.dim:
+            raise ValueError(f"x: expected vectors of the model width {self.dim} (or set dim_in), got shape "
+                             f"{tuple(x.shape)} after project_in")
+        if self.pos_emb is not None:
+            if pos is not None:
+                raise ValueError("pos: custom positions are not supported with the absolute positional embedding")
+            x = x + self.pos_emb(n, device=x.device, seq_start_pos=seq_start_pos).to(x.dtype)
+        if sum_embeds is not None:
+            x = x + sum_embeds
+        x = self.post_emb_norm(x)
+
+        if self.has_memory_tokens:
+            m = self.memory_tokens[None].expand(b, -1, -1)
+            x = torch.cat((m, x), dim=1)
+            if mask is not None:
+                mask = F.pad(mask, (self.num_memory_tokens, 0), value=True)
+
+        if prepend_embeds is not None:
+            _float_tensor("prepend_embeds", prepend_embeds, 3)
+            if prepend_embeds.shape[0] != b or prepend_embeds.shape[-1] != x.shape[-1]:
+                raise ValueError(f"prepend_embeds: expected shape ({b}, m, {x.shape[-1]}), got {tuple(prepend_embeds.shape)}")
+            x = torch.cat((prepend_embeds, x), dim=1)
+            if prepend_mask is not None or mask is not None:
+                if mask is None:
+                    mask = torch.ones(b, x.shape[1] - prepend_embeds.shape[1], dtype=torch.bool, device=x.device)
+                if prepend_mask is None:
+                    prepend_mask = torch.ones(b, prepend_embeds.shape[1], dtype=torch.bool, device=x.device)
+                mask = torch.cat((prepend_mask, mask), dim=-1)
+
+        x = self.emb_dropout(x)
+
+        layer_kwargs = dict(kwargs)
+        if seq_start_pos is not None:
+            layer_kwargs["seq_start_pos"] = seq_start_pos
+        if pos is not None:
+            layer_kwargs["pos"] = pos
+        x, intermediates = self.attn_layers(x, mask=mask, mems=mems, mem_masks=mem_masks, cache=cache,
+                                            return_hiddens=True, **layer_kwargs)
+
+        if self.has_memory_tokens:
+            intermediates.memory_tokens = x[:, :self.num_memory_tokens]
+            x = x[:, self.num_memory_tokens:]
+
+        if self.average_pool_embed:
+            if orig_mask is None:
+                x = x.mean(dim=1)
+            else:
+                w = orig_mask[..., None].to(x.dtype)
+                x = (x * w).sum(dim=1) / w.sum(dim=1).clamp(min=1.)
+
+        out = x if return_embeddings else self.project_out(x)
+        if not return_embeddings and self.probabilistic:
+            mean, log_var = out.unflatten(-1, (-1, 2)).unbind(-1)
+            out = torch.stack((mean, log_var.exp()))
+
+        if return_intermediates:
+            return out, intermediates
+        if return_mems:
+            hiddens = intermediates.hiddens
+            new_mems = tuple(t[..., -self.max_mem_len:, :].detach() if self.max_mem_len > 0 else t[..., :0, :].detach()
+                             for t in hiddens)
+            return out, new_mems
+        if return_attn:
+            return out, tuple(t.post_softmax_attn for t in intermediates.attn_intermediates)
+        return out
+
+
+class GaussianNLL(nn.Module):
+    """Per-element Gaussian negative log likelihood of ``target`` under ``(mean, variance)``."""
+
+    def forward(self, pred, target):
+        mean, var = pred
+        return F.gaussian_nll_loss(mean, target, var, reduction="none")
+
+
+class ContinuousAutoregressiveWrapper(nn.Module):
+    """Next-vector training (MSE by default, L1 with ``use_l1_loss``, Gaussian NLL when the
+    network is probabilistic) and generation for a ``ContinuousTransformerWrapper``."""
+
+    def __init__(self, net: ContinuousTransformerWrapper, loss_fn: Optional[nn.Module] = None,
+                 use_l1_loss: bool = False, equal_loss_weight_batch: bool = False):
+        super().__init__()
+        if not isinstance(net, nn.Module) or not hasattr(net, "max_seq_len"):
+            raise TypeError(f"net: expected a ContinuousTransformerWrapper, got {type(net).__name__}")
+        self.net = net
+        self.max_seq_len = net.max_seq_len
+        self.probabilistic = bool(getattr(net, "probabilistic", False))
+        if loss_fn is None:
+            if self.probabilistic:
+                loss_fn = GaussianNLL()
+            elif use_l1_loss:
+                loss_fn = nn.L1Loss(reduction="none")
+            else:
+                loss_fn = nn.MSELoss(reduction="none")
+        self.loss_fn = loss_fn
+        self.equal_loss_weight_batch = equal_loss_weight_batch
+
+    @torch.no_grad()
+    def generate(self, start_tokens: torch.Tensor, seq_len: int, temperature: float = 1., cache_kv: bool = True,
+                 **kwargs):
+        """Continue ``start_tokens`` (``(b, n, d)`` or ``(n, d)``) by ``seq_len`` vectors; returns the new
+        ones, ``(b, seq_len, d)`` or ``(seq_len, d)``. A probabilistic network samples with
+        ``temperature`` scaling the standard deviation; otherwise the prediction is used as is."""
+        seq_len = _check.integer("seq_len", seq_len, minimum=1)
+        _float_tensor("start_tokens", start_tokens, (2, 3))
+        if not isinstance(temperature, (int, float)) or temperature < 0:
+            raise ValueError(f"temperature: expected a float >= 0, got {temperature!r}")
+        no_batch = start_tokens.dim() == 2
+        if no_batch:
+            start_tokens = start_tokens[None]
+        b, t, _ = start_tokens.shape
+        if t < 1:
+            raise ValueError(f"start_tokens: expected at least one vector, got shape {tuple(start_tokens.shape)}")
+
+        can_cache = bool(cache_kv) and bool(getattr(self.net, "can_cache_kv", False))
+        cache_outside = bool(getattr(self.net, "can_cache_kv_outside_max_seq_len", False))
+        max_seq_len = self.max_seq_len
+
+        was_training = self.net.training
+        self.net.eval()
+        try:
+            out, cache = start_tokens, None
+            for _ in range(seq_len):
+                x = out
+                if max_seq_len and out.shape[1] > max_seq_len:
+                    x = out[:, -max_seq_len:]
+                    if cache is not None:
+                        from .autoregressive import _trim_cache
+                        if not (cache_outside and _trim_cache(cache, max_seq_len - 1)):
+                            cache = None
+                net_out, new_cache = self.net(x, cache=cache, return_intermediates=True, **kwargs)
+                last = net_out[..., -1:, :]
+                if self.probabilistic:
+                    mean, var = last
+                    last = torch.normal(mean, var.clamp(min=1e-5).sqrt() * temperature)
+                out = torch.cat((out, last), dim=-2)
+                cache = new_cache if can_cache else None
+        finally:
+            self.net.train(was_training)
+
+        out = out[:, t:]
+        return out[0] if no_batch else out
+
+    def forward(self, x: torch.Tensor, rollout_steps: int = 1, **kwargs):
+        """Mean loss of predicting ``x[:, 1:]`` from ``x[:, :-1]``; ``mask``/``lens`` select the
+        positions that count (``mask`` may cover ``x`` or the input ``x[:, :-1]``)."""
+        if rollout_steps != 1:
+            raise ValueError(f"rollout_steps: xtk supports 1 (plain next-vector loss), got {rollout_steps!r}")
+        _float_tensor("x", x, 3)
+        if x.shape[1] < 2:
+            raise ValueError(f"x: expected at least 2 vectors per row (an input and a target), got shape {tuple(x.shape)}")
+        if "prepend_embeds" in kwargs:
+            raise ValueError("prepend_embeds: not supported by ContinuousAutoregressiveWrapper (as in x-transformers)")
+        inp, target = x[:, :-1], x[:, 1:]
+
+        lens = kwargs.pop("lens", None)
+        if lens is not None:
+            if "mask" in kwargs:
+                raise ValueError("mask, lens: expected at most one of them, got both")
+            kwargs["mask"] = _lens_to_mask(lens, inp.shape[1])
+        mask = kwargs.get("mask")
+        if mask is not None and mask.dim() == 2 and mask.shape[1] == x.shape[1]:
+            mask = mask[:, :-1]
+            kwargs["mask"] = mask
+
+        out = self.net(inp, **kwargs)
+        pred_shape = tuple(out[0].shape if self.probabilistic else out.shape)
+        if pred_shape != tuple(target.shape):
+            raise ValueError(f"net: expected predictions shaped like the targets {tuple(target.shape)} "
+                             f"(dim_out == dim_in), got {pred_shape}")
+        loss = self.loss_fn(out, target)
+
+        if mask is not None:
+            if loss.dim() < 2:
+                raise ValueError("loss_fn: expected an unreduced (per element) loss when a mask is given, got a scalar")
+            if self.equal_loss_weight_batch:
+                per = loss.masked_fill(~mask[..., None], 0.).sum(dim=(1, 2))
+                loss = per / mask.sum(dim=-1).clamp(min=1.)
+            else:
+                loss = loss[mask]
+        return loss.mean()
