@@ -29,7 +29,7 @@ zeroed after; their gradient is zero). Dropout is not supported: auto falls back
 """
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from typing import Optional
 
 import torch
@@ -214,12 +214,12 @@ def _chunk_mask(plan: _Plan, ts, rvec, i0: int, i1: int, nkc: int, scores=None, 
             m = piece if m is None else m + piece
     is_view = m is not None and plan.toeplitz and plan.k_prefix == 0 and am is None and plan.bias_kind != "dense"
     if plan.topk is not None and plan.topk < nkc:
-        s = scores()
+        s = scores()  # in the forward's work dtype even when m is rebuilt in float64 for a gradient
         if m is not None:
-            s = s + m
+            s = s + m.to(s.dtype)
         if kth is None:
             kth = s.topk(plan.topk, dim=-1).values[..., -1:]
-        base = torch.zeros_like(s) if m is None else m
+        base = torch.zeros_like(s, dtype=plan.work) if m is None else m
         m = base.masked_fill(s < kth, float("-inf"))
         is_view = False
     if is_view and plan.causal and plan.q_offset + i0 < 0:
@@ -273,20 +273,16 @@ def _math_bwd(plan: _Plan, go, qc, kc, vc, oc, lc, m):
     """-> dq (b, h, c, d), dk (b, hk, nkc, d), dv, dS (b, h, c, nkc): all in the work dtype."""
     b, h, c, d = qc.shape
     hk, w = kc.shape[1], plan.work
-    p = torch.exp(_math_logits(plan, qc, kc, m) - lse_col(lc))
+    p = torch.softmax(_math_logits(plan, qc, kc, m), -1)  # not exp(s - lse): the fused kernel's lse is a few ulps off
     gow = go.to(w)
     pg = _grouped(p, hk)
     dv = pg.transpose(-1, -2) @ _grouped(gow, hk)
     dp = (_grouped(gow, hk) @ vc.to(w).transpose(-1, -2)).reshape(p.shape)
-    ds = p * (dp - (gow * oc.to(w)).sum(-1, keepdim=True))
+    ds = p * (dp - (p * dp).sum(-1, keepdim=True))  # D = rowsum(P dP) = dO . O, without O's rounding
     dsg = _grouped(ds, hk)
     dq = (dsg @ kc.to(w)).reshape(b, h, c, d) * plan.scale
     dk = dsg.transpose(-1, -2) @ _grouped(qc.to(w), hk) * plan.scale
     return dq, dk, dv, ds
-
-
-def lse_col(lse):
-    return lse[..., None].to(torch.promote_types(lse.dtype, torch.float32))
 
 
 def _core_bwd(plan: _Plan, go, qc, kc, vc, oc, lc, m):
@@ -349,22 +345,27 @@ def _backward(plan: _Plan, go, q, k, v, out, lse, kth_all, ts, need):
     dq = torch.empty(q.shape, dtype=w, device=q.device)
     dk = torch.zeros(k.shape, dtype=w, device=k.device)
     dv = torch.zeros(v.shape, dtype=w, device=v.device)
-    tsg = [None if t is None else t.detach().requires_grad_(n) for t, n in zip(ts, need)]
-    dts = [None if t is None else torch.zeros_like(t, dtype=torch.promote_types(t.dtype, torch.float32)) for t in tsg]
+    # a learned bias input's gradient is a sum over every logit: its chunk masks are rebuilt, and
+    # dS reduced into it, in float64 (fp32 sums of ~n^2 terms lose more than the 2x rule allows)
+    gplan = replace(plan, work=torch.float64) if any(need) else plan
+    tsg = [None if t is None else (t.detach().to(torch.float64).requires_grad_() if n else t.detach())
+           for t, n in zip(ts, need)]
+    dts = [None if t is None else torch.zeros_like(t) for t in tsg]
     with torch.enable_grad():
-        rvec = _rvec(plan, tsg)
+        rvec = _rvec(gplan, tsg)
     for i0, i1, nkc in _chunks(plan):
         qc, kc, vc = _rows(q, i0, i1, rev), k[:, :, :nkc], v[:, :, :nkc]
         oc, lc, gc = _rows(out, i0, i1, rev), _rows(lse[..., None], i0, i1, rev)[..., 0], _rows(go, i0, i1, rev)
         kth = None if kth_all is None else _rows(kth_all, i0, i1, rev)
         with torch.set_grad_enabled(any(need)):
-            m, empty, _ = _chunk_mask(plan, tsg, rvec, i0, i1, nkc, scores=lambda: _scores(plan, qc, kc), kth=kth)
+            m, empty, _ = _chunk_mask(gplan, tsg, rvec, i0, i1, nkc, scores=lambda: _scores(plan, qc, kc), kth=kth)
         if empty is not None:
             gc = gc.masked_fill(empty[..., None], 0.0)
         if m is not None and m.requires_grad:
-            dqc, dkc, dvc, ds = _math_bwd(plan, gc, qc, kc, vc, oc, lc, m.detach())
+            dqc, dkc, dvc, ds = _math_bwd(plan, gc, qc, kc, vc, oc, lc, m.detach().to(plan.work))
             wanted = [t for t in tsg if t is not None and t.requires_grad]
-            grads = torch.autograd.grad(m, wanted, ds.sum_to_size(m.shape), retain_graph=True, allow_unused=True)
+            grads = torch.autograd.grad(m, wanted, ds.to(m.dtype).sum_to_size(m.shape), retain_graph=True,
+                                        allow_unused=True)
             it = iter(grads)
             for idx, t in enumerate(tsg):
                 if t is not None and t.requires_grad:
