@@ -7,6 +7,7 @@ are dropped (CPU CI). Each test runs the example's own statements and checks wha
 promise (output shapes, a loss that backpropagates), plus a forward pass where the example only
 builds the model.
 """
+import pytest
 import torch
 
 from xtk import (TransformerWrapper, Encoder, Decoder, CrossAttender, XTransformer, ViTransformerWrapper,
@@ -17,6 +18,15 @@ MAX_SEQ_LEN = 16    # seeds: 1024
 SEQ = 12            # seeds: 1024 (not a power of two on purpose)
 DIM = 16            # seeds: 512
 IMAGE, PATCH = 16, 4  # seeds: 256, 32
+
+
+@pytest.fixture(autouse=True, scope="module")
+def _one_thread():
+    """Tiny models: one intra-op thread is several times faster on the shared 2-core CI machine."""
+    n = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(n)
 
 
 def _tokens(n=SEQ, num_tokens=NUM_TOKENS, batch=1):
@@ -700,3 +710,177 @@ def test_s004_01_xtransformer_oldest_signature():
     assert out.shape == (1, SEQ, NUM_TOKENS)
     out.mean().backward()
     assert model.encoder.token_emb.emb.weight.grad is not None
+
+
+# ====================================================================== the seed wrappers vs x-transformers 2.31.10
+# Same kwargs, the x-transformers weights loaded with xtk.load_x_transformers_weights, eval mode:
+# outputs and input gradients must match (fp32).
+
+import pytest  # noqa: E402
+import x_transformers as xt  # noqa: E402
+
+import xtk  # noqa: E402
+
+
+def _load(ours, ref):
+    xtk.load_x_transformers_weights(ours, ref.state_dict())
+    return ours.eval(), ref.eval()
+
+
+@pytest.mark.parametrize("kw", [
+    dict(num_classes=10),
+    dict(),                                                      # pooled embedding, no head
+    dict(num_classes=4, channels=2, num_register_tokens=2, post_emb_norm=True),
+])
+def test_parity_vit(kw):
+    torch.manual_seed(0)
+    layers = dict(dim=DIM, depth=2, heads=2, rotary_pos_emb=False)
+    ref = xt.ViTransformerWrapper(image_size=IMAGE, patch_size=PATCH, attn_layers=xt.Encoder(**layers), **kw)
+    ours = ViTransformerWrapper(image_size=IMAGE, patch_size=PATCH, attn_layers=Encoder(**layers), **kw)
+    ours, ref = _load(ours, ref)
+    img = torch.randn(2, kw.get("channels", 3), IMAGE, IMAGE, requires_grad=True)
+    a, b = ours(img), ref(img)
+    torch.testing.assert_close(a, b, rtol=1e-4, atol=1e-4)
+    ga, = torch.autograd.grad(a.square().sum(), img)
+    gb, = torch.autograd.grad(b.square().sum(), img)
+    torch.testing.assert_close(ga, gb, rtol=1e-4, atol=1e-4)
+    torch.testing.assert_close(ours(img, return_embeddings=True), ref(img, return_embeddings=True), rtol=1e-4, atol=1e-4)
+
+
+@pytest.mark.parametrize("kw", [
+    dict(dim_in=5, dim_out=7),
+    dict(dim_in=5, dim_out=3, num_memory_tokens=2, post_emb_norm=True),
+    dict(dim_in=5, dim_out=3, probabilistic=True, scaled_sinu_pos_emb=True),
+    dict(dim_in=5, dim_out=4, average_pool_embed=True, use_abs_pos_emb=False),
+])
+def test_parity_continuous(kw):
+    torch.manual_seed(0)
+    layers = dict(dim=DIM, depth=2, heads=2)
+    ref = xt.ContinuousTransformerWrapper(max_seq_len=MAX_SEQ_LEN, attn_layers=xt.Decoder(**layers), **kw)
+    ours = ContinuousTransformerWrapper(max_seq_len=MAX_SEQ_LEN, attn_layers=Decoder(**layers), **kw)
+    ours, ref = _load(ours, ref)
+    x = torch.randn(2, SEQ, 5, requires_grad=True)
+    mask = torch.ones(2, SEQ, dtype=torch.bool)
+    mask[1, 9:] = False
+    a, b = ours(x, mask=mask), ref(x, mask=mask)
+    torch.testing.assert_close(a, b, rtol=1e-4, atol=1e-4)
+    ga, = torch.autograd.grad(a.square().sum(), x)
+    gb, = torch.autograd.grad(b.square().sum(), x)
+    torch.testing.assert_close(ga, gb, rtol=1e-4, atol=1e-4)
+    if not kw.get("average_pool_embed"):
+        torch.testing.assert_close(ours(x, return_embeddings=True), ref(x, return_embeddings=True), rtol=1e-4, atol=1e-4)
+
+
+def test_parity_continuous_autoregressive_loss():
+    torch.manual_seed(0)
+    layers = dict(dim=DIM, depth=2, heads=2, rotary_pos_emb=True)
+    for kw, wkw in [(dict(), dict()), (dict(), dict(use_l1_loss=True, equal_loss_weight_batch=True)),
+                    (dict(probabilistic=True), dict())]:
+        ref = xt.ContinuousTransformerWrapper(dim_in=6, dim_out=6, max_seq_len=MAX_SEQ_LEN,
+                                              attn_layers=xt.Decoder(**layers), **kw)
+        ours = ContinuousTransformerWrapper(dim_in=6, dim_out=6, max_seq_len=MAX_SEQ_LEN,
+                                            attn_layers=Decoder(**layers), **kw)
+        ours, ref = _load(ours, ref)
+        x = torch.randn(2, SEQ, 6)
+        mask = torch.ones(2, SEQ, dtype=torch.bool)
+        mask[0, 7:] = False
+        a = ContinuousAutoregressiveWrapper(ours, **wkw)(x, mask=mask)
+        b = xt.ContinuousAutoregressiveWrapper(ref, **wkw)(x, mask=mask)
+        torch.testing.assert_close(a, b, rtol=1e-4, atol=1e-5)
+
+
+@pytest.mark.parametrize("kw", [
+    dict(tie_token_emb=True),
+    dict(enc_num_memory_tokens=3, dec_rotary_pos_emb=True, enc_attn_kv_heads=1, enc_heads=4),
+    dict(dec_cross_residual_attn=True, enc_use_abs_pos_emb=False, enc_rel_pos_bias=True),
+])
+def test_parity_xtransformer(kw):
+    torch.manual_seed(0)
+    base = dict(dim=DIM, enc_num_tokens=NUM_TOKENS, enc_depth=2, enc_heads=2, enc_max_seq_len=MAX_SEQ_LEN,
+                dec_num_tokens=NUM_TOKENS, dec_depth=2, dec_heads=2, dec_max_seq_len=MAX_SEQ_LEN)
+    base.update(kw)
+    ref = xt.XTransformer(**base)
+    ours = XTransformer(**base)
+    ours, ref = _load(ours, ref)
+    src, tgt = _tokens(batch=2), _tokens(batch=2)
+    mask = torch.ones_like(src).bool()
+    mask[1, 8:] = False
+    prepend = torch.randn(2, 3, DIM)
+    torch.testing.assert_close(ours(src, tgt, mask=mask), ref(src, tgt, mask=mask), rtol=1e-4, atol=1e-5)
+    torch.testing.assert_close(ours(src, tgt, mask=mask, src_prepend_embeds=prepend),
+                               ref(src, tgt, mask=mask, src_prepend_embeds=prepend), rtol=1e-4, atol=1e-5)
+
+
+def test_xtransformer_oldest_signature_shares_kwargs_and_prefixed_override():
+    model = XTransformer(num_tokens=NUM_TOKENS, dim=DIM, depth=1, heads=2, max_seq_len=MAX_SEQ_LEN, dec_depth=2)
+    assert len(model.encoder.attn_layers.layers) != len(model.decoder.net.attn_layers.layers)
+    assert model.encoder.num_tokens == model.decoder.net.num_tokens == NUM_TOKENS
+    src, tgt = _tokens(), _tokens()
+    assert model(src, tgt).shape == (1, SEQ, NUM_TOKENS)              # oldest: logits
+    loss = XTransformer(num_tokens=NUM_TOKENS, dim=DIM, depth=1, heads=2, max_seq_len=MAX_SEQ_LEN,
+                        return_tgt_loss=True)(src, tgt)
+    assert loss.dim() == 0
+
+
+def test_xtransformer_cross_attn_tokens_dropout_trains():
+    model = XTransformer(dim=DIM, enc_num_tokens=NUM_TOKENS, enc_depth=1, enc_max_seq_len=MAX_SEQ_LEN,
+                         dec_num_tokens=NUM_TOKENS, dec_depth=1, dec_max_seq_len=MAX_SEQ_LEN,
+                         cross_attn_tokens_dropout=0.5)
+    src, tgt = _tokens(batch=2), _tokens(batch=2)
+    mask = torch.ones_like(src).bool()
+    mask[0, 4:] = False
+    _check_loss(model(src, tgt, mask=mask))
+
+
+# ====================================================================== bad input to the seed wrappers
+
+def test_vit_errors():
+    enc = Encoder(dim=DIM, depth=1, heads=2)
+    with pytest.raises(ValueError, match="patch_size.*divisor of image_size 16.*got 5"):
+        ViTransformerWrapper(image_size=16, patch_size=5, attn_layers=enc)
+    with pytest.raises(ValueError, match="attn_layers.*causal"):
+        ViTransformerWrapper(image_size=16, patch_size=4, attn_layers=Decoder(dim=DIM, depth=1))
+    vit = ViTransformerWrapper(image_size=16, patch_size=4, attn_layers=enc, num_classes=3)
+    with pytest.raises(ValueError, match=r"img: expected shape \(batch, 3, 16, 16\).*\(1, 3, 32, 32\)"):
+        vit(torch.randn(1, 3, 32, 32))
+    with pytest.raises(ValueError, match="img.*4-D"):
+        vit(torch.randn(3, 16, 16))
+    with pytest.raises(TypeError, match="img.*floating"):
+        vit(torch.zeros(1, 3, 16, 16, dtype=torch.long))
+
+
+def test_continuous_errors():
+    net = ContinuousTransformerWrapper(dim_in=5, dim_out=5, max_seq_len=8, attn_layers=Decoder(dim=DIM, depth=1))
+    with pytest.raises(ValueError, match="x: expected last dimension 5"):
+        net(torch.randn(1, 4, 6))
+    with pytest.raises(ValueError, match="x: sequence length 9 exceeds max_seq_len 8"):
+        net(torch.randn(1, 9, 5))
+    with pytest.raises(ValueError, match=r"mask: expected shape \(1, 4\)"):
+        net(torch.randn(1, 4, 5), mask=torch.ones(1, 5, dtype=torch.bool))
+    with pytest.raises(TypeError, match="mask.*bool"):
+        net(torch.randn(1, 4, 5), mask=torch.ones(1, 4))
+    with pytest.raises(ValueError, match="dim_in, project_in"):
+        ContinuousTransformerWrapper(dim_in=5, project_in=torch.nn.Identity(), attn_layers=Decoder(dim=DIM, depth=1))
+    wrapper = ContinuousAutoregressiveWrapper(
+        ContinuousTransformerWrapper(dim_in=5, dim_out=3, max_seq_len=8, attn_layers=Decoder(dim=DIM, depth=1)))
+    with pytest.raises(ValueError, match="dim_out == dim_in"):
+        wrapper(torch.randn(1, 6, 5))
+    with pytest.raises(ValueError, match="seq_len"):
+        wrapper.generate(torch.randn(1, 2, 5), 0)
+
+
+def test_xtransformer_errors():
+    base = dict(dim=DIM, enc_num_tokens=NUM_TOKENS, enc_depth=1, enc_max_seq_len=MAX_SEQ_LEN,
+                dec_num_tokens=NUM_TOKENS, dec_depth=1, dec_max_seq_len=MAX_SEQ_LEN)
+    with pytest.raises(TypeError, match="enc_.*foo"):
+        XTransformer(**base, enc_foo=1)
+    with pytest.raises(TypeError, match="dec_max_seq_len"):
+        XTransformer(**{k: v for k, v in base.items() if k != "dec_max_seq_len"})
+    with pytest.raises(TypeError, match="enc_dim"):
+        XTransformer(**base, enc_dim=32)
+    with pytest.raises(ValueError, match="tie_token_emb.*64 and 65"):
+        XTransformer(**{**base, "dec_num_tokens": 65}, tie_token_emb=True)
+    model = XTransformer(**base)
+    src = _tokens()
+    with pytest.raises(ValueError, match="mask, src_mask"):
+        model(src, src, mask=src > -1, src_mask=src > -1)

@@ -101,9 +101,16 @@ class XTransformer(nn.Module):
         self.cross_attn_tokens_dropout = cross_attn_tokens_dropout
         self.return_tgt_loss = (not oldest_signature) if return_tgt_loss is None else bool(return_tgt_loss)
 
-        self.encoder = TransformerWrapper(**enc_wrapper, return_only_embed=True,
-                                          attn_layers=Encoder(dim=dim, **enc_layers))
-        decoder = TransformerWrapper(**dec_wrapper, attn_layers=Decoder(dim=dim, cross_attend=True, **dec_layers))
+        try:
+            enc_attn = Encoder(dim=dim, **enc_layers)
+        except TypeError as e:  # name the prefixed kwargs the user wrote
+            raise TypeError(f"enc_* kwargs (the encoder's Encoder): {e}") from e
+        try:
+            dec_attn = Decoder(dim=dim, cross_attend=True, **dec_layers)
+        except TypeError as e:
+            raise TypeError(f"dec_* kwargs (the decoder's Decoder): {e}") from e
+        self.encoder = TransformerWrapper(**enc_wrapper, return_only_embed=True, attn_layers=enc_attn)
+        decoder = TransformerWrapper(**dec_wrapper, attn_layers=dec_attn)
         if tie_token_emb:
             if enc_wrapper["num_tokens"] != dec_wrapper["num_tokens"]:
                 raise ValueError(f"tie_token_emb: expected enc_num_tokens == dec_num_tokens to share one embedding, "
