@@ -13,7 +13,7 @@ from x_transformers.autoregressive_wrapper import top_k as xt_top_k, top_p as xt
 
 from xtk.models.autoregressive import AutoregressiveWrapper, top_k, top_p
 import xtk
-from xtk import TransformerWrapper, Decoder
+from xtk import TransformerWrapper, Decoder, XTransformer, ContinuousTransformerWrapper, ContinuousAutoregressiveWrapper
 
 
 def copy_weights(net, ref):
@@ -318,3 +318,97 @@ def test_errors_name_the_argument():
         w(torch.randint(0, V, (2, 1)))
     with pytest.raises(TypeError, match="x: expected an integer"):
         w(torch.randn(2, 5))
+
+
+# ------------------------------------------------------------------ more cache variants
+
+def test_greedy_cached_with_transformer_xl_mems():
+    net = lm(max_seq_len=16, wrapper_kw=dict(max_mem_len=8), rel_pos_bias=True)
+    _, mems = net(torch.randint(0, V, (2, 8)), return_mems=True)
+    w = AutoregressiveWrapper(net)
+    prompts = torch.randint(0, V, (2, 4))
+    a = w.generate(prompts, 6, temperature=0., mems=mems, cache_kv=True)
+    b = w.generate(prompts, 6, temperature=0., mems=mems, cache_kv=False)
+    assert torch.equal(a, b)
+
+
+def test_sliding_window_cache_matches_x_transformers():
+    # rotary positions allow a cached window past max_seq_len: the cache is cut to max_seq_len - 1
+    # keys each step, exactly as x-transformers does it
+    kw = dict(dim=16, depth=2, heads=2, rotary_pos_emb=True)
+    net = lm(max_seq_len=10, **kw)
+    ref = xt.TransformerWrapper(num_tokens=V, max_seq_len=10, attn_layers=xt.Decoder(**kw)).eval()
+    copy_weights(net, ref)
+    prompts = torch.randint(0, V, (2, 4))
+    ours = AutoregressiveWrapper(net).generate(prompts, 14, temperature=0.)
+    theirs = xt.AutoregressiveWrapper(ref).generate(prompts, 14, temperature=0.)
+    assert torch.equal(ours, theirs)
+    # without the cache every step re-reads the last max_seq_len tokens, also as x-transformers does
+    ours = AutoregressiveWrapper(net).generate(prompts, 14, temperature=0., cache_kv=False)
+    theirs = xt.AutoregressiveWrapper(ref).generate(prompts, 14, temperature=0., cache_kv=False)
+    assert torch.equal(ours, theirs)
+
+
+def _xtransformer_pair(**kw):
+    base = dict(dim=16, enc_num_tokens=V, enc_depth=1, enc_heads=2, enc_max_seq_len=16,
+                dec_num_tokens=V, dec_depth=2, dec_heads=2, dec_max_seq_len=24)
+    base.update(kw)
+    torch.manual_seed(0)
+    ref = xt.XTransformer(**base).eval()
+    ours = XTransformer(**base).eval()
+    xtk.load_x_transformers_weights(ours, ref.state_dict())
+    return ours, ref
+
+
+def test_xtransformer_generate_cached_equals_uncached_and_x_transformers():
+    ours, ref = _xtransformer_pair(dec_rotary_pos_emb=True)
+    src = torch.randint(0, V, (2, 9))
+    mask = torch.ones_like(src).bool()
+    mask[1, 6:] = False
+    start = torch.randint(0, V, (2, 1))
+    counter = TokenCounter(ours.decoder.net)
+    a = ours.generate(src, start, 10, mask=mask, temperature=0.)
+    assert all(n == 1 for n in counter.calls[1:]), counter.calls
+    counter.remove()
+    b = ours.generate(src, start, 10, mask=mask, temperature=0., cache_kv=False)
+    c = ref.generate(src, start, 10, mask=mask, temperature=0.)
+    assert a.shape == (2, 10)
+    assert torch.equal(a, b) and torch.equal(a, c)
+
+
+def test_continuous_generate_cached_equals_uncached_and_x_transformers():
+    kw = dict(dim=16, depth=2, heads=2)
+    for rotary in (False, True):
+        torch.manual_seed(0)
+        ref = xt.ContinuousTransformerWrapper(dim_in=5, dim_out=5, max_seq_len=12,
+                                              attn_layers=xt.Decoder(rotary_pos_emb=rotary, **kw)).eval()
+        net = ContinuousTransformerWrapper(dim_in=5, dim_out=5, max_seq_len=12,
+                                           attn_layers=Decoder(rotary_pos_emb=rotary, **kw)).eval()
+        copy_weights(net, ref)
+        start = torch.randn(2, 3, 5)
+        w = ContinuousAutoregressiveWrapper(net)
+        counter = TokenCounter(net)
+        a = w.generate(start, 7)
+        assert counter.calls[0] == 3 and all(n == 1 for n in counter.calls[1:]), counter.calls
+        counter.remove()
+        b = w.generate(start, 7, cache_kv=False)
+        c = xt.ContinuousAutoregressiveWrapper(ref).generate(start, 7)
+        assert a.shape == (2, 7, 5)
+        torch.testing.assert_close(a, b, rtol=1e-4, atol=1e-5)
+        torch.testing.assert_close(a, c, rtol=1e-4, atol=1e-5)
+    assert w.generate(start[0], 2).shape == (2, 5)  # (n, d) start gives (seq_len, d)
+
+
+def test_continuous_probabilistic_generate_samples():
+    net = ContinuousTransformerWrapper(dim_in=4, dim_out=4, max_seq_len=12, probabilistic=True,
+                                       attn_layers=Decoder(dim=16, depth=1, heads=2)).eval()
+    w = ContinuousAutoregressiveWrapper(net)
+    start = torch.randn(1, 2, 4)
+    torch.manual_seed(0)
+    a = w.generate(start, 4)
+    torch.manual_seed(1)
+    b = w.generate(start, 4)
+    assert a.shape == (1, 4, 4) and not torch.equal(a, b)
+    # temperature 0: the mean, deterministic, cache or not
+    torch.testing.assert_close(w.generate(start, 4, temperature=0.), w.generate(start, 4, temperature=0., cache_kv=False),
+                               rtol=1e-4, atol=1e-5)

@@ -155,6 +155,22 @@ class ContinuousTransformerWrapper(nn.Module):
             _bool_mask("mask", mask, (b, n))
         orig_mask = mask
 
+        # with a KV cache only the vectors after the cached positions are embedded and computed
+        offset = 0
+        if cache is not None:
+            if not self.can_cache_kv:
+                raise ValueError("cache: this model cannot use a KV cache (memory tokens or its attn_layers)")
+            cached = getattr(cache, "cached_length", None)
+            cached = cache.cache_length if cached is None else cached
+            if not 0 <= cached < n:
+                raise ValueError(f"x: with a cache of {cached} positions expected more than {cached} vectors, got {n}")
+            offset = cached
+            x = x[:, offset:]
+            if sum_embeds is not None:
+                sum_embeds = sum_embeds[:, offset:]
+            prepend_embeds = None  # already in the cache
+            kwargs["input_not_include_cache"] = True
+
         x = self.project_in(x)
         if x.shape[-1] != self.dim:
             raise ValueError(f"x: expected vectors of the model width {self.dim} (or set dim_in), got shape "
@@ -162,7 +178,7 @@ class ContinuousTransformerWrapper(nn.Module):
         if self.pos_emb is not None:
             if pos is not None:
                 raise ValueError("pos: custom positions are not supported with the absolute positional embedding")
-            x = x + self.pos_emb(n, device=x.device, seq_start_pos=seq_start_pos).to(x.dtype)
+            x = x + self.pos_emb(x.shape[1], offset, device=x.device, seq_start_pos=seq_start_pos).to(x.dtype)
         if sum_embeds is not None:
             x = x + sum_embeds
         x = self.post_emb_norm(x)
