@@ -1,0 +1,128 @@
+// CPU GLU family and plain activations, forward and backward (recomputed from the input).
+// Elements are processed in fp32 chunks of kChunk; the math comes from xtk_math.h.
+#include <ATen/Parallel.h>
+
+#include <algorithm>
+#include <stdexcept>
+#include <type_traits>
+
+#include "cpu_common.h"
+#include "xtk_math.h"
+
+namespace xtk {
+namespace cpu {
+namespace {
+
+constexpr int64_t kChunk = 256;
+
+template <typename F>
+void dispatch_act(int act, F&& f) {
+  switch (act) {
+    case kGelu: f(std::integral_constant<int, kGelu>{}); return;
+    case kGeluTanh: f(std::integral_constant<int, kGeluTanh>{}); return;
+    case kSilu: f(std::integral_constant<int, kSilu>{}); return;
+    case kRelu: f(std::integral_constant<int, kRelu>{}); return;
+    case kReluSquared: f(std::integral_constant<int, kReluSquared>{}); return;
+  }
+  throw std::invalid_argument("xtk cpu: unknown activation code");
+}
+
+// Runs body(row, col0, n) over (rows, cols) in chunks of at most kChunk columns, in parallel.
+template <typename F>
+void for_chunks(int64_t rows, int64_t cols, F&& body) {
+  const int64_t per_row = (cols + kChunk - 1) / kChunk;
+  at::parallel_for(0, rows * per_row, std::max<int64_t>(1, 8192 / kChunk), [&](int64_t begin, int64_t end) {
+    for (int64_t i = begin; i < end; ++i) {
+      const int64_t r = i / per_row, c0 = (i % per_row) * kChunk;
+      body(r, c0, std::min(kChunk, cols - c0));
+    }
+  });
+}
+
+template <typename T, int ACT>
+void glu_fwd_impl(const T* x, T* y, int64_t rows, int64_t inner) {
+  for_chunks(rows, inner, [&](int64_t r, int64_t c0, int64_t n) {
+    float a[kChunk], gt[kChunk];
+    const T* xr = x + r * 2 * inner;
+    load_row(xr + c0, a, n);
+    load_row(xr + inner + c0, gt, n);
+    for (int64_t k = 0; k < n; ++k) a[k] = ::xtk::glu_fwd<ACT>(a[k], gt[k]);
+    store_row(a, y + r * inner + c0, n);
+  });
+}
+
+template <typename T, int ACT>
+void glu_bwd_impl(const T* dy, const T* x, T* dx, int64_t rows, int64_t inner) {
+  for_chunks(rows, inner, [&](int64_t r, int64_t c0, int64_t n) {
+    float a[kChunk], gt[kChunk], d[kChunk], da[kChunk], dg[kChunk];
+    const T* xr = x + r * 2 * inner;
+    load_row(xr + c0, a, n);
+    load_row(xr + inner + c0, gt, n);
+    load_row(dy + r * inner + c0, d, n);
+    for (int64_t k = 0; k < n; ++k) ::xtk::glu_bwd<ACT>(d[k], a[k], gt[k], &da[k], &dg[k]);
+    T* dxr = dx + r * 2 * inner;
+    store_row(da, dxr + c0, n);
+    store_row(dg, dxr + inner + c0, n);
+  });
+}
+
+template <typename T, int ACT>
+void act_fwd_impl(const T* x, T* y, int64_t n_all) {
+  for_chunks(1, n_all, [&](int64_t, int64_t c0, int64_t n) {
+    float v[kChunk];
+    load_row(x + c0, v, n);
+    for (int64_t k = 0; k < n; ++k) v[k] = ::xtk::act_fwd<ACT>(v[k]);
+    store_row(v, y + c0, n);
+  });
+}
+
+template <typename T, int ACT>
+void act_bwd_impl(const T* dy, const T* x, T* dx, int64_t n_all) {
+  for_chunks(1, n_all, [&](int64_t, int64_t c0, int64_t n) {
+    float v[kChunk], d[kChunk];
+    load_row(x + c0, v, n);
+    load_row(dy + c0, d, n);
+    for (int64_t k = 0; k < n; ++k) d[k] *= ::xtk::act_grad<ACT>(v[k]);
+    store_row(d, dx + c0, n);
+  });
+}
+
+}  // namespace
+
+void glu_fwd(DType dt, int act, const void* x, void* y, int64_t rows, int64_t inner) {
+  dispatch_dtype(dt, [&](auto tag) {
+    using T = decltype(tag);
+    dispatch_act(act, [&](auto a) {
+      glu_fwd_impl<T, decltype(a)::value>(static_cast<const T*>(x), static_cast<T*>(y), rows, inner);
+    });
+  });
+}
+
+void glu_bwd(DType dt, int act, const void* dy, const void* x, void* dx, int64_t rows, int64_t inner) {
+  dispatch_dtype(dt, [&](auto tag) {
+    using T = decltype(tag);
+    dispatch_act(act, [&](auto a) {
+      glu_bwd_impl<T, decltype(a)::value>(static_cast<const T*>(dy), static_cast<const T*>(x), static_cast<T*>(dx),
+                                          rows, inner);
+    });
+  });
+}
+
+void act_fwd(DType dt, int act, const void* x, void* y, int64_t n) {
+  dispatch_dtype(dt, [&](auto tag) {
+    using T = decltype(tag);
+    dispatch_act(act, [&](auto a) { act_fwd_impl<T, decltype(a)::value>(static_cast<const T*>(x), static_cast<T*>(y), n); });
+  });
+}
+
+void act_bwd(DType dt, int act, const void* dy, const void* x, void* dx, int64_t n) {
+  dispatch_dtype(dt, [&](auto tag) {
+    using T = decltype(tag);
+    dispatch_act(act, [&](auto a) {
+      act_bwd_impl<T, decltype(a)::value>(static_cast<const T*>(dy), static_cast<const T*>(x), static_cast<T*>(dx), n);
+    });
+  });
+}
+
+}  // namespace cpu
+}  // namespace xtk

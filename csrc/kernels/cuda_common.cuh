@@ -1,0 +1,92 @@
+// Device helpers of the CUDA kernels: element conversions, packed (vector) loads, dispatch.
+// CUDA headers only (no torch).
+#pragma once
+
+#include <cuda_bf16.h>
+#include <cuda_fp16.h>
+#include <cuda_runtime.h>
+
+#include <cstdint>
+
+#include "xtk_cuda.h"
+#include "xtk_math.h"
+
+namespace xtk {
+namespace cuda {
+
+__device__ __forceinline__ float to_f(float v) { return v; }
+__device__ __forceinline__ float to_f(__half v) { return __half2float(v); }
+__device__ __forceinline__ float to_f(__nv_bfloat16 v) { return __bfloat162float(v); }
+
+template <typename T>
+__device__ __forceinline__ T from_f(float v);
+template <>
+__device__ __forceinline__ float from_f<float>(float v) { return v; }
+template <>
+__device__ __forceinline__ __half from_f<__half>(float v) { return __float2half_rn(v); }
+template <>
+__device__ __forceinline__ __nv_bfloat16 from_f<__nv_bfloat16>(float v) { return __float2bfloat16_rn(v); }
+
+// N elements moved as one aligned access (16 bytes at most).
+template <typename T, int N>
+struct alignas(sizeof(T) * N) Pack {
+  T v[N];
+};
+
+template <typename T, int N>
+__device__ __forceinline__ void load_pack(const T* p, float (&out)[N]) {
+  Pack<T, N> pk = *reinterpret_cast<const Pack<T, N>*>(p);
+#pragma unroll
+  for (int i = 0; i < N; ++i) out[i] = to_f(pk.v[i]);
+}
+
+template <typename T, int N>
+__device__ __forceinline__ void store_pack(T* p, const float (&in)[N]) {
+  Pack<T, N> pk;
+#pragma unroll
+  for (int i = 0; i < N; ++i) pk.v[i] = from_f<T>(in[i]);
+  *reinterpret_cast<Pack<T, N>*>(p) = pk;
+}
+
+// Largest vector width (elements, a power of two, at most 16 bytes) that divides `len` and keeps
+// every pointer aligned; 1 (scalar) when none does.
+template <typename T>
+inline int pick_vec(int64_t len, const void* p0, const void* p1 = nullptr, const void* p2 = nullptr,
+                    const void* p3 = nullptr) {
+  for (int v = 16 / static_cast<int>(sizeof(T)); v > 1; v /= 2) {
+    const uintptr_t bytes = static_cast<uintptr_t>(v) * sizeof(T);
+    bool ok = len % v == 0;
+    for (const void* p : {p0, p1, p2, p3}) ok = ok && (reinterpret_cast<uintptr_t>(p) % bytes == 0);
+    if (ok) return v;
+  }
+  return 1;
+}
+
+// Calls f(T{}) with T the device element type of dt.
+template <typename F>
+inline cudaError_t dispatch_dtype(DType dt, F&& f) {
+  switch (dt) {
+    case kFloat32: return f(float{});
+    case kFloat16: return f(__half{});
+    case kBFloat16: return f(__nv_bfloat16{});
+  }
+  return cudaErrorInvalidValue;
+}
+
+// Calls f(std::integral_constant-like tag) for the vector width v (8, 4, 2 or 1).
+template <int V>
+struct VecTag {
+  static constexpr int value = V;
+};
+template <typename F>
+inline cudaError_t dispatch_vec(int v, F&& f) {
+  switch (v) {
+    case 8: return f(VecTag<8>{});
+    case 4: return f(VecTag<4>{});
+    case 2: return f(VecTag<2>{});
+    default: return f(VecTag<1>{});
+  }
+}
+
+}  // namespace cuda
+}  // namespace xtk
