@@ -412,3 +412,34 @@ def test_continuous_probabilistic_generate_samples():
     # temperature 0: the mean, deterministic, cache or not
     torch.testing.assert_close(w.generate(start, 4, temperature=0.), w.generate(start, 4, temperature=0., cache_kv=False),
                                rtol=1e-4, atol=1e-5)
+
+
+def test_loss_with_prepend_embeds_matches_x_transformers():
+    net = lm()
+    ref = xt.TransformerWrapper(num_tokens=V, max_seq_len=24, attn_layers=xt.Decoder(dim=16, depth=2, heads=2)).eval()
+    copy_weights(net, ref)
+    x = torch.randint(0, V, (2, 9))
+    prepend = torch.randn(2, 3, 16)
+    ours, (logits, inter) = AutoregressiveWrapper(net)(x, prepend_embeds=prepend, return_outputs=True)
+    theirs = xt.AutoregressiveWrapper(ref)(x, prepend_embeds=prepend)
+    torch.testing.assert_close(ours, theirs, rtol=1e-5, atol=1e-5)
+    assert logits.shape == (2, 8, V) and inter is not None
+
+
+def test_generate_with_memory_tokens_falls_back_to_full_recompute():
+    net = lm(wrapper_kw=dict(num_memory_tokens=2), rotary_pos_emb=True)
+    assert not net.can_cache_kv
+    w = AutoregressiveWrapper(net)
+    prompts = torch.randint(0, V, (2, 3))
+    counter = TokenCounter(net)
+    a = w.generate(prompts, 5, temperature=0.)  # cache_kv=True is ignored: the model cannot cache
+    assert counter.calls == [5, 6, 7, 8, 9]     # 2 memory tokens + the sequence so far
+    counter.remove()
+    assert torch.equal(a, w.generate(prompts, 5, temperature=0., cache_kv=False))
+
+
+def test_generate_return_intermediates_gives_cache():
+    w = AutoregressiveWrapper(lm(rotary_pos_emb=True))
+    out, cache = w.generate(torch.randint(0, V, (1, 4)), 3, temperature=0., return_intermediates=True)
+    assert out.shape == (1, 3)
+    assert cache.cached_length == 6  # the prompt and the first two new tokens went through the layers
