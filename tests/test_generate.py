@@ -443,3 +443,54 @@ def test_generate_return_intermediates_gives_cache():
     out, cache = w.generate(torch.randint(0, V, (1, 4)), 3, temperature=0., return_intermediates=True)
     assert out.shape == (1, 3)
     assert cache.cached_length == 6  # the prompt and the first two new tokens went through the layers
+
+
+# ------------------------------------------------------------------ beam search
+
+@pytest.mark.parametrize("layer_kw", [dict(rotary_pos_emb=True), dict()])
+def test_beam_search_matches_x_transformers(layer_kw):
+    kw = dict(dim=16, depth=2, heads=2, **layer_kw)
+    net = lm(**kw)
+    ref = xt.TransformerWrapper(num_tokens=V, max_seq_len=24, attn_layers=xt.Decoder(**kw)).eval()
+    copy_weights(net, ref)
+    prompts = torch.randint(0, V, (3, 4))
+    w, rw = AutoregressiveWrapper(net), xt.AutoregressiveWrapper(ref)
+    best = w.beam_search(prompts, 6, beams=3)
+    assert torch.equal(best, rw.beam_search(prompts, 6, beams=3))
+    assert torch.equal(best, w.beam_search(prompts, 6, beams=3, cache_kv=False))
+    out, scores = w.beam_search(prompts, 6, beams=3, return_beams_and_scores=True)
+    ref_out, ref_scores = rw.beam_search(prompts, 6, beams=3, return_beams_and_scores=True)
+    assert out.shape == (3, 3, 6) and scores.shape == (3, 3)
+    assert torch.equal(out, ref_out)
+    torch.testing.assert_close(scores, ref_scores, rtol=1e-5, atol=1e-5)
+    assert (scores[:-1] >= scores[1:]).all()  # best first
+    # one beam is greedy decoding
+    assert torch.equal(w.beam_search(prompts, 6, beams=1), w.generate(prompts, 6, temperature=0.))
+    assert w.beam_search(prompts[0], 3).shape == (3,)
+
+
+def test_beam_search_with_encoder_context_follows_beams():
+    ours, _ = _xtransformer_pair(dec_rotary_pos_emb=True)
+    src = torch.randint(0, V, (2, 9))
+    mask = torch.ones_like(src).bool()
+    mask[1, 5:] = False
+    enc = ours.encoder(src, mask=mask, return_embeddings=True)
+    start = torch.randint(0, V, (2, 1))
+    w = ours.decoder
+    a = w.beam_search(start, 5, beams=3, context=enc, context_mask=mask)
+    b = w.beam_search(start, 5, beams=3, context=enc, context_mask=mask, cache_kv=False)
+    assert torch.equal(a, b)
+    # each row decodes as it would alone
+    alone = w.beam_search(start[1:], 5, beams=3, context=enc[1:], context_mask=mask[1:])
+    assert torch.equal(a[1], alone[0])
+
+
+def test_beam_search_errors():
+    w = AutoregressiveWrapper(lm())
+    p = torch.randint(0, V, (1, 3))
+    with pytest.raises(ValueError, match="eos_token"):
+        w.beam_search(p, 3, eos_token=1)
+    with pytest.raises(ValueError, match="beams"):
+        w.beam_search(p, 3, beams=0)
+    with pytest.raises(TypeError, match="prompts"):
+        w.beam_search(p.float(), 3)

@@ -98,6 +98,14 @@ def _trim_cache(cache, keep: int) -> bool:
     return True
 
 
+def _index_cache(cache, index: torch.Tensor) -> None:
+    """Select/reorder the batch rows of every cached key/value (self and cross attention)."""
+    for inter in getattr(cache, "attn_intermediates", None) or []:
+        kv = getattr(inter, "cached_kv", None)
+        if kv is not None:
+            inter.cached_kv = type(kv)(t[index] for t in kv)
+
+
 def _check_tokens(name: str, x, ndim):
     _check.tensor(name, x, ndim=ndim)
     if x.is_floating_point() or x.is_complex() or x.dtype == torch.bool:
@@ -285,6 +293,121 @@ class AutoregressiveWrapper(nn.Module):
         if return_intermediates:
             return out, cache
         return out
+
+    @torch.no_grad()
+    def beam_search(
+        self,
+        prompts: torch.Tensor,
+        seq_len: int,
+        beams: int = 4,
+        return_beams_and_scores: bool = False,
+        eos_token: Optional[int] = None,
+        temperature: float = 1.,
+        stochastic: bool = False,
+        prompt_lens: Optional[torch.Tensor] = None,
+        filter_logits_fn: str | Callable = _identity,
+        restrict_to_max_seq_len: bool = True,
+        filter_kwargs: Optional[dict] = None,
+        cache_kv: bool = True,
+        **kwargs,
+    ):
+        """Beam search as x-transformers: keep the ``beams`` continuations with the highest summed
+        log-probability. Returns the best beam ``(b, seq_len)`` (``(seq_len,)`` for a 1-D prompt),
+        or with ``return_beams_and_scores`` all beams ``(beams, b, seq_len)`` and their scores
+        ``(beams, b)``, best first. ``stochastic=True`` picks the candidates with Gumbel noise on
+        the filtered logits (``temperature > 0``). ``context``/``context_mask`` kwargs (an
+        encoder's output) follow their beams. ``eos_token`` is not supported (as in x-transformers)."""
+        if eos_token is not None:
+            raise ValueError("eos_token: not supported by beam_search (as in x-transformers); expected None")
+        seq_len = _check.integer("seq_len", seq_len, minimum=1)
+        beams = _check.integer("beams", beams, minimum=1)
+        if not isinstance(temperature, (int, float)) or temperature < 0:
+            raise ValueError(f"temperature: expected a float >= 0, got {temperature!r}")
+        _check_tokens("prompts", prompts, (1, 2))
+        no_batch = prompts.dim() == 1
+        if no_batch:
+            prompts = prompts[None]
+        batch, t = prompts.shape
+        if t < 1:
+            raise ValueError(f"prompts: expected at least one token per row, got shape {tuple(prompts.shape)}")
+        if isinstance(filter_logits_fn, str):
+            if filter_logits_fn not in FILTER_LOGITS_FN:
+                raise ValueError(f"filter_logits_fn: expected one of {', '.join(FILTER_LOGITS_FN)} or a callable, "
+                                 f"got {filter_logits_fn!r}")
+            filter_logits_fn = FILTER_LOGITS_FN[filter_logits_fn]
+        filter_kwargs = dict(filter_kwargs or {})
+        device = prompts.device
+        greedy = temperature == 0.
+
+        if prompt_lens is not None:
+            _check_tokens("prompt_lens", prompt_lens, 1)
+            prompts = align_right(prompts, prompt_lens.to(device), pad_id=self.pad_value)
+            kwargs["seq_start_pos"] = t - prompt_lens.to(device)
+
+        max_seq_len = self.max_seq_len
+        can_cache = bool(cache_kv) and bool(getattr(self.net, "can_cache_kv", False))
+        cache_outside = bool(getattr(self.net, "can_cache_kv_outside_max_seq_len", False))
+        # kwargs that carry one row per batch element and must follow the beams
+        per_row = [k for k in ("context", "context_mask", "seq_start_pos", "mems") if kwargs.get(k) is not None]
+
+        was_training = self.training
+        self.eval()
+        try:
+            out, cache = prompts, None
+            scores = torch.zeros(batch, device=device)
+            rows = torch.arange(batch, device=device)
+            for i in range(seq_len):
+                x = out
+                if restrict_to_max_seq_len and max_seq_len and out.shape[-1] > max_seq_len:
+                    x = out[:, -max_seq_len:]
+                    if cache is not None and not (cache_outside and _trim_cache(cache, max_seq_len - 1)):
+                        cache = None
+                logits, new_cache = self.net(x, return_intermediates=True, cache=cache, **kwargs)
+                cache = new_cache if can_cache else None
+                logits = logits[:, -1]
+                log_probs = logits.log_softmax(dim=-1)
+                if stochastic and not greedy:
+                    logits = filter_logits_fn(logits, **filter_kwargs)
+                    u = torch.rand_like(logits).clamp(min=1e-20)
+                    logits = logits / temperature - (-u.log()).clamp(min=1e-20).log()
+                k = min(beams, logits.shape[-1])
+                samples = logits.topk(k, dim=-1).indices                       # (B, k)
+                cand_scores = scores[:, None] + log_probs.gather(-1, samples)  # (B, k)
+
+                out = out.repeat_interleave(k, dim=0)
+                out = torch.cat((out, samples.reshape(-1, 1)), dim=-1)        # (B*k, n+1)
+                if i == 0:
+                    # every prompt row becomes k beams: widen the cache and the per-row kwargs
+                    widen = torch.arange(batch, device=device).repeat_interleave(k)
+                    if cache is not None:
+                        _index_cache(cache, widen)
+                    for key in per_row:
+                        val = kwargs[key]
+                        kwargs[key] = [m[widen] for m in val] if isinstance(val, (list, tuple)) else val[widen]
+
+                cand_scores = cand_scores.reshape(batch, -1)                   # (b, prev_beams * k)
+                per_row_cands = cand_scores.shape[-1]
+                if per_row_cands > beams:
+                    cand_scores, order = cand_scores.sort(dim=-1, descending=True)
+                    cand_scores, order = cand_scores[:, :beams], order[:, :beams]
+                    flat = (order + rows[:, None] * per_row_cands).reshape(-1)
+                    out = out[flat]
+                    if cache is not None:
+                        _index_cache(cache, flat // k)
+                scores = cand_scores.reshape(-1)
+        finally:
+            self.train(was_training)
+
+        n_beams = out.shape[0] // batch
+        out = out[:, t:].reshape(batch, n_beams, -1)
+        scores = scores.reshape(batch, n_beams)
+        if not return_beams_and_scores:
+            best = out[:, 0]
+            return best[0] if no_batch else best
+        out, scores = out.transpose(0, 1), scores.transpose(0, 1)
+        if no_batch:
+            out, scores = out[:, 0], scores[:, 0]
+        return out, scores
 
     # ------------------------------------------------------------ training
 
