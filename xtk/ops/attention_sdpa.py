@@ -308,9 +308,14 @@ def _chunks(plan: _Plan):
         yield i0, i1, _keys_for(plan, i1)
 
 
-def _rows(x, i0, i1, rev):
-    x = x[:, :, i0:i1]
+def _flip(x, rev):
+    """Whole tensors go to the loop's row order once (reversed when the mask is a Toeplitz view)."""
     return x.flip(2) if rev else x
+
+
+def _rows(plan: _Plan, x, i0, i1, rev):
+    """Query rows i0:i1 of a tensor already in the loop's row order (a view, no copy)."""
+    return x[:, :, plan.nq - i1: plan.nq - i0] if rev else x[:, :, i0:i1]
 
 
 def _rvec(plan: _Plan, ts):
@@ -318,31 +323,34 @@ def _rvec(plan: _Plan, ts):
 
 
 def _forward(plan: _Plan, q, k, v, ts):
+    """-> out, and in the loop's row order: log-sum-exp (b, h, nq), top-k thresholds (b, h, nq, 1)."""
     b, h, nq = plan.b, plan.h, plan.nq
     rev = plan.toeplitz
-    out = q.new_empty(b, h, nq, plan.dv)
-    lse = None
-    kth_all = torch.full((b, h, nq, 1), float("-inf"), dtype=plan.work, device=q.device) if plan.topk else None
+    qL = _flip(q, rev)
+    outL = q.new_empty(b, h, nq, plan.dv)
+    lseL = None
+    kthL = torch.full((b, h, nq, 1), float("-inf"), dtype=plan.work, device=q.device) if plan.topk else None
     rvec = _rvec(plan, ts)
     for i0, i1, nkc in _chunks(plan):
-        qc, kc, vc = _rows(q, i0, i1, rev), k[:, :, :nkc], v[:, :, :nkc]
+        qc, kc, vc = _rows(plan, qL, i0, i1, rev), k[:, :, :nkc], v[:, :, :nkc]
         m, empty, kth = _chunk_mask(plan, ts, rvec, i0, i1, nkc, scores=lambda: _scores(plan, qc, kc))
         oc, lc = _core_fwd(plan, qc, kc, vc, m)
         if empty is not None:
             oc = oc.masked_fill(empty[..., None], 0.0)
-        if lse is None:
-            lse = torch.empty(b, h, nq, dtype=lc.dtype, device=q.device)
-        out[:, :, i0:i1] = oc.flip(2) if rev else oc
-        lse[:, :, i0:i1] = lc.flip(2) if rev else lc
+        if lseL is None:
+            lseL = torch.empty(b, h, nq, dtype=lc.dtype, device=q.device)
+        _rows(plan, outL, i0, i1, rev).copy_(oc)
+        _rows(plan, lseL[..., None], i0, i1, rev).copy_(lc[..., None])
         if kth is not None:
-            kth_all[:, :, i0:i1] = kth.flip(2) if rev else kth
-    return out, lse, kth_all
+            _rows(plan, kthL, i0, i1, rev).copy_(kth)
+    return _flip(outL, rev), lseL, kthL
 
 
-def _backward(plan: _Plan, go, q, k, v, out, lse, kth_all, ts, need):
+def _backward(plan: _Plan, go, q, k, v, out, lseL, kthL, ts, need):
     rev = plan.toeplitz
     w = plan.work
-    dq = torch.empty(q.shape, dtype=w, device=q.device)
+    qL, outL, goL = _flip(q, rev), _flip(out, rev), _flip(go, rev)
+    dqL = torch.empty(q.shape, dtype=w, device=q.device)
     dk = torch.zeros(k.shape, dtype=w, device=k.device)
     dv = torch.zeros(v.shape, dtype=w, device=v.device)
     # a learned bias input's gradient is a sum over every logit: its chunk masks are rebuilt, and
@@ -354,9 +362,10 @@ def _backward(plan: _Plan, go, q, k, v, out, lse, kth_all, ts, need):
     with torch.enable_grad():
         rvec = _rvec(gplan, tsg)
     for i0, i1, nkc in _chunks(plan):
-        qc, kc, vc = _rows(q, i0, i1, rev), k[:, :, :nkc], v[:, :, :nkc]
-        oc, lc, gc = _rows(out, i0, i1, rev), _rows(lse[..., None], i0, i1, rev)[..., 0], _rows(go, i0, i1, rev)
-        kth = None if kth_all is None else _rows(kth_all, i0, i1, rev)
+        qc, kc, vc = _rows(plan, qL, i0, i1, rev), k[:, :, :nkc], v[:, :, :nkc]
+        oc, gc = _rows(plan, outL, i0, i1, rev), _rows(plan, goL, i0, i1, rev)
+        lc = _rows(plan, lseL[..., None], i0, i1, rev)[..., 0]
+        kth = None if kthL is None else _rows(plan, kthL, i0, i1, rev)
         with torch.set_grad_enabled(any(need)):
             m, empty, _ = _chunk_mask(gplan, tsg, rvec, i0, i1, nkc, scores=lambda: _scores(plan, qc, kc), kth=kth)
         if empty is not None:
@@ -374,11 +383,11 @@ def _backward(plan: _Plan, go, q, k, v, out, lse, kth_all, ts, need):
                         dts[idx] += g
         else:
             dqc, dkc, dvc = _core_bwd(plan, gc, qc, kc, vc, oc, lc, m)
-        dq[:, :, i0:i1] = dqc.flip(2) if rev else dqc
+        _rows(plan, dqL, i0, i1, rev).copy_(dqc)
         dk[:, :, :nkc] += dkc
         dv[:, :, :nkc] += dvc
     dts = [None if (t is None or not n) else g.to(t.dtype) for t, n, g in zip(ts, need, dts)]
-    return dq.to(q.dtype), dk.to(k.dtype), dv.to(v.dtype), dts
+    return _flip(dqL, rev).to(q.dtype), dk.to(k.dtype), dv.to(v.dtype), dts
 
 
 class _Attention(torch.autograd.Function):
