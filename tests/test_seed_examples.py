@@ -884,3 +884,27 @@ def test_xtransformer_errors():
     src = _tokens()
     with pytest.raises(ValueError, match="mask, src_mask"):
         model(src, src, mask=src > -1, src_mask=src > -1)
+
+
+def test_parity_continuous_xl_memories():
+    torch.manual_seed(0)
+    kw = dict(dim_in=4, dim_out=4, max_seq_len=0)
+    layers = dict(dim=DIM, depth=2, heads=2, rel_pos_bias=True)
+    for max_mem_len in (6, 16):
+        ref = xt.ContinuousTransformerWrapper(max_mem_len=max_mem_len, attn_layers=xt.Decoder(**layers), **kw)
+        ours = ContinuousTransformerWrapper(max_mem_len=max_mem_len, attn_layers=Decoder(**layers), **kw)
+        ours, ref = _load(ours, ref)
+        s1, s2, s3 = torch.randn(3, 2, 6, 4)
+        o1, m1 = ours(s1, return_mems=True)
+        o2, m2 = ours(s2, mems=m1, return_mems=True)
+        o3, m3 = ours(s3, mems=m2, return_mems=True)
+        r1, q1 = ref(s1, return_mems=True)
+        r2, q2 = ref(s2, mems=list(q1), return_mems=True)
+        torch.testing.assert_close(o1, r1, rtol=1e-4, atol=1e-5)
+        torch.testing.assert_close(o2, r2, rtol=1e-4, atol=1e-5)
+        assert len(m3) == 2 and m3[0].shape == (2, min(max_mem_len, 18), DIM)
+        if max_mem_len == 6:  # memories no longer than a segment: the same as x-transformers
+            _, q3 = ref(s3, mems=list(q2), return_mems=True)
+            torch.testing.assert_close(m3[0], q3[0], rtol=1e-4, atol=1e-5)
+        else:  # longer: xtk keeps the older memories (x-transformers' continuous wrapper drops them)
+            torch.testing.assert_close(m3[0][:, :10], m2[0][:, 2:])  # m2 holds 12 positions, m3 keeps 16

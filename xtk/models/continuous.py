@@ -230,9 +230,14 @@ class ContinuousTransformerWrapper(nn.Module):
         if return_intermediates:
             return out, intermediates
         if return_mems:
+            # as TransformerWrapper: the previous memories followed by this segment's layer inputs, the
+            # last max_mem_len kept (x-transformers' continuous wrapper drops the previous memories,
+            # which only differs when max_mem_len exceeds the segment length)
             hiddens = intermediates.hiddens
-            new_mems = tuple(t[..., -self.max_mem_len:, :].detach() if self.max_mem_len > 0 else t[..., :0, :].detach()
-                             for t in hiddens)
+            if mems is not None:
+                hiddens = [torch.cat(pair, dim=-2) for pair in zip(mems, hiddens)]
+            keep = self.max_mem_len
+            new_mems = tuple((t[..., -keep:, :] if keep > 0 else t[..., :0, :]).detach() for t in hiddens)
             return out, new_mems
         if return_attn:
             return out, tuple(t.post_softmax_attn for t in intermediates.attn_intermediates)
