@@ -494,3 +494,24 @@ def test_beam_search_errors():
         w.beam_search(p, 3, beams=0)
     with pytest.raises(TypeError, match="prompts"):
         w.beam_search(p.float(), 3)
+
+
+def test_contrastive_decoding_matches_x_transformers():
+    kw = dict(dim=16, depth=2, heads=2, rotary_pos_emb=True)
+    expert, amateur = lm(seed=0, **kw), lm(seed=1, depth=1, dim=16, heads=2, rotary_pos_emb=True)
+    torch.manual_seed(0)
+    ref_expert = xt.TransformerWrapper(num_tokens=V, max_seq_len=24, attn_layers=xt.Decoder(**kw)).eval()
+    ref_amateur = xt.TransformerWrapper(num_tokens=V, max_seq_len=24,
+                                        attn_layers=xt.Decoder(dim=16, depth=1, heads=2, rotary_pos_emb=True)).eval()
+    copy_weights(expert, ref_expert)
+    copy_weights(amateur, ref_amateur)
+    prompts = torch.randint(0, V, (2, 4))
+    ours = AutoregressiveWrapper(expert).generate(prompts, 8, temperature=0., amateur_model=amateur)
+    theirs = xt.AutoregressiveWrapper(ref_expert).generate(prompts, 8, temperature=0., amateur_model=ref_amateur)
+    assert torch.equal(ours, theirs)
+    plain = AutoregressiveWrapper(expert).generate(prompts, 8, temperature=0., amateur_model=amateur, cache_kv=False)
+    assert torch.equal(ours, plain)
+    wrapped = AutoregressiveWrapper(expert).generate(prompts, 8, temperature=0.,
+                                                     amateur_model=(AutoregressiveWrapper(amateur),),
+                                                     contrastive_decode_kwargs=(dict(alpha=0.1, beta=0.5),))
+    assert torch.equal(ours, wrapped)

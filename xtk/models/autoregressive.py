@@ -21,7 +21,8 @@ from torch import nn
 
 from ..ops import _check
 
-__all__ = ["AutoregressiveWrapper", "top_k", "top_p", "top_a", "min_p", "FILTER_LOGITS_FN", "align_right"]
+__all__ = ["AutoregressiveWrapper", "top_k", "top_p", "top_a", "min_p", "FILTER_LOGITS_FN", "align_right",
+           "contrastive_decode_fn"]
 
 
 # ---------------------------------------------------------------- logit filters (x-transformers names)
@@ -66,6 +67,15 @@ FILTER_LOGITS_FN = dict(top_k=top_k, top_p=top_p, top_a=top_a, min_p=min_p)
 
 def _identity(t, **kwargs):
     return t
+
+
+def contrastive_decode_fn(expert_logits, amateur_logits, alpha: float = 0.1, beta: float = 0.5):
+    """Contrastive decoding (Li et al. 2210.15097; O'Brien & Lewis 2309.09117, Algorithm 2): keep the
+    tokens whose expert logit is within ``log(alpha)`` of the best one, scored
+    ``(1 + beta) * expert - beta * amateur``."""
+    cutoff = torch.log(torch.tensor(alpha, dtype=expert_logits.dtype)) + expert_logits.amax(dim=-1, keepdim=True)
+    diffs = (1 + beta) * expert_logits - beta * amateur_logits
+    return diffs.masked_fill(expert_logits < cutoff, -torch.finfo(expert_logits.dtype).max)
 
 
 # ---------------------------------------------------------------- helpers
@@ -153,6 +163,8 @@ class AutoregressiveWrapper(nn.Module):
         restrict_to_max_seq_len: bool = True,
         filter_kwargs: Optional[dict] = None,
         filter_thres: Optional[float] = None,
+        amateur_model=None,
+        contrastive_decode_kwargs=dict(beta=0.5, alpha=0.1),
         cache_kv: bool = True,
         return_intermediates: bool = False,
         **kwargs,
@@ -167,6 +179,8 @@ class AutoregressiveWrapper(nn.Module):
         vocabulary, for ``top_p`` it is the nucleus threshold. ``eos_token``: stop once every row
         has produced it; everything after a row's first eos becomes ``pad_value``.
         ``mask`` (in kwargs): a ``(b, n)`` prompt key mask, extended with True for new tokens.
+        ``amateur_model`` (a network or wrapper, or a tuple of them, with ``contrastive_decode_kwargs``
+        one dict per amateur): contrastive decoding, which replaces the filter.
         Other kwargs go to the network on every step (e.g. ``context``, ``context_mask``).
         Returns ``(b, seq_len')`` (or ``(seq_len',)`` for a 1-D prompt); with
         ``return_intermediates=True`` also the last cache.
@@ -236,6 +250,24 @@ class AutoregressiveWrapper(nn.Module):
                 raise ValueError(f"mask: expected a bool tensor of shape {(b, t)} (the prompts'), "
                                  f"got {mask.dtype} {tuple(mask.shape)}")
 
+        amateurs, cd_kwargs, amateur_caches, amateur_training = (), (), [], []
+        if amateur_model is not None:
+            amateurs = amateur_model if isinstance(amateur_model, (tuple, list)) else (amateur_model,)
+            cd_kwargs = contrastive_decode_kwargs
+            cd_kwargs = tuple(cd_kwargs) if isinstance(cd_kwargs, (tuple, list)) else (cd_kwargs,) * len(amateurs)
+            if len(cd_kwargs) != len(amateurs):
+                raise ValueError(f"contrastive_decode_kwargs: expected one dict per amateur model ({len(amateurs)}), "
+                                 f"got {len(cd_kwargs)}")
+            amateurs = tuple(a.net if isinstance(a, AutoregressiveWrapper) else a for a in amateurs)
+            for a in amateurs:
+                if not isinstance(a, nn.Module):
+                    raise TypeError(f"amateur_model: expected a network (nn.Module), got {type(a).__name__}")
+            amateur_training = [a.training for a in amateurs]
+            for a in amateurs:
+                a.eval()
+            filter_logits_fn, filter_kwargs = _identity, {}
+            amateur_caches = [None] * len(amateurs)
+
         max_seq_len = self.max_seq_len
         can_cache = bool(cache_kv) and bool(getattr(self.net, "can_cache_kv", False))
         cache_outside = bool(getattr(self.net, "can_cache_kv_outside_max_seq_len", False))
@@ -257,12 +289,25 @@ class AutoregressiveWrapper(nn.Module):
                         # network's positions allow it, else recompute the window without cache
                         if not (cache_outside and _trim_cache(cache, max_seq_len - 1)):
                             cache = None
+                    for i, (a, a_cache) in enumerate(zip(amateurs, amateur_caches)):
+                        if a_cache is not None and not (getattr(a, "can_cache_kv_outside_max_seq_len", False)
+                                                        and _trim_cache(a_cache, max_seq_len - 1)):
+                            amateur_caches[i] = None
                 if step_mask is not None:
                     kwargs["mask"] = step_mask
 
                 logits, new_cache = self.net(x, return_intermediates=True, cache=cache, **kwargs)
                 cache = new_cache if can_cache else None
                 logits = logits[:, -1]
+
+                for i, (a, a_kwargs) in enumerate(zip(amateurs, cd_kwargs)):
+                    a_logits, a_cache = a(x, return_intermediates=True, cache=amateur_caches[i], **kwargs)
+                    a_logits = a_logits[:, -1]
+                    if a_logits.shape != logits.shape:
+                        raise ValueError(f"amateur_model: expected logits shaped like the model's {tuple(logits.shape)}, "
+                                         f"got {tuple(a_logits.shape)}")
+                    logits = contrastive_decode_fn(logits, a_logits, **a_kwargs)
+                    amateur_caches[i] = a_cache if cache_kv and getattr(a, "can_cache_kv", False) else None
 
                 if greedy:
                     sample = logits.argmax(dim=-1, keepdim=True)
@@ -281,6 +326,8 @@ class AutoregressiveWrapper(nn.Module):
                         break
         finally:
             self.train(was_training)
+            for a, mode in zip(amateurs, amateur_training):
+                a.train(mode)
 
         out = out[:, t:]
         if eos_token is not None:
