@@ -247,3 +247,22 @@ def test_loader_undoes_unit_offset():
     mine = xtk.load_x_transformers_weights(xtk.TransformerWrapper(num_tokens=20, max_seq_len=8, attn_layers=xtk.Decoder(dim=16, depth=1, heads=2, attn_dim_head=8, use_rmsnorm=True)), ref.state_dict())
     assert torch.equal(ref.state_dict()["attn_layers.final_norm.g"], torch.zeros(16))  # x-transformers stores g - 1
     assert torch.equal(mine.attn_layers.final_norm.g.detach(), torch.ones(16))
+
+
+@pytest.mark.parametrize("case", [dict(), dict(alibi_pos_bias=True, attn_kv_heads=2), dict(rotary_pos_emb=True, attn_num_mem_kv=2)])
+def test_seq_start_pos_attn_mask_return_attn_parity(case):
+    ref, mine = _pair("Decoder", dict(num_tokens=23, max_seq_len=16), {**BASE, **case})
+    x = torch.randint(0, 23, (2, 10))
+    ssp = torch.tensor([0, 3])
+    a, b = ref(x, seq_start_pos=ssp), mine(x, seq_start_pos=ssp)
+    # left-padded positions (no key at all) are zeros in xtk, an average in x-transformers (SPEC §2.8)
+    assert (a[0] - b[0]).abs().max() < TOL and (a[1, 3:] - b[1, 3:]).abs().max() < TOL
+    g = torch.Generator().manual_seed(0)
+    for am in ((torch.rand(10, 10, generator=g) > 0.3) | torch.eye(10, dtype=torch.bool),
+               (torch.rand(2, 4, 10, 10, generator=g) > 0.3) | torch.eye(10, dtype=torch.bool)):
+        if case.get("attn_num_mem_kv"):
+            continue  # x-transformers cannot combine attn_mask with memory key/values
+        assert (ref(x, attn_mask=am) - mine(x, attn_mask=am)).abs().max() < TOL
+    (la, aa), (lb, ab) = ref(x, return_attn=True), mine(x, return_attn=True)
+    assert (la - lb).abs().max() < TOL
+    assert len(aa) == len(ab) and all(p.shape == q.shape and (p - q).abs().max() < TOL for p, q in zip(aa, ab))
