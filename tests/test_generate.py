@@ -515,3 +515,25 @@ def test_contrastive_decoding_matches_x_transformers():
                                                      amateur_model=(AutoregressiveWrapper(amateur),),
                                                      contrastive_decode_kwargs=(dict(alpha=0.1, beta=0.5),))
     assert torch.equal(ours, wrapped)
+
+
+# every seed attention-layer feature keeps cached greedy decoding identical to a full re-run
+@pytest.mark.parametrize("layer_kw", [
+    dict(attn_num_mem_kv=2), dict(dynamic_pos_bias=True), dict(rotary_xpos=True), dict(attn_qk_norm=True),
+    dict(attn_qk_norm=True, attn_qk_norm_dim_scale=True), dict(attn_qk_norm=True, attn_qk_norm_groups=2),
+    dict(ff_glu=True, use_rmsnorm=True), dict(ff_swish=True, ff_glu=True, ff_no_bias=True), dict(ff_relu_squared=True),
+    dict(sandwich_norm=True), dict(attn_sparse_topk=3), dict(macaron=True), dict(residual_attn=True),
+    dict(attn_talking_heads=True), dict(attn_on_attn=True), dict(attn_gate_values=True), dict(gate_values=True),
+    dict(attn_head_scale=True), dict(ff_post_act_ln=True), dict(scale_residual=True), dict(gate_residual=True),
+    dict(use_scalenorm=True), dict(deepnorm=True), dict(pre_norm=False), dict(shift_tokens=1),
+    dict(attn_use_entmax15=True), dict(attn_collab_heads=True, attn_collab_compression=.5),
+    dict(position_infused_attn=True), dict(use_rezero=True), dict(sandwich_coef=2), dict(alibi_pos_emb=True, heads=4,
+    alibi_num_heads=2), dict(rel_pos_bias=True, attn_kv_heads=1, heads=4), dict(attn_one_kv_head=True, heads=4),
+], ids=lambda kw: "-".join(kw))
+def test_greedy_cache_feature_sweep(layer_kw):
+    net = lm(**layer_kw)
+    w = AutoregressiveWrapper(net)
+    prompts = torch.randint(0, V, (2, 5))
+    a = w.generate(prompts, 6, temperature=0., cache_kv=True)
+    b = w.generate(prompts, 6, temperature=0., cache_kv=False)
+    assert torch.equal(a, b)
