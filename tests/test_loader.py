@@ -11,6 +11,15 @@ X = pytest.importorskip("x_transformers")
 TOL = 1e-4
 
 
+@pytest.fixture(autouse=True, scope="module")
+def _one_thread():
+    """Tiny models: one intra-op thread is faster on the shared 2-core CI machine."""
+    n = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(n)
+
+
 def _perturb(model, seed=0):
     # move every parameter off its init (zero-init gates, unit-offset norms, dirac talking heads ...)
     g = torch.Generator().manual_seed(seed)

@@ -14,6 +14,15 @@ from xtk.modules.positional import FixedSinusoidalEmbedding
 BASE = dict(dim=16, depth=2, heads=4, attn_dim_head=8)
 
 
+@pytest.fixture(autouse=True, scope="module")
+def _one_thread():
+    """Tiny models: one intra-op thread is faster on the shared 2-core CI machine."""
+    n = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(n)
+
+
 def _perturb(model, seed=0):
     g = torch.Generator().manual_seed(seed)
     with torch.no_grad():
