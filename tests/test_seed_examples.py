@@ -769,6 +769,9 @@ def test_parity_continuous(kw):
     torch.testing.assert_close(ga, gb, rtol=1e-4, atol=1e-4)
     if not kw.get("average_pool_embed"):
         torch.testing.assert_close(ours(x, return_embeddings=True), ref(x, return_embeddings=True), rtol=1e-4, atol=1e-4)
+        (_, attn), (_, ref_attn) = ours(x, mask=mask, return_attn=True), ref(x, mask=mask, return_attn=True)
+        assert len(attn) == len(ref_attn) == 2
+        torch.testing.assert_close(attn[1], ref_attn[1], rtol=1e-4, atol=1e-5)
 
 
 def test_parity_continuous_autoregressive_loss():

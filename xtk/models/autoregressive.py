@@ -12,6 +12,7 @@ expose ``max_seq_len`` and ``can_cache_kv`` (xtk's ``TransformerWrapper`` does).
 """
 from __future__ import annotations
 
+import math
 from math import ceil
 from typing import Callable, Optional
 
@@ -73,7 +74,7 @@ def contrastive_decode_fn(expert_logits, amateur_logits, alpha: float = 0.1, bet
     """Contrastive decoding (Li et al. 2210.15097; O'Brien & Lewis 2309.09117, Algorithm 2): keep the
     tokens whose expert logit is within ``log(alpha)`` of the best one, scored
     ``(1 + beta) * expert - beta * amateur``."""
-    cutoff = torch.log(torch.tensor(alpha, dtype=expert_logits.dtype)) + expert_logits.amax(dim=-1, keepdim=True)
+    cutoff = math.log(alpha) + expert_logits.amax(dim=-1, keepdim=True)
     diffs = (1 + beta) * expert_logits - beta * amateur_logits
     return diffs.masked_fill(expert_logits < cutoff, -torch.finfo(expert_logits.dtype).max)
 

@@ -208,6 +208,8 @@ class ContinuousTransformerWrapper(nn.Module):
             layer_kwargs["seq_start_pos"] = seq_start_pos
         if pos is not None:
             layer_kwargs["pos"] = pos
+        if return_attn:
+            layer_kwargs["return_attn"] = True
         x, intermediates = self.attn_layers(x, mask=mask, mems=mems, mem_masks=mem_masks, cache=cache,
                                             return_hiddens=True, **layer_kwargs)
 
