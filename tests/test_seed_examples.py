@@ -911,3 +911,25 @@ def test_parity_continuous_xl_memories():
             torch.testing.assert_close(m3[0], q3[0], rtol=1e-4, atol=1e-5)
         else:  # longer: xtk keeps the older memories (x-transformers' continuous wrapper drops them)
             torch.testing.assert_close(m3[0][:, :10], m2[0][:, 2:])  # m2 holds 12 positions, m3 keeps 16
+
+
+def test_parity_xtransformer_older_signatures():
+    # the oldest signature builds the same modules as the enc_/dec_ form: x-transformers 2.31 weights
+    # load, and its logits are the 2.31 decoder's logits; the 000 README's tgt_mask is the decoder mask
+    torch.manual_seed(0)
+    ref = xt.XTransformer(dim=DIM, enc_num_tokens=NUM_TOKENS, enc_depth=2, enc_heads=2, enc_max_seq_len=MAX_SEQ_LEN,
+                          dec_num_tokens=NUM_TOKENS, dec_depth=2, dec_heads=2, dec_max_seq_len=MAX_SEQ_LEN)
+    oldest = XTransformer(num_tokens=NUM_TOKENS, dim=DIM, depth=2, heads=2, max_seq_len=MAX_SEQ_LEN)
+    oldest, ref = _load(oldest, ref)
+    src, tgt = _tokens(batch=2), _tokens(batch=2)
+    src_mask = torch.ones_like(src).bool()
+    src_mask[0, 7:] = False
+    tgt_mask = torch.ones_like(tgt).bool()
+    tgt_mask[1, 9:] = False
+    enc = ref.encoder(src, mask=src_mask, return_embeddings=True)
+    expected = ref.decoder.net(tgt, context=enc, context_mask=src_mask)
+    torch.testing.assert_close(oldest(src, tgt, src_mask=src_mask), expected, rtol=1e-4, atol=1e-5)
+    oldest.return_tgt_loss = True
+    expected_loss = ref.decoder(tgt, context=enc, context_mask=src_mask, mask=tgt_mask)
+    torch.testing.assert_close(oldest(src, tgt, src_mask=src_mask, tgt_mask=tgt_mask), expected_loss,
+                               rtol=1e-4, atol=1e-5)
