@@ -191,9 +191,11 @@ def test_encoder_context_decoder_parity():
     assert (a - b).abs().max() < TOL
 
 
-@pytest.mark.parametrize("shift_mem_down", [0, 1])
-def test_transformer_xl_mems_parity(shift_mem_down):
-    kw = dict(dim=16, depth=2, heads=4, attn_dim_head=8, rel_pos_bias=True)
+@pytest.mark.parametrize("shift_mem_down,pos_kw", [(0, dict(rel_pos_bias=True)), (1, dict(rel_pos_bias=True)),
+                                                    (0, dict(rotary_xpos=True)), (0, dict(alibi_pos_bias=True, attn_kv_heads=2)),
+                                                    (1, dict(dynamic_pos_bias=True, attn_num_mem_kv=2))])
+def test_transformer_xl_mems_parity(shift_mem_down, pos_kw):
+    kw = dict(dim=16, depth=2, heads=4, attn_dim_head=8, **pos_kw)
     wkw = dict(num_tokens=20, max_seq_len=8, max_mem_len=6, shift_mem_down=shift_mem_down)
     torch.manual_seed(1)
     ref = X.TransformerWrapper(attn_layers=X.Decoder(**kw), **wkw).eval()

@@ -387,3 +387,18 @@ def test_rows_fully_masked_give_zeros_not_nan():
     mask[0] = True
     out = m(x, mask=mask)
     assert torch.isfinite(out).all()
+
+
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
+def test_low_precision_forward_backward_cache(dtype):
+    for kw in (dict(alibi_pos_bias=True, attn_kv_heads=2), dict(rel_pos_bias=True), dict(dynamic_pos_bias=True),
+               dict(rotary_xpos=True, attn_qk_norm=True, attn_qk_norm_dim_scale=True, attn_num_mem_kv=2),
+               dict(position_infused_attn=True, use_rmsnorm=True), dict(attn_talking_heads=True, residual_attn=True)):
+        m = _lm(**kw).to(dtype)
+        x = torch.randint(0, 20, (2, 7))
+        out = m(x)
+        assert out.dtype == dtype and torch.isfinite(out).all()
+        out.float().square().mean().backward()
+        _, cache = m(x[:, :5], return_intermediates=True)
+        step, _ = m(x[:, :6], return_intermediates=True, cache=cache)
+        assert (step[:, -1].float() - out[:, 5].float()).abs().max() < 0.1

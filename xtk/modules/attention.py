@@ -345,12 +345,13 @@ class Attention(nn.Module):
                          rotary=rotary if not has_context else None, q_offset=(nk - k_prefix) - n, k_prefix=k_prefix,
                          hooks=hooks)
         inv = None
-        if perm is not None:
+        out = out.transpose(1, 2)   # (b, n, h, dv)
+        if perm is not None:        # back to x-transformers' head order, folded into the heads merge copy
             inv = torch.argsort(perm).to(out.device)
-            out = out[:, inv]
+            out = out[:, :, inv]
         if self.head_scale:
-            out = out * self.head_scale_params
-        out = out.transpose(1, 2).reshape(b, n, h * self.value_dim_head)
+            out = out * self.head_scale_params.transpose(1, 2)
+        out = out.reshape(b, n, h * self.value_dim_head)
         if self.to_v_gate is not None:
             out = out * torch.sigmoid(self.to_v_gate(x))
         out = self.to_out(out)

@@ -150,8 +150,8 @@ class DynamicPositionBias(nn.Module):
 
     def descriptor(self, L: int) -> xbias.DistanceTable:
         L = max(int(L), 1)
-        dev = self.mlp[-1].weight.device
-        pos = torch.arange(-L + 1, L, device=dev).float()[:, None]
+        w = self.mlp[-1].weight
+        pos = torch.arange(-L + 1, L, device=w.device).to(w.dtype)[:, None]
         if self.log_distance:
             pos = torch.sign(pos) * torch.log(pos.abs() + 1)
         for layer in self.mlp:
