@@ -537,3 +537,20 @@ def test_greedy_cache_feature_sweep(layer_kw):
     a = w.generate(prompts, 6, temperature=0., cache_kv=True)
     b = w.generate(prompts, 6, temperature=0., cache_kv=False)
     assert torch.equal(a, b)
+
+
+def test_continuous_generate_with_start_mask():
+    torch.manual_seed(0)
+    net = ContinuousTransformerWrapper(dim_in=5, dim_out=5, max_seq_len=12,
+                                       attn_layers=Decoder(dim=16, depth=2, heads=2, rotary_pos_emb=True)).eval()
+    w = ContinuousAutoregressiveWrapper(net)
+    start = torch.randn(2, 4, 5)
+    mask = torch.ones(2, 4, dtype=torch.bool)
+    mask[0, :2] = False
+    a = w.generate(start, 10, mask=mask)  # runs past max_seq_len: the window slides, the mask with it
+    b = w.generate(start, 10, mask=mask, cache_kv=False)
+    assert a.shape == (2, 10, 5)
+    torch.testing.assert_close(a[:, :8], b[:, :8], rtol=1e-4, atol=1e-5)  # within max_seq_len: identical
+    unmasked = w.generate(start, 3)
+    torch.testing.assert_close(a[1, :3], unmasked[1], rtol=1e-4, atol=1e-5)
+    assert not torch.allclose(a[0, :3], unmasked[0])

@@ -14,7 +14,7 @@ from torch import nn
 from ..modules.norms import LayerNorm
 from ..modules.positional import AbsolutePositionalEmbedding, ScaledSinusoidalEmbedding
 from ..ops import _check
-from .autoregressive import align_right
+from .autoregressive import _trim_cache
 
 __all__ = ["ContinuousTransformerWrapper", "ContinuousAutoregressiveWrapper", "GaussianNLL"]
 
@@ -281,7 +281,8 @@ class ContinuousAutoregressiveWrapper(nn.Module):
                  **kwargs):
         """Continue ``start_tokens`` (``(b, n, d)`` or ``(n, d)``) by ``seq_len`` vectors; returns the new
         ones, ``(b, seq_len, d)`` or ``(seq_len, d)``. A probabilistic network samples with
-        ``temperature`` scaling the standard deviation; otherwise the prediction is used as is."""
+        ``temperature`` scaling the standard deviation; otherwise the prediction is used as is.
+        ``mask`` (in kwargs): a ``(b, n)`` key mask of ``start_tokens``, extended with True for new vectors."""
         seq_len = _check.integer("seq_len", seq_len, minimum=1)
         _float_tensor("start_tokens", start_tokens, (2, 3))
         if not isinstance(temperature, (int, float)) or temperature < 0:
@@ -293,6 +294,10 @@ class ContinuousAutoregressiveWrapper(nn.Module):
         if t < 1:
             raise ValueError(f"start_tokens: expected at least one vector, got shape {tuple(start_tokens.shape)}")
 
+        mask = kwargs.pop("mask", None)
+        if mask is not None:
+            _bool_mask("mask", mask, (b, t))
+
         can_cache = bool(cache_kv) and bool(getattr(self.net, "can_cache_kv", False))
         cache_outside = bool(getattr(self.net, "can_cache_kv_outside_max_seq_len", False))
         max_seq_len = self.max_seq_len
@@ -302,19 +307,23 @@ class ContinuousAutoregressiveWrapper(nn.Module):
         try:
             out, cache = start_tokens, None
             for _ in range(seq_len):
-                x = out
+                x, step_mask = out, mask
                 if max_seq_len and out.shape[1] > max_seq_len:
                     x = out[:, -max_seq_len:]
-                    if cache is not None:
-                        from .autoregressive import _trim_cache
-                        if not (cache_outside and _trim_cache(cache, max_seq_len - 1)):
-                            cache = None
+                    if step_mask is not None:
+                        step_mask = step_mask[:, -max_seq_len:]
+                    if cache is not None and not (cache_outside and _trim_cache(cache, max_seq_len - 1)):
+                        cache = None
+                if step_mask is not None:
+                    kwargs["mask"] = step_mask
                 net_out, new_cache = self.net(x, cache=cache, return_intermediates=True, **kwargs)
                 last = net_out[..., -1:, :]
                 if self.probabilistic:
                     mean, var = last
                     last = torch.normal(mean, var.clamp(min=1e-5).sqrt() * temperature)
                 out = torch.cat((out, last), dim=-2)
+                if mask is not None:
+                    mask = F.pad(mask, (0, 1), value=True)
                 cache = new_cache if can_cache else None
         finally:
             self.net.train(was_training)
