@@ -554,3 +554,18 @@ def test_continuous_generate_with_start_mask():
     unmasked = w.generate(start, 3)
     torch.testing.assert_close(a[1, :3], unmasked[1], rtol=1e-4, atol=1e-5)
     assert not torch.allclose(a[0, :3], unmasked[0])
+
+
+def test_continuous_generate_with_prepend_embeds_cached_equals_uncached():
+    torch.manual_seed(0)
+    net = ContinuousTransformerWrapper(dim_in=5, dim_out=5, max_seq_len=12,
+                                       attn_layers=Decoder(dim=16, depth=2, heads=2, rotary_pos_emb=True)).eval()
+    w = ContinuousAutoregressiveWrapper(net)
+    start, prepend = torch.randn(2, 3, 5), torch.randn(2, 2, 16)
+    mask = torch.ones(2, 3, dtype=torch.bool)
+    mask[0, 0] = False
+    for kw in (dict(), dict(mask=mask)):
+        a = w.generate(start, 4, prepend_embeds=prepend, **kw)
+        b = w.generate(start, 4, prepend_embeds=prepend, cache_kv=False, **kw)
+        torch.testing.assert_close(a, b, rtol=1e-4, atol=1e-5)
+    assert not torch.allclose(a, w.generate(start, 4, mask=mask))

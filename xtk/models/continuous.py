@@ -162,12 +162,20 @@ class ContinuousTransformerWrapper(nn.Module):
                 raise ValueError("cache: this model cannot use a KV cache (memory tokens or its attn_layers)")
             cached = getattr(cache, "cached_length", None)
             cached = cache.cache_length if cached is None else cached
-            if not 0 <= cached < n:
-                raise ValueError(f"x: with a cache of {cached} positions expected more than {cached} vectors, got {n}")
-            offset = cached
+            prepend_len = prepend_embeds.shape[1] if prepend_embeds is not None else 0
+            n_new = n + prepend_len - cached
+            if not 1 <= n_new <= n:
+                raise ValueError(f"x: with a cache of {cached} positions expected more than {cached - prepend_len} "
+                                 f"vectors, got {n}")
+            offset = n - n_new
             x = x[:, offset:]
             if sum_embeds is not None:
                 sum_embeds = sum_embeds[:, offset:]
+            if prepend_len and (mask is not None or prepend_mask is not None):  # the keys still start with them
+                mask = mask if mask is not None else torch.ones(b, n, dtype=torch.bool, device=x.device)
+                if prepend_mask is None:
+                    prepend_mask = torch.ones(b, prepend_len, dtype=torch.bool, device=x.device)
+                mask = torch.cat((prepend_mask, mask), dim=-1)
             prepend_embeds = None  # already in the cache
             kwargs["input_not_include_cache"] = True
 
