@@ -277,3 +277,12 @@ def test_seq_start_pos_attn_mask_return_attn_parity(case):
     (la, aa), (lb, ab) = ref(x, return_attn=True), mine(x, return_attn=True)
     assert (la - lb).abs().max() < TOL
     assert len(aa) == len(ab) and all(p.shape == q.shape and (p - q).abs().max() < TOL for p, q in zip(aa, ab))
+
+
+def test_residual_attention_intermediates_parity_gqa():
+    ref, mine = _pair("Decoder", dict(num_tokens=23, max_seq_len=16), {**BASE, "attn_kv_heads": 2, "residual_attn": True})
+    x = torch.randint(0, 23, (2, 10))
+    (la, ia), (lb, ib) = ref(x, return_intermediates=True), mine(x, return_intermediates=True)
+    assert (la - lb).abs().max() < TOL
+    for p, q in zip(ia.attn_intermediates, ib.attn_intermediates):   # x-transformers' head order
+        assert (p.pre_softmax_attn - q.pre_softmax_attn).abs().max() < TOL

@@ -14,6 +14,23 @@ from .intermediates import LayerIntermediates
 from .layers import AttentionLayers
 
 
+def _check_token_ids(x, num_tokens):
+    """Token ids in [0, num_tokens). On CPU the error names the values found; on accelerators the
+    check is an async device assert, so a decoding loop does not pay a host sync per step."""
+    if not x.numel():
+        return
+    if x.device.type == "cpu":
+        lo, hi = int(x.min()), int(x.max())
+        if lo < 0 or hi >= num_tokens:
+            raise ValueError(f"x: token ids must be in [0, {num_tokens}) (num_tokens), got values in [{lo}, {hi}]")
+        return
+    ok = ((x >= 0) & (x < num_tokens)).all()
+    try:
+        torch._assert_async(ok, f"x: token ids must be in [0, {num_tokens}) (num_tokens)")
+    except TypeError:
+        torch._assert_async(ok)
+
+
 class TokenEmbedding(nn.Module):
     """``nn.Embedding`` (key ``emb.weight``), l2-normalized with ``l2norm_embed``."""
 
@@ -110,9 +127,7 @@ class TransformerWrapper(nn.Module):
                              f"{tuple(x.shape) if isinstance(x, torch.Tensor) else type(x).__name__}")
         if x.is_floating_point() or x.is_complex() or x.dtype == torch.bool:
             raise TypeError(f"x: expected integer token ids, got dtype {x.dtype}")
-        if x.numel() and (int(x.min()) < 0 or int(x.max()) >= self.num_tokens):
-            raise ValueError(f"x: token ids must be in [0, {self.num_tokens}) (num_tokens), got values in "
-                             f"[{int(x.min())}, {int(x.max())}]")
+        _check_token_ids(x, self.num_tokens)
         b, n = x.shape
         device = x.device
         return_hiddens = return_mems or return_attn or return_intermediates or return_embeddings_and_intermediates

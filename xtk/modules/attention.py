@@ -338,6 +338,8 @@ class Attention(nn.Module):
             scale = None
 
         record = self.record_pre_softmax
+        if prev_attn is not None and perm is not None:
+            prev_attn = prev_attn[:, perm.to(prev_attn.device)]   # x-transformers' head order -> xtk's
         hooks = self._hooks(prev_attn, record, return_attn)
         causal = self.causal and not has_context
         out = xattention(q, k, v, attn_mask=keep, dropout_p=self.dropout if self.training else 0.0, is_causal=causal,
@@ -362,8 +364,10 @@ class Attention(nn.Module):
             return out
         inter = Intermediates(cached_kv=cached_kv)
         if hooks is not None:
-            if hooks.record is not None:
-                inter.pre_softmax_attn = hooks.record.get("pre_softmax")   # xtk head order (for the next layer)
+            # attention maps in x-transformers' head order
+            s_pre = hooks.record.get("pre_softmax") if hooks.record is not None else None
+            if s_pre is not None:
+                inter.pre_softmax_attn = s_pre[:, inv] if inv is not None else s_pre
             p = hooks._post_store.get("p")
             if p is not None:
                 inter.post_softmax_attn = p[:, inv] if inv is not None else p
