@@ -1,11 +1,12 @@
-"""Attention backward: recompute P from the saved log-sum-exp, then dK/dV and dQ (flash-attention-2).
+"""Attention backward: recompute P from the saved row max and log-sum (see attention_fwd), then dK/dV and dQ (flash-attention-2).
 
 ``delta = rowsum(dO * O)`` is the preprocess (computed by the launcher, O(n)). With
 ``dS = P * (dP - delta)`` (the gradient of the biased logits):
 - ``_attn_bwd_dkdv``: one program per (key block, batch * kv head); it loops over the query
   heads of its GQA group and over the query blocks, so dK/dV are written once, no atomics.
 - ``_attn_bwd_dq``: one program per (query block, batch * head) over the key blocks; it also
-  produces the gradients of the learned bias inputs: ALiBi slope partials per program
+  produces the gradients of the learned bias inputs (with a first pass over the keys that
+  recomputes delta as sum_j P dP, consistent with its own P, so whole-row sums of dS cancel): ALiBi slope partials per program
   (summed by the launcher: deterministic), distance-table gradient by ``tl.atomic_add``
   (unordered: the launcher refuses it in deterministic mode), dense-bias gradient as the
   dS tile stored into a (b, h, nq, nk) buffer (only when a dense bias requires grad).
@@ -61,7 +62,8 @@ def _attn_bwd_dkdv(
                         mask=row_ok[:, None] & (offs_d[None, :] < D), other=0.0)
             do = tl.load(do_base + offs_m[:, None] * sdom + offs_dv[None, :] * sdod,
                          mask=row_ok[:, None] & (offs_dv[None, :] < DV), other=0.0)
-            lse = tl.load(LSE + off_bh.to(tl.int64) * NQ + offs_m, mask=row_ok, other=float("inf"))
+            m_row = tl.load(LSE + off_bh.to(tl.int64) * 2 * NQ + offs_m, mask=row_ok, other=float("inf"))
+            inv_l = 1.0 / tl.load(LSE + off_bh.to(tl.int64) * 2 * NQ + NQ + offs_m, mask=row_ok, other=1.0)
             delta = tl.load(DELTA + off_bh.to(tl.int64) * NQ + offs_m, mask=row_ok, other=0.0)
             s = _logits(tl.dot(q, kt, input_precision=PRECISION), offs_m, offs_n, off_b, off_h, NQ, NK, q_offset,
                         k_prefix, sm_scale, slope, tab, stab_l, tab_center,
@@ -69,7 +71,7 @@ def _attn_bwd_dkdv(
             if HAS_TOPK:
                 thr = tl.load(THR + off_bh.to(tl.int64) * NQ + offs_m, mask=row_ok, other=float("-inf"))
                 s = tl.where(s >= thr[:, None], s, float("-inf"))
-            p = tl.exp(s - lse[:, None])
+            p = tl.exp(s - m_row[:, None]) * inv_l[:, None]
             dp = tl.dot(do, vt, input_precision=PRECISION)
             if HAS_DROPOUT:
                 keep = _dropout_keep(seed, off_bh, offs_m, offs_n, NK, dropout_p)
@@ -113,7 +115,8 @@ def _attn_bwd_dq(
                 mask=row_ok[:, None] & (offs_d[None, :] < D), other=0.0)
     do = tl.load(DO + off_b.to(tl.int64) * sdob + off_h.to(tl.int64) * sdoh + offs_m[:, None] * sdom + offs_dv[None, :] * sdod,
                  mask=row_ok[:, None] & (offs_dv[None, :] < DV), other=0.0)
-    lse = tl.load(LSE + off_bh.to(tl.int64) * NQ + offs_m, mask=row_ok, other=float("inf"))
+    m_row = tl.load(LSE + off_bh.to(tl.int64) * 2 * NQ + offs_m, mask=row_ok, other=float("inf"))
+    inv_l = 1.0 / tl.load(LSE + off_bh.to(tl.int64) * 2 * NQ + NQ + offs_m, mask=row_ok, other=1.0)
     delta = tl.load(DELTA + off_bh.to(tl.int64) * NQ + offs_m, mask=row_ok, other=0.0)
     if HAS_TOPK:
         thr = tl.load(THR + off_bh.to(tl.int64) * NQ + offs_m, mask=row_ok, other=float("-inf"))
@@ -124,9 +127,36 @@ def _attn_bwd_dq(
         slope = tl.load(SLOPES + off_h).to(tl.float32)
     tab = TAB + off_h * stab_h
     dq = tl.zeros([BLOCK_M, BLOCK_D], tl.float32)
-    dslope = tl.zeros([BLOCK_M], tl.float32)
+    dslope = tl.zeros([BLOCK_M, BLOCK_N], tl.float32)
     pi = q_offset + offs_m
     end_n = _causal_key_end(start_m, BLOCK_M, NK, q_offset, k_prefix, IS_CAUSAL)
+    if NEED_DSLOPE or NEED_DTAB or NEED_DS:
+        # bias gradients sum dS over whole rows (ALiBi: weighted by |p_i - p_j|), which amplifies
+        # the rounding of delta = dO . O and of the online-softmax row sum: recompute both from
+        # this kernel's own logits (l = sum_j exp(s - m) with the final m, delta = sum_j P dP)
+        l_sum = tl.zeros([BLOCK_M], tl.float32)
+        pdp = tl.zeros([BLOCK_M], tl.float32)
+        for start_n in range(0, end_n, BLOCK_N):
+            offs_n = start_n + offs_n0
+            col_ok = offs_n < NK
+            kt = tl.load(k_base + offs_n[None, :] * skn + offs_d[:, None] * skd,
+                         mask=col_ok[None, :] & (offs_d[:, None] < D), other=0.0)
+            vt = tl.load(v_base + offs_n[None, :] * svn + offs_dv[:, None] * svd,
+                         mask=col_ok[None, :] & (offs_dv[:, None] < DV), other=0.0)
+            s = _logits(tl.dot(q, kt, input_precision=PRECISION), offs_m, offs_n, off_b, off_h, NQ, NK, q_offset,
+                        k_prefix, sm_scale, slope, tab, stab_l, tab_center,
+                        MASK, smb, smh, smm, smn, BIAS, sbb, sbh, sbm, sbn, IS_CAUSAL, BIAS_KIND, MASK_KIND)
+            if HAS_TOPK:
+                s = tl.where(s >= thr[:, None], s, float("-inf"))
+            e = tl.exp(s - m_row[:, None])
+            dp = tl.dot(do, vt, input_precision=PRECISION)
+            if HAS_DROPOUT:
+                keep = _dropout_keep(seed, off_bh, offs_m, offs_n, NK, dropout_p)
+                dp = tl.where(keep, dp / (1.0 - dropout_p), 0.0)
+            l_sum += tl.sum(e, axis=1)
+            pdp += tl.sum(e * dp, axis=1)
+        inv_l = 1.0 / tl.where(l_sum == 0.0, 1.0, l_sum)
+        delta = pdp * inv_l
     for start_n in range(0, end_n, BLOCK_N):
         offs_n = start_n + offs_n0
         col_ok = offs_n < NK
@@ -139,7 +169,7 @@ def _attn_bwd_dq(
                     MASK, smb, smh, smm, smn, BIAS, sbb, sbh, sbm, sbn, IS_CAUSAL, BIAS_KIND, MASK_KIND)
         if HAS_TOPK:
             s = tl.where(s >= thr[:, None], s, float("-inf"))
-        p = tl.exp(s - lse[:, None])
+        p = tl.exp(s - m_row[:, None]) * inv_l[:, None]
         dp = tl.dot(do, vt, input_precision=PRECISION)
         if HAS_DROPOUT:
             keep = _dropout_keep(seed, off_bh, offs_m, offs_n, NK, dropout_p)
@@ -149,7 +179,7 @@ def _attn_bwd_dq(
         positional = (offs_n >= k_prefix) & col_ok
         dist = pi[:, None] - (offs_n - k_prefix)[None, :]
         if NEED_DSLOPE:
-            dslope += tl.sum(tl.where(positional[None, :], -ds * tl.abs(dist).to(tl.float32), 0.0), axis=1)
+            dslope += tl.where(positional[None, :], -ds * tl.abs(dist).to(tl.float32), 0.0)
         if NEED_DTAB:
             tl.atomic_add(DTAB + (dist + tab_center).to(tl.int64) * stab_l + off_h * stab_h, ds,
                           mask=positional[None, :] & row_ok[:, None])
@@ -160,4 +190,4 @@ def _attn_bwd_dq(
     tl.store(DQ + off_b.to(tl.int64) * sdqb + off_h.to(tl.int64) * sdqh + offs_m[:, None] * sdqm + offs_d[None, :] * sdqd,
              dq.to(DQ.dtype.element_ty), mask=row_ok[:, None] & (offs_d[None, :] < D))
     if NEED_DSLOPE:
-        tl.store(DSLOPE + off_bh.to(tl.int64) * tl.num_programs(0) + pid_m, tl.sum(dslope, axis=0))
+        tl.store(DSLOPE + off_bh.to(tl.int64) * tl.num_programs(0) + pid_m, tl.sum(tl.sum(dslope, axis=1), axis=0))

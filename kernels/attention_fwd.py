@@ -1,8 +1,11 @@
 """Attention forward: the top-k threshold pass and the flash-attention-2 style forward kernel.
 
 One program per (query block, batch * head). Online softmax in fp32, log-sum-exp saved for
-the backward; a row with no unmasked key stores output 0 and lse = +inf (so a recomputed
-``exp(s - lse)`` is 0 everywhere). GQA: query head ``h`` reads kv head ``h // (H // HK)``.
+the backward as two numbers per row, the row max ``m`` and the row sum ``l`` (LSE is
+(b*h, 2, nq)): the backward's ``exp(s - m) / l`` is then as accurate as an eager softmax (a
+folded ``exp(s - (m + log l))`` loses ``|s - m| * eps`` more, which the ALiBi slope gradient
+amplifies). A row with no
+unmasked key stores output 0 and ``m = +inf`` (so the recomputed P is 0 everywhere). GQA: query head ``h`` reads kv head ``h // (H // HK)``.
 
 Top-k (HAS_TOPK): ``_attn_topk_threshold`` streams the key blocks, keeps the K2 (a power of two
 >= topk) largest logits of each row in a (BLOCK_M, K2) buffer merged tile by tile with
@@ -115,10 +118,12 @@ def _attn_fwd(
         m_i = m_new
     empty = l_i == 0.0
     out = acc / tl.where(empty, 1.0, l_i)[:, None]
-    lse = tl.where(empty, float("inf"), m_i + tl.log(tl.where(empty, 1.0, l_i)))
+    m_row = tl.where(empty, float("inf"), m_i)
+    l_row = tl.where(empty, 1.0, l_i)
     tl.store(O + off_b.to(tl.int64) * sob + off_h.to(tl.int64) * soh + offs_m[:, None] * som + offs_dv[None, :] * sod,
              out.to(O.dtype.element_ty), mask=row_ok[:, None] & (offs_dv[None, :] < DV))
-    tl.store(LSE + off_bh.to(tl.int64) * NQ + offs_m, lse, mask=row_ok)
+    tl.store(LSE + off_bh.to(tl.int64) * 2 * NQ + offs_m, m_row, mask=row_ok)
+    tl.store(LSE + off_bh.to(tl.int64) * 2 * NQ + NQ + offs_m, l_row, mask=row_ok)
 
 
 @triton.jit

@@ -132,7 +132,7 @@ def _forward(q, k, v, slopes, table, mask, dense, scale, is_causal, q_offset, k_
     b, h, nq, d = q.shape
     hk, nk, dv = k.shape[1], k.shape[2], v.shape[3]
     out = torch.empty(b, h, nq, dv, dtype=q.dtype, device=q.device)
-    lse = torch.empty(b, h, nq, dtype=torch.float32, device=q.device)
+    lse = torch.empty(b, h, 2, nq, dtype=torch.float32, device=q.device)  # row max, row sum
     has_topk = 0 < topk < nk
     thr = torch.empty(b, h, nq if has_topk else 0, dtype=torch.float32, device=q.device)
     cfg = config("fwd", d, dv, _arch(q.device), topk if has_topk else 0)
@@ -203,7 +203,7 @@ def _backward(do, q, k, v, out, lse, thr, seed, slopes, table, mask, dense, scal
 def attention_fwd(q: Tensor, k: Tensor, v: Tensor, slopes: Optional[Tensor], table: Optional[Tensor],
                   mask: Optional[Tensor], dense: Optional[Tensor], scale: float, is_causal: bool, q_offset: int,
                   k_prefix: int, topk: int, dropout_p: float, seed: int) -> tuple[Tensor, Tensor, Tensor, Tensor]:
-    """-> (out (b,h,nq,dv), lse (b,h,nq) fp32, top-k threshold (b,h,nq|0) fp32, the dropout seed used (int64 0-d)).
+    """-> (out (b,h,nq,dv), softmax stats (b,h,2,nq) fp32 (row max, row sum), top-k threshold (b,h,nq|0) fp32, the dropout seed used (int64 0-d)).
 
     slopes: (h,) fp32 ALiBi slopes (0 for heads without one) | table: (2L-1, h) fp32 per-distance
     bias | dense: float or bool tensor broadcastable to (b,h,nq,nk); at most one of the three.
@@ -219,7 +219,7 @@ def _(q, k, v, slopes, table, mask, dense, scale, is_causal, q_offset, k_prefix,
     b, h, nq, _ = q.shape
     nk = k.shape[2]
     out = q.new_empty(b, h, nq, v.shape[3])
-    lse = q.new_empty(b, h, nq, dtype=torch.float32)
+    lse = q.new_empty(b, h, 2, nq, dtype=torch.float32)
     thr = q.new_empty(b, h, nq if 0 < topk < nk else 0, dtype=torch.float32)
     return out, lse, thr, torch.empty((), dtype=torch.int64)
 

@@ -1,7 +1,17 @@
-"""Test-wide setup. The bf16 ``tl.dot`` fix for the Triton interpreter lives here, test-only
-(TOOLCHAIN.md): the interpreter multiplies bf16 bit patterns as integers (triton#11584);
-widening bf16 operands to fp32 first makes bf16 sweeps meaningful. It does nothing if the
-private name it wraps has moved."""
+"""Test-wide setup.
+
+Triton interpreter: with no CUDA device, ``TRITON_INTERPRET=1`` is set here, at conftest import
+time -- before any test module (or xtk.kernels) imports triton and defines its kernels -- so the
+Triton kernels run on CPU tensors (``backend="triton"`` is then allowed on CPU when forced).
+On a CUDA machine the variable is left alone and the same tests run the compiled kernels.
+An explicit ``TRITON_INTERPRET`` in the environment always wins. The AOT build test
+(tests/test_kernels_build.py) compiles in a subprocess with the variable removed.
+
+The bf16 ``tl.dot`` fix for the interpreter lives here, test-only (TOOLCHAIN.md): the
+interpreter multiplies bf16 bit patterns as integers (triton#11584); widening bf16 operands to
+fp32 first makes bf16 sweeps meaningful (checked on triton 3.9: a bf16 flash forward+backward
+went from errors ~1e9 to ~1e-2, within the 2x rule). It does nothing if the private name it
+wraps has moved."""
 import os
 import sys
 
@@ -9,6 +19,9 @@ import pytest
 import torch
 
 sys.path.insert(0, os.path.dirname(__file__))
+
+if "TRITON_INTERPRET" not in os.environ and not torch.cuda.is_available():
+    os.environ["TRITON_INTERPRET"] = "1"
 
 
 def _patch_interpreter_bf16_dot():
