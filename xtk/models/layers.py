@@ -391,6 +391,7 @@ class AttentionLayers(nn.Module):
                     raise ValueError(f"mems[{i}]: expected shape ({b}, mem_len, {self.dim}), got {tuple(m.shape)}")
 
         rotary = self.rotary_pos_emb.descriptor() if self.rotary_pos_emb is not None else None
+        rel_pos = _OncePerCall(self.rel_pos) if self.rel_pos is not None else None
         iter_cache = iter(attn_cache)
         hiddens, intermediates = [], []
         prev_attn = prev_cross_attn = None
@@ -431,7 +432,7 @@ class AttentionLayers(nn.Module):
             inter = None
             if layer_type == "a":
                 out, inter = block(normed, mask=mask, context_mask=self_attn_kv_mask, attn_mask=attn_mask,
-                                   rel_pos=self.rel_pos, rotary=rotary, prev_attn=prev_attn, mem=layer_mem,
+                                   rel_pos=rel_pos, rotary=rotary, prev_attn=prev_attn, mem=layer_mem,
                                    mem_mask=layer_mem_mask, cache=next(iter_cache, None), return_intermediates=True,
                                    pia_pos_emb=self.pia_pos_emb,
                                    pos_offset=cached + (layer_mem.shape[1] if layer_mem is not None else 0),
@@ -470,6 +471,19 @@ class AttentionLayers(nn.Module):
             return x
         return x, LayerIntermediates(hiddens=hiddens, last_hidden=x, attn_intermediates=intermediates,
                                      cache_length=prev_cache_length + n)
+
+
+class _OncePerCall:
+    """The position-bias descriptor built once per forward and shared by every layer (the dynamic
+    position bias MLP then runs once, not once per layer)."""
+
+    def __init__(self, module):
+        self.module, self.memo = module, {}
+
+    def descriptor(self, L):
+        if L not in self.memo:
+            self.memo[L] = self.module.descriptor(L)
+        return self.memo[L]
 
 
 def _dropout_seq(seq, mask, dropout):

@@ -167,7 +167,7 @@ class Attention(nn.Module):
         self.use_entmax15 = use_entmax15
 
         self.on_attn = on_attn
-        if heads > 1 or dim != dim_out or on_attn:
+        if heads > 1 or dim != dim_out or on_attn or out_dim != dim_out:   # (x-transformers crashes on the last case)
             self.to_out = nn.Sequential(nn.Linear(out_dim, dim_out * 2, bias=False), nn.GLU()) if on_attn \
                 else nn.Linear(out_dim, dim_out, bias=False)
         else:
