@@ -569,3 +569,17 @@ def test_continuous_generate_with_prepend_embeds_cached_equals_uncached():
         b = w.generate(start, 4, prepend_embeds=prepend, cache_kv=False, **kw)
         torch.testing.assert_close(a, b, rtol=1e-4, atol=1e-5)
     assert not torch.allclose(a, w.generate(start, 4, mask=mask))
+
+
+def test_greedy_cached_with_prepend_embeds_and_masks():
+    net = lm(rotary_pos_emb=True)
+    w = AutoregressiveWrapper(net)
+    prompts, prepend = torch.randint(0, V, (2, 4)), torch.randn(2, 3, 16)
+    mask = torch.ones(2, 4, dtype=torch.bool)
+    mask[0, :2] = False
+    prepend_mask = torch.ones(2, 3, dtype=torch.bool)
+    prepend_mask[1, 0] = False
+    for kw in (dict(), dict(mask=mask), dict(prepend_mask=prepend_mask), dict(mask=mask, prepend_mask=prepend_mask)):
+        a = w.generate(prompts, 6, temperature=0., prepend_embeds=prepend, **kw)
+        b = w.generate(prompts, 6, temperature=0., prepend_embeds=prepend, cache_kv=False, **kw)
+        assert torch.equal(a, b), kw

@@ -154,6 +154,11 @@ class TransformerWrapper(nn.Module):
             x = x[:, offset:]
             if sum_embeds is not None:
                 sum_embeds = sum_embeds[:, offset:]
+            if prepend_len and (mask is not None or prepend_mask is not None):  # keys still start with them
+                mask = mask if mask is not None else torch.ones(b, n, dtype=torch.bool, device=device)
+                prepend_mask = prepend_mask if prepend_mask is not None else \
+                    torch.ones(b, prepend_len, dtype=torch.bool, device=device)
+                mask = torch.cat((prepend_mask, mask), dim=-1)
             prepend_embeds = None
         if self.pos_emb is not None and isinstance(self.pos_emb, AbsolutePositionalEmbedding) and n > self.max_seq_len:
             raise ValueError(f"x: sequence length {n} exceeds max_seq_len {self.max_seq_len} "
