@@ -583,3 +583,17 @@ def test_greedy_cached_with_prepend_embeds_and_masks():
         a = w.generate(prompts, 6, temperature=0., prepend_embeds=prepend, **kw)
         b = w.generate(prompts, 6, temperature=0., prepend_embeds=prepend, cache_kv=False, **kw)
         assert torch.equal(a, b), kw
+
+
+def test_prompt_lens_match_x_transformers_generate_and_beam_search():
+    kw = dict(dim=16, depth=2, heads=2, rotary_pos_emb=True)
+    net = lm(**kw)
+    ref = xt.TransformerWrapper(num_tokens=V, max_seq_len=24, attn_layers=xt.Decoder(**kw)).eval()
+    copy_weights(net, ref)
+    w, rw = AutoregressiveWrapper(net), xt.AutoregressiveWrapper(ref)
+    prompts, lens = torch.randint(0, V, (2, 5)), torch.tensor([3, 5])
+    assert torch.equal(w.generate(prompts, 5, temperature=0., prompt_lens=lens),
+                       rw.generate(prompts, 5, temperature=0., prompt_lens=lens))
+    best = w.beam_search(prompts, 5, beams=3, prompt_lens=lens)
+    assert torch.equal(best, rw.beam_search(prompts, 5, beams=3, prompt_lens=lens))
+    assert torch.equal(best, w.beam_search(prompts, 5, beams=3, prompt_lens=lens, cache_kv=False))
