@@ -113,6 +113,11 @@ CASES = {
     "value_dim_head": dict(attn_value_dim_head=6),
     "one_head": dict(heads=1, attn_dim_head=16),
     "norm_add_unit_offset_false": dict(norm_add_unit_offset=False, use_rmsnorm=True),
+    "memory_tokens_decoder": dict(wrap_kw=dict(num_memory_tokens=2)),
+    "rotary_interpolation_rescale": dict(rotary_pos_emb=True, rotary_interpolation_factor=2.0, rotary_base_rescale_factor=2.0),
+    "emb_frac_gradient_avg_pool": dict(layers_cls="Encoder", wrap_kw=dict(emb_frac_gradient=0.5, average_pool_embed=True)),
+    "rel_pos_buckets": dict(rel_pos_bias=True, rel_pos_num_buckets=8, rel_pos_max_distance=16),
+    "cross_attn_kwargs_decoder": dict(attn_kv_heads=2, ff_mult=2.5, attn_qk_norm=True, attn_qk_norm_groups=2),
 }
 
 
