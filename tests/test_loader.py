@@ -82,6 +82,8 @@ CASES = {
     "memory_tokens": dict(layers_cls="Encoder", wrap_kw=dict(num_memory_tokens=3)),
     "sandwich_norm": dict(sandwich_norm=True),
     "post_norm": dict(pre_norm=False),
+    "post_norm_rmsnorm": dict(pre_norm=False, use_rmsnorm=True),
+    "post_norm_scalenorm_gqa": dict(pre_norm=False, use_scalenorm=True, attn_kv_heads=2),
     "scalenorm": dict(use_scalenorm=True),
     "rmsnorm": dict(use_rmsnorm=True),
     "macaron": dict(macaron=True),

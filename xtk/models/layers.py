@@ -377,8 +377,10 @@ class AttentionLayers(nn.Module):
             if not isinstance(mask, torch.Tensor) or mask.dtype != torch.bool:
                 raise TypeError(f"mask: expected a bool tensor (True = keep), got "
                                 f"{mask.dtype if isinstance(mask, torch.Tensor) else type(mask).__name__}")
-            if mask.dim() != 2 or mask.shape[0] != b or mask.shape[1] not in (n, n + cached):
-                raise ValueError(f"mask: expected shape ({b}, {n + cached if cache is not None else n}), got {tuple(mask.shape)}")
+            if mask.dim() != 2 or mask.shape[0] != b or mask.shape[1] != n + cached:
+                raise ValueError(f"mask: expected shape ({b}, {n + cached}) (with a cache: cached + new positions), "
+                                 f"got {tuple(mask.shape)}" if cache is not None else
+                                 f"mask: expected shape ({b}, {n}), got {tuple(mask.shape)}")
         if seq_start_pos is not None:
             left_pad = torch.arange(n + cached, device=x.device) >= seq_start_pos[..., None]
             self_attn_kv_mask = left_pad if self_attn_kv_mask is None else self_attn_kv_mask & left_pad
@@ -445,8 +447,12 @@ class AttentionLayers(nn.Module):
 
             if post_branch_norm is not None:
                 out = post_branch_norm(out)
-            if getattr(residual_fn, "plain", False) and post_main_norm is None:
-                pending = (out, residual)
+            plain = getattr(residual_fn, "plain", False)
+            if plain and post_main_norm is None:
+                pending = (out, residual)          # added inside the next pre-norm (fused RMSNorm)
+            elif plain and getattr(post_main_norm, "fusable", False):
+                x = post_main_norm(out, residual=residual)[0]   # post-norm: add + RMSNorm in one call
+                post_main_norm = None
             else:
                 x = residual_fn(out, residual)
             if inter is not None:
