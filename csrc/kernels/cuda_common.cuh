@@ -48,18 +48,15 @@ __device__ __forceinline__ void store_pack(T* p, const float (&in)[N]) {
   *reinterpret_cast<Pack<T, N>*>(p) = pk;
 }
 
-// Largest vector width (elements, a power of two, at most 16 bytes) that divides `len` and keeps
-// every pointer aligned; 1 (scalar) when none does.
+// Vector width (elements) for rows of `len` elements: 16 bytes when `len` is a multiple of it and
+// every pointer is 16-byte aligned, else 1 (scalar). Two widths only, to keep compile time down.
 template <typename T>
 inline int pick_vec(int64_t len, const void* p0, const void* p1 = nullptr, const void* p2 = nullptr,
                     const void* p3 = nullptr) {
-  for (int v = 16 / static_cast<int>(sizeof(T)); v > 1; v /= 2) {
-    const uintptr_t bytes = static_cast<uintptr_t>(v) * sizeof(T);
-    bool ok = len % v == 0;
-    for (const void* p : {p0, p1, p2, p3}) ok = ok && (reinterpret_cast<uintptr_t>(p) % bytes == 0);
-    if (ok) return v;
-  }
-  return 1;
+  const int v = 16 / static_cast<int>(sizeof(T));
+  bool ok = len % v == 0;
+  for (const void* p : {p0, p1, p2, p3}) ok = ok && (reinterpret_cast<uintptr_t>(p) % 16 == 0);
+  return ok ? v : 1;
 }
 
 // Calls f(T{}) with T the device element type of dt.
@@ -73,19 +70,17 @@ inline cudaError_t dispatch_dtype(DType dt, F&& f) {
   return cudaErrorInvalidValue;
 }
 
-// Calls f(std::integral_constant-like tag) for the vector width v (8, 4, 2 or 1).
+// Compile-time int tag (vector widths, activation codes).
 template <int V>
 struct VecTag {
   static constexpr int value = V;
 };
-template <typename F>
+
+// Calls f(VecTag<16 / sizeof(T)>) when v > 1, else f(VecTag<1>).
+template <typename T, typename F>
 inline cudaError_t dispatch_vec(int v, F&& f) {
-  switch (v) {
-    case 8: return f(VecTag<8>{});
-    case 4: return f(VecTag<4>{});
-    case 2: return f(VecTag<2>{});
-    default: return f(VecTag<1>{});
-  }
+  if (v > 1) return f(VecTag<16 / sizeof(T)>{});
+  return f(VecTag<1>{});
 }
 
 }  // namespace cuda

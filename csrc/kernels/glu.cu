@@ -94,12 +94,6 @@ __global__ void act_bwd_kernel(const T* __restrict__ dy, const T* __restrict__ x
   for (int64_t k = nvec * VEC + t; k < n; k += stride) dx[k] = from_f<T>(to_f(dy[k]) * ::xtk::act_grad<ACT>(to_f(x[k])));
 }
 
-// The vector width for packs of V elements of T, capped at 16 bytes.
-template <typename T, int V>
-constexpr int cap() {
-  return V * sizeof(T) <= 16 ? V : 16 / static_cast<int>(sizeof(T));
-}
-
 }  // namespace
 
 cudaError_t glu_fwd(DType dt, int act, const void* x, void* y, int64_t rows, int64_t inner, cudaStream_t stream) {
@@ -109,8 +103,8 @@ cudaError_t glu_fwd(DType dt, int act, const void* x, void* y, int64_t rows, int
     const T* xp = static_cast<const T*>(x);
     // the gate half starts at x + inner: alignment of both halves and of the output rows
     const int v = pick_vec<T>(inner, xp, xp + inner, y);
-    return dispatch_vec(v, [&](auto vt) {
-      constexpr int V = cap<T, decltype(vt)::value>();
+    return dispatch_vec<T>(v, [&](auto vt) {
+      constexpr int V = decltype(vt)::value;
       return dispatch_act(act, [&](auto at) {
         glu_fwd_kernel<T, V, decltype(at)::value><<<grid_for(rows * inner / V), kThreads, 0, stream>>>(
             xp, static_cast<T*>(y), rows, inner);
@@ -127,8 +121,8 @@ cudaError_t glu_bwd(DType dt, int act, const void* dy, const void* x, void* dx, 
     using T = decltype(tag);
     const T* xp = static_cast<const T*>(x);
     const int v = pick_vec<T>(inner, xp, xp + inner, dy, dx);
-    return dispatch_vec(v, [&](auto vt) {
-      constexpr int V = cap<T, decltype(vt)::value>();
+    return dispatch_vec<T>(v, [&](auto vt) {
+      constexpr int V = decltype(vt)::value;
       return dispatch_act(act, [&](auto at) {
         glu_bwd_kernel<T, V, decltype(at)::value><<<grid_for(rows * inner / V), kThreads, 0, stream>>>(
             static_cast<const T*>(dy), xp, static_cast<T*>(dx), rows, inner);
@@ -144,8 +138,8 @@ cudaError_t act_fwd(DType dt, int act, const void* x, void* y, int64_t n, cudaSt
     using T = decltype(tag);
     // pointers aligned: vectors over n / VEC packs and a scalar tail (any n)
     const int v = pick_vec<T>(16 / sizeof(T), x, y);
-    return dispatch_vec(v, [&](auto vt) {
-      constexpr int V = cap<T, decltype(vt)::value>();
+    return dispatch_vec<T>(v, [&](auto vt) {
+      constexpr int V = decltype(vt)::value;
       return dispatch_act(act, [&](auto at) {
         act_fwd_kernel<T, V, decltype(at)::value><<<grid_for(n / V + 1), kThreads, 0, stream>>>(
             static_cast<const T*>(x), static_cast<T*>(y), n);
@@ -160,8 +154,8 @@ cudaError_t act_bwd(DType dt, int act, const void* dy, const void* x, void* dx, 
   return dispatch_dtype(dt, [&](auto tag) {
     using T = decltype(tag);
     const int v = pick_vec<T>(16 / sizeof(T), x, dy, dx);
-    return dispatch_vec(v, [&](auto vt) {
-      constexpr int V = cap<T, decltype(vt)::value>();
+    return dispatch_vec<T>(v, [&](auto vt) {
+      constexpr int V = decltype(vt)::value;
       return dispatch_act(act, [&](auto at) {
         act_bwd_kernel<T, V, decltype(at)::value><<<grid_for(n / V + 1), kThreads, 0, stream>>>(
             static_cast<const T*>(dy), static_cast<const T*>(x), static_cast<T*>(dx), n);

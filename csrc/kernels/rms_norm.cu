@@ -4,7 +4,8 @@
 // Layout: a row is handled by a group of TPR threads (a power of two). Short rows: TPR <= 32 and
 // a 256-thread block holds 256 / TPR rows, reduced with warp shuffles; long rows: the block is
 // one group of TPR (64..1024) threads, reduced through shared memory. Each thread walks its
-// vectors (VEC elements, 16 bytes when aligned) with stride TPR, plus a scalar tail.
+// vectors with stride TPR: VEC elements = 16 bytes when the row length is a multiple of that and
+// the pointers are 16-byte aligned (so every row is), else VEC = 1; a tail loop covers dim % VEC.
 //
 // Backward: each block walks many rows and keeps the gain gradient per column in shared memory
 // (one slice per row group; a thread always owns the same columns, so no atomics), then writes
@@ -231,8 +232,8 @@ cudaError_t rms_norm_fwd(DType dt, const RmsNormFwdParams& p, cudaStream_t strea
   if (blocks > 0x7fffffff) return cudaErrorInvalidConfiguration;
   return dispatch_dtype(dt, [&](auto tag) {
     using T = decltype(tag);
-    return dispatch_vec(vec_for<T>(p), [&](auto vt) {
-      constexpr int V = decltype(vt)::value * sizeof(T) <= 16 ? decltype(vt)::value : 1;
+    return dispatch_vec<T>(vec_for<T>(p), [&](auto vt) {
+      constexpr int V = decltype(vt)::value;
       if (p.residual)
         rms_norm_fwd_kernel<T, V, true><<<static_cast<unsigned>(blocks), c.threads, 0, stream>>>(p, c.tpr);
       else
@@ -251,8 +252,8 @@ cudaError_t rms_norm_bwd(DType dt, const RmsNormBwdParams& p, int device, cudaSt
   const size_t smem = 32 * 4 + (in_smem ? acc_bytes : 0);
   return dispatch_dtype(dt, [&](auto tag) {
     using T = decltype(tag);
-    return dispatch_vec(vec_for<T>(p), [&](auto vt) {
-      constexpr int V = decltype(vt)::value * sizeof(T) <= 16 ? decltype(vt)::value : 1;
+    return dispatch_vec<T>(vec_for<T>(p), [&](auto vt) {
+      constexpr int V = decltype(vt)::value;
       if (p.ds_extra)
         rms_norm_bwd_kernel<T, V, true><<<static_cast<unsigned>(blocks), c.threads, smem, stream>>>(p, c.tpr, in_smem);
       else
