@@ -1,0 +1,81 @@
+"""glu (GEGLU / SwiGLU, x-transformers' feed-forward gate): xtk (auto backend: the C++/CUDA
+extension when built) vs the eager reference vs plain torch (``a, g = x.chunk(2, -1);
+a * act(g)``); forward and forward+backward; GB/s.
+
+Bytes per call: forward reads x ``(tokens, 2 inner)`` and writes ``(tokens, inner)``; backward
+reads x and dy and writes dx, counted as forward + 2x forward.
+"""
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+
+import xtk
+
+from .common import Result, measure
+
+IMPLS = ["xtk", "eager", "torch"]
+MODES = ["fwd", "fwd+bwd"]
+CASES = ["gelu", "silu"]
+_TORCH_ACT = {"gelu": F.gelu, "silu": F.silu}
+
+
+def sweep(device: str, full: bool):
+    """(tokens, inner) shapes: x is (tokens, 2 * inner)."""
+    if full:
+        return [(16384, 2048), (16384, 4096), (65536, 2048)]
+    if device == "cuda":
+        return [(16384, 2048), (16384, 4096)]
+    return [(4096, 1024)]
+
+
+def make_call(impl, case, shape, mode, dtype, device):
+    tokens, inner = shape
+    grad = mode == "fwd+bwd"
+    g = torch.Generator().manual_seed(0)
+    x = torch.randn(tokens, 2 * inner, generator=g).to(device, dtype).requires_grad_(grad)
+    go = torch.randn(tokens, inner, device=device, dtype=dtype) if grad else None
+    if impl in ("xtk", "eager"):
+        backend = "auto" if impl == "xtk" else "eager"
+
+        def fwd():
+            return xtk.glu(x, case, backend=backend)
+    elif impl == "torch":
+        act = _TORCH_ACT[case]
+
+        def fwd():
+            a, gate = x.chunk(2, dim=-1)
+            return a * act(gate)
+    else:
+        raise ValueError(f"impl: expected one of {IMPLS}, got {impl!r}")
+    if not grad:
+        def step():
+            with torch.no_grad():
+                return fwd()
+        return step
+
+    def step():
+        x.grad = None
+        fwd().backward(go)
+    return step
+
+
+def run(device: str, full: bool, dtype, impls=None, modes=None, progress=None):
+    results = []
+    elem = torch.finfo(dtype).bits // 8
+    for shape in sweep(device, full):
+        for case in CASES:
+            for mode in modes or MODES:
+                for impl in impls or IMPLS:
+                    tokens, inner = shape
+                    r = Result("glu", case, impl, mode, dict(tokens=tokens, inner=inner, dtype=str(dtype).replace("torch.", "")),
+                               bytes=tokens * inner * 3 * elem * (3 if mode == "fwd+bwd" else 1))
+                    measure(r, lambda: make_call(impl, case, shape, mode, dtype, device), device, quick=not full)
+                    results.append(r)
+                    if progress:
+                        progress()
+    return results
+
+
+def count(device: str, full: bool, impls=None, modes=None) -> int:
+    return len(sweep(device, full)) * len(CASES) * len(modes or MODES) * len(impls or IMPLS)

@@ -1,0 +1,257 @@
+"""What every benchmark shares: timing, peak memory, OOM handling, the result row, environment.
+
+Timing: on CUDA ``triton.testing.do_bench`` (median of CUDA-event timings, cache flushed) when
+triton is importable, else CUDA events; on CPU repeated ``time.perf_counter`` wall-clock after
+one warm-up call, median of the repeats.
+
+Peak memory: on CUDA ``torch.cuda.max_memory_allocated`` after ``reset_peak_memory_stats``, minus
+what was allocated before the call. On CPU (Linux) the process's resident-set high-water mark
+``VmHWM`` from ``/proc/self/status``, reset before the call by writing ``5`` to
+``/proc/self/clear_refs``, minus the resident set before the call: the extra RSS the call needed at
+its peak (torch's CPU allocator hands large blocks back to the OS, so this tracks live tensors).
+Where neither works the column says ``n/a``.
+"""
+from __future__ import annotations
+
+import datetime
+import gc
+import json
+import math
+import os
+import platform
+import re
+import statistics
+import time
+from dataclasses import asdict, dataclass, field
+from typing import Callable, Optional
+
+import torch
+
+
+@dataclass
+class Result:
+    """One measured (op, case, implementation, mode) cell."""
+
+    op: str
+    case: str                     # feature / configuration name
+    impl: str                     # xtk | eager | sdpa | flex | F.rms_norm ...
+    mode: str                     # fwd | fwd+bwd | step | generate
+    params: dict = field(default_factory=dict)   # n, b, h, d, causal, dtype ...
+    ms: Optional[float] = None    # median time per call
+    peak_mb: Optional[float] = None
+    flops: Optional[float] = None  # per call (attention: causal counted as half)
+    bytes: Optional[float] = None  # per call, minimal traffic (norms / glu)
+    tokens: Optional[float] = None  # per call (model / generation)
+    status: str = "ok"            # ok | OOM | error: ... | skipped: ...
+    note: str = ""
+    compile_s: Optional[float] = None  # flex_attention: first-call (compile) time
+
+    @property
+    def tflops(self) -> Optional[float]:
+        return self.flops / self.ms / 1e9 if self.flops and self.ms else None
+
+    @property
+    def gbps(self) -> Optional[float]:
+        return self.bytes / self.ms / 1e6 if self.bytes and self.ms else None
+
+    @property
+    def tokens_per_s(self) -> Optional[float]:
+        return self.tokens / self.ms * 1e3 if self.tokens and self.ms else None
+
+    def to_json(self) -> dict:
+        d = asdict(self)
+        d.update(tflops=self.tflops, gbps=self.gbps, tokens_per_s=self.tokens_per_s)
+        return d
+
+
+# ----------------------------------------------------------------------------- environment
+def device_name(device: str) -> str:
+    if device == "cuda":
+        return torch.cuda.get_device_name(0)
+    name = platform.processor() or platform.machine()
+    try:
+        with open("/proc/cpuinfo") as f:
+            for line in f:
+                if line.startswith("model name"):
+                    name = line.split(":", 1)[1].strip()
+                    break
+    except OSError:
+        pass
+    return name
+
+
+def device_slug(device: str) -> str:
+    """A folder name for ``bench/results/``: e.g. ``nvidia-h100-80gb-hbm3`` or ``cpu-2t-intel-xeon-...``."""
+    name = device_name(device).lower()
+    if device == "cpu":
+        name = f"cpu-{torch.get_num_threads()}t-" + name
+    return re.sub(r"[^a-z0-9]+", "-", name).strip("-")[:60]
+
+
+def environment(device: str) -> dict:
+    env = {
+        "device": device,
+        "device_name": device_name(device),
+        "threads": torch.get_num_threads(),
+        "torch": torch.__version__,
+        "cuda": torch.version.cuda,
+        "python": platform.python_version(),
+        "date": datetime.datetime.now(datetime.timezone.utc).strftime("%Y-%m-%d %H:%M UTC"),
+        "load_average": os.getloadavg()[0] if hasattr(os, "getloadavg") else None,
+    }
+    try:
+        import triton
+        env["triton"] = triton.__version__
+    except Exception:
+        env["triton"] = None
+    try:
+        import xtk
+        env["xtk"] = xtk.__version__
+    except Exception:
+        pass
+    return env
+
+
+# ----------------------------------------------------------------------------- memory
+def _proc_kb(key: str) -> Optional[int]:
+    try:
+        with open("/proc/self/status") as f:
+            for line in f:
+                if line.startswith(key + ":"):
+                    return int(line.split()[1])
+    except OSError:
+        return None
+    return None
+
+
+_malloc_fixed = False
+
+
+def _fix_malloc_threshold() -> None:
+    """glibc raises its mmap threshold after large frees, after which freed tensors stay in the heap
+    and never show in the resident set again; a fixed threshold (128 KiB) keeps large blocks mmapped."""
+    global _malloc_fixed
+    if _malloc_fixed:
+        return
+    _malloc_fixed = True
+    try:
+        import ctypes
+        libc = ctypes.CDLL("libc.so.6")
+        libc.mallopt(-3, 128 * 1024)  # M_MMAP_THRESHOLD
+        libc.mallopt(-1, 128 * 1024)  # M_TRIM_THRESHOLD
+    except Exception:
+        pass
+
+
+def _reset_hwm() -> bool:
+    _fix_malloc_threshold()
+    try:
+        with open("/proc/self/clear_refs", "w") as f:
+            f.write("5")
+        return True
+    except OSError:
+        return False
+
+
+class PeakMemory:
+    """Context manager: ``.mb`` = the extra memory the block needed at its peak (see module doc)."""
+
+    def __init__(self, device: str):
+        self.device = device
+        self.mb: Optional[float] = None
+
+    def __enter__(self):
+        gc.collect()
+        if self.device == "cuda":
+            torch.cuda.synchronize()
+            torch.cuda.reset_peak_memory_stats()
+            self._base = torch.cuda.memory_allocated()
+        else:
+            self._ok = _reset_hwm()
+            self._base = _proc_kb("VmRSS")
+        return self
+
+    def __exit__(self, *exc):
+        if self.device == "cuda":
+            torch.cuda.synchronize()
+            self.mb = (torch.cuda.max_memory_allocated() - self._base) / 2**20
+        elif self._ok and self._base is not None:
+            hwm = _proc_kb("VmHWM")
+            self.mb = None if hwm is None else max(0, hwm - self._base) / 1024
+        return False
+
+
+# ----------------------------------------------------------------------------- timing
+def _sync(device):
+    if device == "cuda":
+        torch.cuda.synchronize()
+
+
+def time_ms(fn: Callable[[], object], device: str, min_reps: int = 3, min_time_s: float = 0.2,
+            max_reps: int = 50) -> float:
+    """Median milliseconds per call of ``fn`` (already warmed up by the caller)."""
+    if device == "cuda":
+        try:
+            from triton.testing import do_bench
+            return float(do_bench(fn, warmup=25, rep=100, return_mode="median"))
+        except Exception:
+            start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+            times = []
+            for _ in range(max(min_reps, 10)):
+                start.record()
+                fn()
+                end.record()
+                torch.cuda.synchronize()
+                times.append(start.elapsed_time(end))
+            return statistics.median(times)
+    times = []
+    t_end = time.perf_counter() + min_time_s
+    while len(times) < min_reps or (time.perf_counter() < t_end and len(times) < max_reps):
+        t0 = time.perf_counter()
+        fn()
+        times.append((time.perf_counter() - t0) * 1e3)
+    return statistics.median(times)
+
+
+def is_oom(e: BaseException) -> bool:
+    return isinstance(e, (torch.cuda.OutOfMemoryError, MemoryError)) or "out of memory" in str(e).lower()
+
+
+def measure(result: Result, make: Callable[[], Callable[[], object]], device: str, quick: bool = True) -> Result:
+    """Fill ``result`` by timing the callable that ``make()`` returns (one warm-up call, which also
+    gives the peak memory). Out-of-memory becomes status 'OOM'; other errors 'error: ...'."""
+    try:
+        fn = make()
+        with PeakMemory(device) as mem:
+            fn()
+            _sync(device)
+        result.peak_mb = mem.mb
+
+        def call():
+            fn()
+            _sync(device)
+        result.ms = time_ms(call, device, min_reps=3 if quick else 5, min_time_s=0.1 if quick else 1.0)
+    except Exception as e:  # noqa: BLE001 - a benchmark reports, it does not crash
+        result.status = "OOM" if is_oom(e) else f"error: {type(e).__name__}: {str(e).splitlines()[0][:160]}"
+        result.ms = None
+    finally:
+        gc.collect()
+        if device == "cuda":
+            torch.cuda.empty_cache()
+    return result
+
+
+def fmt(x: Optional[float], digits: int = 3) -> str:
+    if x is None or (isinstance(x, float) and math.isnan(x)):
+        return "-"
+    if x == 0:
+        return "0"
+    if abs(x) >= 100:
+        return f"{x:.0f}"
+    return f"{x:.{digits}g}"
+
+
+def dump_json(path: str, env: dict, results: list[Result], argv: list[str]) -> None:
+    with open(path, "w") as f:
+        json.dump({"environment": env, "command": "python -m xtk bench " + " ".join(argv),
+                   "results": [r.to_json() for r in results]}, f, indent=1)
