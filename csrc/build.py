@@ -81,13 +81,15 @@ def extension_build_kwargs() -> dict:
             try:
                 super().run()
             except Exception as e:  # noqa: BLE001 - any build failure must leave the install working
-                _warn(f"building the C++/CUDA extension xtk._C failed ({type(e).__name__}: {e}); "
-                      "xtk will use its eager backends")
+                if not getattr(self, "_xtk_failed", False):  # else already said (this is the copy step)
+                    _warn(f"building the C++/CUDA extension xtk._C failed ({type(e).__name__}: {e}); "
+                          "xtk will use its eager backends")
 
         def build_extension(self, extension):
             try:
                 super().build_extension(extension)
             except Exception as e:  # noqa: BLE001
+                self._xtk_failed = True
                 _warn(f"building {extension.name} failed ({type(e).__name__}: {e}); xtk will use its eager backends")
 
     return {"ext_modules": [ext],
