@@ -402,3 +402,45 @@ def test_low_precision_forward_backward_cache(dtype):
         _, cache = m(x[:, :5], return_intermediates=True)
         step, _ = m(x[:, :6], return_intermediates=True, cache=cache)
         assert (step[:, -1].float() - out[:, 5].float()).abs().max() < 0.1
+
+
+def test_ops_routing_and_fused_residual(monkeypatch):
+    """Every attention goes through xtk.attention with descriptors, every RMSNorm through
+    xtk.rms_norm (residual adds fused), every activation through xtk.glu / activation."""
+    import xtk.modules.attention as attn_mod
+    import xtk.modules.feedforward as ff_mod
+    import xtk.modules.norms as norm_mod
+    calls = {"attention": [], "rms_norm": [], "glu": 0, "activation": 0}
+    orig_attn, orig_rms, orig_glu, orig_act = attn_mod.xattention, norm_mod.rms_norm, ff_mod.glu_fn, ff_mod.act_fn
+
+    def attention(*a, **kw):
+        calls["attention"].append(kw)
+        return orig_attn(*a, **kw)
+
+    def rms_norm(x, w, residual=None, **kw):
+        calls["rms_norm"].append(residual is not None)
+        return orig_rms(x, w, residual=residual, **kw)
+
+    def glu(*a, **kw):
+        calls["glu"] += 1
+        return orig_glu(*a, **kw)
+
+    def activation(*a, **kw):
+        calls["activation"] += 1
+        return orig_act(*a, **kw)
+
+    monkeypatch.setattr(attn_mod, "xattention", attention)
+    monkeypatch.setattr(norm_mod, "rms_norm", rms_norm)
+    monkeypatch.setattr(ff_mod, "glu_fn", glu)
+    monkeypatch.setattr(ff_mod, "act_fn", activation)
+    m = _lm(depth=3, use_rmsnorm=True, alibi_pos_bias=True, attn_kv_heads=2, rotary_pos_emb=True, attn_qk_norm=True,
+            attn_sparse_topk=3, attn_num_mem_kv=2, ff_glu=True, macaron=True)
+    m(torch.randint(0, 20, (2, 6)))
+    assert len(calls["attention"]) == 3
+    kw = calls["attention"][0]
+    assert isinstance(kw["bias"], xtk.bias.Alibi) and isinstance(kw["rotary"], xtk.Rotary)
+    assert isinstance(kw["qk_norm"], xtk.QKNorm) and kw["topk"] == 3 and kw["k_prefix"] == 2 and kw["enable_gqa"]
+    assert kw["q_offset"] == 0 and kw.get("hooks") is None and kw["is_causal"]
+    # 9 layers: each pre-norm after the first and the final norm take the previous residual add
+    assert calls["rms_norm"] == [False] + [True] * 9
+    assert calls["glu"] == 6 and calls["activation"] == 0
