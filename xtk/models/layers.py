@@ -9,7 +9,6 @@ Also the features today's x-transformers dropped, from their papers / the 000 se
 from __future__ import annotations
 
 import inspect
-import math
 from random import random
 from typing import Optional
 
@@ -21,7 +20,7 @@ from ..modules.feedforward import FeedForward
 from ..modules.norms import LayerNorm, RMSNorm, ScaleNorm
 from ..modules.positional import (AlibiPositionalBias, DynamicPositionBias, FixedSinusoidalEmbedding,
                                   RelativePositionBias, RotaryEmbedding)
-from .intermediates import Intermediates, LayerIntermediates
+from .intermediates import LayerIntermediates
 
 DEFAULT_DIM_HEAD = 64
 _ATTN_KWARGS = set(inspect.signature(Attention.__init__).parameters) - {"self", "dim", "heads", "causal"}

@@ -10,7 +10,6 @@ at run time.
 """
 from __future__ import annotations
 
-import torch
 from torch import nn
 
 

@@ -11,7 +11,6 @@ data: bias tables, QK-norm scales, talking-heads weights) into xtk's order and t
 """
 from __future__ import annotations
 
-import math
 from dataclasses import replace
 from typing import Optional
 

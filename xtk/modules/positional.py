@@ -9,7 +9,6 @@ x-transformers' head order (``L``: the number of keys that carry a position).
 """
 from __future__ import annotations
 
-import math
 
 import torch
 import torch.nn.functional as F
