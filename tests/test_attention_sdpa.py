@@ -224,3 +224,24 @@ def test_backward_keeps_no_quadratic_state():
     assert max(saved) <= h * n * d, f"a saved tensor has {max(saved)} elements (quadratic: {h * n * n})"
     out.sum().backward()
     assert slopes.grad is not None and torch.isfinite(slopes.grad).all()
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=["fp32", "bf16"])
+@pytest.mark.parametrize("nq,nk,hk", [(17, 17, 4), (130, 65, 2), (65, 130, 1), (1, 1, 4)])
+@pytest.mark.parametrize("kind", ["none"])
+def test_native_causal_path(dtype, nq, nk, hk, kind):
+    """Top-left causal with no bias runs one kernel call with the kernel's own causal flag."""
+    g = torch.Generator().manual_seed(nq + nk)
+    slopes = torch.tensor(alibi_slopes(H)) * 4  # steep: the dropped row constant is large
+    inputs = dict(q=torch.randn(2, H, nq, D, generator=g), k=torch.randn(2, hk, nk, D, generator=g),
+                  v=torch.randn(2, hk, nk, D, generator=g))
+
+    def fn(backend):
+        return lambda q, k, v: xtk.attention(q, k, v, is_causal=True, enable_gqa=hk != H,
+                                             bias=Alibi(slopes) if kind == "alibi" else None, backend=backend)
+    q = torch.zeros(2, H, nq, D)
+    plan = attention_sdpa._make_plan(xtk.ops.attention._validate(
+        q, inputs["k"], inputs["v"], None, 0.0, True, None, hk != H, Alibi(slopes) if kind == "alibi" else None,
+        None, None, None, None, 0, None), q, D ** -0.5)
+    assert plan.native_causal and not plan.toeplitz and plan.chunk == nq
+    check_against_oracle(fn("sdpa"), fn("eager"), inputs, dtype, grad_names=["q", "k", "v"])

@@ -21,8 +21,11 @@ Gradients: a custom ``autograd.Function`` saves only q, k, v, the output, the lo
 (top-k) the per-row threshold. Backward rebuilds each chunk's mask and calls the fused
 backward kernel; when a learned bias input (ALiBi slopes, T5/DistanceTable table, a float
 ``Dense``/``attn_mask`` tensor) needs a gradient, the chunk's ``dS = P * (dP - D)`` is formed
-explicitly and pushed through the chunk's mask builder with autograd. Off CPU (or for dtypes
-or head dims the fused kernel lacks) the same chunk loop runs a plain math core.
+explicitly (plain math core) and reduced in float64: along diagonals into the distance vector,
+whose gradient reaches the table/slopes through one O(h n) autograd graph, or to a dense
+piece's broadcast shape. Off CPU (or for dtypes / head dims the fused kernel lacks) the same
+chunk loop runs the math core for everything. Causal with no bias and top-left alignment uses
+the kernel's own causal flag in one call.
 
 Rows with no key get zeros (their mask row is opened before the kernel and the output row
 zeroed after; their gradient is zero). Dropout is not supported: auto falls back to eager.
@@ -69,6 +72,7 @@ class _Plan:
     flash: bool
     gqa_native: bool
     chunk: int
+    native_causal: bool = False    # the kernel's own (top-left) causal flag, one chunk
 
 
 # ----------------------------------------------------------------------------- support
@@ -122,26 +126,31 @@ def _make_plan(inputs, q, scale) -> _Plan:
     work = torch.promote_types(q.dtype, torch.float32)
     bias = inputs.bias
     kind = {Alibi: "alibi", T5: "t5", DistanceTable: "dt", Dense: "dense"}.get(type(bias))
-    toeplitz = kind in ("alibi", "t5", "dt") or inputs.is_causal
+    flash = (_FLASH is not None and not FORCE_MATH and q.device.type == "cpu" and q.dtype in _FLASH_DTYPES
+             and dv == q.shape[3])
+    # causal with top-left alignment and no bias: the kernel's own causal flag, one call. (Causal
+    # ALiBi as a (1, h, 1, nk) mask s p_j, dropping the row constant -s p_i, would be as fast but
+    # loses fp32 precision with the position: |s p_j| grows where the kept logits are.)
+    native = (flash and inputs.is_causal and inputs.q_offset == 0 and inputs.k_prefix == 0 and inputs.topk is None
+              and inputs.attn_mask is None and kind is None)
+    toeplitz = (kind in ("alibi", "t5", "dt") or inputs.is_causal) and not native
     dvals = t5b = None
     if toeplitz:
         dmin = inputs.q_offset - (nk - 1 - inputs.k_prefix)
         dvals = torch.arange(dmin, dmin + nq + nk - 1, device=q.device)
         if kind == "t5":  # buckets of rel = p_j - p_i = -d, by the reference's own function
             t5b = t5_bucket(-dvals, bias.num_buckets, bias.max_distance, bias.causal)
-    flash = (_FLASH is not None and not FORCE_MATH and q.device.type == "cpu" and q.dtype in _FLASH_DTYPES
-             and dv == q.shape[3])
     materialized = (inputs.topk is not None or inputs.attn_mask is not None or kind == "dense"
                     or (toeplitz and inputs.k_prefix > 0) or not flash)
     if materialized:
         chunk = max(16, MATERIALIZED_ELEMS // max(1, b * h * nk))
-    elif inputs.is_causal:
+    elif inputs.is_causal and not native:
         chunk = CAUSAL_CHUNK
     else:
         chunk = nq
     return _Plan(b, h, hk, nq, nk, dv, scale, work, inputs.is_causal, inputs.q_offset, inputs.k_prefix,
                  inputs.topk, kind, toeplitz, t5b, dvals, bias if kind == "t5" else None, flash,
-                 flash and hk != h and _flash_gqa_native(), min(chunk, max(nq, 1)))
+                 flash and hk != h and _flash_gqa_native(), min(chunk, max(nq, 1)), native)
 
 
 def _distance_vector(plan: _Plan, bt) -> torch.Tensor:
@@ -261,7 +270,7 @@ def _core_fwd(plan: _Plan, qc, kc, vc, m):
     if plan.flash:
         if kc.shape[1] != h and not plan.gqa_native:
             kc, vc = kc.repeat_interleave(h // kc.shape[1], 1), vc.repeat_interleave(h // vc.shape[1], 1)
-        return _FLASH(qc, kc, vc, 0.0, False, attn_mask=m, scale=plan.scale)
+        return _FLASH(qc, kc, vc, 0.0, plan.native_causal, attn_mask=m, scale=plan.scale)
     s = _math_logits(plan, qc, kc, m)
     lse = torch.logsumexp(s, -1)
     p = torch.exp(s - lse[..., None])
@@ -290,14 +299,17 @@ def _core_bwd(plan: _Plan, go, qc, kc, vc, oc, lc, m):
     h, hk = qc.shape[1], kc.shape[1]
     if not plan.flash:
         return _math_bwd(plan, go, qc, kc, vc, oc, lc, m)[:3]
-    expand = hk != h and not plan.gqa_native
+    # the kernel's own GQA backward sums the query heads' dk/dv in the input dtype: in bf16/fp16 that
+    # rounding breaks the 2x rule, so there k/v are repeated and the sum is done in float32
+    expand = hk != h and (not plan.gqa_native or qc.dtype not in (torch.float32, torch.float64))
     if expand:
         kc, vc = kc.repeat_interleave(h // hk, 1), vc.repeat_interleave(h // hk, 1)
-    dq, dk, dv = _FLASH_BWD(go.contiguous(), qc, kc, vc, oc, lc, 0.0, False, attn_mask=m, scale=plan.scale)
+    dq, dk, dv = _FLASH_BWD(go.contiguous(), qc, kc, vc, oc, lc, 0.0, plan.native_causal, attn_mask=m,
+                            scale=plan.scale)
     if expand:
         b, _, nkc, _ = dk.shape
-        dk = dk.reshape(b, hk, h // hk, nkc, -1).sum(2)
-        dv = dv.reshape(b, hk, h // hk, nkc, -1).sum(2)
+        dk = dk.to(plan.work).reshape(b, hk, h // hk, nkc, -1).sum(2)
+        dv = dv.to(plan.work).reshape(b, hk, h // hk, nkc, -1).sum(2)
     return dq, dk, dv
 
 
@@ -346,47 +358,79 @@ def _forward(plan: _Plan, q, k, v, ts):
     return _flip(outL, rev), lseL, kthL
 
 
+def _diagonal_sums(ds: torch.Tensor) -> torch.Tensor:
+    """(hb, c, nkc) -> (hb, c + nkc - 1): entry t sums ds[r, j] over r + j = t (a Toeplitz view's gradient).
+
+    Rows padded to length W + 1 and re-read with row length W shift row r by r places."""
+    hb, c, nkc = ds.shape
+    W = c + nkc - 1
+    flat = torch.nn.functional.pad(ds, (0, W + 1 - nkc)).reshape(hb, c * (W + 1))[:, : c * W]
+    return flat.reshape(hb, c, W).sum(1)
+
+
 def _backward(plan: _Plan, go, q, k, v, out, lseL, kthL, ts, need):
+    """Gradients of q, k, v and of the learned mask inputs ``ts`` where ``need`` says so.
+
+    Learned inputs get ``dS = P (dP - D)`` of every chunk, reduced in float64 (a sum over ~n^2
+    logits): summed along diagonals into the distance vector (Toeplitz pieces), or summed to a
+    dense piece's broadcast shape; the distance vector's gradient then flows to the table or
+    slopes through one small autograd graph."""
     rev = plan.toeplitz
     w = plan.work
     qL, outL, goL = _flip(q, rev), _flip(out, rev), _flip(go, rev)
     dqL = torch.empty(q.shape, dtype=w, device=q.device)
     dk = torch.zeros(k.shape, dtype=w, device=k.device)
     dv = torch.zeros(v.shape, dtype=w, device=v.device)
-    # a learned bias input's gradient is a sum over every logit: its chunk masks are rebuilt, and
-    # dS reduced into it, in float64 (fp32 sums of ~n^2 terms lose more than the 2x rule allows)
-    gplan = replace(plan, work=torch.float64) if any(need) else plan
-    tsg = [None if t is None else (t.detach().to(torch.float64).requires_grad_() if n else t.detach())
-           for t, n in zip(ts, need)]
-    dts = [None if t is None else torch.zeros_like(t) for t in tsg]
-    with torch.enable_grad():
-        rvec = _rvec(gplan, tsg)
+    ts = [None if t is None else t.detach() for t in ts]
+    am, bt = ts
+    rvec = _rvec(plan, ts)
+    g_rvec = None
+    if need[1] and plan.toeplitz and plan.bias_kind in ("alibi", "t5", "dt"):
+        g_rvec = torch.zeros(rvec.shape, dtype=torch.float64, device=q.device)
+    dense = []  # (index in ts, 4-D view, float64 accumulator)
+    for idx, t in ((0, am), (1, bt if plan.bias_kind == "dense" else None)):
+        if need[idx] and t is not None:
+            t4 = t.reshape((1,) * (4 - t.dim()) + tuple(t.shape))
+            dense.append((idx, t4, torch.zeros(t4.shape, dtype=torch.float64, device=t.device)))
     for i0, i1, nkc in _chunks(plan):
+        c = i1 - i0
         qc, kc, vc = _rows(plan, qL, i0, i1, rev), k[:, :, :nkc], v[:, :, :nkc]
         oc, gc = _rows(plan, outL, i0, i1, rev), _rows(plan, goL, i0, i1, rev)
         lc = _rows(plan, lseL[..., None], i0, i1, rev)[..., 0]
         kth = None if kthL is None else _rows(plan, kthL, i0, i1, rev)
-        with torch.set_grad_enabled(any(need)):
-            m, empty, _ = _chunk_mask(gplan, tsg, rvec, i0, i1, nkc, scores=lambda: _scores(plan, qc, kc), kth=kth)
+        m, empty, _ = _chunk_mask(plan, ts, rvec, i0, i1, nkc, scores=lambda: _scores(plan, qc, kc), kth=kth)
         if empty is not None:
             gc = gc.masked_fill(empty[..., None], 0.0)
-        if m is not None and m.requires_grad:
-            dqc, dkc, dvc, ds = _math_bwd(plan, gc, qc, kc, vc, oc, lc, m.detach().to(plan.work))
-            wanted = [t for t in tsg if t is not None and t.requires_grad]
-            grads = torch.autograd.grad(m, wanted, ds.to(m.dtype).sum_to_size(m.shape), retain_graph=True,
-                                        allow_unused=True)
-            it = iter(grads)
-            for idx, t in enumerate(tsg):
-                if t is not None and t.requires_grad:
-                    g = next(it)
-                    if g is not None:
-                        dts[idx] += g
+        if g_rvec is not None or dense:
+            dqc, dkc, dvc, ds = _math_bwd(plan, gc, qc, kc, vc, oc, lc, m)
+            ds = ds.to(torch.float64)
+            if g_rvec is not None:
+                dsv = ds
+                if plan.k_prefix > 0:  # prefix keys carry no position bias
+                    dsv = ds.clone()
+                    dsv[..., : plan.k_prefix] = 0.0
+                dsv = dsv.sum(0) if g_rvec.shape[0] == plan.h else dsv.sum((0, 1))[None]
+                off = plan.nq - i0 - c
+                g_rvec[:, off: off + c + nkc - 1] += _diagonal_sums(dsv)
+            for _, t4, acc in dense:
+                g = ds.flip(2) if rev else ds
+                rows = slice(i0, i1) if t4.shape[-2] != 1 else slice(None)
+                cols = slice(0, nkc) if t4.shape[-1] != 1 else slice(None)
+                size = (t4.shape[0], t4.shape[1], c if t4.shape[-2] != 1 else 1, nkc if t4.shape[-1] != 1 else 1)
+                acc[..., rows, cols] += g.sum_to_size(size)
         else:
             dqc, dkc, dvc = _core_bwd(plan, gc, qc, kc, vc, oc, lc, m)
         _rows(plan, dqL, i0, i1, rev).copy_(dqc)
         dk[:, :, :nkc] += dkc
         dv[:, :, :nkc] += dvc
-    dts = [None if (t is None or not n) else g.to(t.dtype) for t, n, g in zip(ts, need, dts)]
+    dts = [None, None]
+    if g_rvec is not None:
+        with torch.enable_grad():
+            leaf = bt.to(torch.float64).requires_grad_()
+            vec = _rvec(replace(plan, work=torch.float64), [None, leaf])
+            dts[1] = torch.autograd.grad(vec, leaf, g_rvec.masked_fill(torch.isinf(vec), 0.0))[0].to(bt.dtype)
+    for idx, t4, acc in dense:
+        dts[idx] = acc.reshape(ts[idx].shape).to(ts[idx].dtype)
     return _flip(dqL, rev).to(q.dtype), dk.to(k.dtype), dv.to(v.dtype), dts
 
 
