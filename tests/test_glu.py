@@ -86,3 +86,14 @@ def test_dispatch_and_errors():
         torch.ops.xtk.glu_fwd(torch.randn(2, 7), "gelu")
     with pytest.raises(RuntimeError, match=r"dy: expected shape \[2, 4\]"):
         torch.ops.xtk.glu_bwd(torch.randn(2, 5), x, "gelu")
+
+
+@needs_ext
+def test_double_backward_raises():
+    """Higher-order gradients are not implemented by the ext ops: a clear error, not missing grads."""
+    x = torch.randn(3, 8, requires_grad=True)
+    for y in (glu(x, "gelu", backend="ext"), activation(x, "silu", backend="ext"),
+              __import__("xtk").rms_norm(x, torch.ones(8), backend="ext")):
+        (g,) = torch.autograd.grad(y.sum(), x, create_graph=True)
+        with pytest.raises(RuntimeError, match="double backward"):
+            g.pow(2).sum().backward()

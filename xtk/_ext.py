@@ -114,6 +114,17 @@ def _activation_backward(ctx, dy):
     return torch.ops.xtk.activation_bwd(dy, x, ctx.activation), None
 
 
+def _no_double_backward(op):
+    def backward(ctx, *grads):
+        raise RuntimeError(f"xtk::{op}: double backward (create_graph=True) is not supported by the ext backend; "
+                           "use backend='eager' (or XTK_BACKEND=eager) for higher-order gradients")
+    return backward
+
+
+def _nothing_to_save(ctx, inputs, output):
+    pass
+
+
 def _register_python_side():
     lib = torch.library
     lib.register_fake("xtk::rms_norm_fwd")(_rms_norm_fwd_fake)
@@ -125,6 +136,8 @@ def _register_python_side():
     lib.register_autograd("xtk::rms_norm_fwd", _rms_norm_backward, setup_context=_rms_norm_setup)
     lib.register_autograd("xtk::glu_fwd", _glu_backward, setup_context=_glu_setup)
     lib.register_autograd("xtk::activation_fwd", _activation_backward, setup_context=_glu_setup)
+    for op in ("rms_norm_bwd", "glu_bwd", "activation_bwd"):  # an error rather than silently missing grads
+        lib.register_autograd(f"xtk::{op}", _no_double_backward(op), setup_context=_nothing_to_save)
 
 
 # ---------------------------------------------------------------------------------------------
