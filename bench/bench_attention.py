@@ -205,10 +205,11 @@ def _eager_too_big(shape, mode, dtype, device) -> Optional[str]:
     return None
 
 
-def run(device: str, full: bool, dtype, features=None, impls=None, modes=None, causals=(False, True), progress=None):
-    """Yield one ``Result`` per cell (progress: a callable advanced once per cell)."""
+def run(device: str, full: bool, dtype, features=None, impls=None, modes=None, causals=(False, True), progress=None,
+        shapes=None):
+    """One ``Result`` per cell (progress: a callable advanced once per cell); ``shapes`` replaces the sweep."""
     results = []
-    for shape in sweep(device, full):
+    for shape in shapes or sweep(device, full):
         b, h, n, d = shape
         for feature in features or FEATURES:
             for causal in causals:
@@ -243,10 +244,10 @@ def run(device: str, full: bool, dtype, features=None, impls=None, modes=None, c
     return results
 
 
-def count(device: str, full: bool, features=None, impls=None, modes=None, causals=(False, True)) -> int:
+def count(device: str, full: bool, features=None, impls=None, modes=None, causals=(False, True), shapes=None) -> int:
     n = 0
     for feature in features or FEATURES:
         for impl in impls or IMPLS:
             if not ((impl == "sdpa-nobias" and feature != "none") or (impl == "flex" and device != "cuda")):
                 n += 1
-    return len(sweep(device, full)) * n * len(causals) * len(modes or MODES)
+    return len(shapes or sweep(device, full)) * n * len(causals) * len(modes or MODES)

@@ -33,11 +33,15 @@ def parse(argv):
     p.add_argument("--dtype", choices=["auto", "float32", "bfloat16", "float16"], default="auto",
                    help="auto: bfloat16 on CUDA, float32 on CPU")
     p.add_argument("--features", help=f"attention features, comma-separated (default all: {','.join(bench_attention.FEATURES)})")
+    p.add_argument("--shape", action="append", metavar="B,H,N,D",
+                   help="attention shape(s) instead of the sweep's (repeatable), e.g. 2,8,2048,32")
     p.add_argument("--json", metavar="PATH")
     p.add_argument("--markdown", metavar="PATH")
     p.add_argument("--plot", metavar="PATH", help="PNG (needs matplotlib: pip install 'xtk[bench]')")
     p.add_argument("--save", nargs="?", const=RESULTS_DIR, metavar="DIR",
-                   help="write results.json, results.md and results.png under DIR/<device-slug>/ (default bench/results)")
+                   help="write LABEL.json, LABEL.md and LABEL.png under DIR/<device-slug>/ (default DIR: bench/results)")
+    p.add_argument("--label", help="file name for --save (default: quick, full, or shapes with --shape)")
+    p.add_argument("--threads", type=int, help="torch.set_num_threads (CPU); default: torch's choice")
     p.add_argument("--no-progress", action="store_true")
     return p.parse_args(argv)
 
@@ -217,6 +221,8 @@ def plot(results: list[Result], path: str) -> str:
 def main(argv=None) -> int:
     argv = list(sys.argv[1:] if argv is None else argv)
     args = parse(argv)
+    if args.threads:
+        torch.set_num_threads(args.threads)
     device = ("cuda" if torch.cuda.is_available() else "cpu") if args.device == "auto" else args.device
     if device == "cuda" and not torch.cuda.is_available():
         print("--device cuda: torch sees no CUDA device", file=sys.stderr)
@@ -230,6 +236,14 @@ def main(argv=None) -> int:
         if bad:
             print(f"--features: unknown {bad}; have {bench_attention.FEATURES}", file=sys.stderr)
             return 2
+    shapes = None
+    if args.shape:
+        try:
+            shapes = [tuple(int(x) for x in s.split(",")) for s in args.shape]
+            assert all(len(s) == 4 and min(s) > 0 for s in shapes)
+        except (ValueError, AssertionError):
+            print(f"--shape: expected B,H,N,D with 4 positive integers, got {args.shape}", file=sys.stderr)
+            return 2
     env = environment(device)
     notes = []
     if device == "cpu":
@@ -238,7 +252,7 @@ def main(argv=None) -> int:
     if "model" in ops and isinstance(why, str):
         print(f"model: skipped: {why}", file=sys.stderr)
         notes.append(f"model rows skipped: {why}")
-    total = sum(bench_attention.count(device, args.full, features) if op == "attention" else OPS[op].count(device, args.full)
+    total = sum(bench_attention.count(device, args.full, features, shapes=shapes) if op == "attention" else OPS[op].count(device, args.full)
                 for op in ops)
     print(f"xtk bench on {env['device_name']} ({device}, {str(dtype).replace('torch.', '')}, torch {env['torch']}, "
           f"{env['threads']} threads), {'full' if args.full else 'quick'} sweep: {total} cells", file=sys.stderr)
@@ -247,7 +261,7 @@ def main(argv=None) -> int:
     try:
         for op in ops:
             if op == "attention":
-                results += bench_attention.run(device, args.full, dtype, features=features, progress=tick)
+                results += bench_attention.run(device, args.full, dtype, features=features, progress=tick, shapes=shapes)
             else:
                 results += OPS[op].run(device, args.full, dtype, progress=tick)
     finally:
@@ -262,7 +276,8 @@ def main(argv=None) -> int:
     if args.save:
         folder = os.path.join(args.save, device_slug(device))
         os.makedirs(folder, exist_ok=True)
-        paths = {k: os.path.join(folder, f"results.{ext}") for k, ext in (("json", "json"), ("markdown", "md"), ("plot", "png"))}
+        label = args.label or ("shapes" if shapes else "full" if args.full else "quick")
+        paths = {k: os.path.join(folder, f"{label}.{ext}") for k, ext in (("json", "json"), ("markdown", "md"), ("plot", "png"))}
     for key in ("json", "markdown", "plot"):
         if getattr(args, key):
             paths[key] = getattr(args, key)

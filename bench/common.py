@@ -204,13 +204,18 @@ def time_ms(fn: Callable[[], object], device: str, min_reps: int = 3, min_time_s
                 torch.cuda.synchronize()
                 times.append(start.elapsed_time(end))
             return statistics.median(times)
+    return statistics.median(time_ms_samples(fn, min_reps, min_time_s, max_reps))
+
+
+def time_ms_samples(fn, min_reps: int = 3, min_time_s: float = 0.2, max_reps: int = 50) -> list[float]:
+    """Wall-clock milliseconds of repeated calls: at least ``min_reps``, more until ``min_time_s``."""
     times = []
     t_end = time.perf_counter() + min_time_s
     while len(times) < min_reps or (time.perf_counter() < t_end and len(times) < max_reps):
         t0 = time.perf_counter()
         fn()
         times.append((time.perf_counter() - t0) * 1e3)
-    return statistics.median(times)
+    return times
 
 
 def is_oom(e: BaseException) -> bool:
@@ -218,19 +223,28 @@ def is_oom(e: BaseException) -> bool:
 
 
 def measure(result: Result, make: Callable[[], Callable[[], object]], device: str, quick: bool = True) -> Result:
-    """Fill ``result`` by timing the callable that ``make()`` returns (one warm-up call, which also
-    gives the peak memory). Out-of-memory becomes status 'OOM'; other errors 'error: ...'."""
+    """Fill ``result`` by timing the callable that ``make()`` returns: one warm-up call, one call under
+    ``PeakMemory`` (also the first timing sample on CPU), then repeats; the median is kept.
+    Out-of-memory becomes status 'OOM'; other errors 'error: ...'."""
     try:
         fn = make()
+        fn()  # warm-up: lazy imports, thread pools, allocator caches, compilation
+        _sync(device)
         with PeakMemory(device) as mem:
+            t0 = time.perf_counter()
             fn()
             _sync(device)
+            first = (time.perf_counter() - t0) * 1e3
         result.peak_mb = mem.mb
 
         def call():
             fn()
             _sync(device)
-        result.ms = time_ms(call, device, min_reps=3 if quick else 5, min_time_s=0.1 if quick else 1.0)
+        if device == "cuda":
+            result.ms = time_ms(call, device)
+        else:  # the measured call is the first sample
+            more = time_ms_samples(call, min_reps=2 if quick else 4, min_time_s=0.1 if quick else 1.0)
+            result.ms = statistics.median([first] + more)
     except Exception as e:  # noqa: BLE001 - a benchmark reports, it does not crash
         result.status = "OOM" if is_oom(e) else f"error: {type(e).__name__}: {str(e).splitlines()[0][:160]}"
         result.ms = None
