@@ -15,7 +15,8 @@ Dropout: the same counter-based keep-mask as the forward (``_dropout_keep``).
 import triton
 import triton.language as tl
 
-from .attention_common import _causal_key_end, _causal_query_start, _dropout_keep, _logits
+from .attention_common import (_causal_key_end, _causal_query_start, _dropout_keep, _group_norm_factor, _logits,
+                               _rotate_pairs)
 
 
 @triton.jit
@@ -127,7 +128,7 @@ def _attn_bwd_dq(
         slope = tl.load(SLOPES + off_h).to(tl.float32)
     tab = TAB + off_h * stab_h
     dq = tl.zeros([BLOCK_M, BLOCK_D], tl.float32)
-    dslope = tl.zeros([BLOCK_M, BLOCK_N], tl.float32)
+    dslope = tl.zeros([BLOCK_M], tl.float32)
     pi = q_offset + offs_m
     end_n = _causal_key_end(start_m, BLOCK_M, NK, q_offset, k_prefix, IS_CAUSAL)
     if NEED_DSLOPE or NEED_DTAB or NEED_DS:
@@ -179,15 +180,61 @@ def _attn_bwd_dq(
         positional = (offs_n >= k_prefix) & col_ok
         dist = pi[:, None] - (offs_n - k_prefix)[None, :]
         if NEED_DSLOPE:
-            dslope += tl.where(positional[None, :], -ds * tl.abs(dist).to(tl.float32), 0.0)
+            dslope += tl.sum(tl.where(positional[None, :], -ds * tl.abs(dist).to(tl.float32), 0.0), axis=1)
         if NEED_DTAB:
             tl.atomic_add(DTAB + (dist + tab_center).to(tl.int64) * stab_l + off_h * stab_h, ds,
                           mask=positional[None, :] & row_ok[:, None])
         if NEED_DS:
-            tl.store(DS + off_bh.to(tl.int64) * NQ * NK + offs_m[:, None].to(tl.int64) * NK + offs_n[None, :], ds,
+            tl.store(DS + off_bh.to(tl.int64) * NQ * NK + (offs_m[:, None] * NK + offs_n[None, :]), ds,
                      mask=row_ok[:, None] & col_ok[None, :])
     dq = dq * sm_scale
     tl.store(DQ + off_b.to(tl.int64) * sdqb + off_h.to(tl.int64) * sdqh + offs_m[:, None] * sdqm + offs_d[None, :] * sdqd,
              dq.to(DQ.dtype.element_ty), mask=row_ok[:, None] & (offs_d[None, :] < D))
     if NEED_DSLOPE:
-        tl.store(DSLOPE + off_bh.to(tl.int64) * tl.num_programs(0) + pid_m, tl.sum(tl.sum(dslope, axis=1), axis=0))
+        tl.store(DSLOPE + off_bh.to(tl.int64) * tl.num_programs(0) + pid_m, tl.sum(dslope, axis=0))
+
+
+@triton.jit
+def _qk_prep_bwd(X, DY, DX, DSCALE, DDSCALE, INV_FREQ, XPOS,
+                 sxb, sxh, sxn, sxd, sdyb, sdyh, sdyn, sdyd,
+                 HEADS, N, D, R, pos_offset, n_skip, max_half, xpos_base, xpos_sign, interp,
+                 HAS_NORM: tl.constexpr, GROUPS: tl.constexpr, HAS_DSCALE: tl.constexpr, HAS_ROT: tl.constexpr,
+                 HAS_XPOS: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr):
+    """Backward of ``_qk_prep_fwd``: dX (same layout as X, contiguous) and, with a per-dim scale, this
+    program's partial sum of its gradient (DDSCALE[(row block, b), head, d]; summed by the launcher)."""
+    pid_n = tl.program_id(0)
+    off_bh = tl.program_id(1)
+    off_b = off_bh // HEADS
+    off_h = off_bh % HEADS
+    offs_n = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
+    offs_d = tl.arange(0, BLOCK_D)
+    ok = (offs_n[:, None] < N) & (offs_d[None, :] < D)
+    x = tl.load(X + off_b.to(tl.int64) * sxb + off_h.to(tl.int64) * sxh + offs_n[:, None] * sxn + offs_d[None, :] * sxd,
+                mask=ok, other=0.0).to(tl.float32)
+    g = tl.load(DY + off_b.to(tl.int64) * sdyb + off_h.to(tl.int64) * sdyh + offs_n[:, None] * sdyn + offs_d[None, :] * sdyd,
+                mask=ok, other=0.0).to(tl.float32)
+    if HAS_ROT:
+        pos = offs_n + pos_offset
+        g = _rotate_pairs(g, pos, offs_n >= n_skip, INV_FREQ, XPOS, R, interp, max_half, xpos_base, xpos_sign,
+                          True, HAS_XPOS, BLOCK_N, BLOCK_D)
+    xn = x
+    if HAS_NORM:
+        inv, nrm = _group_norm_factor(x, offs_d, D, GROUPS)
+        xn = x * inv
+    if HAS_DSCALE:
+        scale = tl.load(DSCALE + off_h * D + offs_d, mask=offs_d < D, other=0.0)
+        part = tl.sum(g * xn, axis=0)
+        tl.store(DDSCALE + ((pid_n * tl.num_programs(1) + off_bh).to(tl.int64)) * D + offs_d, part, mask=offs_d < D)
+        g = g * scale[None, :]
+    if HAS_NORM:
+        gsize = D // GROUPS
+        gid = offs_d // gsize
+        proj = tl.zeros(x.shape, tl.float32)
+        for grp in tl.static_range(GROUPS):
+            in_g = (gid == grp)[None, :]
+            dot = tl.sum(tl.where(in_g, xn * g, 0.0), axis=1)
+            proj = tl.where(in_g, dot[:, None], proj)
+        # d/dx of x / max(||x||, eps): (g - xn (xn . g)) / ||x|| above eps, g / eps below
+        g = tl.where(nrm > 1e-12, (g - xn * proj) * inv, g * inv)
+    tl.store(DX + (off_bh.to(tl.int64) * N + offs_n[:, None]) * D + offs_d[None, :],
+             g.to(DX.dtype.element_ty), mask=ok)

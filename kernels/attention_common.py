@@ -25,8 +25,8 @@ MASK_NONE, MASK_FLOAT, MASK_BOOL = 0, 1, 2
 def _dense_tile(s, ptr, sb, sh, sm, sn, off_b, off_h, offs_m, offs_n, NQ, NK, KIND: tl.constexpr):
     """Add (KIND 1) or apply as keep-mask (KIND 2) one tile of a broadcast (b, h, nq, nk) tensor."""
     inb = (offs_m[:, None] < NQ) & (offs_n[None, :] < NK)
-    p = ptr + off_b.to(tl.int64) * sb + off_h.to(tl.int64) * sh \
-        + offs_m[:, None].to(tl.int64) * sm + offs_n[None, :].to(tl.int64) * sn
+    base = ptr + off_b.to(tl.int64) * sb + off_h.to(tl.int64) * sh  # 64-bit per (b, h); in-slice offsets 32-bit
+    p = base + (offs_m[:, None] * sm + offs_n[None, :] * sn)
     if KIND == 1:
         s = s + tl.load(p, mask=inb, other=0.0).to(tl.float32)
     else:
@@ -91,3 +91,53 @@ def _causal_query_start(start_n, BLOCK_M: tl.constexpr, q_offset, k_prefix, IS_C
         return (lo // BLOCK_M) * BLOCK_M
     else:
         return 0
+
+
+@triton.jit
+def _rotate_pairs(x, pos, rot_row, INV_FREQ, XPOS, R, interp, max_half, xpos_base, xpos_sign, inverse,
+                  HAS_XPOS: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr):
+    """Rotate interleaved pairs (2m, 2m+1), m < R/2, of a (BLOCK_N, BLOCK_D) fp32 tile by
+    ``pos * inv_freq[m] / interp`` (angle and its reduction mod 2 pi in fp64, as accurate as the
+    reference's fp64 angle; cos/sin in fp32), times the xpos scale
+    ``s_m ** (xpos_sign * (pos - max_half) / xpos_base)``. ``inverse``: the transpose (backward)."""
+    x0, x1 = tl.split(tl.reshape(x, [BLOCK_N, BLOCK_D // 2, 2]))
+    m = tl.arange(0, BLOCK_D // 2)
+    m_ok = m < R // 2
+    inv_freq = tl.load(INV_FREQ + m, mask=m_ok, other=0.0).to(tl.float64)
+    theta = pos.to(tl.float64)[:, None] * inv_freq[None, :] / interp
+    # reduce to [-pi, pi] in fp64 (exact enough for any position), then fp32 cos/sin
+    turns = tl.floor(theta * 0.15915494309189535 + 0.5)
+    theta = (theta - turns * 6.283185307179586).to(tl.float32)
+    c = tl.cos(theta)
+    s = tl.sin(theta)
+    if inverse:
+        s = -s
+    y0 = x0 * c - x1 * s
+    y1 = x1 * c + x0 * s
+    if HAS_XPOS:
+        xs = tl.load(XPOS + m, mask=m_ok, other=1.0).to(tl.float32)
+        power = xpos_sign * (pos - max_half).to(tl.float32) / xpos_base
+        sc = tl.exp(power[:, None] * tl.log(xs[None, :]))
+        y0 = y0 * sc
+        y1 = y1 * sc
+    apply = rot_row[:, None] & m_ok[None, :]
+    y0 = tl.where(apply, y0, x0)
+    y1 = tl.where(apply, y1, x1)
+    return tl.reshape(tl.join(y0, y1), [BLOCK_N, BLOCK_D])
+
+
+@triton.jit
+def _group_norm_factor(x, offs_d, D, GROUPS: tl.constexpr):
+    """Per element 1 / max(||x_group||, 1e-12) of the QK-norm groups (D // GROUPS features each), and the norm."""
+    gsize = D // GROUPS
+    gid = offs_d // gsize
+    inv = tl.zeros(x.shape, tl.float32)
+    nrm = tl.zeros(x.shape, tl.float32)
+    for g in tl.static_range(GROUPS):
+        in_g = (gid == g)[None, :]
+        n = tl.sqrt(tl.sum(tl.where(in_g, x * x, 0.0), axis=1))
+        r = tl.maximum(n, 1e-12)
+        inv = tl.where(in_g, 1.0 / r[:, None], inv)
+        nrm = tl.where(in_g, n[:, None], nrm)
+    return inv, nrm
+

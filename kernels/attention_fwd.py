@@ -15,7 +15,7 @@ than topk unmasked keys, i.e. keep all). The forward and backward then mask ``s 
 import triton
 import triton.language as tl
 
-from .attention_common import _causal_key_end, _dropout_keep, _logits
+from .attention_common import _causal_key_end, _dropout_keep, _group_norm_factor, _logits, _rotate_pairs
 
 
 @triton.jit
@@ -135,3 +135,33 @@ def _dropout_mask_kernel(OUT, H, NQ, NK, dropout_p, seed, BLOCK_M: tl.constexpr,
     keep = _dropout_keep(seed, off_bh, offs_m, offs_n, NK, dropout_p)
     tl.store(OUT + off_bh.to(tl.int64) * NQ * NK + offs_m[:, None] * NK + offs_n[None, :], keep.to(tl.int8),
              mask=(offs_m[:, None] < NQ) & (offs_n[None, :] < NK))
+
+
+@triton.jit
+def _qk_prep_fwd(X, Y, DSCALE, INV_FREQ, XPOS,
+                 sxb, sxh, sxn, sxd, syb, syh, syn, syd,
+                 HEADS, N, D, R, pos_offset, n_skip, max_half, xpos_base, xpos_sign, interp,
+                 HAS_NORM: tl.constexpr, GROUPS: tl.constexpr, HAS_DSCALE: tl.constexpr, HAS_ROT: tl.constexpr,
+                 HAS_XPOS: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr):
+    """QK pre-pass: grouped l2 norm, per-dim scale, rotary/xpos from positions, for one (b, head, row block).
+
+    Row ``n`` sits at position ``n + pos_offset``; rows ``n < n_skip`` (prefix keys) get no rotary."""
+    off_bh = tl.program_id(1)
+    off_b = off_bh // HEADS
+    off_h = off_bh % HEADS
+    offs_n = tl.program_id(0) * BLOCK_N + tl.arange(0, BLOCK_N)
+    offs_d = tl.arange(0, BLOCK_D)
+    ok = (offs_n[:, None] < N) & (offs_d[None, :] < D)
+    x = tl.load(X + off_b.to(tl.int64) * sxb + off_h.to(tl.int64) * sxh + offs_n[:, None] * sxn + offs_d[None, :] * sxd,
+                mask=ok, other=0.0).to(tl.float32)
+    if HAS_NORM:
+        inv, _ = _group_norm_factor(x, offs_d, D, GROUPS)
+        x = x * inv
+    if HAS_DSCALE:
+        x = x * tl.load(DSCALE + off_h * D + offs_d, mask=offs_d < D, other=0.0)[None, :]
+    if HAS_ROT:
+        pos = offs_n + pos_offset
+        x = _rotate_pairs(x, pos, offs_n >= n_skip, INV_FREQ, XPOS, R, interp, max_half, xpos_base, xpos_sign,
+                          False, HAS_XPOS, BLOCK_N, BLOCK_D)
+    tl.store(Y + off_b.to(tl.int64) * syb + off_h.to(tl.int64) * syh + offs_n[:, None] * syn + offs_d[None, :] * syd,
+             x.to(Y.dtype.element_ty), mask=ok)

@@ -22,12 +22,11 @@ import triton
 
 from xtk import backends
 from xtk.bias import Alibi, Dense, DistanceTable, T5, t5_bucket
-from xtk.reference.attention import qk_norm_apply, rotary_apply
 
-from .attention_bwd import _attn_bwd_dkdv, _attn_bwd_dq
+from .attention_bwd import _attn_bwd_dkdv, _attn_bwd_dq, _qk_prep_bwd
 from .attention_common import (BIAS_ALIBI, BIAS_DENSE_BOOL, BIAS_DENSE_FLOAT, BIAS_NONE, BIAS_TABLE,
                                MASK_BOOL, MASK_FLOAT, MASK_NONE)
-from .attention_fwd import _attn_fwd, _attn_topk_threshold, _dropout_mask_kernel
+from .attention_fwd import _attn_fwd, _attn_topk_threshold, _dropout_mask_kernel, _qk_prep_fwd
 
 Tensor = torch.Tensor
 MAX_HEAD_DIM = 256
@@ -45,28 +44,39 @@ def block_d(d: int) -> int:
     return max(16, triton.next_power_of_2(d))
 
 
-def config(kind: str, d: int, dv: int, arch: int = 90, topk: int = 0) -> dict:
+def config(kind: str, d: int, dv: int, arch: int = 90, topk: int = 0, ieee: bool = False) -> dict:
     """Pinned tile config of one kernel: BLOCK_M, BLOCK_N, num_warps, num_stages.
 
-    kind: 'fwd' (also the top-k threshold pass) | 'bwd'. Chosen so that no shipped
-    specialization spills on sm_80/sm_90 (tests/test_kernels_build.py checks it)."""
+    kind: 'fwd' (also the top-k threshold pass) | 'dkdv' | 'dq'. Chosen from the ptxas reports of
+    the AOT compile so that no shipped specialization spills on sm_80/sm_90
+    (tests/test_kernels_build.py checks it). ``arch`` is kept for per-arch tuning. ``ieee``: fp32
+    inputs with IEEE products (no tensor cores: FMA tiles need far more registers, so small tiles)."""
     bd = max(block_d(d), block_d(dv))
     if interpreting():
         bm, bn, warps, stages = 32, 32, 4, 1
+    elif ieee:
+        bm, bn, warps, stages = (32, 16, 4, 1) if bd <= 128 else (16, 16, 4, 1)
     elif kind == "fwd":
         if bd <= 64:
-            bm, bn, warps, stages = 64, 64, 4, 3
-        elif bd <= 128:
             bm, bn, warps, stages = 64, 64, 4, 2
+        elif bd <= 128:
+            bm, bn, warps, stages = 64, 32, 8, 2
         else:
-            bm, bn, warps, stages = 64, 32, 4, 2
-    else:
+            bm, bn, warps, stages = 32, 32, 8, 1
+    elif kind == "dkdv":
         if bd <= 64:
             bm, bn, warps, stages = 32, 64, 4, 2
         elif bd <= 128:
             bm, bn, warps, stages = 32, 64, 8, 1
         else:
             bm, bn, warps, stages = 16, 32, 8, 1
+    else:
+        if bd <= 64:
+            bm, bn, warps, stages = 64, 32, 4, 2
+        elif bd <= 128:
+            bm, bn, warps, stages = 64, 16, 8, 1
+        else:
+            bm, bn, warps, stages = 32, 16, 8, 1
     if topk:
         bn = max(bn, triton.next_power_of_2(topk))
     return dict(BLOCK_M=bm, BLOCK_N=bn, num_warps=warps, num_stages=stages)
@@ -135,7 +145,7 @@ def _forward(q, k, v, slopes, table, mask, dense, scale, is_causal, q_offset, k_
     lse = torch.empty(b, h, 2, nq, dtype=torch.float32, device=q.device)  # row max, row sum
     has_topk = 0 < topk < nk
     thr = torch.empty(b, h, nq if has_topk else 0, dtype=torch.float32, device=q.device)
-    cfg = config("fwd", d, dv, _arch(q.device), topk if has_topk else 0)
+    cfg = config("fwd", d, dv, _arch(q.device), topk if has_topk else 0, _precision(q.dtype) == "ieee")
     bm, bn = cfg["BLOCK_M"], cfg["BLOCK_N"]
     ptrs, scal, bias_kind, mask_kind = _slots(q, slopes, table, mask, dense, b, h, nq, nk)
     prec = _precision(q.dtype)
@@ -168,9 +178,11 @@ def _backward(do, q, k, v, out, lse, thr, seed, slopes, table, mask, dense, scal
     dk = torch.empty_like(k)
     dvv = torch.empty_like(v)
     has_topk = 0 < topk < nk
-    cfg = config("bwd", d, dv, _arch(q.device), topk if has_topk else 0)
-    bm, bn = cfg["BLOCK_M"], cfg["BLOCK_N"]
-    n_mblocks = triton.cdiv(nq, bm)
+    arch = _arch(q.device)
+    ieee = _precision(q.dtype) == "ieee"
+    cfg_kv = config("dkdv", d, dv, arch, topk if has_topk else 0, ieee)
+    cfg = config("dq", d, dv, arch, topk if has_topk else 0, ieee)
+    n_mblocks = triton.cdiv(nq, cfg["BLOCK_M"])
     dslopes = torch.zeros(b, h, n_mblocks if need_dslopes else 0, dtype=torch.float32, device=q.device)
     dtab = torch.zeros_like(table, dtype=torch.float32) if need_dtable else q.new_empty(0, dtype=torch.float32)
     ds = torch.zeros(b, h, nq, nk, dtype=torch.float32, device=q.device) if need_ds else q.new_empty(0, dtype=torch.float32)
@@ -181,19 +193,18 @@ def _backward(do, q, k, v, out, lse, thr, seed, slopes, table, mask, dense, scal
     ptrs, scal, bias_kind, mask_kind = _slots(q, slopes, table, mask, dense, b, h, nq, nk)
     prec = _precision(q.dtype)
     common = dict(IS_CAUSAL=is_causal, BIAS_KIND=bias_kind, MASK_KIND=mask_kind, HAS_TOPK=has_topk,
-                  HAS_DROPOUT=dropout_p > 0.0, PRECISION=prec, BLOCK_M=bm, BLOCK_N=bn,
-                  BLOCK_D=block_d(d), BLOCK_DV=block_d(dv), num_warps=cfg["num_warps"], num_stages=cfg["num_stages"])
+                  HAS_DROPOUT=dropout_p > 0.0, PRECISION=prec, BLOCK_D=block_d(d), BLOCK_DV=block_d(dv))
     thr_arg = thr if has_topk else lse
-    _attn_bwd_dkdv[(triton.cdiv(nk, bn), b * hk)](
+    _attn_bwd_dkdv[(triton.cdiv(nk, cfg_kv["BLOCK_N"]), b * hk)](
         q, k, v, do, dk, dvv, lse, delta, thr_arg, *ptrs,
         *q.stride(), *k.stride(), *v.stride(), *do.stride(), *dk.stride(), *dvv.stride(), *scal,
-        h, hk, nq, nk, d, dv, q_offset, k_prefix, scale, dropout_p, seed, **common)
+        h, hk, nq, nk, d, dv, q_offset, k_prefix, scale, dropout_p, seed, **common, **cfg_kv)
     _attn_bwd_dq[(n_mblocks, b * h)](
         q, k, v, do, dq, lse, delta, thr_arg, *ptrs, dslopes if need_dslopes else lse,
         dtab if need_dtable else lse, ds if need_ds else lse,
         *q.stride(), *k.stride(), *v.stride(), *do.stride(), *dq.stride(), *scal,
         h, hk, nq, nk, d, dv, q_offset, k_prefix, scale, dropout_p, seed,
-        NEED_DSLOPE=need_dslopes, NEED_DTAB=need_dtable, NEED_DS=need_ds, **common)
+        NEED_DSLOPE=need_dslopes, NEED_DTAB=need_dtable, NEED_DS=need_ds, **common, **cfg)
     return dq, dk, dvv, dslopes.sum((0, 2)), dtab, ds
 
 
@@ -298,26 +309,115 @@ def dropout_keep_mask(seed: int, b: int, h: int, nq: int, nk: int, dropout_p: fl
 # ----------------------------------------------------------------------------- the backend
 
 def _prepare_qk(inputs):
-    """QK-norm and rotary/xpos before the kernel (torch ops, autograd through them); returns q, k, scale.
+    """QK-norm and rotary/xpos before the attention kernel: the Triton pre-pass ``xtk::attention_qk_prep``
+    on q and on k (positions in-kernel, no (n, d) cos/sin table); returns q, k, scale.
 
-    A tensor QK-norm scale is folded into q so its gradient comes from autograd."""
+    A tensor QK-norm scale is folded into q (a torch multiply) so its gradient comes from autograd."""
     q, k = inputs.q, inputs.k
     scale = inputs.scale
-    qn = inputs.qk_norm
+    qn, rot = inputs.qk_norm, inputs.rotary
+    if qn is not None or rot is not None:
+        h, nq, d = q.shape[1], q.shape[2], q.shape[3]
+        hk, nk = k.shape[1], k.shape[2]
+        groups = qn.groups if qn is not None else 0
+
+        def dim_scale(t, heads):
+            return None if t is None else t.expand(heads, 1, d).reshape(heads, d).float().contiguous()
+
+        qs = dim_scale(qn.q_dim_scale, h) if qn is not None else None
+        ks = dim_scale(qn.k_dim_scale, hk) if qn is not None else None
+        inv_freq = xpos = None
+        rd, max_half, base, interp = 0, 0, 1.0, 1.0
+        if rot is not None:
+            inv_freq = rot.inv_freq.float().contiguous()
+            xpos = rot.xpos_scale.float().contiguous() if rot.xpos_scale is not None else None
+            rd, base, interp = rot.dim, float(rot.xpos_scale_base), float(rot.interpolation_factor)
+            max_half = max(inputs.q_offset + nq, nk - inputs.k_prefix) // 2
+        q = torch.ops.xtk.attention_qk_prep(q, qs, inv_freq, xpos, groups, inputs.q_offset, 0, max_half, base,
+                                            1.0, interp, rd)
+        k = torch.ops.xtk.attention_qk_prep(k, ks, inv_freq, xpos, groups, -inputs.k_prefix, inputs.k_prefix,
+                                            max_half, base, -1.0, interp, rd)
     if qn is not None:
-        q = qk_norm_apply(q, qn.groups, qn.q_dim_scale)
-        k = qk_norm_apply(k, qn.groups, qn.k_dim_scale)
         if isinstance(qn.scale, torch.Tensor):
             q = q * qn.scale.to(q.dtype)
             scale = 1.0
         else:
             scale = float(qn.scale)
-    if inputs.rotary is not None:
-        from xtk.reference.attention import _rotate_qk
-        q, k = _rotate_qk(q, k, inputs.rotary, inputs.q_offset, inputs.k_prefix)
     if scale is None:
         scale = q.shape[-1] ** -0.5
     return q, k, float(scale)
+
+
+def _prep_launch_args(x, dim_scale, inv_freq, xpos, groups, rot_dim):
+    b, heads, n, d = x.shape
+    bn = 32 if interpreting() or block_d(d) <= 128 else 16
+    meta = dict(HAS_NORM=groups > 0, GROUPS=max(groups, 1), HAS_DSCALE=dim_scale is not None, HAS_ROT=rot_dim > 0,
+                HAS_XPOS=xpos is not None, BLOCK_N=bn, BLOCK_D=block_d(d), num_warps=4)
+    ptrs = (dim_scale if dim_scale is not None else x, inv_freq if inv_freq is not None else x,
+            xpos if xpos is not None else x)
+    return (triton.cdiv(n, bn), b * heads), ptrs, meta
+
+
+@torch.library.custom_op("xtk::attention_qk_prep", mutates_args=())
+def attention_qk_prep(x: Tensor, dim_scale: Optional[Tensor], inv_freq: Optional[Tensor], xpos: Optional[Tensor],
+                      groups: int, pos_offset: int, n_skip: int, max_half: int, xpos_base: float, xpos_sign: float,
+                      interp: float, rot_dim: int) -> Tensor:
+    """QK pre-pass on x (b, heads, n, d), any strides -> contiguous: grouped l2 norm (groups > 0), times
+    dim_scale (heads, d) fp32, then rotary on the first rot_dim features (rot_dim > 0) at positions
+    ``row + pos_offset`` for rows >= n_skip, with xpos when ``xpos`` (rot_dim//2,) is given."""
+    b, heads, n, d = x.shape
+    y = torch.empty(b, heads, n, d, dtype=x.dtype, device=x.device)
+    if y.numel() == 0:
+        return y
+    grid, ptrs, meta = _prep_launch_args(x, dim_scale, inv_freq, xpos, groups, rot_dim)
+    _qk_prep_fwd[grid](x, y, *ptrs, *x.stride(), *y.stride(), heads, n, d, rot_dim, pos_offset, n_skip, max_half,
+                       xpos_base, xpos_sign, interp, **meta)
+    return y
+
+
+@attention_qk_prep.register_fake
+def _(x, dim_scale, inv_freq, xpos, groups, pos_offset, n_skip, max_half, xpos_base, xpos_sign, interp, rot_dim):
+    return x.new_empty(x.shape)
+
+
+@torch.library.custom_op("xtk::attention_qk_prep_bwd", mutates_args=())
+def attention_qk_prep_bwd(dy: Tensor, x: Tensor, dim_scale: Optional[Tensor], inv_freq: Optional[Tensor],
+                          xpos: Optional[Tensor], groups: int, pos_offset: int, n_skip: int, max_half: int,
+                          xpos_base: float, xpos_sign: float, interp: float, rot_dim: int) -> tuple[Tensor, Tensor]:
+    """-> (dx contiguous, d dim_scale (heads, d) fp32 or (0,))."""
+    b, heads, n, d = x.shape
+    dx = torch.empty(b, heads, n, d, dtype=x.dtype, device=x.device)
+    grid, ptrs, meta = _prep_launch_args(x, dim_scale, inv_freq, xpos, groups, rot_dim)
+    part = torch.zeros(grid[0], b * heads, d if dim_scale is not None else 0, dtype=torch.float32, device=x.device)
+    if dx.numel() == 0:
+        return dx.zero_(), part.new_zeros(heads, d) if dim_scale is not None else part.new_empty(0)
+    _qk_prep_bwd[grid](x, dy, dx, ptrs[0], part if dim_scale is not None else dx, ptrs[1], ptrs[2],
+                       *x.stride(), *dy.stride(), heads, n, d, rot_dim, pos_offset, n_skip, max_half,
+                       xpos_base, xpos_sign, interp, **meta)
+    dscale = part.view(grid[0], b, heads, d).sum((0, 1)) if dim_scale is not None else part.new_empty(0)
+    return dx, dscale
+
+
+@attention_qk_prep_bwd.register_fake
+def _(dy, x, dim_scale, inv_freq, xpos, groups, pos_offset, n_skip, max_half, xpos_base, xpos_sign, interp, rot_dim):
+    b, heads, n, d = x.shape
+    return x.new_empty(x.shape), x.new_empty((heads, d) if dim_scale is not None else (0,), dtype=torch.float32)
+
+
+def _prep_setup_context(ctx, inputs, output):
+    x, dim_scale, inv_freq, xpos, *args = inputs
+    ctx.save_for_backward(x, dim_scale, inv_freq, xpos)
+    ctx.args = args
+
+
+def _prep_backward(ctx, dy):
+    x, dim_scale, inv_freq, xpos = ctx.saved_tensors
+    dx, dscale = attention_qk_prep_bwd(dy, x, dim_scale, inv_freq, xpos, *ctx.args)
+    need_scale = dim_scale is not None and ctx.needs_input_grad[1]
+    return (dx, dscale if need_scale else None) + (None,) * 10
+
+
+attention_qk_prep.register_autograd(_prep_backward, setup_context=_prep_setup_context)
 
 
 def t5_distance_table(bias: T5, nq: int, nk: int, q_offset: int, k_prefix: int) -> Tensor:

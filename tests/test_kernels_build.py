@@ -1,0 +1,73 @@
+"""AOT compile of the Triton attention kernels for sm_80 and sm_90 (no GPU needed).
+
+Runs ``python -m xtk.kernels.aot`` in a subprocess: the interpreter switch that conftest.py sets
+for the other tests must be off for a real compile, and the ptxas log (registers, spills) is
+only printed with ``TRITON_DUMP_PTXAS_LOG=1`` and a fresh ``TRITON_CACHE_DIR``. Asserts, for
+every specialization of the set the launcher can select: it compiles, its shared memory fits
+(163 KB sm_80, 227 KB sm_90), ptxas reports no spill, and the PTX uses tensor cores. The CI set
+takes about 2 minutes; ``XTK_FULL_TESTS=1`` compiles the full set.
+"""
+import json
+import os
+import subprocess
+import sys
+
+import pytest
+
+FULL = os.environ.get("XTK_FULL_TESTS") == "1"
+
+
+@pytest.fixture(scope="module")
+def aot_results(tmp_path_factory):
+    pytest.importorskip("triton")
+    tmp = tmp_path_factory.mktemp("aot")
+    env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
+    env.update(TRITON_CACHE_DIR=str(tmp / "cache"), TRITON_DUMP_PTXAS_LOG="1", TRITON_DEFAULT_FP_FUSION="1")
+    out = tmp / "aot.json"
+    proc = subprocess.run([sys.executable, "-m", "xtk.kernels.aot", "--set", "full" if FULL else "ci",
+                           "--json", str(out)], env=env, capture_output=True, text=True, timeout=3000)
+    assert proc.returncode == 0, proc.stderr[-4000:]
+    results = json.loads(out.read_text())
+    assert results, "no specialization compiled"
+    return results
+
+
+def test_every_specialization_compiles(aot_results):
+    errors = [f"{r['name']}: {r['error']}" for r in aot_results if "error" in r]
+    assert not errors, "\n".join(errors)
+
+
+def test_shared_memory_fits(aot_results):
+    over = [f"{r['name']}: {r['shared']} B > {r['smem_limit']} B" for r in aot_results
+            if "error" not in r and r["shared"] > r["smem_limit"]]
+    assert not over, "\n".join(over)
+
+
+def test_ptxas_reports_no_spills(aot_results):
+    ok = [r for r in aot_results if "error" not in r]
+    missing = [r["name"] for r in ok if not r["ptxas_log_found"]]
+    assert not missing, f"no ptxas log (cached kernel?): {missing}"
+    spills = [f"{r['name']} ({r['config']}): {r['spill_bytes']} B spilled, {r['registers']} registers"
+              for r in ok if r["spill_bytes"]]
+    assert not spills, "\n".join(spills)
+
+
+def test_tensor_cores_used(aot_results):
+    """Every 16-bit attention specialization; fp32 uses IEEE products (FMA) unless TF32 is allowed,
+    and the QK pre-pass (norm, rotary) has no matrix product."""
+    plain = [r["name"] for r in aot_results if "error" not in r and r["spec"]["dtype"] != "float32"
+             and not r["spec"]["kind"].startswith("prep") and not r["tensor_cores"]]
+    assert not plain, f"no wgmma (sm_90) / mma.sync (sm_80) in: {plain}"
+
+
+def test_set_covers_every_switch_kernel_arch_and_head_dim(aot_results):
+    specs = [r["spec"] for r in aot_results]
+    assert {s["kind"] for s in specs} == {"fwd", "thr", "dkdv", "dq", "prep_fwd", "prep_bwd"}
+    assert {s["cc"] for s in specs} == {80, 90}
+    assert {32, 64, 128} <= {s["d"] for s in specs}
+    assert {"float16", "bfloat16", "float32"} <= {s["dtype"] for s in specs}
+    seen = {(k, v) for s in specs for k, v in s["switches"].items()}
+    for need in [("IS_CAUSAL", 1), ("BIAS_KIND", 1), ("BIAS_KIND", 2), ("BIAS_KIND", 3), ("BIAS_KIND", 4),
+                 ("MASK_KIND", 1), ("MASK_KIND", 2), ("HAS_TOPK", 1), ("HAS_DROPOUT", 1), ("NEED_DSLOPE", 1),
+                 ("NEED_DTAB", 1), ("NEED_DS", 1)]:
+        assert need in seen, need
