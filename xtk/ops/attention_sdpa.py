@@ -358,14 +358,12 @@ def _forward(plan: _Plan, q, k, v, ts):
     return _flip(outL, rev), lseL, kthL
 
 
-def _diagonal_sums(ds: torch.Tensor) -> torch.Tensor:
-    """(hb, c, nkc) -> (hb, c + nkc - 1): entry t sums ds[r, j] over r + j = t (a Toeplitz view's gradient).
-
-    Rows padded to length W + 1 and re-read with row length W shift row r by r places."""
-    hb, c, nkc = ds.shape
-    W = c + nkc - 1
-    flat = torch.nn.functional.pad(ds, (0, W + 1 - nkc)).reshape(hb, c * (W + 1))[:, : c * W]
-    return flat.reshape(hb, c, W).sum(1)
+def _add_diagonal_sums(g: torch.Tensor, ds: torch.Tensor, off: int) -> None:
+    """``g[:, off + t] += sum of ds[:, r, j] over r + j = t``: the gradient of a Toeplitz view
+    (``_toeplitz_view``) of ``g``. One shifted row add per query row: no padded copy of ds."""
+    nkc = ds.shape[2]
+    for r in range(ds.shape[1]):
+        g[:, off + r: off + r + nkc] += ds[:, r]
 
 
 def _backward(plan: _Plan, go, q, k, v, out, lseL, kthL, ts, need):
@@ -403,15 +401,14 @@ def _backward(plan: _Plan, go, q, k, v, out, lseL, kthL, ts, need):
             gc = gc.masked_fill(empty[..., None], 0.0)
         if g_rvec is not None or dense:
             dqc, dkc, dvc, ds = _math_bwd(plan, gc, qc, kc, vc, oc, lc, m)
-            ds = ds.to(torch.float64)
             if g_rvec is not None:
                 dsv = ds
                 if plan.k_prefix > 0:  # prefix keys carry no position bias
                     dsv = ds.clone()
                     dsv[..., : plan.k_prefix] = 0.0
-                dsv = dsv.sum(0) if g_rvec.shape[0] == plan.h else dsv.sum((0, 1))[None]
-                off = plan.nq - i0 - c
-                g_rvec[:, off: off + c + nkc - 1] += _diagonal_sums(dsv)
+                dsv = dsv.sum(0, dtype=torch.float64) if g_rvec.shape[0] == plan.h else dsv.sum((0, 1), dtype=torch.float64)[None]
+                _add_diagonal_sums(g_rvec, dsv, plan.nq - i0 - c)
+            ds = ds.to(torch.float64) if dense else ds
             for _, t4, acc in dense:
                 g = ds.flip(2) if rev else ds
                 rows = slice(i0, i1) if t4.shape[-2] != 1 else slice(None)
