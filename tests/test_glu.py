@@ -48,6 +48,19 @@ def test_activation_matches_reference(device, dtype, act):
 
 @needs_ext
 @pytest.mark.parametrize("device", DEVICES)
+@pytest.mark.parametrize("act", ACTIVATIONS)
+def test_wide_input_range(device, act):
+    """The CPU exp/erf/tanh are polynomial (vectorizable): check them far into the tails and at 0."""
+    x = torch.cat([torch.linspace(-95.0, 95.0, 3801), torch.linspace(-1e-3, 1e-3, 201)]).to(device)
+    check_against_oracle(lambda x: activation(x, act, backend="ext"), lambda x: ref.activation(x, act), {"x": x},
+                         torch.float32, grad_names=["x"], name=f"{act} wide")
+    g = torch.cat([x.view(1, -1), x.flip(0).view(1, -1)], -1)
+    check_against_oracle(lambda x: glu(x, act, backend="ext"), lambda x: ref.glu(x, act), {"x": g},
+                         torch.float32, grad_names=["x"], name=f"glu[{act}] wide")
+
+
+@needs_ext
+@pytest.mark.parametrize("device", DEVICES)
 def test_strided_and_empty_inputs(device):
     base = torch.randn(6, 2 * 48 + 5, device=device)
     x = base[:, 5:]  # rows start at an unaligned offset: scalar path

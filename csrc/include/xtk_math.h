@@ -4,6 +4,8 @@
 #pragma once
 
 #include <math.h>
+#include <stdint.h>
+#include <string.h>
 
 #if defined(__CUDACC__)
 #define XTK_HD __host__ __device__ __forceinline__
@@ -24,15 +26,58 @@ constexpr float kInvSqrt2Pi = 0.39894228040143267794f;    // 1 / sqrt(2 pi)
 constexpr float kSqrt2OverPi = 0.79788456080286535588f;   // sqrt(2 / pi)
 constexpr float kGeluTanhCoef = 0.044715f;
 
+// exp, erf and tanh for the activations. On the GPU: CUDA's own (IEEE, no fast math). On the CPU:
+// branch-free polynomial forms (selects only, no libm calls) so that the CPU drivers' fp32 loops
+// vectorize; errors: exp <= 2 ulp (Cephes' expf polynomial), erf and tanh <= 2e-7 absolute
+// (Abramowitz & Stegun 7.1.26 for erf), well inside the 2x rule of tests/tolerance.py.
+#if defined(__CUDA_ARCH__)
+__device__ __forceinline__ float fexp(float x) { return expf(x); }
+__device__ __forceinline__ float ferf(float x) { return erff(x); }
+__device__ __forceinline__ float ftanh(float x) { return tanhf(x); }
+#else
+inline float fexp(float x) {
+  x = x > 88.0f ? 88.0f : (x < -87.0f ? -87.0f : x);
+  const float magic = 12582912.0f;  // 1.5 * 2^23: adding it rounds to the nearest integer
+  const float n = (x * 1.44269504088896341f + magic) - magic;
+  const float r = (x - n * 0.693359375f) - n * -2.12194440e-4f;
+  float p = 1.9875691500e-4f;
+  p = p * r + 1.3981999507e-3f;
+  p = p * r + 8.3334519073e-3f;
+  p = p * r + 4.1665795894e-2f;
+  p = p * r + 1.6666665459e-1f;
+  p = p * r + 5.0000001201e-1f;
+  p = p * r * r + r + 1.0f;
+  const int32_t bits = (static_cast<int32_t>(n) + 127) << 23;  // 2^n
+  float scale;
+  memcpy(&scale, &bits, sizeof(scale));
+  return p * scale;
+}
+inline float ferf(float x) {
+  const float ax = fabsf(x);
+  const float t = 1.0f / (1.0f + 0.3275911f * ax);
+  float p = 1.061405429f;
+  p = p * t - 1.453152027f;
+  p = p * t + 1.421413741f;
+  p = p * t - 0.284496736f;
+  p = p * t + 0.254829592f;
+  const float y = 1.0f - p * t * fexp(-ax * ax);
+  return x < 0.0f ? -y : y;
+}
+inline float ftanh(float x) {
+  const float y = 1.0f - 2.0f / (fexp(2.0f * fabsf(x)) + 1.0f);
+  return x < 0.0f ? -y : y;
+}
+#endif
+
 // act(x) for the activation ACT (a compile-time constant so that inner loops carry no switch).
 template <int ACT>
 XTK_HD float act_fwd(float x) {
-  if (ACT == kGelu) return 0.5f * x * (1.0f + erff(x * kSqrtHalf));
+  if (ACT == kGelu) return 0.5f * x * (1.0f + ferf(x * kSqrtHalf));
   if (ACT == kGeluTanh) {
     float u = kSqrt2OverPi * (x + kGeluTanhCoef * x * x * x);
-    return 0.5f * x * (1.0f + tanhf(u));
+    return 0.5f * x * (1.0f + ftanh(u));
   }
-  if (ACT == kSilu) return x / (1.0f + expf(-x));
+  if (ACT == kSilu) return x / (1.0f + fexp(-x));
   if (ACT == kRelu) return x > 0.0f ? x : 0.0f;
   /* kReluSquared */ return x > 0.0f ? x * x : 0.0f;
 }
@@ -40,14 +85,14 @@ XTK_HD float act_fwd(float x) {
 // d act(x) / dx (relu: 0 at x == 0, as torch's threshold_backward).
 template <int ACT>
 XTK_HD float act_grad(float x) {
-  if (ACT == kGelu) return 0.5f * (1.0f + erff(x * kSqrtHalf)) + x * kInvSqrt2Pi * expf(-0.5f * x * x);
+  if (ACT == kGelu) return 0.5f * (1.0f + ferf(x * kSqrtHalf)) + x * kInvSqrt2Pi * fexp(-0.5f * x * x);
   if (ACT == kGeluTanh) {
     float x2 = x * x;
-    float t = tanhf(kSqrt2OverPi * (x + kGeluTanhCoef * x2 * x));
+    float t = ftanh(kSqrt2OverPi * (x + kGeluTanhCoef * x2 * x));
     return 0.5f * (1.0f + t) + 0.5f * x * (1.0f - t * t) * kSqrt2OverPi * (1.0f + 3.0f * kGeluTanhCoef * x2);
   }
   if (ACT == kSilu) {
-    float s = 1.0f / (1.0f + expf(-x));
+    float s = 1.0f / (1.0f + fexp(-x));
     return s * (1.0f + x * (1.0f - s));
   }
   if (ACT == kRelu) return x > 0.0f ? 1.0f : 0.0f;
