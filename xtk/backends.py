@@ -99,6 +99,8 @@ def reasons(op: str, name: str, inputs, forced: bool) -> list:
 def pick(op: str, inputs, backend: str = "auto") -> Backend:
     """The backend that runs ``op`` on ``inputs``; raises with every reason when none can."""
     want = requested(backend)
+    if want != "auto" and backend == "auto" and want not in dict(_LAZY[op]):
+        want = "auto"  # XTK_BACKEND names a backend this op does not have (e.g. triton for rms_norm): auto
     if want != "auto":
         why = reasons(op, want, inputs, forced=True)
         if why:
