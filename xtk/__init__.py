@@ -7,7 +7,10 @@ from .ops.attention import attention
 from .ops.norm import rms_norm
 from .ops.glu import glu
 
+from . import backends as _backends
+
 __version__ = "0.1.0"
+_backends.preload()
 
 # model classes load on first use (importing xtk stays cheap)
 _LAZY = {

@@ -73,6 +73,14 @@ def load(op: str, name: str):
     return _loaded[key]
 
 
+def preload() -> None:
+    """Import every backend now (``import xtk`` does this), so that picking one inside
+    ``torch.compile`` is a dictionary lookup, not an import (which dynamo cannot trace)."""
+    for op, entries in _LAZY.items():
+        for name, _ in entries:
+            load(op, name)
+
+
 def names(op: str) -> list[str]:
     return [n for n, _ in _LAZY[op]]
 
