@@ -237,7 +237,8 @@ def test_topk_beyond_limit_is_refused():
 
 # ----------------------------------------------------------------------------- QK-norm, rotary
 
-@pytest.mark.parametrize("variant", ["qknorm", "qknorm_dimscale", "rotary", "xpos", "qknorm+rotary"])
+@pytest.mark.parametrize("variant", ["qknorm", "qknorm_dimscale", "rotary", "xpos", "qknorm+rotary",
+                                     "qknorm_learnedscale+xpos"])
 def test_qk_norm_and_rotary(variant):
     h, hk, nq, nk, d = 4, 2, 17, 33, 16
     inputs = dict(q=torch.randn(1, h, nq, d, device=DEV), k=torch.randn(1, hk, nk, d, device=DEV),
@@ -247,14 +248,18 @@ def test_qk_norm_and_rotary(variant):
         inputs["qs"] = torch.rand(h, 1, d, device=DEV) + 0.5
         inputs["ks"] = torch.rand(hk, 1, d, device=DEV) + 0.5
         grads += ["qs", "ks"]
+    if "learnedscale" in variant:
+        inputs["scale"] = torch.tensor(4.0, device=DEV)
+        grads.append("scale")
 
-    def kw(qs=None, ks=None):
+    def kw(qs=None, ks=None, scale=None):
         out = dict(enable_gqa=True, is_causal=True, q_offset=nk - 2 - nq, k_prefix=2)
         if "qknorm" in variant:
-            out["qk_norm"] = QKNorm(groups=2, scale=d ** -0.5 if qs is not None else 10.0, q_dim_scale=qs, k_dim_scale=ks)
+            fixed = d ** -0.5 if qs is not None else 10.0
+            out["qk_norm"] = QKNorm(groups=2, scale=fixed if scale is None else scale, q_dim_scale=qs, k_dim_scale=ks)
         if "rotary" in variant or "xpos" in variant:
             out["rotary"] = Rotary(8, rotary_inv_freq(8, device=DEV),
-                                   xpos_scale=xpos_scale(8, device=DEV) if variant == "xpos" else None)
+                                   xpos_scale=xpos_scale(8, device=DEV) if "xpos" in variant else None)
         return out
 
     def kernel(q, k, v, **extra):
@@ -270,19 +275,22 @@ def test_qk_norm_and_rotary(variant):
 
 # ----------------------------------------------------------------------------- dropout
 
-def test_dropout_matches_reference_fed_the_kernel_mask():
+@pytest.mark.parametrize("with_bias_grad", [False, True])
+def test_dropout_matches_reference_fed_the_kernel_mask(with_bias_grad):
     b, h, nq, nk, d, p, seed = 1, 2, 33, 40, 16, 0.3, 1234
     inputs = dict(q=torch.randn(b, h, nq, d, device=DEV), k=torch.randn(b, h, nk, d, device=DEV),
-                  v=torch.randn(b, h, nk, d, device=DEV))
+                  v=torch.randn(b, h, nk, d, device=DEV), slopes=torch.tensor([0.25, 0.0625], device=DEV))
     keep = attention_op.dropout_keep_mask(seed, b, h, nq, nk, p, DEV)
 
-    def kernel(q, k, v):
-        return torch.ops.xtk.attention_fwd(q, k, v, None, None, None, None, d ** -0.5, True, 0, 0, 0, p, seed)[0]
+    def kernel(q, k, v, slopes):
+        return torch.ops.xtk.attention_fwd(q, k, v, slopes.float(), None, None, None, d ** -0.5, True, 0, 0, 0, p,
+                                           seed)[0]
 
-    def eager(q, k, v):
-        return reference(q, k, v, is_causal=True, dropout_p=p, dropout_mask=keep)
+    def eager(q, k, v, slopes):
+        return reference(q, k, v, is_causal=True, dropout_p=p, dropout_mask=keep, bias=Alibi(slopes))
 
-    check_against_oracle(kernel, eager, inputs, torch.float32, grad_names=["q", "k", "v"])
+    names = ["q", "k", "v"] + (["slopes"] if with_bias_grad else [])
+    check_against_oracle(kernel, eager, inputs, torch.float32, grad_names=names)
 
 
 def test_dropout_keep_rate_and_seeds():
@@ -334,7 +342,7 @@ def test_torch_compile_fullgraph():
     for t in (q, k, v, slopes):
         t.grad = None
     torch._dynamo.reset()
-    got = torch.compile(f, fullgraph=True, backend="aot_eager")(q, k, v, slopes)
+    got = torch.compile(f, fullgraph=True)(q, k, v, slopes)  # inductor around the opaque custom ops
     got.sum().backward()
     torch.testing.assert_close(got, want)
     for t, w in zip((q, k, v, slopes), wants):
