@@ -223,9 +223,9 @@ def _chunk_mask(plan: _Plan, ts, rvec, i0: int, i1: int, nkc: int, scores=None, 
             m = piece if m is None else m + piece
     is_view = m is not None and plan.toeplitz and plan.k_prefix == 0 and am is None and plan.bias_kind != "dense"
     if plan.topk is not None and plan.topk < nkc:
-        s = scores()  # in the forward's work dtype even when m is rebuilt in float64 for a gradient
+        s = scores()  # backward rebuilds the same s and reuses the forward's kth: same kept set
         if m is not None:
-            s = s + m.to(s.dtype)
+            s = s + m
         if kth is None:
             kth = s.topk(plan.topk, dim=-1).values[..., -1:]
         base = torch.zeros_like(s, dtype=plan.work) if m is None else m
