@@ -327,6 +327,12 @@ def test_opcheck_forward_and_backward():
     bwd_args = (do, q.detach(), k.detach(), v.detach(), out.detach(), lse.detach(), thr.detach(), seed, slopes.detach(), None, mask,
                 None, scale, causal, qo, kp, topk, p, True, False, False)
     torch.library.opcheck(torch.ops.xtk.attention_bwd.default, bwd_args)
+    x = torch.randn(1, 2, 7, 16, device=DEV, requires_grad=True)
+    ds = torch.rand(2, 16, device=DEV, requires_grad=True)
+    prep = (x, ds, rotary_inv_freq(8, device=DEV), xpos_scale(8, device=DEV), 2, 3, 1, 5, 512.0, 1.0, 1.0, 8)
+    torch.library.opcheck(torch.ops.xtk.attention_qk_prep.default, prep)
+    dy = torch.randn(1, 2, 7, 16, device=DEV)
+    torch.library.opcheck(torch.ops.xtk.attention_qk_prep_bwd.default, (dy, x.detach(), ds.detach()) + prep[2:])
 
 
 def test_torch_compile_fullgraph():
