@@ -122,10 +122,10 @@ def compile_spec(spec: dict) -> dict:
 
 
 def spec_set(which: str = "ci") -> list[dict]:
-    """The specializations to compile. 'ci' (~35, about 2 minutes): every kernel plain at d 64/128 on
+    """The specializations to compile. 'ci' (~45, 1-2 minutes): every kernel plain at d 64/128/256 on
     sm_80 and d 32/64/128 on sm_90, each switch value alone at d 128 (rotating the arch), the
     heaviest combinations at d 128 on both archs, fp32 and fp16 once. 'full' (XTK_FULL_TESTS=1):
-    every switch value x every kernel x head dims 32/64/128 x both archs x the three dtypes."""
+    every switch value x every kernel x head dims 32/64/128/256 x both archs x the three dtypes."""
     specs = []
 
     def add(kind, cc, d, dtype="bfloat16", **sw):
@@ -135,7 +135,7 @@ def spec_set(which: str = "ci") -> list[dict]:
               dict(MASK_KIND=1), dict(MASK_KIND=2), dict(HAS_TOPK=1), dict(HAS_DROPOUT=1)]
     heavy = dict(IS_CAUSAL=1, BIAS_KIND=1, MASK_KIND=2, HAS_TOPK=1, HAS_DROPOUT=1)
     if which == "ci":
-        for cc, d in [(80, 64), (80, 128), (90, 32), (90, 64), (90, 128)]:
+        for cc, d in [(80, 64), (80, 128), (80, 256), (90, 32), (90, 64), (90, 128)]:
             for kind in ("fwd", "dkdv", "dq"):
                 add(kind, cc, d)
         for i, sw in enumerate(single):
@@ -154,7 +154,7 @@ def spec_set(which: str = "ci") -> list[dict]:
             for kind in ("prep_fwd", "prep_bwd"):
                 add(kind, cc, 128, HAS_NORM=1, GROUPS=2, HAS_DSCALE=1, HAS_ROT=1, HAS_XPOS=1)
     else:
-        for cc, d, dtype in itertools.product((80, 90), (32, 64, 128), ("float16", "bfloat16", "float32")):
+        for cc, d, dtype in itertools.product((80, 90), (32, 64, 128, 256), ("float16", "bfloat16", "float32")):
             for sw in [{}] + single + [heavy]:
                 for kind in ("fwd", "dkdv", "dq"):
                     add(kind, cc, d, dtype, **sw)
