@@ -8,7 +8,8 @@
   produces the gradients of the learned bias inputs (with a first pass over the keys that
   recomputes delta as sum_j P dP, consistent with its own P, so whole-row sums of dS cancel): ALiBi slope partials per program
   (summed by the launcher: deterministic), distance-table gradient by ``tl.atomic_add``
-  (unordered: the launcher refuses it in deterministic mode), dense-bias gradient as the
+  (unordered; in deterministic mode the launcher takes dS whole and sums its diagonals
+  instead), dense-bias gradient as the
   dS tile stored into a (b, h, nq, nk) buffer (only when a dense bias requires grad).
 Dropout: the same counter-based keep-mask as the forward (``_dropout_keep``).
 """

@@ -274,6 +274,23 @@ def _reduce_to(grad: Tensor, like: Tensor) -> Tensor:
     return grad.reshape(like.shape).to(like.dtype)
 
 
+def _table_grad_from_ds(ds: Tensor, table: Tensor, q_offset: int, k_prefix: int) -> Tensor:
+    """Deterministic distance-table gradient: the sums of dS (b, h, nq, nk) along each diagonal
+    ``p_i - p_j`` of the positional keys, by the skew trick (pad, flatten, re-view), no scatter."""
+    b, h, nq, nk = ds.shape
+    dtab = torch.zeros(table.shape, dtype=torch.float32, device=ds.device)
+    pos = ds[..., k_prefix:].sum(0).flip(-1)  # (h, nq, np); column c holds key j = np - 1 - c
+    npos = pos.shape[-1]
+    if npos == 0 or nq == 0:
+        return dtab
+    width = npos + nq
+    skew = torch.nn.functional.pad(pos, (0, nq)).reshape(h, nq * width)[:, :nq * (width - 1)]
+    diag = skew.reshape(h, nq, width - 1).sum(1)  # t = i + np - 1 - j, i.e. p_i - p_j = q_offset + t - (np - 1)
+    start = (table.shape[0] - 1) // 2 + q_offset - (npos - 1)
+    dtab[start:start + nq + npos - 1] = diag.t()
+    return dtab
+
+
 def _backward_rule(ctx, dout, dlse, dthr, dseed):
     q, k, v, out, lse, thr, seed_t, slopes, table, mask, dense = ctx.saved_tensors
     scale, is_causal, q_offset, k_prefix, topk, dropout_p = ctx.args
@@ -282,9 +299,14 @@ def _backward_rule(ctx, dout, dlse, dthr, dseed):
     need_dtable = bool(need[4]) and table is not None
     need_dmask = bool(need[5]) and mask is not None and mask.is_floating_point()
     need_ddense = bool(need[6]) and dense is not None and dense.is_floating_point()
+    # the table gradient scatters dS by distance with atomics (unordered); in deterministic mode
+    # take dS whole instead (O(b h nq nk) memory, that mode only) and sum its diagonals in torch
+    det_table = need_dtable and torch.are_deterministic_algorithms_enabled()
     dq, dk, dv, dslopes, dtab, ds = attention_bwd(
         dout, q, k, v, out, lse, thr, seed_t, slopes, table, mask, dense, scale, is_causal, q_offset, k_prefix,
-        topk, dropout_p, need_dslopes, need_dtable, need_dmask or need_ddense)
+        topk, dropout_p, need_dslopes, need_dtable and not det_table, need_dmask or need_ddense or det_table)
+    if det_table:
+        dtab = _table_grad_from_ds(ds, table, q_offset, k_prefix)
     return (dq, dk, dv,
             dslopes.to(slopes.dtype) if need_dslopes else None,
             dtab.to(table.dtype) if need_dtable else None,
@@ -458,10 +480,6 @@ def run(inputs) -> Tensor:
     return out
 
 
-def _needs_grad(t) -> bool:
-    return isinstance(t, torch.Tensor) and t.requires_grad and torch.is_grad_enabled()
-
-
 def reasons(inputs, forced: bool) -> list:
     why = []
     q = inputs.q
@@ -483,9 +501,6 @@ def reasons(inputs, forced: bool) -> list:
     bias = inputs.bias
     if isinstance(bias, Dense) and inputs.attn_mask is not None:
         pass  # two dense slots: supported
-    if isinstance(bias, (T5, DistanceTable)) and torch.are_deterministic_algorithms_enabled() \
-            and _needs_grad(bias.table):
-        why.append("the distance/T5 table gradient uses atomics; not available in deterministic mode")
     for name, t in (("attn_mask", inputs.attn_mask), ("bias.tensor", bias.tensor if isinstance(bias, Dense) else None)):
         if t is not None and t.dim() > 4:
             why.append(f"{name}: more than 4 dims")

@@ -370,11 +370,19 @@ def test_deterministic_mode_bit_identical_grads():
             grads.append([args[n].grad for n in names])
         for a, b in zip(*grads):
             assert torch.equal(a, b)
-        # the T5 / distance-table gradient uses atomics: refused in deterministic mode
-        inputs, names, kw_fn = make_case("t5", b=1)
-        inputs["t5table"].requires_grad_()
-        with pytest.raises(RuntimeError, match="deterministic"):
-            xtk.attention(inputs["q"], inputs["k"], inputs["v"], backend="triton", **kw_fn(**inputs))
+        # the T5 / distance-table gradient: atomics normally, whole dS + diagonal sums here
+        for feature in ("causal+offset+prefix+t5", "negoffset+table+gqa8to2"):
+            run_check(feature, nq=40, nk=33, b=2)
+            grads = []
+            for _ in range(2):
+                torch.manual_seed(4)
+                inputs, names, kw_fn = make_case(feature, b=2, nq=40, nk=33)
+                tab = "t5table" if "t5table" in inputs else "dtable"
+                inputs[tab].requires_grad_()
+                xtk.attention(inputs["q"], inputs["k"], inputs["v"], backend="triton",
+                              **kw_fn(**inputs)).square().sum().backward()
+                grads.append(inputs[tab].grad)
+            assert torch.equal(grads[0], grads[1])
     finally:
         torch.use_deterministic_algorithms(False)
 
