@@ -245,3 +245,24 @@ def test_native_causal_path(dtype, nq, nk, hk, kind):
         None, None, None, None, 0, None), q, D ** -0.5)
     assert plan.native_causal and not plan.toeplitz and plan.chunk == nq
     check_against_oracle(fn("sdpa"), fn("eager"), inputs, dtype, grad_names=["q", "k", "v"])
+
+
+def test_learned_bias_backward_chunks_are_bounded(monkeypatch):
+    """Non-causal T5 with a learned table: the forward is one kernel call over all rows, the
+    backward's math core still works chunk by chunk (here 16 rows), and gives the same gradients."""
+    monkeypatch.setattr(attention_sdpa, "MATERIALIZED_ELEMS", 1)
+    seen = []
+    original = attention_sdpa._math_bwd
+
+    def spy(plan, go, qc, *rest):
+        seen.append(qc.shape[2])
+        return original(plan, go, qc, *rest)
+    monkeypatch.setattr(attention_sdpa, "_math_bwd", spy)
+    g = torch.Generator().manual_seed(5)
+    inputs = dict(q=torch.randn(1, H, 70, D, generator=g), k=torch.randn(1, H, 70, D, generator=g),
+                  v=torch.randn(1, H, 70, D, generator=g), table=torch.randn(32, H, generator=g))
+
+    def fn(backend):
+        return lambda q, k, v, table: xtk.attention(q, k, v, bias=T5(table), backend=backend)
+    check_against_oracle(fn("sdpa"), fn("eager"), inputs, torch.float32, grad_names=["q", "k", "v", "table"])
+    assert seen and max(seen) == 16

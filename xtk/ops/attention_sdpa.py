@@ -373,6 +373,10 @@ def _backward(plan: _Plan, go, q, k, v, out, lseL, kthL, ts, need):
     logits): summed along diagonals into the distance vector (Toeplitz pieces), or summed to a
     dense piece's broadcast shape; the distance vector's gradient then flows to the table or
     slopes through one small autograd graph."""
+    if any(need) and plan.flash:
+        # dS is formed by the math core: its (b, h, c, nkc) temporaries get the materialized budget
+        # (the rows of a chunk need not match the forward's: everything is per row)
+        plan = replace(plan, chunk=min(plan.chunk, max(16, MATERIALIZED_ELEMS // max(1, plan.b * plan.h * plan.nk))))
     rev = plan.toeplitz
     w = plan.work
     qL, outL, goL = _flip(q, rev), _flip(out, rev), _flip(go, rev)
