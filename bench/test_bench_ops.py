@@ -6,6 +6,7 @@ import torch
 from xtk.bench import bench_attention, bench_glu, bench_model, bench_norm
 
 ATT_SHAPE = (1, 2, 128, 32)
+pytestmark = pytest.mark.benchmark(max_time=0.05, min_rounds=3)  # CI-sized: ~0.1 s per benchmark
 
 
 @pytest.mark.parametrize("impl", ["xtk", "eager", "sdpa"])
