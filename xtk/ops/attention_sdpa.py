@@ -260,8 +260,8 @@ def _scores(plan: _Plan, qc, kc) -> torch.Tensor:
 def _math_logits(plan, qc, kc, m):
     b, h, c, _ = qc.shape
     w = plan.work
-    s = (_grouped(qc.to(w), kc.shape[1]) @ kc.to(w).transpose(-1, -2)).reshape(b, h, c, -1) * plan.scale
-    return s if m is None else s + m
+    s = (_grouped(qc.to(w), kc.shape[1]) @ kc.to(w).transpose(-1, -2)).reshape(b, h, c, -1).mul_(plan.scale)
+    return s if m is None else s.add_(m)
 
 
 def _core_fwd(plan: _Plan, qc, kc, vc, m):
@@ -287,7 +287,9 @@ def _math_bwd(plan: _Plan, go, qc, kc, vc, oc, lc, m):
     pg = _grouped(p, hk)
     dv = pg.transpose(-1, -2) @ _grouped(gow, hk)
     dp = (_grouped(gow, hk) @ vc.to(w).transpose(-1, -2)).reshape(p.shape)
-    ds = p * (dp - (p * dp).sum(-1, keepdim=True))  # D = rowsum(P dP) = dO . O, without O's rounding
+    # D = rowsum(P dP), not dO . O: equal in exact arithmetic, but O's rounding (and the fused
+    # kernel's) shows in the learned-bias gradients, sums over every logit with cancellation
+    ds = dp.sub_((p * dp).sum(-1, keepdim=True)).mul_(p)
     dsg = _grouped(ds, hk)
     dq = (dsg @ kc.to(w)).reshape(b, h, c, d) * plan.scale
     dk = dsg.transpose(-1, -2) @ _grouped(qc.to(w), hk) * plan.scale
