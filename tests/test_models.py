@@ -443,3 +443,9 @@ def test_ops_routing_and_fused_residual(monkeypatch):
     # 9 layers: each pre-norm after the first and the final norm take the previous residual add
     assert calls["rms_norm"] == [False] + [True] * 9
     assert calls["glu"] == 6 and calls["activation"] == 0
+
+
+def test_dim_not_divisible_by_heads():
+    with pytest.raises(ValueError, match=r"dim: expected a multiple of heads \(4\), got 30"):
+        xtk.Decoder(dim=30, depth=1, heads=4)
+    xtk.Decoder(dim=30, depth=1, heads=4, attn_dim_head=8)  # explicit head size: allowed, as in x-transformers

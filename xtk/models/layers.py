@@ -169,6 +169,9 @@ class AttentionLayers(nn.Module):
             attn_kwargs.setdefault("gate_values", gate_values)
         if qk_norm_dim_scale is not None:    # README's short name
             attn_kwargs.setdefault("qk_norm_dim_scale", qk_norm_dim_scale)
+        if dim % heads and "dim_head" not in attn_kwargs:
+            raise ValueError(f"dim: expected a multiple of heads ({heads}), got {dim}; "
+                             "to keep it, pass attn_dim_head explicitly (x-transformers sizes heads by dim_head)")
         dim_head = attn_kwargs.get("dim_head", DEFAULT_DIM_HEAD)
         alibi_pos_bias = alibi_pos_bias or alibi_pos_emb
         rotary_pos_emb = rotary_pos_emb or rotary_xpos
