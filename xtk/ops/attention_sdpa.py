@@ -84,6 +84,9 @@ def reasons(inputs, forced: bool) -> list:
         why.append(f"dropout_p={inputs.dropout_p}: attention dropout is not implemented here (the eager path draws it)")
     if inputs.q.dtype not in _DTYPES:
         why.append(f"dtype {inputs.q.dtype} not supported (have {', '.join(str(d) for d in _DTYPES)})")
+    if torch.compiler.is_compiling():
+        why.append("inside torch.compile: the strided-view position masks and the custom autograd are not "
+                   "traceable; the eager reference compiles")
     return why
 
 
