@@ -24,13 +24,7 @@ def copy_weights(net, ref):
 V = 37  # vocabulary size, not a power of two
 
 
-@pytest.fixture(autouse=True, scope="module")
-def _one_thread():
-    """Tiny models: one intra-op thread is several times faster on the shared 2-core CI machine."""
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 def lm(max_seq_len=24, seed=0, wrapper_kw=None, **layer_kw):

@@ -5,27 +5,15 @@ import pytest
 import torch
 
 import xtk
+from model_helpers import perturb as _perturb
 
 X = pytest.importorskip("x_transformers")
 
 TOL = 1e-4
 
 
-@pytest.fixture(autouse=True, scope="module")
-def _one_thread():
-    """Tiny models: one intra-op thread is faster on the shared 2-core CI machine."""
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
-
-def _perturb(model, seed=0):
-    # move every parameter off its init (zero-init gates, unit-offset norms, dirac talking heads ...)
-    g = torch.Generator().manual_seed(seed)
-    with torch.no_grad():
-        for p in model.parameters():
-            p.add_(torch.randn(p.shape, generator=g) * 0.1)
 
 
 def _max_grad_err(ref, mine):

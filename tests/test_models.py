@@ -6,6 +6,7 @@ import pytest
 import torch
 
 import xtk
+from model_helpers import perturb as _perturb
 from xtk.models.intermediates import LayerIntermediates
 from xtk.modules.attention import Attention, entmax15, gqa_perm
 from xtk.modules.positional import FixedSinusoidalEmbedding
@@ -13,21 +14,8 @@ from xtk.modules.positional import FixedSinusoidalEmbedding
 BASE = dict(dim=16, depth=2, heads=4, attn_dim_head=8)
 
 
-@pytest.fixture(autouse=True, scope="module")
-def _one_thread():
-    """Tiny models: one intra-op thread is faster on the shared 2-core CI machine."""
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
-
-def _perturb(model, seed=0):
-    g = torch.Generator().manual_seed(seed)
-    with torch.no_grad():
-        for p in model.parameters():
-            p.add_(torch.randn(p.shape, generator=g) * 0.1)
-    return model
 
 
 def _lm(layers_cls="Decoder", wrap_kw=None, **kw):

@@ -20,13 +20,7 @@ DIM = 16            # seeds: 512
 IMAGE, PATCH = 16, 4  # seeds: 256, 32
 
 
-@pytest.fixture(autouse=True, scope="module")
-def _one_thread():
-    """Tiny models: one intra-op thread is several times faster on the shared 2-core CI machine."""
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 def _tokens(n=SEQ, num_tokens=NUM_TOKENS, batch=1):
