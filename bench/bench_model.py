@@ -23,12 +23,33 @@ CASES = {"none": {}, "alibi": {"alibi_pos_bias": True}, "t5": {"rel_pos_bias": T
 MODES = ["step", "generate"]
 
 
-def config(device: str, full: bool) -> dict:
+VOCAB = 20000
+SHAPE_KEYS = ("depth", "batch", "seq", "prompt", "gen", "vocab")
+
+
+def config(device: str, full: bool, override: dict | None = None) -> dict:
+    """The sweep's model size; ``override`` (``--model-shape``) replaces any of SHAPE_KEYS."""
     if full:
-        return dict(depth=12, batch=4 if device == "cuda" else 1, seq=1024, prompt=64, gen=256)
-    if device == "cuda":
-        return dict(depth=12, batch=4, seq=1024, prompt=64, gen=128)
-    return dict(depth=2, batch=1, seq=128, prompt=8, gen=16)
+        cfg = dict(depth=12, batch=4 if device == "cuda" else 1, seq=1024, prompt=64, gen=256)
+    elif device == "cuda":
+        cfg = dict(depth=12, batch=4, seq=1024, prompt=64, gen=128)
+    else:
+        cfg = dict(depth=2, batch=1, seq=128, prompt=8, gen=16)
+    cfg["vocab"] = VOCAB
+    cfg.update(override or {})
+    return cfg
+
+
+def parse_shape(text: str) -> dict:
+    """``depth=2,seq=1024,vocab=256`` -> dict; raises ValueError on unknown keys or non-positive values."""
+    out = {}
+    for item in text.split(","):
+        key, sep, val = item.partition("=")
+        key = key.strip()
+        if not sep or key not in SHAPE_KEYS or int(val) <= 0:
+            raise ValueError(item)
+        out[key] = int(val)
+    return out
 
 
 def classes():
@@ -56,7 +77,7 @@ def backend_env(impl: str):
 def build(case: str, cfg: dict, device: str, dtype):
     TW, Dec, AR = classes()
     torch.manual_seed(0)
-    model = TW(num_tokens=20000, max_seq_len=1024,
+    model = TW(num_tokens=cfg["vocab"], max_seq_len=max(1024, cfg["seq"], cfg["prompt"] + cfg["gen"]),
                attn_layers=Dec(dim=512, depth=cfg["depth"], heads=8, **CASES[case]))
     return model.to(device=device, dtype=dtype), AR
 
@@ -65,7 +86,7 @@ def make_call(impl, case, mode, cfg, device, dtype, model, AR):
     g = torch.Generator().manual_seed(0)
     if mode == "step":
         model.train()
-        x = torch.randint(0, 20000, (cfg["batch"], cfg["seq"] + 1), generator=g).to(device)
+        x = torch.randint(0, cfg["vocab"], (cfg["batch"], cfg["seq"] + 1), generator=g).to(device)
 
         def step():
             with backend_env(impl):
@@ -77,7 +98,7 @@ def make_call(impl, case, mode, cfg, device, dtype, model, AR):
         return step
     model.eval()
     wrapper = AR(model)
-    prompt = torch.randint(0, 20000, (cfg["batch"], cfg["prompt"]), generator=g).to(device)
+    prompt = torch.randint(0, cfg["vocab"], (cfg["batch"], cfg["prompt"]), generator=g).to(device)
 
     def gen():
         with backend_env(impl), torch.no_grad():
@@ -85,9 +106,9 @@ def make_call(impl, case, mode, cfg, device, dtype, model, AR):
     return gen
 
 
-def run(device: str, full: bool, dtype, impls=None, modes=None, cases=None, progress=None):
+def run(device: str, full: bool, dtype, impls=None, modes=None, cases=None, progress=None, shape=None):
     results = []
-    cfg = config(device, full)
+    cfg = config(device, full, shape)
     why = classes()
     for case in cases or CASES:
         model = AR = None

@@ -4,6 +4,7 @@
     python -m xtk bench --op attention --full    # the issue's sweep: n 512..16k, hd 64/128, 16 heads
     python -m xtk bench --json r.json --markdown r.md --plot r.png
     python -m xtk bench --save                   # all three into bench/results/<device-slug>/
+    python -m xtk bench --op model --model-shape depth=2,seq=1024,vocab=256   # a model size of your choice
 """
 from __future__ import annotations
 
@@ -35,6 +36,10 @@ def parse(argv):
     p.add_argument("--features", help=f"attention features, comma-separated (default all: {','.join(bench_attention.FEATURES)})")
     p.add_argument("--shape", action="append", metavar="B,H,N,D",
                    help="attention shape(s) instead of the sweep's (repeatable), e.g. 2,8,2048,32")
+    p.add_argument("--model-shape", metavar="K=V,...",
+                   help="model size instead of the sweep's, keys depth, batch, seq, prompt, gen, vocab "
+                        "(default vocab 20000), e.g. depth=2,seq=1024,vocab=256; keys not given keep the sweep's values "
+                        "(with --full: more repeats per cell, >= 5 samples)")
     p.add_argument("--json", metavar="PATH")
     p.add_argument("--markdown", metavar="PATH")
     p.add_argument("--plot", metavar="PATH", help="PNG (needs matplotlib: pip install 'xtk[bench]')")
@@ -67,7 +72,9 @@ def _shape(r: Result) -> str:
         return f"{p['tokens']}x{p['dim']}"
     if r.op == "glu":
         return f"{p['tokens']}x{2 * p['inner']}"
-    return f"depth{p['depth']} b{p['batch']} " + (f"n{p['seq']}" if r.mode == "step" else f"prompt{p['prompt']}+{p['gen']}")
+    vocab = p.get("vocab", bench_model.VOCAB)
+    return (f"depth{p['depth']} b{p['batch']} " + (f"n{p['seq']}" if r.mode == "step" else f"prompt{p['prompt']}+{p['gen']}")
+            + ("" if vocab == bench_model.VOCAB else f" v{vocab}"))
 
 
 def _cell(r: Result) -> str:
@@ -157,9 +164,9 @@ def plot(results: list[Result], path: str) -> str:
     ns = sorted({r.params["n"] for r in att})
     features = list(OrderedDict.fromkeys(r.case for r in att))
     panels = [(m, c) for m in ("fwd", "fwd+bwd") for c in (True, False)]
-    fig, axes = plt.subplots(1 + (1 if others else 0), len(panels), figsize=(5 * len(panels), 4.5 * (2 if others else 1)),
-                             squeeze=False)
-    for ax, (mode, causal) in zip(axes[0], panels):
+    nrows = (1 if att or not others else 0) + (1 if others else 0)  # no empty attention row for a model-only run
+    fig, axes = plt.subplots(nrows, len(panels), figsize=(5 * len(panels), 4.5 * nrows), squeeze=False)
+    for ax, (mode, causal) in zip(axes[0] if nrows == 2 or not others else [], panels):
         sel = [r for r in att if r.mode == mode and r.params["causal"] == causal]
         impls = list(OrderedDict.fromkeys(r.impl for r in sel))
         if len(ns) > 1:  # TFLOP/s vs n, one line per implementation and feature
@@ -191,9 +198,9 @@ def plot(results: list[Result], path: str) -> str:
         groups = OrderedDict()
         for r in others:
             groups.setdefault(r.op, []).append(r)
-        for ax in axes[1]:
+        for ax in axes[-1]:
             ax.axis("off")
-        for ax, (op, rs) in zip(axes[1], groups.items()):
+        for ax, (op, rs) in zip(axes[-1], groups.items()):
             ax.axis("on")
             labels = list(OrderedDict.fromkeys(f"{r.case} {_shape(r)} {r.mode}" for r in rs))
             impls = list(OrderedDict.fromkeys(r.impl for r in rs))
@@ -244,6 +251,14 @@ def main(argv=None) -> int:
         except (ValueError, AssertionError):
             print(f"--shape: expected B,H,N,D with 4 positive integers, got {args.shape}", file=sys.stderr)
             return 2
+    model_shape = None
+    if args.model_shape:
+        try:
+            model_shape = bench_model.parse_shape(args.model_shape)
+        except ValueError as e:
+            print(f"--model-shape: expected K=V,... with keys {bench_model.SHAPE_KEYS} and positive integers, "
+                  f"bad item {e}", file=sys.stderr)
+            return 2
     env = environment(device)
     notes = []
     if device == "cpu":
@@ -262,6 +277,8 @@ def main(argv=None) -> int:
         for op in ops:
             if op == "attention":
                 results += bench_attention.run(device, args.full, dtype, features=features, progress=tick, shapes=shapes)
+            elif op == "model":
+                results += bench_model.run(device, args.full, dtype, progress=tick, shape=model_shape)
             else:
                 results += OPS[op].run(device, args.full, dtype, progress=tick)
     finally:
@@ -276,7 +293,7 @@ def main(argv=None) -> int:
     if args.save:
         folder = os.path.join(args.save, device_slug(device))
         os.makedirs(folder, exist_ok=True)
-        label = args.label or ("shapes" if shapes else "full" if args.full else "quick")
+        label = args.label or ("shapes" if shapes or model_shape else "full" if args.full else "quick")
         paths = {k: os.path.join(folder, f"{label}.{ext}") for k, ext in (("json", "json"), ("markdown", "md"), ("plot", "png"))}
     for key in ("json", "markdown", "plot"):
         if getattr(args, key):

@@ -27,3 +27,13 @@ def test_cli_tiny_attention(benchmark, tmp_path, capsys):
     assert cli.main(["--shape", "1,2"]) == 2
     assert "--shape" in capsys.readouterr().err
     assert cli.main(["--features", "nope"]) == 2
+    assert cli.main(["--model-shape", "depth=2,nope=3"]) == 2
+    assert "--model-shape" in capsys.readouterr().err
+
+
+def test_model_shape_override():
+    from xtk.bench import bench_model
+    shape = bench_model.parse_shape("depth=1,seq=32,vocab=64")
+    cfg = bench_model.config("cpu", False, shape)
+    assert cfg["depth"] == 1 and cfg["seq"] == 32 and cfg["vocab"] == 64 and cfg["gen"] == 16
+    assert bench_model.config("cpu", False)["vocab"] == bench_model.VOCAB
