@@ -21,11 +21,11 @@ import sys
 import time
 
 SMEM_LIMIT = {80: 163 * 1024, 90: 227 * 1024}
-KINDS = ("fwd", "thr", "dkdv", "dq", "prep_fwd", "prep_bwd")
-_PTR_F32 = {"LSE", "THR", "DELTA", "DSLOPE", "DTAB", "DS", "SLOPES", "TAB", "DSCALE", "DDSCALE", "INV_FREQ", "XPOS"}
-_PTR_IO = {"Q", "K", "V", "O", "DO", "DQ", "DK", "DV_", "X", "Y", "DY", "DX"}
-_FLOAT_SCALARS = {"sm_scale", "dropout_p", "xpos_base", "xpos_sign", "interp"}
-_UNIT_STRIDES = {"sqd", "skd", "svd", "sod", "sdod", "sdqd", "sdkd", "sdvd", "smn", "sbn", "sxd", "syd", "sdyd"}
+KINDS = ("fwd", "thr", "dkdv", "dq")
+_PTR_F32 = {"LSE", "THR", "DELTA", "DSLOPE", "DTAB", "DS", "SLOPES", "TAB", "QSC", "KSC", "DQSC", "DKSC", "INV_FREQ", "XPOS"}
+_PTR_IO = {"Q", "K", "V", "O", "DO", "DQ", "DK", "DV_"}
+_FLOAT_SCALARS = {"sm_scale", "dropout_p", "xpos_base", "interp"}
+_UNIT_STRIDES = {"sqd", "skd", "svd", "sod", "sdod", "sdqd", "sdkd", "sdvd", "smn", "sbn"}
 _DIV16_STRIDES = {"sqb", "sqh", "sqm", "skb", "skh", "skn", "svb", "svh", "svn", "sob", "soh", "som",
                   "sdob", "sdoh", "sdom", "sdqb", "sdqh", "sdqm", "sdkb", "sdkh", "sdkn", "sdvb", "sdvh", "sdvn"}
 _TY = {"float16": "fp16", "bfloat16": "bf16", "float32": "fp32"}
@@ -34,8 +34,7 @@ _TY = {"float16": "fp16", "bfloat16": "bf16", "float32": "fp32"}
 def _kernel(kind):
     from . import attention_bwd, attention_fwd
     return {"fwd": attention_fwd._attn_fwd, "thr": attention_fwd._attn_topk_threshold,
-            "dkdv": attention_bwd._attn_bwd_dkdv, "dq": attention_bwd._attn_bwd_dq,
-            "prep_fwd": attention_fwd._qk_prep_fwd, "prep_bwd": attention_bwd._qk_prep_bwd}[kind]
+            "dkdv": attention_bwd._attn_bwd_dkdv, "dq": attention_bwd._attn_bwd_dq}[kind]
 
 
 def spec_name(spec: dict) -> str:
@@ -47,17 +46,16 @@ def build(spec: dict):
     """(fn, signature, constexprs, options) of one specialization.
 
     spec: kind, cc, d, dtype ('float16'...), switches (IS_CAUSAL, BIAS_KIND, MASK_KIND, HAS_TOPK,
-    HAS_DROPOUT, NEED_DSLOPE, NEED_DTAB, NEED_DS; missing = off), topk (for HAS_TOPK)."""
+    HAS_DROPOUT, NEED_DSLOPE, NEED_DTAB, NEED_DS, and the in-kernel QK features HAS_NORM, GROUPS,
+    HAS_DSCALE, HAS_ROT, HAS_XPOS; missing = off), topk (for HAS_TOPK)."""
     from . import attention_op
     fn = _kernel(spec["kind"])
     sw = dict(spec["switches"])
     d, ty = spec["d"], _TY[spec["dtype"]]
     topk = spec.get("topk", 8) if sw.get("HAS_TOPK") else 0
-    if spec["kind"].startswith("prep"):
-        cfg = dict(BLOCK_M=1, BLOCK_N=32 if attention_op.block_d(d) <= 128 else 16, num_warps=4, num_stages=1)
-    else:
-        cfg = attention_op.config({"thr": "fwd"}.get(spec["kind"], spec["kind"]), d, d, spec["cc"], topk,
-                                  ieee=spec["dtype"] == "float32")
+    qk = any(sw.get(n) for n in ("HAS_NORM", "HAS_DSCALE", "HAS_ROT"))
+    cfg = attention_op.config({"thr": "fwd"}.get(spec["kind"], spec["kind"]), d, d, spec["cc"], topk,
+                              ieee=spec["dtype"] == "float32", qk=qk)
     prec = "ieee" if spec["dtype"] == "float32" else "tf32"
     constexprs = dict(IS_CAUSAL=bool(sw.get("IS_CAUSAL", 0)), BIAS_KIND=int(sw.get("BIAS_KIND", 0)),
                       MASK_KIND=int(sw.get("MASK_KIND", 0)), HAS_TOPK=bool(sw.get("HAS_TOPK", 0)),
@@ -118,11 +116,12 @@ def compile_spec(spec: dict) -> dict:
                 smem_limit=SMEM_LIMIT[spec["cc"]], registers=max(regs) if regs else None,
                 spill_bytes=max(spills) if spills else None, ptxas_log_found=bool(regs),
                 tensor_cores=("wgmma.mma_async" in ptx) if spec["cc"] >= 90 else ("mma.sync" in ptx),
+                mma_sync="mma.sync" in ptx,
                 seconds=round(time.time() - t0, 2))
 
 
 def spec_set(which: str = "ci") -> list[dict]:
-    """The specializations to compile. 'ci' (~45, 1-2 minutes): every kernel plain at d 64/128/256 on
+    """The specializations to compile. 'ci' (~75, 3-4 minutes): every kernel plain at d 64/128/256 on
     sm_80 and d 32/64/128 on sm_90, each switch value alone at d 128 (rotating the arch), the
     heaviest combinations at d 128 on both archs, fp32 and fp16 once. 'full' (XTK_FULL_TESTS=1):
     every switch value x every kernel x head dims 32/64/128/256 x both archs x the three dtypes."""
@@ -134,6 +133,9 @@ def spec_set(which: str = "ci") -> list[dict]:
     single = [dict(IS_CAUSAL=1), dict(BIAS_KIND=1), dict(BIAS_KIND=2), dict(BIAS_KIND=3), dict(BIAS_KIND=4),
               dict(MASK_KIND=1), dict(MASK_KIND=2), dict(HAS_TOPK=1), dict(HAS_DROPOUT=1)]
     heavy = dict(IS_CAUSAL=1, BIAS_KIND=1, MASK_KIND=2, HAS_TOPK=1, HAS_DROPOUT=1)
+    qk_single = [dict(HAS_NORM=1), dict(HAS_NORM=1, GROUPS=2), dict(HAS_DSCALE=1), dict(HAS_ROT=1),
+                 dict(HAS_ROT=1, HAS_XPOS=1)]
+    qk_all = dict(HAS_NORM=1, GROUPS=2, HAS_DSCALE=1, HAS_ROT=1, HAS_XPOS=1)
     if which == "ci":
         for cc, d in [(80, 64), (80, 128), (80, 256), (90, 32), (90, 64), (90, 128)]:
             for kind in ("fwd", "dkdv", "dq"):
@@ -150,9 +152,22 @@ def spec_set(which: str = "ci") -> list[dict]:
         add("fwd", 80, 64, dtype="float32")
         add("dq", 90, 128, dtype="float32")
         add("dkdv", 90, 128, dtype="float16")
+        # the in-kernel QK features: each alone (fwd, rotating the arch), all of them in every kernel
+        # on both archs at d 128 (the heaviest), and with the heavy switches
+        for i, sw in enumerate(qk_single):
+            add("fwd", (90, 80)[i % 2], 128, **sw)
         for cc in (80, 90):
-            for kind in ("prep_fwd", "prep_bwd"):
-                add(kind, cc, 128, HAS_NORM=1, GROUPS=2, HAS_DSCALE=1, HAS_ROT=1, HAS_XPOS=1)
+            for kind in ("fwd", "dkdv", "dq"):
+                add(kind, cc, 128, **qk_all)
+            add("fwd", cc, 64, **qk_all)
+        add("thr", 80, 128, HAS_TOPK=1, **qk_all)
+        for cc in (80, 90):
+            add("fwd", cc, 128, **heavy, **qk_all)
+            add("fwd", cc, 128, **{**heavy, "HAS_TOPK": 0}, **qk_all)
+            add("dkdv", cc, 128, **heavy, **qk_all)
+            add("dq", cc, 128, **heavy, **qk_all, NEED_DSLOPE=1)
+        for kind in ("fwd", "dkdv", "dq"):
+            add(kind, 90, 128, dtype="float32", **qk_all)
     else:
         for cc, d, dtype in itertools.product((80, 90), (32, 64, 128, 256), ("float16", "bfloat16", "float32")):
             for sw in [{}] + single + [heavy]:
@@ -162,10 +177,9 @@ def spec_set(which: str = "ci") -> list[dict]:
             add("dq", cc, d, dtype, BIAS_KIND=1, NEED_DSLOPE=1)
             add("dq", cc, d, dtype, BIAS_KIND=2, NEED_DTAB=1)
             add("dq", cc, d, dtype, BIAS_KIND=3, NEED_DS=1)
-            for kind in ("prep_fwd", "prep_bwd"):
-                add(kind, cc, d, dtype, HAS_NORM=1)
-                add(kind, cc, d, dtype, HAS_ROT=1)
-                add(kind, cc, d, dtype, HAS_NORM=1, GROUPS=2, HAS_DSCALE=1, HAS_ROT=1, HAS_XPOS=1)
+            for kind in ("fwd", "thr", "dkdv", "dq"):
+                for sw in qk_single + [qk_all]:
+                    add(kind, cc, d, dtype, **sw, **(dict(HAS_TOPK=1) if kind == "thr" else {}))
     return specs
 
 

@@ -16,19 +16,21 @@ Dropout: the same counter-based keep-mask as the forward (``_dropout_keep``).
 import triton
 import triton.language as tl
 
-from .attention_common import (_causal_key_end, _causal_query_start, _dropout_keep, _group_norm_factor, _logits,
-                               _rotate_pairs)
+from .attention_common import (_causal_key_end, _causal_query_start, _dropout_keep, _load_kt, _load_q, _logits,
+                               _qk_tile_bwd)
 
 
 @triton.jit
 def _attn_bwd_dkdv(
-        Q, K, V, DO, DK, DV_, LSE, DELTA, THR, SLOPES, TAB, MASK, BIAS,
+        Q, K, V, DO, DK, DV_, LSE, DELTA, THR, SLOPES, TAB, MASK, BIAS, QSC, KSC, INV_FREQ, XPOS, DKSC,
         sqb, sqh, sqm, sqd, skb, skh, skn, skd, svb, svh, svn, svd, sdob, sdoh, sdom, sdod,
         sdkb, sdkh, sdkn, sdkd, sdvb, sdvh, sdvn, sdvd,
         stab_l, stab_h, tab_center, smb, smh, smm, smn, sbb, sbh, sbm, sbn,
-        H, HK, NQ, NK, D, DV, q_offset, k_prefix, sm_scale, dropout_p, seed,
+        H, HK, NQ, NK, D, DV, q_offset, k_prefix, sm_scale, dropout_p, seed, R, max_half, xpos_base, interp,
         IS_CAUSAL: tl.constexpr, BIAS_KIND: tl.constexpr, MASK_KIND: tl.constexpr, HAS_TOPK: tl.constexpr,
         HAS_DROPOUT: tl.constexpr, PRECISION: tl.constexpr,
+        HAS_NORM: tl.constexpr, GROUPS: tl.constexpr, HAS_DSCALE: tl.constexpr, HAS_ROT: tl.constexpr,
+        HAS_XPOS: tl.constexpr,
         BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_DV: tl.constexpr):
     pid_n = tl.program_id(0)
     off_bhk = tl.program_id(1)
@@ -41,8 +43,9 @@ def _attn_bwd_dkdv(
     offs_d = tl.arange(0, BLOCK_D)
     offs_dv = tl.arange(0, BLOCK_DV)
     col_ok = offs_n < NK
-    kt = tl.load(K + off_b.to(tl.int64) * skb + off_hk.to(tl.int64) * skh + offs_n[None, :] * skn + offs_d[:, None] * skd,
-                 mask=col_ok[None, :] & (offs_d[:, None] < D), other=0.0)
+    k_base = K + off_b.to(tl.int64) * skb + off_hk.to(tl.int64) * skh
+    kt = _load_kt(k_base, offs_n, offs_d, skn, skd, NK, D, k_prefix, KSC + off_hk * D, INV_FREQ, XPOS, R, interp,
+                  max_half, xpos_base, HAS_NORM, GROUPS, HAS_DSCALE, HAS_ROT, HAS_XPOS, BLOCK_N, BLOCK_D)
     vt = tl.load(V + off_b.to(tl.int64) * svb + off_hk.to(tl.int64) * svh + offs_n[None, :] * svn + offs_dv[:, None] * svd,
                  mask=col_ok[None, :] & (offs_dv[:, None] < DV), other=0.0)
     dk = tl.zeros([BLOCK_N, BLOCK_D], tl.float32)
@@ -60,8 +63,8 @@ def _attn_bwd_dkdv(
         for start_m in range(start_q, NQ, BLOCK_M):
             offs_m = start_m + offs_m0
             row_ok = offs_m < NQ
-            q = tl.load(q_base + offs_m[:, None] * sqm + offs_d[None, :] * sqd,
-                        mask=row_ok[:, None] & (offs_d[None, :] < D), other=0.0)
+            q = _load_q(q_base, offs_m, offs_d, sqm, sqd, NQ, D, q_offset, QSC + off_h * D, INV_FREQ, XPOS, R, interp,
+                        max_half, xpos_base, HAS_NORM, GROUPS, HAS_DSCALE, HAS_ROT, HAS_XPOS, BLOCK_M, BLOCK_D)
             do = tl.load(do_base + offs_m[:, None] * sdom + offs_dv[None, :] * sdod,
                          mask=row_ok[:, None] & (offs_dv[None, :] < DV), other=0.0)
             m_row = tl.load(LSE + off_bh.to(tl.int64) * 2 * NQ + offs_m, mask=row_ok, other=float("inf"))
@@ -85,6 +88,14 @@ def _attn_bwd_dkdv(
             ds = p * (dp - delta[:, None])
             dk += tl.dot(tl.trans(ds).to(q.dtype), q, input_precision=PRECISION)
     dk = dk * sm_scale
+    if HAS_NORM or HAS_DSCALE or HAS_ROT:  # dL/dk' -> dL/dk, and this block's share of dL/d(k dim scale)
+        k = tl.load(k_base + offs_n[:, None] * skn + offs_d[None, :] * skd,
+                    mask=col_ok[:, None] & (offs_d[None, :] < D), other=0.0)
+        dk, dksc = _qk_tile_bwd(k, dk, offs_d, D, offs_n - k_prefix, offs_n >= k_prefix, KSC + off_hk * D, INV_FREQ,
+                                XPOS, R, interp, max_half, xpos_base, -1.0, HAS_NORM, GROUPS, HAS_DSCALE, HAS_ROT,
+                                HAS_XPOS, BLOCK_N, BLOCK_D)
+        if HAS_DSCALE:
+            tl.store(DKSC + (pid_n * tl.num_programs(1) + off_bhk).to(tl.int64) * D + offs_d, dksc, mask=offs_d < D)
     tl.store(DK + off_b.to(tl.int64) * sdkb + off_hk.to(tl.int64) * sdkh + offs_n[:, None] * sdkn + offs_d[None, :] * sdkd,
              dk.to(DK.dtype.element_ty), mask=col_ok[:, None] & (offs_d[None, :] < D))
     tl.store(DV_ + off_b.to(tl.int64) * sdvb + off_hk.to(tl.int64) * sdvh + offs_n[:, None] * sdvn + offs_dv[None, :] * sdvd,
@@ -93,13 +104,15 @@ def _attn_bwd_dkdv(
 
 @triton.jit
 def _attn_bwd_dq(
-        Q, K, V, DO, DQ, LSE, DELTA, THR, SLOPES, TAB, MASK, BIAS, DSLOPE, DTAB, DS,
+        Q, K, V, DO, DQ, LSE, DELTA, THR, SLOPES, TAB, MASK, BIAS, DSLOPE, DTAB, DS, QSC, KSC, INV_FREQ, XPOS, DQSC,
         sqb, sqh, sqm, sqd, skb, skh, skn, skd, svb, svh, svn, svd, sdob, sdoh, sdom, sdod,
         sdqb, sdqh, sdqm, sdqd,
         stab_l, stab_h, tab_center, smb, smh, smm, smn, sbb, sbh, sbm, sbn,
-        H, HK, NQ, NK, D, DV, q_offset, k_prefix, sm_scale, dropout_p, seed,
+        H, HK, NQ, NK, D, DV, q_offset, k_prefix, sm_scale, dropout_p, seed, R, max_half, xpos_base, interp,
         IS_CAUSAL: tl.constexpr, BIAS_KIND: tl.constexpr, MASK_KIND: tl.constexpr, HAS_TOPK: tl.constexpr,
         HAS_DROPOUT: tl.constexpr, PRECISION: tl.constexpr,
+        HAS_NORM: tl.constexpr, GROUPS: tl.constexpr, HAS_DSCALE: tl.constexpr, HAS_ROT: tl.constexpr,
+        HAS_XPOS: tl.constexpr,
         NEED_DSLOPE: tl.constexpr, NEED_DTAB: tl.constexpr, NEED_DS: tl.constexpr,
         BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_DV: tl.constexpr):
     pid_m = tl.program_id(0)
@@ -113,8 +126,10 @@ def _attn_bwd_dq(
     offs_d = tl.arange(0, BLOCK_D)
     offs_dv = tl.arange(0, BLOCK_DV)
     row_ok = offs_m < NQ
-    q = tl.load(Q + off_b.to(tl.int64) * sqb + off_h.to(tl.int64) * sqh + offs_m[:, None] * sqm + offs_d[None, :] * sqd,
-                mask=row_ok[:, None] & (offs_d[None, :] < D), other=0.0)
+    q_base = Q + off_b.to(tl.int64) * sqb + off_h.to(tl.int64) * sqh
+    q = _load_q(q_base, offs_m, offs_d, sqm, sqd, NQ, D, q_offset, QSC + off_h * D, INV_FREQ, XPOS, R, interp,
+                max_half, xpos_base, HAS_NORM, GROUPS, HAS_DSCALE, HAS_ROT, HAS_XPOS, BLOCK_M, BLOCK_D)
+    ksc = KSC + off_hk * D
     do = tl.load(DO + off_b.to(tl.int64) * sdob + off_h.to(tl.int64) * sdoh + offs_m[:, None] * sdom + offs_dv[None, :] * sdod,
                  mask=row_ok[:, None] & (offs_dv[None, :] < DV), other=0.0)
     m_row = tl.load(LSE + off_bh.to(tl.int64) * 2 * NQ + offs_m, mask=row_ok, other=float("inf"))
@@ -141,8 +156,8 @@ def _attn_bwd_dq(
         for start_n in range(0, end_n, BLOCK_N):
             offs_n = start_n + offs_n0
             col_ok = offs_n < NK
-            kt = tl.load(k_base + offs_n[None, :] * skn + offs_d[:, None] * skd,
-                         mask=col_ok[None, :] & (offs_d[:, None] < D), other=0.0)
+            kt = _load_kt(k_base, offs_n, offs_d, skn, skd, NK, D, k_prefix, ksc, INV_FREQ, XPOS, R, interp, max_half,
+                          xpos_base, HAS_NORM, GROUPS, HAS_DSCALE, HAS_ROT, HAS_XPOS, BLOCK_N, BLOCK_D)
             vt = tl.load(v_base + offs_n[None, :] * svn + offs_dv[:, None] * svd,
                          mask=col_ok[None, :] & (offs_dv[:, None] < DV), other=0.0)
             s = _logits(tl.dot(q, kt, input_precision=PRECISION), offs_m, offs_n, off_b, off_h, NQ, NK, q_offset,
@@ -162,8 +177,8 @@ def _attn_bwd_dq(
     for start_n in range(0, end_n, BLOCK_N):
         offs_n = start_n + offs_n0
         col_ok = offs_n < NK
-        kt = tl.load(k_base + offs_n[None, :] * skn + offs_d[:, None] * skd,
-                     mask=col_ok[None, :] & (offs_d[:, None] < D), other=0.0)
+        kt = _load_kt(k_base, offs_n, offs_d, skn, skd, NK, D, k_prefix, ksc, INV_FREQ, XPOS, R, interp, max_half,
+                      xpos_base, HAS_NORM, GROUPS, HAS_DSCALE, HAS_ROT, HAS_XPOS, BLOCK_N, BLOCK_D)
         vt = tl.load(v_base + offs_n[None, :] * svn + offs_dv[:, None] * svd,
                      mask=col_ok[None, :] & (offs_dv[:, None] < DV), other=0.0)
         s = _logits(tl.dot(q, kt, input_precision=PRECISION), offs_m, offs_n, off_b, off_h, NQ, NK, q_offset,
@@ -189,53 +204,15 @@ def _attn_bwd_dq(
             tl.store(DS + off_bh.to(tl.int64) * NQ * NK + (offs_m[:, None] * NK + offs_n[None, :]), ds,
                      mask=row_ok[:, None] & col_ok[None, :])
     dq = dq * sm_scale
+    if HAS_NORM or HAS_DSCALE or HAS_ROT:  # dL/dq' -> dL/dq, and this block's share of dL/d(q dim scale)
+        qraw = tl.load(q_base + offs_m[:, None] * sqm + offs_d[None, :] * sqd,
+                       mask=row_ok[:, None] & (offs_d[None, :] < D), other=0.0)
+        dq, dqsc = _qk_tile_bwd(qraw, dq, offs_d, D, q_offset + offs_m, offs_m >= 0, QSC + off_h * D, INV_FREQ, XPOS, R,
+                                interp, max_half, xpos_base, 1.0, HAS_NORM, GROUPS, HAS_DSCALE, HAS_ROT, HAS_XPOS,
+                                BLOCK_M, BLOCK_D)
+        if HAS_DSCALE:
+            tl.store(DQSC + (pid_m * tl.num_programs(1) + off_bh).to(tl.int64) * D + offs_d, dqsc, mask=offs_d < D)
     tl.store(DQ + off_b.to(tl.int64) * sdqb + off_h.to(tl.int64) * sdqh + offs_m[:, None] * sdqm + offs_d[None, :] * sdqd,
              dq.to(DQ.dtype.element_ty), mask=row_ok[:, None] & (offs_d[None, :] < D))
     if NEED_DSLOPE:
         tl.store(DSLOPE + off_bh.to(tl.int64) * tl.num_programs(0) + pid_m, tl.sum(dslope, axis=0))
-
-
-@triton.jit
-def _qk_prep_bwd(X, DY, DX, DSCALE, DDSCALE, INV_FREQ, XPOS,
-                 sxb, sxh, sxn, sxd, sdyb, sdyh, sdyn, sdyd,
-                 HEADS, N, D, R, pos_offset, n_skip, max_half, xpos_base, xpos_sign, interp,
-                 HAS_NORM: tl.constexpr, GROUPS: tl.constexpr, HAS_DSCALE: tl.constexpr, HAS_ROT: tl.constexpr,
-                 HAS_XPOS: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr):
-    """Backward of ``_qk_prep_fwd``: dX (same layout as X, contiguous) and, with a per-dim scale, this
-    program's partial sum of its gradient (DDSCALE[(row block, b), head, d]; summed by the launcher)."""
-    pid_n = tl.program_id(0)
-    off_bh = tl.program_id(1)
-    off_b = off_bh // HEADS
-    off_h = off_bh % HEADS
-    offs_n = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
-    offs_d = tl.arange(0, BLOCK_D)
-    ok = (offs_n[:, None] < N) & (offs_d[None, :] < D)
-    x = tl.load(X + off_b.to(tl.int64) * sxb + off_h.to(tl.int64) * sxh + offs_n[:, None] * sxn + offs_d[None, :] * sxd,
-                mask=ok, other=0.0).to(tl.float32)
-    g = tl.load(DY + off_b.to(tl.int64) * sdyb + off_h.to(tl.int64) * sdyh + offs_n[:, None] * sdyn + offs_d[None, :] * sdyd,
-                mask=ok, other=0.0).to(tl.float32)
-    if HAS_ROT:
-        pos = offs_n + pos_offset
-        g = _rotate_pairs(g, pos, offs_n >= n_skip, INV_FREQ, XPOS, R, interp, max_half, xpos_base, xpos_sign,
-                          True, HAS_XPOS, BLOCK_N, BLOCK_D)
-    xn = x
-    if HAS_NORM:
-        inv, nrm = _group_norm_factor(x, offs_d, D, GROUPS)
-        xn = x * inv
-    if HAS_DSCALE:
-        scale = tl.load(DSCALE + off_h * D + offs_d, mask=offs_d < D, other=0.0)
-        part = tl.sum(g * xn, axis=0)
-        tl.store(DDSCALE + ((pid_n * tl.num_programs(1) + off_bh).to(tl.int64)) * D + offs_d, part, mask=offs_d < D)
-        g = g * scale[None, :]
-    if HAS_NORM:
-        gsize = D // GROUPS
-        gid = offs_d // gsize
-        proj = tl.zeros(x.shape, tl.float32)
-        for grp in tl.static_range(GROUPS):
-            in_g = (gid == grp)[None, :]
-            dot = tl.sum(tl.where(in_g, xn * g, 0.0), axis=1)
-            proj = tl.where(in_g, dot[:, None], proj)
-        # d/dx of x / max(||x||, eps): (g - xn (xn . g)) / ||x|| above eps, g / eps below
-        g = tl.where(nrm > 1e-12, (g - xn * proj) * inv, g * inv)
-    tl.store(DX + (off_bh.to(tl.int64) * N + offs_n[:, None]) * D + offs_d[None, :],
-             g.to(DX.dtype.element_ty), mask=ok)

@@ -13,6 +13,13 @@ Switches (``tl.constexpr``):
   3 dense additive float, 4 dense boolean keep-mask (tile loads with broadcast strides).
 - MASK_KIND: the ``attn_mask`` slot: 0 none, 1 additive float, 2 boolean keep-mask.
 - IS_CAUSAL: ``p_j > p_i`` masked for positional keys.
+- QK features (SPEC §2 steps 2-3), applied to the q tile once per program and to every k tile as
+  it is loaded (``_load_q`` / ``_load_kt``), from positions -- no q'/k' tensor exists:
+  HAS_NORM (grouped l2 norm, GROUPS groups), HAS_DSCALE (per-dim scales, (h, d) for q and
+  (hk, d) for k; a learned QK-norm scale is folded into q's by the launcher), HAS_ROT (rotary on
+  the first R features, interleaved pairs), HAS_XPOS (the xpos scale on the rotated pairs). The
+  backward recomputes them the same way and chains the gradient of q'/k' back to the raw q/k
+  and to the dim scales with ``_qk_tile_bwd``.
 """
 import triton
 import triton.language as tl
@@ -141,3 +148,87 @@ def _group_norm_factor(x, offs_d, D, GROUPS: tl.constexpr):
         nrm = tl.where(in_g, n[:, None], nrm)
     return inv, nrm
 
+
+
+@triton.jit
+def _qk_tile_fwd(x, offs_d, D, pos, rot_row, DSCALE_ROW, INV_FREQ, XPOS, R, interp, max_half, xpos_base, xpos_sign,
+                 HAS_NORM: tl.constexpr, GROUPS: tl.constexpr, HAS_DSCALE: tl.constexpr, HAS_ROT: tl.constexpr,
+                 HAS_XPOS: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr):
+    """q' or k' of one raw (BLOCK_N, BLOCK_D) tile, fp32: grouped l2 norm, per-dim scale (row
+    ``DSCALE_ROW``), rotary/xpos at positions ``pos`` for the rows ``rot_row``."""
+    x = x.to(tl.float32)
+    if HAS_NORM:
+        inv, _ = _group_norm_factor(x, offs_d, D, GROUPS)
+        x = x * inv
+    if HAS_DSCALE:
+        x = x * tl.load(DSCALE_ROW + offs_d, mask=offs_d < D, other=0.0)[None, :]
+    if HAS_ROT:
+        x = _rotate_pairs(x, pos, rot_row, INV_FREQ, XPOS, R, interp, max_half, xpos_base, xpos_sign,
+                          False, HAS_XPOS, BLOCK_N, BLOCK_D)
+    return x
+
+
+@triton.jit
+def _qk_tile_bwd(x, g, offs_d, D, pos, rot_row, DSCALE_ROW, INV_FREQ, XPOS, R, interp, max_half, xpos_base, xpos_sign,
+                 HAS_NORM: tl.constexpr, GROUPS: tl.constexpr, HAS_DSCALE: tl.constexpr, HAS_ROT: tl.constexpr,
+                 HAS_XPOS: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr):
+    """Chain ``g`` = dL/d(x') of one tile back through ``_qk_tile_fwd``: (dL/dx fp32, this tile's
+    per-column dL/d(dim scale) partial (zeros without HAS_DSCALE))."""
+    x = x.to(tl.float32)
+    g = g.to(tl.float32)
+    if HAS_ROT:
+        g = _rotate_pairs(g, pos, rot_row, INV_FREQ, XPOS, R, interp, max_half, xpos_base, xpos_sign,
+                          True, HAS_XPOS, BLOCK_N, BLOCK_D)
+    xn = x
+    if HAS_NORM:
+        inv, _ = _group_norm_factor(x, offs_d, D, GROUPS)
+        xn = x * inv
+    dscale = tl.zeros([BLOCK_D], tl.float32)
+    if HAS_DSCALE:
+        dscale = tl.sum(g * xn, axis=0)
+        g = g * tl.load(DSCALE_ROW + offs_d, mask=offs_d < D, other=0.0)[None, :]
+    if HAS_NORM:
+        gsize = D // GROUPS
+        gid = offs_d // gsize
+        proj = tl.zeros(x.shape, tl.float32)
+        for grp in tl.static_range(GROUPS):
+            in_g = (gid == grp)[None, :]
+            dot = tl.sum(tl.where(in_g, xn * g, 0.0), axis=1)
+            proj = tl.where(in_g, dot[:, None], proj)
+        # d/dx of x / max(||x||, eps): (g - xn (xn . g)) / ||x|| above eps, g / eps below (inv = 1 / eps
+        # there; both forms agree at x = 0, so the test on inv instead of ||x|| only moves the
+        # switch by an ulp)
+        g = tl.where(inv < 1e12, (g - xn * proj) * inv, g * inv)
+    return g, dscale
+
+
+@triton.jit
+def _load_q(q_base, offs_m, offs_d, sqm, sqd, NQ, D, q_offset, QSC_ROW, INV_FREQ, XPOS, R, interp, max_half,
+            xpos_base, HAS_NORM: tl.constexpr, GROUPS: tl.constexpr, HAS_DSCALE: tl.constexpr,
+            HAS_ROT: tl.constexpr, HAS_XPOS: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_D: tl.constexpr):
+    """The (BLOCK_M, BLOCK_D) q' tile in q's dtype (raw q without QK features); query ``i`` at ``q_offset + i``."""
+    q = tl.load(q_base + offs_m[:, None] * sqm + offs_d[None, :] * sqd,
+                mask=(offs_m[:, None] < NQ) & (offs_d[None, :] < D), other=0.0)
+    if HAS_NORM or HAS_DSCALE or HAS_ROT:
+        q = _qk_tile_fwd(q, offs_d, D, q_offset + offs_m, offs_m >= 0, QSC_ROW, INV_FREQ, XPOS, R, interp,
+                         max_half, xpos_base, 1.0, HAS_NORM, GROUPS, HAS_DSCALE, HAS_ROT, HAS_XPOS,
+                         BLOCK_M, BLOCK_D).to(q.dtype)
+    return q
+
+
+@triton.jit
+def _load_kt(k_base, offs_n, offs_d, skn, skd, NK, D, k_prefix, KSC_ROW, INV_FREQ, XPOS, R, interp, max_half,
+             xpos_base, HAS_NORM: tl.constexpr, GROUPS: tl.constexpr, HAS_DSCALE: tl.constexpr,
+             HAS_ROT: tl.constexpr, HAS_XPOS: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr):
+    """The transposed (BLOCK_D, BLOCK_N) k' tile in k's dtype; key ``j`` at ``j - k_prefix``, prefix keys unrotated."""
+    if HAS_NORM or HAS_DSCALE or HAS_ROT:
+        k = tl.load(k_base + offs_n[:, None] * skn + offs_d[None, :] * skd,
+                    mask=(offs_n[:, None] < NK) & (offs_d[None, :] < D), other=0.0)
+        kp = _qk_tile_fwd(k, offs_d, D, offs_n - k_prefix, offs_n >= k_prefix, KSC_ROW, INV_FREQ, XPOS, R, interp,
+                          max_half, xpos_base, -1.0, HAS_NORM, GROUPS, HAS_DSCALE, HAS_ROT, HAS_XPOS,
+                          BLOCK_N, BLOCK_D)
+        kt = tl.trans(kp.to(k.dtype))
+    else:
+        kt = tl.load(k_base + offs_n[None, :] * skn + offs_d[:, None] * skd,
+                     mask=(offs_n[None, :] < NK) & (offs_d[:, None] < D), other=0.0)
+    return kt

@@ -15,16 +15,18 @@ than topk unmasked keys, i.e. keep all). The forward and backward then mask ``s 
 import triton
 import triton.language as tl
 
-from .attention_common import _causal_key_end, _dropout_keep, _group_norm_factor, _logits, _rotate_pairs
+from .attention_common import _causal_key_end, _dropout_keep, _load_kt, _load_q, _logits
 
 
 @triton.jit
 def _attn_topk_threshold(
-        Q, K, THR, SLOPES, TAB, MASK, BIAS,
+        Q, K, THR, SLOPES, TAB, MASK, BIAS, QSC, KSC, INV_FREQ, XPOS,
         sqb, sqh, sqm, sqd, skb, skh, skn, skd,
         stab_l, stab_h, tab_center, smb, smh, smm, smn, sbb, sbh, sbm, sbn,
-        H, HK, NQ, NK, D, q_offset, k_prefix, sm_scale, TOPK,
+        H, HK, NQ, NK, D, q_offset, k_prefix, sm_scale, TOPK, R, max_half, xpos_base, interp,
         IS_CAUSAL: tl.constexpr, BIAS_KIND: tl.constexpr, MASK_KIND: tl.constexpr, PRECISION: tl.constexpr,
+        HAS_NORM: tl.constexpr, GROUPS: tl.constexpr, HAS_DSCALE: tl.constexpr, HAS_ROT: tl.constexpr,
+        HAS_XPOS: tl.constexpr,
         K2: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr):
     pid_m = tl.program_id(0)
     off_bh = tl.program_id(1)
@@ -35,8 +37,10 @@ def _attn_topk_threshold(
     offs_m = start_m + tl.arange(0, BLOCK_M)
     offs_n0 = tl.arange(0, BLOCK_N)
     offs_d = tl.arange(0, BLOCK_D)
-    q = tl.load(Q + off_b.to(tl.int64) * sqb + off_h.to(tl.int64) * sqh + offs_m[:, None] * sqm + offs_d[None, :] * sqd,
-                mask=(offs_m[:, None] < NQ) & (offs_d[None, :] < D), other=0.0)
+    q = _load_q(Q + off_b.to(tl.int64) * sqb + off_h.to(tl.int64) * sqh, offs_m, offs_d, sqm, sqd, NQ, D, q_offset,
+                QSC + off_h * D, INV_FREQ, XPOS, R, interp, max_half, xpos_base,
+                HAS_NORM, GROUPS, HAS_DSCALE, HAS_ROT, HAS_XPOS, BLOCK_M, BLOCK_D)
+    ksc = KSC + off_hk * D
     k_base = K + off_b.to(tl.int64) * skb + off_hk.to(tl.int64) * skh
     slope = 0.0
     if BIAS_KIND == 1:
@@ -46,8 +50,8 @@ def _attn_topk_threshold(
     end_n = _causal_key_end(start_m, BLOCK_M, NK, q_offset, k_prefix, IS_CAUSAL)
     for start_n in range(0, end_n, BLOCK_N):
         offs_n = start_n + offs_n0
-        kt = tl.load(k_base + offs_n[None, :] * skn + offs_d[:, None] * skd,
-                     mask=(offs_n[None, :] < NK) & (offs_d[:, None] < D), other=0.0)
+        kt = _load_kt(k_base, offs_n, offs_d, skn, skd, NK, D, k_prefix, ksc, INV_FREQ, XPOS, R, interp, max_half,
+                      xpos_base, HAS_NORM, GROUPS, HAS_DSCALE, HAS_ROT, HAS_XPOS, BLOCK_N, BLOCK_D)
         s = _logits(tl.dot(q, kt, input_precision=PRECISION), offs_m, offs_n, off_b, off_h, NQ, NK, q_offset,
                     k_prefix, sm_scale, slope, tab, stab_l, tab_center,
                     MASK, smb, smh, smm, smn, BIAS, sbb, sbh, sbm, sbn, IS_CAUSAL, BIAS_KIND, MASK_KIND)
@@ -62,12 +66,14 @@ def _attn_topk_threshold(
 
 @triton.jit
 def _attn_fwd(
-        Q, K, V, O, LSE, THR, SLOPES, TAB, MASK, BIAS,
+        Q, K, V, O, LSE, THR, SLOPES, TAB, MASK, BIAS, QSC, KSC, INV_FREQ, XPOS,
         sqb, sqh, sqm, sqd, skb, skh, skn, skd, svb, svh, svn, svd, sob, soh, som, sod,
         stab_l, stab_h, tab_center, smb, smh, smm, smn, sbb, sbh, sbm, sbn,
-        H, HK, NQ, NK, D, DV, q_offset, k_prefix, sm_scale, dropout_p, seed,
+        H, HK, NQ, NK, D, DV, q_offset, k_prefix, sm_scale, dropout_p, seed, R, max_half, xpos_base, interp,
         IS_CAUSAL: tl.constexpr, BIAS_KIND: tl.constexpr, MASK_KIND: tl.constexpr, HAS_TOPK: tl.constexpr,
         HAS_DROPOUT: tl.constexpr, PRECISION: tl.constexpr,
+        HAS_NORM: tl.constexpr, GROUPS: tl.constexpr, HAS_DSCALE: tl.constexpr, HAS_ROT: tl.constexpr,
+        HAS_XPOS: tl.constexpr,
         BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_DV: tl.constexpr):
     pid_m = tl.program_id(0)
     off_bh = tl.program_id(1)
@@ -80,8 +86,10 @@ def _attn_fwd(
     offs_d = tl.arange(0, BLOCK_D)
     offs_dv = tl.arange(0, BLOCK_DV)
     row_ok = offs_m < NQ
-    q = tl.load(Q + off_b.to(tl.int64) * sqb + off_h.to(tl.int64) * sqh + offs_m[:, None] * sqm + offs_d[None, :] * sqd,
-                mask=row_ok[:, None] & (offs_d[None, :] < D), other=0.0)
+    q = _load_q(Q + off_b.to(tl.int64) * sqb + off_h.to(tl.int64) * sqh, offs_m, offs_d, sqm, sqd, NQ, D, q_offset,
+                QSC + off_h * D, INV_FREQ, XPOS, R, interp, max_half, xpos_base,
+                HAS_NORM, GROUPS, HAS_DSCALE, HAS_ROT, HAS_XPOS, BLOCK_M, BLOCK_D)
+    ksc = KSC + off_hk * D
     k_base = K + off_b.to(tl.int64) * skb + off_hk.to(tl.int64) * skh
     v_base = V + off_b.to(tl.int64) * svb + off_hk.to(tl.int64) * svh
     slope = 0.0
@@ -97,8 +105,8 @@ def _attn_fwd(
     for start_n in range(0, end_n, BLOCK_N):
         offs_n = start_n + offs_n0
         col_ok = offs_n < NK
-        kt = tl.load(k_base + offs_n[None, :] * skn + offs_d[:, None] * skd,
-                     mask=col_ok[None, :] & (offs_d[:, None] < D), other=0.0)
+        kt = _load_kt(k_base, offs_n, offs_d, skn, skd, NK, D, k_prefix, ksc, INV_FREQ, XPOS, R, interp, max_half,
+                      xpos_base, HAS_NORM, GROUPS, HAS_DSCALE, HAS_ROT, HAS_XPOS, BLOCK_N, BLOCK_D)
         s = _logits(tl.dot(q, kt, input_precision=PRECISION), offs_m, offs_n, off_b, off_h, NQ, NK, q_offset,
                     k_prefix, sm_scale, slope, tab, stab_l, tab_center,
                     MASK, smb, smh, smm, smn, BIAS, sbb, sbh, sbm, sbn, IS_CAUSAL, BIAS_KIND, MASK_KIND)
@@ -135,33 +143,3 @@ def _dropout_mask_kernel(OUT, H, NQ, NK, dropout_p, seed, BLOCK_M: tl.constexpr,
     keep = _dropout_keep(seed, off_bh, offs_m, offs_n, NK, dropout_p)
     tl.store(OUT + off_bh.to(tl.int64) * NQ * NK + offs_m[:, None] * NK + offs_n[None, :], keep.to(tl.int8),
              mask=(offs_m[:, None] < NQ) & (offs_n[None, :] < NK))
-
-
-@triton.jit
-def _qk_prep_fwd(X, Y, DSCALE, INV_FREQ, XPOS,
-                 sxb, sxh, sxn, sxd, syb, syh, syn, syd,
-                 HEADS, N, D, R, pos_offset, n_skip, max_half, xpos_base, xpos_sign, interp,
-                 HAS_NORM: tl.constexpr, GROUPS: tl.constexpr, HAS_DSCALE: tl.constexpr, HAS_ROT: tl.constexpr,
-                 HAS_XPOS: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr):
-    """QK pre-pass: grouped l2 norm, per-dim scale, rotary/xpos from positions, for one (b, head, row block).
-
-    Row ``n`` sits at position ``n + pos_offset``; rows ``n < n_skip`` (prefix keys) get no rotary."""
-    off_bh = tl.program_id(1)
-    off_b = off_bh // HEADS
-    off_h = off_bh % HEADS
-    offs_n = tl.program_id(0) * BLOCK_N + tl.arange(0, BLOCK_N)
-    offs_d = tl.arange(0, BLOCK_D)
-    ok = (offs_n[:, None] < N) & (offs_d[None, :] < D)
-    x = tl.load(X + off_b.to(tl.int64) * sxb + off_h.to(tl.int64) * sxh + offs_n[:, None] * sxn + offs_d[None, :] * sxd,
-                mask=ok, other=0.0).to(tl.float32)
-    if HAS_NORM:
-        inv, _ = _group_norm_factor(x, offs_d, D, GROUPS)
-        x = x * inv
-    if HAS_DSCALE:
-        x = x * tl.load(DSCALE + off_h * D + offs_d, mask=offs_d < D, other=0.0)[None, :]
-    if HAS_ROT:
-        pos = offs_n + pos_offset
-        x = _rotate_pairs(x, pos, offs_n >= n_skip, INV_FREQ, XPOS, R, interp, max_half, xpos_base, xpos_sign,
-                          False, HAS_XPOS, BLOCK_N, BLOCK_D)
-    tl.store(Y + off_b.to(tl.int64) * syb + off_h.to(tl.int64) * syh + offs_n[:, None] * syn + offs_d[None, :] * syd,
-             x.to(Y.dtype.element_ty), mask=ok)

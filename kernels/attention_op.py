@@ -1,7 +1,8 @@
 """Launchers, the ``xtk::attention_fwd`` / ``xtk::attention_bwd`` custom ops and the Triton ``BACKEND``.
 
 Data flow: ``xtk.attention`` validates -> ``backends.pick`` -> ``BACKEND.run(inputs)`` here:
-QK-norm / rotary pre-pass (``_prepare_qk``), bias descriptors turned into the kernel's O(n)
+QK-norm / rotary/xpos turned into kernel arguments (``_qk_args``; applied in-kernel to the q/k
+tiles, forward and backward), bias descriptors turned into the kernel's O(n)
 inputs (ALiBi slopes padded to all heads, T5 turned into a per-distance table by indexing the
 (num_buckets, h) table with the reference bucket function, so autograd carries its gradient),
 then the custom op. The op takes q/k/v with any strides (no copies) and dense masks/biases as
@@ -9,8 +10,9 @@ broadcast views (stride 0 on broadcast dims, no copies).
 
 Memory: besides the outputs, the forward allocates the (b, h, nq) log-sum-exp (and the top-k
 threshold); the backward allocates dq/dk/dv, the (b, h, nq) delta, an (h, 2L-1) table gradient
-and per-program ALiBi partials -- all linear in n. Only a dense bias that requires grad gets a
-(b, h, nq, nk) gradient buffer (its gradient has that size anyway).
+and per-program ALiBi and QK dim-scale partials ((n / BLOCK) x d) -- all linear in n. QK-norm and
+rotary/xpos allocate nothing of q's or k's size: they run on the tiles inside every kernel. Only a
+dense bias that requires grad gets a (b, h, nq, nk) gradient buffer (its gradient has that size anyway).
 """
 from __future__ import annotations
 
@@ -23,10 +25,10 @@ import triton
 from xtk import backends
 from xtk.bias import Alibi, Dense, DistanceTable, T5, t5_bucket
 
-from .attention_bwd import _attn_bwd_dkdv, _attn_bwd_dq, _qk_prep_bwd
+from .attention_bwd import _attn_bwd_dkdv, _attn_bwd_dq
 from .attention_common import (BIAS_ALIBI, BIAS_DENSE_BOOL, BIAS_DENSE_FLOAT, BIAS_NONE, BIAS_TABLE,
                                MASK_BOOL, MASK_FLOAT, MASK_NONE)
-from .attention_fwd import _attn_fwd, _attn_topk_threshold, _dropout_mask_kernel, _qk_prep_fwd
+from .attention_fwd import _attn_fwd, _attn_topk_threshold, _dropout_mask_kernel
 
 Tensor = torch.Tensor
 MAX_HEAD_DIM = 256
@@ -44,13 +46,15 @@ def block_d(d: int) -> int:
     return max(16, triton.next_power_of_2(d))
 
 
-def config(kind: str, d: int, dv: int, arch: int = 90, topk: int = 0, ieee: bool = False) -> dict:
+def config(kind: str, d: int, dv: int, arch: int = 90, topk: int = 0, ieee: bool = False, qk: bool = False) -> dict:
     """Pinned tile config of one kernel: BLOCK_M, BLOCK_N, num_warps, num_stages.
 
     kind: 'fwd' (also the top-k threshold pass) | 'dkdv' | 'dq'. Chosen from the ptxas reports of
     the AOT compile so that no shipped specialization spills on sm_80/sm_90
     (tests/test_kernels_build.py checks it). ``arch`` is kept for per-arch tuning. ``ieee``: fp32
-    inputs with IEEE products (no tensor cores: FMA tiles need far more registers, so small tiles)."""
+    inputs with IEEE products (no tensor cores: FMA tiles need far more registers, so small tiles).
+    ``qk``: QK-norm / rotary in-kernel (the q and k tile transforms and the backward's chain rule
+    hold extra fp32 tiles): smaller key tiles where the ptxas report showed spills."""
     bd = max(block_d(d), block_d(dv))
     if interpreting():
         bm, bn, warps, stages = 32, 32, 4, 1
@@ -77,6 +81,15 @@ def config(kind: str, d: int, dv: int, arch: int = 90, topk: int = 0, ieee: bool
             bm, bn, warps, stages = 64, 16, 8, 1
         else:
             bm, bn, warps, stages = 32, 16, 8, 1
+    if qk and not interpreting() and bd <= 128:
+        if ieee:
+            bm, bn, warps = 16, 16, 8  # FMA tiles: 4 warps spill with the tile transforms
+        elif kind == "fwd" and arch < 90:
+            bm, warps = (32, 4) if topk else (32, warps)
+        elif kind == "dkdv":
+            bn = 32  # on sm_90 this gives up wgmma (mma.sync): key tiles of 64 spill with dropout + top-k
+        elif kind == "dq":
+            bm = 32  # likewise: query tiles of 64 spill with dropout
     if topk:
         bn = max(bn, triton.next_power_of_2(topk))
     return dict(BLOCK_M=bm, BLOCK_N=bn, num_warps=warps, num_stages=stages)
@@ -138,14 +151,40 @@ def _seed(seed: int) -> int:
     return int(torch.randint(0, 2 ** 30, (1,), dtype=torch.int64).item())
 
 
-def _forward(q, k, v, slopes, table, mask, dense, scale, is_causal, q_offset, k_prefix, topk, dropout_p, seed):
+def _qk_slots(q, qk):
+    """Kernel arguments of the in-kernel QK-norm / rotary / xpos: pointers, scalars, constexprs."""
+    qsc, ksc, inv_freq, xpos, groups, rot_dim, max_half, xpos_base, interp = qk
+    ptrs = tuple(t if t is not None else q for t in (qsc, ksc, inv_freq, xpos))
+    scal = (rot_dim, max_half, float(xpos_base), float(interp))
+    meta = dict(HAS_NORM=groups > 0, GROUPS=max(groups, 1), HAS_DSCALE=qsc is not None, HAS_ROT=rot_dim > 0,
+                HAS_XPOS=xpos is not None)
+    return ptrs, scal, meta
+
+
+def _uses_qk(meta) -> bool:
+    return bool(meta["HAS_NORM"] or meta["HAS_DSCALE"] or meta["HAS_ROT"])
+
+
+def _dsc_sums(dqsc, dksc, has_dsc):
+    if not has_dsc:
+        return dqsc.new_empty(0), dksc.new_empty(0)
+    return dqsc.sum((0, 1)), dksc.sum((0, 1))
+
+
+NO_QK = (None, None, None, None, 0, 0, 0, 1.0, 1.0)
+
+
+def _forward(q, k, v, slopes, table, mask, dense, scale, is_causal, q_offset, k_prefix, topk, dropout_p, seed,
+             qk=NO_QK):
     b, h, nq, d = q.shape
     hk, nk, dv = k.shape[1], k.shape[2], v.shape[3]
     out = torch.empty(b, h, nq, dv, dtype=q.dtype, device=q.device)
     lse = torch.empty(b, h, 2, nq, dtype=torch.float32, device=q.device)  # row max, row sum
     has_topk = 0 < topk < nk
     thr = torch.empty(b, h, nq if has_topk else 0, dtype=torch.float32, device=q.device)
-    cfg = config("fwd", d, dv, _arch(q.device), topk if has_topk else 0, _precision(q.dtype) == "ieee")
+    qk_ptrs, qk_scal, qk_meta = _qk_slots(q, qk)
+    cfg = config("fwd", d, dv, _arch(q.device), topk if has_topk else 0, _precision(q.dtype) == "ieee",
+                 _uses_qk(qk_meta))
     bm, bn = cfg["BLOCK_M"], cfg["BLOCK_N"]
     ptrs, scal, bias_kind, mask_kind = _slots(q, slopes, table, mask, dense, b, h, nq, nk)
     prec = _precision(q.dtype)
@@ -154,24 +193,24 @@ def _forward(q, k, v, slopes, table, mask, dense, scale, is_causal, q_offset, k_
         return out, lse, thr
     if has_topk:
         _attn_topk_threshold[grid](
-            q, k, thr, *ptrs, *q.stride(), *k.stride(), *scal,
-            h, hk, nq, nk, d, q_offset, k_prefix, scale, topk,
-            IS_CAUSAL=is_causal, BIAS_KIND=bias_kind, MASK_KIND=mask_kind, PRECISION=prec,
+            q, k, thr, *ptrs, *qk_ptrs, *q.stride(), *k.stride(), *scal,
+            h, hk, nq, nk, d, q_offset, k_prefix, scale, topk, *qk_scal,
+            IS_CAUSAL=is_causal, BIAS_KIND=bias_kind, MASK_KIND=mask_kind, PRECISION=prec, **qk_meta,
             K2=triton.next_power_of_2(topk), BLOCK_M=bm, BLOCK_N=bn, BLOCK_D=block_d(d),
             num_warps=cfg["num_warps"], num_stages=cfg["num_stages"])
     _attn_fwd[grid](
-        q, k, v, out, lse, thr if has_topk else lse, *ptrs,
+        q, k, v, out, lse, thr if has_topk else lse, *ptrs, *qk_ptrs,
         *q.stride(), *k.stride(), *v.stride(), *out.stride(), *scal,
-        h, hk, nq, nk, d, dv, q_offset, k_prefix, scale, dropout_p, seed,
+        h, hk, nq, nk, d, dv, q_offset, k_prefix, scale, dropout_p, seed, *qk_scal,
         IS_CAUSAL=is_causal, BIAS_KIND=bias_kind, MASK_KIND=mask_kind, HAS_TOPK=has_topk,
-        HAS_DROPOUT=dropout_p > 0.0, PRECISION=prec,
+        HAS_DROPOUT=dropout_p > 0.0, PRECISION=prec, **qk_meta,
         BLOCK_M=bm, BLOCK_N=bn, BLOCK_D=block_d(d), BLOCK_DV=block_d(dv),
         num_warps=cfg["num_warps"], num_stages=cfg["num_stages"])
     return out, lse, thr
 
 
 def _backward(do, q, k, v, out, lse, thr, seed, slopes, table, mask, dense, scale, is_causal, q_offset,
-              k_prefix, topk, dropout_p, need_dslopes, need_dtable, need_ds):
+              k_prefix, topk, dropout_p, need_dslopes, need_dtable, need_ds, qk=NO_QK):
     b, h, nq, d = q.shape
     hk, nk, dv = k.shape[1], k.shape[2], v.shape[3]
     dq = torch.empty_like(q)
@@ -180,32 +219,38 @@ def _backward(do, q, k, v, out, lse, thr, seed, slopes, table, mask, dense, scal
     has_topk = 0 < topk < nk
     arch = _arch(q.device)
     ieee = _precision(q.dtype) == "ieee"
-    cfg_kv = config("dkdv", d, dv, arch, topk if has_topk else 0, ieee)
-    cfg = config("dq", d, dv, arch, topk if has_topk else 0, ieee)
+    qk_ptrs, qk_scal, qk_meta = _qk_slots(q, qk)
+    cfg_kv = config("dkdv", d, dv, arch, topk if has_topk else 0, ieee, _uses_qk(qk_meta))
+    cfg = config("dq", d, dv, arch, topk if has_topk else 0, ieee, _uses_qk(qk_meta))
     n_mblocks = triton.cdiv(nq, cfg["BLOCK_M"])
     dslopes = torch.zeros(b, h, n_mblocks if need_dslopes else 0, dtype=torch.float32, device=q.device)
     dtab = torch.zeros_like(table, dtype=torch.float32) if need_dtable else q.new_empty(0, dtype=torch.float32)
     ds = torch.zeros(b, h, nq, nk, dtype=torch.float32, device=q.device) if need_ds else q.new_empty(0, dtype=torch.float32)
+    n_kblocks = triton.cdiv(nk, cfg_kv["BLOCK_N"])
+    has_dsc = qk_meta["HAS_DSCALE"]
+    # per-program partial sums of the dim-scale gradients (summed here: deterministic)
+    dqsc = torch.zeros(n_mblocks, b, h, d if has_dsc else 0, dtype=torch.float32, device=q.device)
+    dksc = torch.zeros(n_kblocks, b, hk, d if has_dsc else 0, dtype=torch.float32, device=q.device)
     if b * h == 0 or nq == 0 or nk == 0:
         dq.zero_(), dk.zero_(), dvv.zero_()
-        return dq, dk, dvv, dslopes.sum((0, 2)), dtab, ds
+        return dq, dk, dvv, dslopes.sum((0, 2)), dtab, ds, *_dsc_sums(dqsc, dksc, has_dsc)
     delta = (do.float() * out.float()).sum(-1)  # (b, h, nq): the preprocess, O(n)
     ptrs, scal, bias_kind, mask_kind = _slots(q, slopes, table, mask, dense, b, h, nq, nk)
     prec = _precision(q.dtype)
     common = dict(IS_CAUSAL=is_causal, BIAS_KIND=bias_kind, MASK_KIND=mask_kind, HAS_TOPK=has_topk,
-                  HAS_DROPOUT=dropout_p > 0.0, PRECISION=prec, BLOCK_D=block_d(d), BLOCK_DV=block_d(dv))
+                  HAS_DROPOUT=dropout_p > 0.0, PRECISION=prec, BLOCK_D=block_d(d), BLOCK_DV=block_d(dv), **qk_meta)
     thr_arg = thr if has_topk else lse
-    _attn_bwd_dkdv[(triton.cdiv(nk, cfg_kv["BLOCK_N"]), b * hk)](
-        q, k, v, do, dk, dvv, lse, delta, thr_arg, *ptrs,
+    _attn_bwd_dkdv[(n_kblocks, b * hk)](
+        q, k, v, do, dk, dvv, lse, delta, thr_arg, *ptrs, *qk_ptrs, dksc if has_dsc else lse,
         *q.stride(), *k.stride(), *v.stride(), *do.stride(), *dk.stride(), *dvv.stride(), *scal,
-        h, hk, nq, nk, d, dv, q_offset, k_prefix, scale, dropout_p, seed, **common, **cfg_kv)
+        h, hk, nq, nk, d, dv, q_offset, k_prefix, scale, dropout_p, seed, *qk_scal, **common, **cfg_kv)
     _attn_bwd_dq[(n_mblocks, b * h)](
         q, k, v, do, dq, lse, delta, thr_arg, *ptrs, dslopes if need_dslopes else lse,
-        dtab if need_dtable else lse, ds if need_ds else lse,
+        dtab if need_dtable else lse, ds if need_ds else lse, *qk_ptrs, dqsc if has_dsc else lse,
         *q.stride(), *k.stride(), *v.stride(), *do.stride(), *dq.stride(), *scal,
-        h, hk, nq, nk, d, dv, q_offset, k_prefix, scale, dropout_p, seed,
+        h, hk, nq, nk, d, dv, q_offset, k_prefix, scale, dropout_p, seed, *qk_scal,
         NEED_DSLOPE=need_dslopes, NEED_DTAB=need_dtable, NEED_DS=need_ds, **common, **cfg)
-    return dq, dk, dvv, dslopes.sum((0, 2)), dtab, ds
+    return dq, dk, dvv, dslopes.sum((0, 2)), dtab, ds, *_dsc_sums(dqsc, dksc, has_dsc)
 
 
 # ----------------------------------------------------------------------------- custom ops
@@ -213,20 +258,27 @@ def _backward(do, q, k, v, out, lse, thr, seed, slopes, table, mask, dense, scal
 @torch.library.custom_op("xtk::attention_fwd", mutates_args=())
 def attention_fwd(q: Tensor, k: Tensor, v: Tensor, slopes: Optional[Tensor], table: Optional[Tensor],
                   mask: Optional[Tensor], dense: Optional[Tensor], scale: float, is_causal: bool, q_offset: int,
-                  k_prefix: int, topk: int, dropout_p: float, seed: int) -> tuple[Tensor, Tensor, Tensor, Tensor]:
+                  k_prefix: int, topk: int, dropout_p: float, seed: int, q_scale: Optional[Tensor] = None, k_scale: Optional[Tensor] = None,
+                  inv_freq: Optional[Tensor] = None, xpos: Optional[Tensor] = None, groups: int = 0, rot_dim: int = 0,
+                  max_half: int = 0, xpos_base: float = 1.0, interp: float = 1.0) -> tuple[Tensor, Tensor, Tensor, Tensor]:
     """-> (out (b,h,nq,dv), softmax stats (b,h,2,nq) fp32 (row max, row sum), top-k threshold (b,h,nq|0) fp32, the dropout seed used (int64 0-d)).
 
     slopes: (h,) fp32 ALiBi slopes (0 for heads without one) | table: (2L-1, h) fp32 per-distance
     bias | dense: float or bool tensor broadcastable to (b,h,nq,nk); at most one of the three.
-    mask: attn_mask, float or bool, broadcastable. topk 0: off. seed < 0: draw one."""
+    mask: attn_mask, float or bool, broadcastable. topk 0: off. seed < 0: draw one.
+    QK features, applied in-kernel to the q/k tiles: groups > 0: grouped l2 norm; q_scale (h, d) and
+    k_scale (hk, d) fp32 per-dim scales (both or neither); rot_dim > 0: rotary with inv_freq
+    (rot_dim//2,) fp32, xpos (rot_dim//2,) fp32 when given, positions as in attention_common."""
     seed = _seed(seed) if dropout_p > 0.0 else 0
     out, lse, thr = _forward(q, k, v, slopes, table, mask, dense, scale, is_causal, q_offset, k_prefix, topk,
-                             dropout_p, seed)
+                             dropout_p, seed, (q_scale, k_scale, inv_freq, xpos, groups, rot_dim, max_half, xpos_base,
+                                               interp))
     return out, lse, thr, torch.tensor(seed, dtype=torch.int64)
 
 
 @attention_fwd.register_fake
-def _(q, k, v, slopes, table, mask, dense, scale, is_causal, q_offset, k_prefix, topk, dropout_p, seed):
+def _(q, k, v, slopes, table, mask, dense, scale, is_causal, q_offset, k_prefix, topk, dropout_p, seed, q_scale=None,
+      k_scale=None, inv_freq=None, xpos=None, groups=0, rot_dim=0, max_half=0, xpos_base=1.0, interp=1.0):
     b, h, nq, _ = q.shape
     nk = k.shape[2]
     out = q.new_empty(b, h, nq, v.shape[3])
@@ -240,29 +292,39 @@ def attention_bwd(do: Tensor, q: Tensor, k: Tensor, v: Tensor, out: Tensor, lse:
                   seed: Tensor, slopes: Optional[Tensor], table: Optional[Tensor], mask: Optional[Tensor],
                   dense: Optional[Tensor], scale: float, is_causal: bool, q_offset: int, k_prefix: int, topk: int,
                   dropout_p: float, need_dslopes: bool, need_dtable: bool,
-                  need_ds: bool) -> tuple[Tensor, Tensor, Tensor, Tensor, Tensor, Tensor]:
-    """-> (dq, dk, dv, dslopes (h,)|(0,), dtable like table|(0,), dS (b,h,nq,nk) fp32 | (0,))."""
+                  need_ds: bool, q_scale: Optional[Tensor] = None, k_scale: Optional[Tensor] = None,
+                  inv_freq: Optional[Tensor] = None, xpos: Optional[Tensor] = None, groups: int = 0, rot_dim: int = 0,
+                  max_half: int = 0, xpos_base: float = 1.0, interp: float = 1.0) -> tuple[Tensor, Tensor, Tensor, Tensor, Tensor, Tensor, Tensor, Tensor]:
+    """-> (dq, dk, dv, dslopes (h,)|(0,), dtable like table|(0,), dS (b,h,nq,nk) fp32 | (0,),
+    d q_scale (h, d) fp32 | (0,), d k_scale (hk, d) fp32 | (0,)): the QK features are recomputed
+    in-kernel and the gradients chained back to the raw q and k."""
     return _backward(do, q, k, v, out, lse, thr, int(seed.item()), slopes, table, mask, dense, scale, is_causal,
-                     q_offset, k_prefix, topk, dropout_p, need_dslopes, need_dtable, need_ds)
+                     q_offset, k_prefix, topk, dropout_p, need_dslopes, need_dtable, need_ds,
+                     (q_scale, k_scale, inv_freq, xpos, groups, rot_dim, max_half, xpos_base, interp))
 
 
 @attention_bwd.register_fake
 def _(do, q, k, v, out, lse, thr, seed, slopes, table, mask, dense, scale, is_causal, q_offset, k_prefix, topk,
-      dropout_p, need_dslopes, need_dtable, need_ds):
-    b, h, nq, _ = q.shape
-    nk = k.shape[2]
+      dropout_p, need_dslopes, need_dtable, need_ds, q_scale=None, k_scale=None, inv_freq=None, xpos=None, groups=0,
+      rot_dim=0, max_half=0, xpos_base=1.0, interp=1.0):
+    b, h, nq, d = q.shape
+    hk, nk = k.shape[1], k.shape[2]
     f32 = dict(dtype=torch.float32)
     return (torch.empty_like(q), torch.empty_like(k), torch.empty_like(v),
             q.new_empty(h if need_dslopes else 0, **f32),
             table.new_empty(table.shape, **f32) if need_dtable else q.new_empty(0, **f32),
-            q.new_empty((b, h, nq, nk) if need_ds else (0,), **f32))
+            q.new_empty((b, h, nq, nk) if need_ds else (0,), **f32),
+            q.new_empty((h, d) if q_scale is not None else (0,), **f32),
+            q.new_empty((hk, d) if q_scale is not None else (0,), **f32))
 
 
 def _setup_context(ctx, inputs, output):
-    q, k, v, slopes, table, mask, dense, scale, is_causal, q_offset, k_prefix, topk, dropout_p, seed = inputs
+    (q, k, v, slopes, table, mask, dense, scale, is_causal, q_offset, k_prefix, topk, dropout_p, seed,
+     q_scale, k_scale, inv_freq, xpos, *qk_args) = inputs
     out, lse, thr, seed_t = output
-    ctx.save_for_backward(q, k, v, out, lse, thr, seed_t, slopes, table, mask, dense)
+    ctx.save_for_backward(q, k, v, out, lse, thr, seed_t, slopes, table, mask, dense, q_scale, k_scale, inv_freq, xpos)
     ctx.args = (scale, is_causal, q_offset, k_prefix, topk, dropout_p)
+    ctx.qk_args = tuple(qk_args)
 
 
 def _reduce_to(grad: Tensor, like: Tensor) -> Tensor:
@@ -292,7 +354,7 @@ def _table_grad_from_ds(ds: Tensor, table: Tensor, q_offset: int, k_prefix: int)
 
 
 def _backward_rule(ctx, dout, dlse, dthr, dseed):
-    q, k, v, out, lse, thr, seed_t, slopes, table, mask, dense = ctx.saved_tensors
+    q, k, v, out, lse, thr, seed_t, slopes, table, mask, dense, q_scale, k_scale, inv_freq, xpos = ctx.saved_tensors
     scale, is_causal, q_offset, k_prefix, topk, dropout_p = ctx.args
     need = ctx.needs_input_grad
     need_dslopes = bool(need[3]) and slopes is not None
@@ -302,9 +364,10 @@ def _backward_rule(ctx, dout, dlse, dthr, dseed):
     # the table gradient scatters dS by distance with atomics (unordered); in deterministic mode
     # take dS whole instead (O(b h nq nk) memory, that mode only) and sum its diagonals in torch
     det_table = need_dtable and torch.are_deterministic_algorithms_enabled()
-    dq, dk, dv, dslopes, dtab, ds = attention_bwd(
+    dq, dk, dv, dslopes, dtab, ds, dqsc, dksc = attention_bwd(
         dout, q, k, v, out, lse, thr, seed_t, slopes, table, mask, dense, scale, is_causal, q_offset, k_prefix,
-        topk, dropout_p, need_dslopes, need_dtable and not det_table, need_dmask or need_ddense or det_table)
+        topk, dropout_p, need_dslopes, need_dtable and not det_table, need_dmask or need_ddense or det_table,
+        q_scale, k_scale, inv_freq, xpos, *ctx.qk_args)
     if det_table:
         dtab = _table_grad_from_ds(ds, table, q_offset, k_prefix)
     return (dq, dk, dv,
@@ -312,6 +375,9 @@ def _backward_rule(ctx, dout, dlse, dthr, dseed):
             dtab.to(table.dtype) if need_dtable else None,
             _reduce_to(ds, mask) if need_dmask else None,
             _reduce_to(ds, dense) if need_ddense else None,
+            None, None, None, None, None, None, None,
+            dqsc if q_scale is not None and need[14] else None,
+            dksc if k_scale is not None and need[15] else None,
             None, None, None, None, None, None, None)
 
 
@@ -330,116 +396,45 @@ def dropout_keep_mask(seed: int, b: int, h: int, nq: int, nk: int, dropout_p: fl
 
 # ----------------------------------------------------------------------------- the backend
 
-def _prepare_qk(inputs):
-    """QK-norm and rotary/xpos before the attention kernel: the Triton pre-pass ``xtk::attention_qk_prep``
-    on q and on k (positions in-kernel, no (n, d) cos/sin table); returns q, k, scale.
+def _qk_args(inputs):
+    """QK-norm and rotary/xpos as arguments of the attention kernels (applied in-kernel to the q/k
+    tiles, positions computed there: no q'/k' tensor, no (n, d) cos/sin table); -> (qk, scale).
 
-    A tensor QK-norm scale is folded into q (a torch multiply) so its gradient comes from autograd."""
+    Dim scales go in as (h, d) / (hk, d) fp32 views built with differentiable torch ops, so their
+    gradients (computed in-kernel) reach the (h|hk, 1, d) parameters through autograd. A tensor
+    (learned) QK-norm scale is folded into q's dim scale (rotary is linear, so scaling q' scales
+    the logits): its gradient flows the same way and the kernel scale becomes 1."""
     q, k = inputs.q, inputs.k
     scale = inputs.scale
     qn, rot = inputs.qk_norm, inputs.rotary
-    if qn is not None or rot is not None:
-        h, nq, d = q.shape[1], q.shape[2], q.shape[3]
-        hk, nk = k.shape[1], k.shape[2]
-        groups = qn.groups if qn is not None else 0
+    h, nq, d = q.shape[1], q.shape[2], q.shape[3]
+    hk, nk = k.shape[1], k.shape[2]
+    qs = ks = inv_freq = xpos = None
+    groups, rd, max_half, base, interp = 0, 0, 0, 1.0, 1.0
+    if qn is not None:
+        groups = qn.groups
 
         def dim_scale(t, heads):
-            return None if t is None else t.expand(heads, 1, d).reshape(heads, d).float().contiguous()
+            return None if t is None else t.expand(heads, 1, d).reshape(heads, d).float()
 
-        qs = dim_scale(qn.q_dim_scale, h) if qn is not None else None
-        ks = dim_scale(qn.k_dim_scale, hk) if qn is not None else None
-        inv_freq = xpos = None
-        rd, max_half, base, interp = 0, 0, 1.0, 1.0
-        if rot is not None:
-            inv_freq = rot.inv_freq.float().contiguous()
-            xpos = rot.xpos_scale.float().contiguous() if rot.xpos_scale is not None else None
-            rd, base, interp = rot.dim, float(rot.xpos_scale_base), float(rot.interpolation_factor)
-            max_half = max(inputs.q_offset + nq, nk - inputs.k_prefix) // 2
-        q = torch.ops.xtk.attention_qk_prep(q, qs, inv_freq, xpos, groups, inputs.q_offset, 0, max_half, base,
-                                            1.0, interp, rd)
-        k = torch.ops.xtk.attention_qk_prep(k, ks, inv_freq, xpos, groups, -inputs.k_prefix, inputs.k_prefix,
-                                            max_half, base, -1.0, interp, rd)
-    if qn is not None:
+        qs, ks = dim_scale(qn.q_dim_scale, h), dim_scale(qn.k_dim_scale, hk)
         if isinstance(qn.scale, torch.Tensor):
-            q = q * qn.scale.to(q.dtype)
+            learned = qn.scale.float()
+            qs = learned * (qs if qs is not None else torch.ones(h, d, device=q.device))
             scale = 1.0
         else:
             scale = float(qn.scale)
+        if qs is not None or ks is not None:  # one switch for both: the missing one is all ones
+            qs = (qs if qs is not None else torch.ones(h, d, device=q.device)).contiguous()
+            ks = (ks if ks is not None else torch.ones(hk, d, device=q.device)).contiguous()
+    if rot is not None:
+        inv_freq = rot.inv_freq.float().contiguous()
+        xpos = rot.xpos_scale.float().contiguous() if rot.xpos_scale is not None else None
+        rd, base, interp = rot.dim, float(rot.xpos_scale_base), float(rot.interpolation_factor)
+        max_half = max(inputs.q_offset + nq, nk - inputs.k_prefix) // 2
     if scale is None:
-        scale = q.shape[-1] ** -0.5
-    return q, k, float(scale)
-
-
-def _prep_launch_args(x, dim_scale, inv_freq, xpos, groups, rot_dim):
-    b, heads, n, d = x.shape
-    bn = 32 if interpreting() or block_d(d) <= 128 else 16
-    meta = dict(HAS_NORM=groups > 0, GROUPS=max(groups, 1), HAS_DSCALE=dim_scale is not None, HAS_ROT=rot_dim > 0,
-                HAS_XPOS=xpos is not None, BLOCK_N=bn, BLOCK_D=block_d(d), num_warps=4)
-    ptrs = (dim_scale if dim_scale is not None else x, inv_freq if inv_freq is not None else x,
-            xpos if xpos is not None else x)
-    return (triton.cdiv(n, bn), b * heads), ptrs, meta
-
-
-@torch.library.custom_op("xtk::attention_qk_prep", mutates_args=())
-def attention_qk_prep(x: Tensor, dim_scale: Optional[Tensor], inv_freq: Optional[Tensor], xpos: Optional[Tensor],
-                      groups: int, pos_offset: int, n_skip: int, max_half: int, xpos_base: float, xpos_sign: float,
-                      interp: float, rot_dim: int) -> Tensor:
-    """QK pre-pass on x (b, heads, n, d), any strides -> contiguous: grouped l2 norm (groups > 0), times
-    dim_scale (heads, d) fp32, then rotary on the first rot_dim features (rot_dim > 0) at positions
-    ``row + pos_offset`` for rows >= n_skip, with xpos when ``xpos`` (rot_dim//2,) is given."""
-    b, heads, n, d = x.shape
-    y = torch.empty(b, heads, n, d, dtype=x.dtype, device=x.device)
-    if y.numel() == 0:
-        return y
-    grid, ptrs, meta = _prep_launch_args(x, dim_scale, inv_freq, xpos, groups, rot_dim)
-    _qk_prep_fwd[grid](x, y, *ptrs, *x.stride(), *y.stride(), heads, n, d, rot_dim, pos_offset, n_skip, max_half,
-                       xpos_base, xpos_sign, interp, **meta)
-    return y
-
-
-@attention_qk_prep.register_fake
-def _(x, dim_scale, inv_freq, xpos, groups, pos_offset, n_skip, max_half, xpos_base, xpos_sign, interp, rot_dim):
-    return x.new_empty(x.shape)
-
-
-@torch.library.custom_op("xtk::attention_qk_prep_bwd", mutates_args=())
-def attention_qk_prep_bwd(dy: Tensor, x: Tensor, dim_scale: Optional[Tensor], inv_freq: Optional[Tensor],
-                          xpos: Optional[Tensor], groups: int, pos_offset: int, n_skip: int, max_half: int,
-                          xpos_base: float, xpos_sign: float, interp: float, rot_dim: int) -> tuple[Tensor, Tensor]:
-    """-> (dx contiguous, d dim_scale (heads, d) fp32 or (0,))."""
-    b, heads, n, d = x.shape
-    dx = torch.empty(b, heads, n, d, dtype=x.dtype, device=x.device)
-    grid, ptrs, meta = _prep_launch_args(x, dim_scale, inv_freq, xpos, groups, rot_dim)
-    part = torch.zeros(grid[0], b * heads, d if dim_scale is not None else 0, dtype=torch.float32, device=x.device)
-    if dx.numel() == 0:
-        return dx.zero_(), part.new_zeros(heads, d) if dim_scale is not None else part.new_empty(0)
-    _qk_prep_bwd[grid](x, dy, dx, ptrs[0], part if dim_scale is not None else dx, ptrs[1], ptrs[2],
-                       *x.stride(), *dy.stride(), heads, n, d, rot_dim, pos_offset, n_skip, max_half,
-                       xpos_base, xpos_sign, interp, **meta)
-    dscale = part.view(grid[0], b, heads, d).sum((0, 1)) if dim_scale is not None else part.new_empty(0)
-    return dx, dscale
-
-
-@attention_qk_prep_bwd.register_fake
-def _(dy, x, dim_scale, inv_freq, xpos, groups, pos_offset, n_skip, max_half, xpos_base, xpos_sign, interp, rot_dim):
-    b, heads, n, d = x.shape
-    return x.new_empty(x.shape), x.new_empty((heads, d) if dim_scale is not None else (0,), dtype=torch.float32)
-
-
-def _prep_setup_context(ctx, inputs, output):
-    x, dim_scale, inv_freq, xpos, *args = inputs
-    ctx.save_for_backward(x, dim_scale, inv_freq, xpos)
-    ctx.args = args
-
-
-def _prep_backward(ctx, dy):
-    x, dim_scale, inv_freq, xpos = ctx.saved_tensors
-    dx, dscale = attention_qk_prep_bwd(dy, x, dim_scale, inv_freq, xpos, *ctx.args)
-    need_scale = dim_scale is not None and ctx.needs_input_grad[1]
-    return (dx, dscale if need_scale else None) + (None,) * 10
-
-
-attention_qk_prep.register_autograd(_prep_backward, setup_context=_prep_setup_context)
+        scale = d ** -0.5
+    return (qs, ks, inv_freq, xpos, groups, rd, max_half, base, interp), float(scale)
 
 
 def t5_distance_table(bias: T5, nq: int, nk: int, q_offset: int, k_prefix: int) -> Tensor:
@@ -469,14 +464,15 @@ def _bias_args(inputs, h, nq, nk):
 
 
 def run(inputs) -> Tensor:
-    q, k, scale = _prepare_qk(inputs)
+    q, k = inputs.q, inputs.k
+    qk, scale = _qk_args(inputs)
     b, h, nq, _ = q.shape
     nk = k.shape[2]
     slopes, table, dense = _bias_args(inputs, h, nq, nk)
     topk = inputs.topk if inputs.topk is not None and inputs.topk < nk else 0
     out = torch.ops.xtk.attention_fwd(q, k, inputs.v, slopes, table, inputs.attn_mask, dense, scale,
                                       inputs.is_causal, inputs.q_offset, inputs.k_prefix, topk,
-                                      inputs.dropout_p, -1)[0]
+                                      inputs.dropout_p, -1, *qk)[0]
     return out
 
 

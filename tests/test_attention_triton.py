@@ -237,40 +237,103 @@ def test_topk_beyond_limit_is_refused():
 
 # ----------------------------------------------------------------------------- QK-norm, rotary
 
-@pytest.mark.parametrize("variant", ["qknorm", "qknorm_dimscale", "rotary", "xpos", "qknorm+rotary",
-                                     "qknorm_learnedscale+xpos"])
-def test_qk_norm_and_rotary(variant):
-    h, hk, nq, nk, d = 4, 2, 17, 33, 16
+QK_VARIANTS = ["qknorm", "qknorm_dimscale", "rotary", "xpos", "qknorm+rotary", "qknorm_learnedscale+xpos",
+               "qknorm_qdimscale", "qknorm_dimscale_learnedscale+xpos", "qknorm+rotary+alibi+keypad+gqa8to1",
+               "qknorm_dimscale+xpos+dropout"]
+
+
+@pytest.mark.parametrize("variant,dtype,d,nq,nk", [(v, torch.float32, 16, 17, 33) for v in QK_VARIANTS]
+                         + [("qknorm_dimscale+xpos", torch.float32, 32, 65, 40),
+                            ("qknorm_dimscale+xpos", torch.float32, 24, 9, 70),
+                            ("qknorm_dimscale+xpos", torch.bfloat16, 16, 33, 17),
+                            ("qknorm_dimscale_learnedscale+xpos", torch.float16, 16, 33, 17),
+                            ("qknorm+rotary", torch.float16, 16, 17, 33)])
+def test_qk_norm_and_rotary(variant, dtype, d, nq, nk):
+    """QK-norm (groups, dim scales, learned scale) and rotary/xpos, applied in-kernel to the q/k
+    tiles, forward and backward (gradients to q, k and the scales) against the eager reference."""
+    h, hk = (8, 1) if "gqa8to1" in variant else (4, 2)
     inputs = dict(q=torch.randn(1, h, nq, d, device=DEV), k=torch.randn(1, hk, nk, d, device=DEV),
                   v=torch.randn(1, hk, nk, d, device=DEV))
     grads = ["q", "k", "v"]
     if "dimscale" in variant:
         inputs["qs"] = torch.rand(h, 1, d, device=DEV) + 0.5
-        inputs["ks"] = torch.rand(hk, 1, d, device=DEV) + 0.5
-        grads += ["qs", "ks"]
+        grads.append("qs")
+        if "qdimscale" not in variant:
+            inputs["ks"] = torch.rand(hk, 1, d, device=DEV) + 0.5
+            grads.append("ks")
     if "learnedscale" in variant:
         inputs["scale"] = torch.tensor(4.0, device=DEV)
         grads.append("scale")
+    if "alibi" in variant:
+        inputs["slopes"] = torch.tensor(alibi_slopes(h), device=DEV)
+        grads.append("slopes")
+    if "keypad" in variant:
+        inputs["keypad"] = torch.rand(1, 1, 1, nk, device=DEV) > 0.3
+    p = 0.25 if "dropout" in variant else 0.0
+    keep = attention_op.dropout_keep_mask(99, 1, h, nq, nk, p, DEV) if p else None
+    rd = 8 if d % 16 == 0 else 12
 
-    def kw(qs=None, ks=None, scale=None):
+    def kw(qs=None, ks=None, scale=None, slopes=None, keypad=None):
         out = dict(enable_gqa=True, is_causal=True, q_offset=nk - 2 - nq, k_prefix=2)
+        if slopes is not None:
+            out["bias"] = Alibi(slopes)
+        if keypad is not None:
+            out["attn_mask"] = keypad
         if "qknorm" in variant:
             fixed = d ** -0.5 if qs is not None else 10.0
             out["qk_norm"] = QKNorm(groups=2, scale=fixed if scale is None else scale, q_dim_scale=qs, k_dim_scale=ks)
         if "rotary" in variant or "xpos" in variant:
-            out["rotary"] = Rotary(8, rotary_inv_freq(8, device=DEV),
-                                   xpos_scale=xpos_scale(8, device=DEV) if "xpos" in variant else None)
+            out["rotary"] = Rotary(rd, rotary_inv_freq(rd, device=DEV),
+                                   xpos_scale=xpos_scale(rd, device=DEV) if "xpos" in variant else None)
         return out
 
     def kernel(q, k, v, **extra):
-        return xtk.attention(q, k, v, backend="triton", **kw(**extra))
+        a = kw(**extra)
+        if not p:
+            return xtk.attention(q, k, v, backend="triton", **a)
+        # dropout through the op (fixed seed) with the QK arguments the backend builds
+        from xtk.ops.attention import _validate
+        inp = _validate(q, k, v, attn_mask=None, dropout_p=p, is_causal=True, scale=None, enable_gqa=True,
+                        bias=None, topk=None, qk_norm=a.get("qk_norm"), rotary=a.get("rotary"),
+                        q_offset=a["q_offset"], k_prefix=2, hooks=None)
+        qk, scale = attention_op._qk_args(inp)
+        return torch.ops.xtk.attention_fwd(q, k, v, None, None, None, None, scale, True, a["q_offset"], 2, 0, p, 99,
+                                           *qk)[0]
 
     def eager(q, k, v, **extra):
         a = kw(**extra)
         a.pop("enable_gqa")
+        if p:
+            a.update(dropout_p=p, dropout_mask=keep)
         return reference(q, k, v, **a)
 
-    check_against_oracle(kernel, eager, inputs, torch.float32, grad_names=grads)
+    check_against_oracle(kernel, eager, inputs, dtype, grad_names=grads)
+
+
+def test_qk_features_materialize_no_q_or_k_copy():
+    """The forward allocates nothing of q's or k's size: QK-norm and rotary/xpos happen on the tiles."""
+    from torch.utils._python_dispatch import TorchDispatchMode
+    b, h, hk, nq, nk, d, dv = 1, 4, 2, 24, 40, 16, 8
+    q, k = torch.randn(b, h, nq, d, device=DEV), torch.randn(b, hk, nk, d, device=DEV)
+    v = torch.randn(b, hk, nk, dv, device=DEV)
+    qs, ks = torch.rand(h, 1, d, device=DEV) + 0.5, torch.rand(hk, 1, d, device=DEV) + 0.5
+    sizes = []
+
+    class Record(TorchDispatchMode):
+        def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+            out = func(*args, **(kwargs or {}))
+            sizes.extend(t.numel() for t in (out if isinstance(out, (tuple, list)) else [out])
+                         if isinstance(t, torch.Tensor))
+            return out
+
+    kw = dict(is_causal=True, enable_gqa=True, qk_norm=QKNorm(groups=2, scale=d ** -0.5, q_dim_scale=qs, k_dim_scale=ks),
+              rotary=Rotary(8, rotary_inv_freq(8, device=DEV), xpos_scale=xpos_scale(8, device=DEV)))
+    with Record():
+        out = xtk.attention(q, k, v, backend="triton", **kw)
+    assert sizes and not {q.numel(), k.numel()} & set(sizes), sizes
+    kw.pop("enable_gqa")
+    want = reference(q.double(), k.double(), v.double(), **kw)
+    assert (out.double() - want).abs().max() < 1e-4
 
 
 # ----------------------------------------------------------------------------- dropout
@@ -327,12 +390,16 @@ def test_opcheck_forward_and_backward():
     bwd_args = (do, q.detach(), k.detach(), v.detach(), out.detach(), lse.detach(), thr.detach(), seed, slopes.detach(), None, mask,
                 None, scale, causal, qo, kp, topk, p, True, False, False)
     torch.library.opcheck(torch.ops.xtk.attention_bwd.default, bwd_args)
-    x = torch.randn(1, 2, 7, 16, device=DEV, requires_grad=True)
-    ds = torch.rand(2, 16, device=DEV, requires_grad=True)
-    prep = (x, ds, rotary_inv_freq(8, device=DEV), xpos_scale(8, device=DEV), 2, 3, 1, 5, 512.0, 1.0, 1.0, 8)
-    torch.library.opcheck(torch.ops.xtk.attention_qk_prep.default, prep)
-    dy = torch.randn(1, 2, 7, 16, device=DEV)
-    torch.library.opcheck(torch.ops.xtk.attention_qk_prep_bwd.default, (dy, x.detach(), ds.detach()) + prep[2:])
+    # with the in-kernel QK features: grouped norm, dim scales (learnable), rotary + xpos
+    qsc = torch.rand(4, 16, device=DEV, requires_grad=True)
+    ksc = torch.rand(2, 16, device=DEV, requires_grad=True)
+    qk = (qsc, ksc, rotary_inv_freq(8, device=DEV), xpos_scale(8, device=DEV), 2, 8, 6, 512.0, 1.0)
+    fwd_args = (q, k, v, slopes, table, mask, dense, *rest, *qk)
+    torch.library.opcheck(torch.ops.xtk.attention_fwd.default, fwd_args)
+    out, lse, thr, seed = torch.ops.xtk.attention_fwd(*fwd_args)
+    qk_d = (qsc.detach(), ksc.detach()) + qk[2:]
+    torch.library.opcheck(torch.ops.xtk.attention_bwd.default,
+                          bwd_args[:4] + (out.detach(), lse.detach(), thr.detach(), seed) + bwd_args[8:] + qk_d)
 
 
 def test_torch_compile_fullgraph():
