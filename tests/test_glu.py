@@ -9,7 +9,7 @@ from xtk.reference import glu as ref
 from xtk.reference.glu import ACTIVATIONS
 from tolerance import check_against_oracle
 
-_ext = pytest.importorskip("xtk._ext")
+from xtk import _ext
 try:
     _ext.load()
     HAVE_EXT = True

@@ -9,7 +9,7 @@ import xtk
 from xtk.reference.norm import rms_norm as ref_rms_norm
 from tolerance import check_against_oracle
 
-_ext = pytest.importorskip("xtk._ext")
+from xtk import _ext
 try:
     _ext.load()
     HAVE_EXT = True
