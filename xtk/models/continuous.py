@@ -15,6 +15,7 @@ from ..modules.norms import LayerNorm
 from ..modules.positional import AbsolutePositionalEmbedding, ScaledSinusoidalEmbedding
 from ..ops import _check
 from .autoregressive import _trim_cache
+from .intermediates import prepend_key_mask, slice_for_cache
 
 __all__ = ["ContinuousTransformerWrapper", "ContinuousAutoregressiveWrapper", "GaussianNLL"]
 
@@ -160,22 +161,9 @@ class ContinuousTransformerWrapper(nn.Module):
         if cache is not None:
             if not self.can_cache_kv:
                 raise ValueError("cache: this model cannot use a KV cache (memory tokens or its attn_layers)")
-            cached = getattr(cache, "cached_length", None)
-            cached = cache.cache_length if cached is None else cached
             prepend_len = prepend_embeds.shape[1] if prepend_embeds is not None else 0
-            n_new = n + prepend_len - cached
-            if not 1 <= n_new <= n:
-                raise ValueError(f"x: with a cache of {cached} positions expected more than {cached - prepend_len} "
-                                 f"vectors, got {n}")
-            offset = n - n_new
-            x = x[:, offset:]
-            if sum_embeds is not None:
-                sum_embeds = sum_embeds[:, offset:]
-            if prepend_len and (mask is not None or prepend_mask is not None):  # the keys still start with them
-                mask = mask if mask is not None else torch.ones(b, n, dtype=torch.bool, device=x.device)
-                if prepend_mask is None:
-                    prepend_mask = torch.ones(b, prepend_len, dtype=torch.bool, device=x.device)
-                mask = torch.cat((prepend_mask, mask), dim=-1)
+            offset, x, sum_embeds, mask = slice_for_cache(cache, x, prepend_len, mask, prepend_mask, sum_embeds,
+                                                          what="vectors")
             prepend_embeds = None  # already in the cache
             kwargs["input_not_include_cache"] = True
 
@@ -201,13 +189,8 @@ class ContinuousTransformerWrapper(nn.Module):
             _float_tensor("prepend_embeds", prepend_embeds, 3)
             if prepend_embeds.shape[0] != b or prepend_embeds.shape[-1] != x.shape[-1]:
                 raise ValueError(f"prepend_embeds: expected shape ({b}, m, {x.shape[-1]}), got {tuple(prepend_embeds.shape)}")
+            mask = prepend_key_mask(mask, prepend_mask, b, x.shape[1], prepend_embeds.shape[1], x.device)
             x = torch.cat((prepend_embeds, x), dim=1)
-            if prepend_mask is not None or mask is not None:
-                if mask is None:
-                    mask = torch.ones(b, x.shape[1] - prepend_embeds.shape[1], dtype=torch.bool, device=x.device)
-                if prepend_mask is None:
-                    prepend_mask = torch.ones(b, prepend_embeds.shape[1], dtype=torch.bool, device=x.device)
-                mask = torch.cat((prepend_mask, mask), dim=-1)
 
         x = self.emb_dropout(x)
 

@@ -26,6 +26,7 @@ from copy import copy
 from dataclasses import dataclass, replace
 from typing import Optional
 
+import torch
 from torch import Tensor
 
 
@@ -80,3 +81,43 @@ class LayerIntermediates:
             if inter is not None and inter.cached_kv is not None and inter.layer_type != "c":
                 return inter.cached_kv[0].shape[-2]
         return self.cache_length
+
+
+def prepend_key_mask(mask: Optional[Tensor], prepend_mask: Optional[Tensor], b: int, n: int,
+                     prepend_len: int, device) -> Optional[Tensor]:
+    """The bool key mask ``(b, prepend_len + n)`` of a sequence of ``n`` positions with
+    ``prepend_len`` embeddings prepended: ``prepend_mask`` ``(b, prepend_len)`` then ``mask``
+    ``(b, n)`` (True = keep), a missing one all True; None when both are None."""
+    if mask is None and prepend_mask is None:
+        return None
+    if mask is None:
+        mask = torch.ones(b, n, dtype=torch.bool, device=device)
+    if prepend_mask is None:
+        prepend_mask = torch.ones(b, prepend_len, dtype=torch.bool, device=device)
+    return torch.cat((prepend_mask, mask), dim=-1)
+
+
+def slice_for_cache(cache: LayerIntermediates, x: Tensor, prepend_len: int, mask: Optional[Tensor] = None,
+                    prepend_mask: Optional[Tensor] = None, sum_embeds: Optional[Tensor] = None,
+                    what: str = "tokens"):
+    """The part of the input a cached step still has to run (see the module docstring).
+
+    ``x`` ``(b, n, ...)`` is the whole sequence so far, after ``prepend_len`` prepended embeddings
+    that the cache already holds (``cache.cached_length`` counts them). Only the last
+    ``n_new = n + prepend_len - cache.cached_length`` positions are new; ``1 <= n_new <= n`` or a
+    ValueError (``what`` names x's items in it). Returns ``(offset, x[:, offset:],
+    sum_embeds[:, offset:], mask)`` with ``offset = n - n_new`` (the position of the first new
+    one, for positional embeddings) and ``mask`` still over all the keys: with prepended
+    embeddings ``prepend_key_mask(...)`` ``(b, prepend_len + n)``, else unchanged ``(b, n)``."""
+    b, n = x.shape[:2]
+    cached = cache.cached_length
+    n_new = n + prepend_len - cached
+    if not 1 <= n_new <= n:
+        raise ValueError(f"x: with a cache of {cached} positions expected more than {cached - prepend_len} "
+                         f"{what}, got {n}")
+    offset = n - n_new
+    if sum_embeds is not None:
+        sum_embeds = sum_embeds[:, offset:]
+    if prepend_len:  # the keys still start with them
+        mask = prepend_key_mask(mask, prepend_mask, b, n, prepend_len, x.device)
+    return offset, x[:, offset:], sum_embeds, mask

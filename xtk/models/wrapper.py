@@ -10,7 +10,7 @@ from torch import nn
 
 from ..modules.norms import LayerNorm
 from ..modules.positional import AbsolutePositionalEmbedding, ScaledSinusoidalEmbedding
-from .intermediates import LayerIntermediates
+from .intermediates import LayerIntermediates, prepend_key_mask, slice_for_cache
 from .layers import AttentionLayers
 
 
@@ -142,24 +142,12 @@ class TransformerWrapper(nn.Module):
                 raise ValueError(f"mask: expected shape {(b, n)} (x's), got {tuple(mask.shape)}")
         prepend_len = prepend_embeds.shape[1] if prepend_embeds is not None else 0
 
-        offset, n_new = 0, n
+        offset = 0
         if cache is not None:
             if not self.can_cache_kv:
                 raise ValueError("cache: this model cannot use a KV cache (memory tokens or token shift)")
-            cached = cache.cached_length
-            n_new = n + prepend_len - cached
-            if not 1 <= n_new <= n:
-                raise ValueError(f"x: with a cache of {cached} positions expected more than {cached - prepend_len} "
-                                 f"tokens, got {n}")
-            offset = n - n_new
-            x = x[:, offset:]
-            if sum_embeds is not None:
-                sum_embeds = sum_embeds[:, offset:]
-            if prepend_len and (mask is not None or prepend_mask is not None):  # keys still start with them
-                mask = mask if mask is not None else torch.ones(b, n, dtype=torch.bool, device=device)
-                prepend_mask = prepend_mask if prepend_mask is not None else \
-                    torch.ones(b, prepend_len, dtype=torch.bool, device=device)
-                mask = torch.cat((prepend_mask, mask), dim=-1)
+            offset, x, sum_embeds, mask = slice_for_cache(cache, x, prepend_len, mask, prepend_mask, sum_embeds,
+                                                          what="tokens")
             prepend_embeds = None
         if self.pos_emb is not None and isinstance(self.pos_emb, AbsolutePositionalEmbedding) and n > self.max_seq_len:
             raise ValueError(f"x: sequence length {n} exceeds max_seq_len {self.max_seq_len} "
@@ -175,10 +163,7 @@ class TransformerWrapper(nn.Module):
             if prepend_embeds.dim() != 3 or prepend_embeds.shape[0] != b or prepend_embeds.shape[-1] != h.shape[-1]:
                 raise ValueError(f"prepend_embeds: expected shape ({b}, m, {h.shape[-1]}), got {tuple(prepend_embeds.shape)}")
             h = torch.cat((prepend_embeds.to(h.dtype), h), dim=-2)
-            if prepend_mask is not None or mask is not None:
-                mask = mask if mask is not None else torch.ones(b, n, dtype=torch.bool, device=device)
-                prepend_mask = prepend_mask if prepend_mask is not None else torch.ones(b, prepend_len, dtype=torch.bool, device=device)
-                mask = torch.cat((prepend_mask, mask), dim=-1)
+            mask = prepend_key_mask(mask, prepend_mask, b, n, prepend_len, device)
         if self.emb_frac_gradient < 1:
             h = h * self.emb_frac_gradient + h.detach() * (1 - self.emb_frac_gradient)
         init_embed = h
