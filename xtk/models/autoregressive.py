@@ -123,6 +123,28 @@ def _check_tokens(name: str, x, ndim):
         raise TypeError(f"{name}: expected an integer tensor of token ids, got dtype {x.dtype}")
 
 
+def _batched_prompts(prompts):
+    """Checks ``prompts``, integer token ids ``(n,)`` or ``(b, n)`` with ``n >= 1``; returns
+    ``(prompts as (b, n), no_batch)`` where ``no_batch`` says a batch dim of 1 was added."""
+    _check_tokens("prompts", prompts, (1, 2))
+    no_batch = prompts.dim() == 1
+    if no_batch:
+        prompts = prompts[None]
+    if prompts.shape[1] < 1:
+        raise ValueError(f"prompts: expected at least one token per row, got shape {tuple(prompts.shape)}")
+    return prompts, no_batch
+
+
+def _filter_fn(filter_logits_fn):
+    """``filter_logits_fn`` given by name (a key of ``FILTER_LOGITS_FN``) -> the function; else as is."""
+    if isinstance(filter_logits_fn, str):
+        if filter_logits_fn not in FILTER_LOGITS_FN:
+            raise ValueError(f"filter_logits_fn: expected one of {', '.join(FILTER_LOGITS_FN)} or a callable, "
+                             f"got {filter_logits_fn!r}")
+        filter_logits_fn = FILTER_LOGITS_FN[filter_logits_fn]
+    return filter_logits_fn
+
+
 class AutoregressiveWrapper(nn.Module):
     """Next-token training and sampling for a decoder-only ``TransformerWrapper``.
 
@@ -205,21 +227,12 @@ class AutoregressiveWrapper(nn.Module):
                     raise ValueError(f"prompts[{i}]: expected at least one token, got an empty tensor")
             prompt_lens = torch.tensor([p.shape[0] for p in prompts], device=prompts[0].device)
             prompts = nn.utils.rnn.pad_sequence(list(prompts), batch_first=True, padding_value=self.pad_value)
-        _check_tokens("prompts", prompts, (1, 2))
-        no_batch = prompts.dim() == 1
-        if no_batch:
-            prompts = prompts[None]
+        prompts, no_batch = _batched_prompts(prompts)
         b, t = prompts.shape
-        if t < 1:
-            raise ValueError(f"prompts: expected at least one token per row, got shape {tuple(prompts.shape)}")
         device = prompts.device
 
         # filter function
-        if isinstance(filter_logits_fn, str):
-            if filter_logits_fn not in FILTER_LOGITS_FN:
-                raise ValueError(f"filter_logits_fn: expected one of {', '.join(FILTER_LOGITS_FN)} or a callable, "
-                                 f"got {filter_logits_fn!r}")
-            filter_logits_fn = FILTER_LOGITS_FN[filter_logits_fn]
+        filter_logits_fn = _filter_fn(filter_logits_fn)
         if not callable(filter_logits_fn):
             raise TypeError(f"filter_logits_fn: expected a callable or a name, got {type(filter_logits_fn).__name__}")
         filter_kwargs = dict(filter_kwargs or {})
@@ -371,18 +384,9 @@ class AutoregressiveWrapper(nn.Module):
         beams = _check.integer("beams", beams, minimum=1)
         if not isinstance(temperature, (int, float)) or temperature < 0:
             raise ValueError(f"temperature: expected a float >= 0, got {temperature!r}")
-        _check_tokens("prompts", prompts, (1, 2))
-        no_batch = prompts.dim() == 1
-        if no_batch:
-            prompts = prompts[None]
+        prompts, no_batch = _batched_prompts(prompts)
         batch, t = prompts.shape
-        if t < 1:
-            raise ValueError(f"prompts: expected at least one token per row, got shape {tuple(prompts.shape)}")
-        if isinstance(filter_logits_fn, str):
-            if filter_logits_fn not in FILTER_LOGITS_FN:
-                raise ValueError(f"filter_logits_fn: expected one of {', '.join(FILTER_LOGITS_FN)} or a callable, "
-                                 f"got {filter_logits_fn!r}")
-            filter_logits_fn = FILTER_LOGITS_FN[filter_logits_fn]
+        filter_logits_fn = _filter_fn(filter_logits_fn)
         filter_kwargs = dict(filter_kwargs or {})
         device = prompts.device
         greedy = temperature == 0.
