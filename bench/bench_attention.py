@@ -28,7 +28,7 @@ from xtk.bias import Alibi, DistanceTable, T5, alibi_slopes
 from xtk.qk import QKNorm, Rotary, rotary_inv_freq, xpos_scale
 from xtk.reference.attention import _rotate_qk, qk_norm_apply
 
-from .common import Result, measure
+from .common import Result, measure, timed_step
 
 FEATURES = ["none", "alibi", "t5", "dtable", "topk8", "qknorm", "rotary_xpos", "combo"]
 IMPLS = ["xtk", "eager", "sdpa", "sdpa-nobias", "flex"]
@@ -178,23 +178,13 @@ def make_call(impl: str, feature: str, shape, causal: bool, mode: str, dtype, de
     else:
         raise ValueError(f"impl: expected one of {IMPLS}, got {impl!r}")
 
-    if not grad:
-        def step():
-            with torch.no_grad():
-                return fwd()
-        return step, ""
     leaves = [t for t in (q, k, v) if t.requires_grad]
     bias = kw.get("bias")
     for attr in ("table", "slopes"):
         t = getattr(bias, attr, None) if bias is not None else None
         if t is not None and t.requires_grad:
             leaves.append(t)
-
-    def step():
-        for t in leaves:
-            t.grad = None
-        fwd().backward(go)
-    return step, ""
+    return timed_step(fwd, grad, leaves, go), ""
 
 
 def _eager_too_big(shape, mode, dtype, device) -> Optional[str]:

@@ -12,7 +12,7 @@ import torch.nn.functional as F
 
 import xtk
 
-from .common import Result, measure
+from .common import sweep_ops, timed_step
 
 IMPLS = ["xtk", "eager", "torch"]
 MODES = ["fwd", "fwd+bwd"]
@@ -48,33 +48,17 @@ def make_call(impl, case, shape, mode, dtype, device):
             return a * act(gate)
     else:
         raise ValueError(f"impl: expected one of {IMPLS}, got {impl!r}")
-    if not grad:
-        def step():
-            with torch.no_grad():
-                return fwd()
-        return step
-
-    def step():
-        x.grad = None
-        fwd().backward(go)
-    return step
+    return timed_step(fwd, grad, [x], go)
 
 
 def run(device: str, full: bool, dtype, impls=None, modes=None, progress=None):
-    results = []
     elem = torch.finfo(dtype).bits // 8
-    for shape in sweep(device, full):
-        for case in CASES:
-            for mode in modes or MODES:
-                for impl in impls or IMPLS:
-                    tokens, inner = shape
-                    r = Result("glu", case, impl, mode, dict(tokens=tokens, inner=inner, dtype=str(dtype).replace("torch.", "")),
-                               bytes=tokens * inner * 3 * elem * (3 if mode == "fwd+bwd" else 1))
-                    measure(r, lambda: make_call(impl, case, shape, mode, dtype, device), device, quick=not full)
-                    results.append(r)
-                    if progress:
-                        progress()
-    return results
+
+    def row(shape, case, mode):
+        tokens, inner = shape
+        return dict(tokens=tokens, inner=inner), tokens * inner * 3 * elem * (3 if mode == "fwd+bwd" else 1)
+    return sweep_ops("glu", sweep(device, full), CASES, modes or MODES, impls or IMPLS, make_call, row, device, full,
+                     dtype, progress)
 
 
 def count(device: str, full: bool, impls=None, modes=None) -> int:

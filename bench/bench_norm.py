@@ -15,7 +15,7 @@ import torch.nn.functional as F
 
 import xtk
 
-from .common import Result, measure
+from .common import sweep_ops, timed_step
 
 IMPLS = ["xtk", "eager", "F.rms_norm"]
 MODES = ["fwd", "fwd+bwd"]
@@ -56,35 +56,17 @@ def make_call(impl, case, shape, mode, dtype, device):
             return F.rms_norm(x if res is None else x + res, (dim,), w, eps=None)
     else:
         raise ValueError(f"impl: expected one of {IMPLS}, got {impl!r}")
-    if not grad:
-        def step():
-            with torch.no_grad():
-                return fwd()
-        return step
-    leaves = [t for t in (x, w, res) if t is not None]
-
-    def step():
-        for t in leaves:
-            t.grad = None
-        fwd().backward(go)
-    return step
+    return timed_step(fwd, grad, [t for t in (x, w, res) if t is not None], go)
 
 
 def run(device: str, full: bool, dtype, impls=None, modes=None, progress=None):
-    results = []
-    for shape in sweep(device, full):
-        for case in CASES:
-            for mode in modes or MODES:
-                for impl in impls or IMPLS:
-                    tokens, dim = shape
-                    r = Result("rms_norm", case, impl, mode,
-                               dict(tokens=tokens, dim=dim, dtype=str(dtype).replace("torch.", "")),
-                               bytes=_bytes(tokens, dim, case.endswith("residual"), mode, torch.finfo(dtype).bits // 8))
-                    measure(r, lambda: make_call(impl, case, shape, mode, dtype, device), device, quick=not full)
-                    results.append(r)
-                    if progress:
-                        progress()
-    return results
+    elem = torch.finfo(dtype).bits // 8
+
+    def row(shape, case, mode):
+        tokens, dim = shape
+        return dict(tokens=tokens, dim=dim), _bytes(tokens, dim, case.endswith("residual"), mode, elem)
+    return sweep_ops("rms_norm", sweep(device, full), CASES, modes or MODES, impls or IMPLS, make_call, row, device,
+                     full, dtype, progress)
 
 
 def count(device: str, full: bool, impls=None, modes=None) -> int:

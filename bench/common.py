@@ -255,6 +255,43 @@ def measure(result: Result, make: Callable[[], Callable[[], object]], device: st
     return result
 
 
+def timed_step(fwd: Callable[[], torch.Tensor], grad: bool, leaves=(), go=None) -> Callable[[], object]:
+    """The call a benchmark times: ``fwd()`` under ``no_grad`` (forward), or with ``grad`` the
+    ``leaves``' gradients cleared, then ``fwd().backward(go)`` (forward+backward)."""
+    if not grad:
+        def step():
+            with torch.no_grad():
+                return fwd()
+        return step
+
+    def step():
+        for t in leaves:
+            t.grad = None
+        fwd().backward(go)
+    return step
+
+
+def sweep_ops(op: str, shapes, cases, modes, impls, make_call, row, device: str, full: bool, dtype,
+              progress=None) -> list[Result]:
+    """One measured ``Result`` per (shape, case, mode, impl), in that order, for the elementwise ops
+    (norms, glu): ``make_call(impl, case, shape, mode, dtype, device)`` gives the timed callable,
+    ``row(shape, case, mode)`` the ``(params, bytes)`` of the row (``dtype`` is added to params);
+    ``progress`` is advanced once per cell."""
+    results = []
+    dtype_name = str(dtype).replace("torch.", "")
+    for shape in shapes:
+        for case in cases:
+            for mode in modes:
+                for impl in impls:
+                    params, nbytes = row(shape, case, mode)
+                    r = Result(op, case, impl, mode, dict(params, dtype=dtype_name), bytes=nbytes)
+                    measure(r, lambda: make_call(impl, case, shape, mode, dtype, device), device, quick=not full)
+                    results.append(r)
+                    if progress:
+                        progress()
+    return results
+
+
 def fmt(x: Optional[float], digits: int = 3) -> str:
     if x is None or (isinstance(x, float) and math.isnan(x)):
         return "-"
