@@ -151,6 +151,21 @@ def render_markdown(tables, env: dict, argv: list[str], notes: list[str]) -> str
     return "\n".join(lines) + "\n"
 
 
+def _bars(ax, groups: list, impls: list, find) -> None:
+    """Grouped bars: per group one bar per implementation, the median ms of ``find(impl, group)``
+    (a ``Result``, or None for no bar); ticks at the group centres."""
+    width = 0.8 / max(1, len(impls))
+    for j, impl in enumerate(impls):
+        xs, ys = [], []
+        for i, group in enumerate(groups):
+            r = find(impl, group)
+            if r is not None:
+                xs.append(i + j * width)
+                ys.append(r.ms)
+        ax.bar(xs, ys, width, label=impl)
+    ax.set_xticks([i + 0.4 - width / 2 for i in range(len(groups))])
+
+
 def plot(results: list[Result], path: str) -> str:
     """Save a PNG; returns a message (also when matplotlib is missing)."""
     try:
@@ -179,16 +194,7 @@ def plot(results: list[Result], path: str) -> str:
             ax.set_xlabel("sequence length n")
             ax.set_ylabel("TFLOP/s")
         else:  # one shape: time per feature, one bar per implementation
-            width = 0.8 / max(1, len(impls))
-            for j, impl in enumerate(impls):
-                xs, ys = [], []
-                for i, f in enumerate(features):
-                    r = next((r for r in sel if r.impl == impl and r.case == f), None)
-                    if r is not None:
-                        xs.append(i + j * width)
-                        ys.append(r.ms)
-                ax.bar(xs, ys, width, label=impl)
-            ax.set_xticks([i + 0.4 - width / 2 for i in range(len(features))])
+            _bars(ax, features, impls, lambda impl, f: next((r for r in sel if r.impl == impl and r.case == f), None))
             ax.set_xticklabels(features, rotation=45, ha="right")
             ax.set_yscale("log")
             ax.set_ylabel("median ms (log)")
@@ -204,16 +210,8 @@ def plot(results: list[Result], path: str) -> str:
             ax.axis("on")
             labels = list(OrderedDict.fromkeys(f"{r.case} {_shape(r)} {r.mode}" for r in rs))
             impls = list(OrderedDict.fromkeys(r.impl for r in rs))
-            width = 0.8 / len(impls)
-            for j, impl in enumerate(impls):
-                xs, ys = [], []
-                for i, lab in enumerate(labels):
-                    r = next((r for r in rs if r.impl == impl and f"{r.case} {_shape(r)} {r.mode}" == lab), None)
-                    if r is not None:
-                        xs.append(i + j * width)
-                        ys.append(r.ms)
-                ax.bar(xs, ys, width, label=impl)
-            ax.set_xticks([i + 0.4 - width / 2 for i in range(len(labels))])
+            _bars(ax, labels, impls,
+                  lambda impl, lab: next((r for r in rs if r.impl == impl and f"{r.case} {_shape(r)} {r.mode}" == lab), None))
             ax.set_xticklabels(labels, rotation=45, ha="right", fontsize=6)
             ax.set_ylabel("median ms")
             ax.set_title(op)
