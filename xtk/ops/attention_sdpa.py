@@ -21,9 +21,11 @@ Gradients: a custom ``autograd.Function`` saves only q, k, v, the output, the lo
 (top-k) the per-row threshold. Backward rebuilds each chunk's mask and calls the fused
 backward kernel; when a learned bias input (ALiBi slopes, T5/DistanceTable table, a float
 ``Dense``/``attn_mask`` tensor) needs a gradient, the chunk's ``dS = P * (dP - D)`` is formed
-explicitly (plain math core) and reduced in float64: along diagonals into the distance vector,
-whose gradient reaches the table/slopes through one O(h n) autograd graph, or to a dense
-piece's broadcast shape. Off CPU (or for dtypes / head dims the fused kernel lacks) the same
+explicitly by the plain math core instead (five matmuls: on CPU cheaper than the fused backward
+plus the matmuls dS needs), in two chunk-sized buffers reused by every chunk, and reduced in
+float64: along diagonals into the distance vector (a strided view of the zero-padded dS buffer
+puts each diagonal in one column: one sum per 64 rows), whose gradient reaches the table/slopes
+through one O(h n) autograd graph, or to a dense piece's broadcast shape. Off CPU (or for dtypes / head dims the fused kernel lacks) the same
 chunk loop runs the math core for everything. Causal with no bias and top-left alignment uses
 the kernel's own causal flag in one call.
 
@@ -47,6 +49,8 @@ _FLASH_DTYPES = (torch.float32, torch.bfloat16, torch.float64)
 _DTYPES = (torch.float16, torch.bfloat16, torch.float32, torch.float64)
 CAUSAL_CHUNK = 256       # query rows per chunk when the mask is a free view (causal: cuts keys)
 MATERIALIZED_ELEMS = 1 << 22  # max elements of a materialized chunk mask / math-core score chunk
+LEARNED_BWD_ELEMS = 1 << 21  # max elements of a (b, h, c, nkc) chunk of the backward's math core for learned masks
+ROWSUM_ELEMS = 1 << 17   # elements of the backward's row-block temporary for D = rowsum(P dP)
 FORCE_MATH = False       # tests flip this to run the math core on CPU
 
 
@@ -260,11 +264,45 @@ def _scores(plan: _Plan, qc, kc) -> torch.Tensor:
     return s.reshape(b, h, c, -1).to(plan.work) * plan.scale
 
 
-def _math_logits(plan, qc, kc, m):
+def _math_logits(plan, qc, kc, m, out=None):
+    """Scaled logits plus mask in the work dtype, (b, h, c, nkc); into ``out`` (contiguous) when given."""
     b, h, c, _ = qc.shape
     w = plan.work
-    s = (_grouped(qc.to(w), kc.shape[1]) @ kc.to(w).transpose(-1, -2)).reshape(b, h, c, -1).mul_(plan.scale)
-    return s if m is None else s.add_(m)
+    qg, kt = _grouped(qc.to(w), kc.shape[1]), kc.to(w).transpose(-1, -2)
+    if out is None:
+        s = (qg @ kt).reshape(b, h, c, -1)
+    else:
+        s = out
+        torch.matmul(qg, kt, out=_grouped(out, kc.shape[1]))
+    return s.mul_(plan.scale) if m is None else torch.add(m, s, alpha=plan.scale, out=s)
+
+
+class _Scratch:
+    """Work buffers reused by every chunk of one backward call: a fresh chunk-sized tensor costs
+    its page faults again on every chunk (CPU allocations of this size are not cached)."""
+
+    def __init__(self, dtype, device):
+        self.dtype, self.device, self.flat = dtype, device, {}
+
+    def get(self, key: str, *shape: int) -> torch.Tensor:
+        n = 1
+        for x in shape:
+            n *= x
+        t = self.flat.get(key)
+        if t is None or t.numel() < n:
+            t = self.flat[key] = torch.empty(n, dtype=self.dtype, device=self.device)
+        return t[:n].view(shape)
+
+
+_softmax_out = getattr(getattr(torch.ops.aten, "_softmax", None), "out", None)
+
+
+def _softmax_(x: torch.Tensor) -> torch.Tensor:
+    """Softmax over the last dim of a contiguous tensor, in place (no second chunk-sized tensor).
+    (``_softmax.out`` into a non-contiguous ``out`` gives wrong values on torch 2.13 CPU.)"""
+    if _softmax_out is not None and x.is_contiguous():
+        return _softmax_out(x, -1, False, out=x)
+    return x.copy_(torch.softmax(x, -1))
 
 
 def _core_fwd(plan: _Plan, qc, kc, vc, m):
@@ -281,29 +319,47 @@ def _core_fwd(plan: _Plan, qc, kc, vc, m):
     return out.to(qc.dtype), lse
 
 
-def _math_bwd(plan: _Plan, go, qc, kc, vc, oc, lc, m):
-    """-> dq (b, h, c, d), dk (b, hk, nkc, d), dv, dS (b, h, c, nkc): all in the work dtype."""
+def _math_bwd(plan: _Plan, go, qc, kc, vc, oc, lc, m, pad: int = 0, scratch: Optional[_Scratch] = None):
+    """-> dq (b, h, c, d), dk (b, hk, nkc, d), dv, dS (b, h, c, nkc): all in the work dtype.
+
+    Two chunk-sized tensors (from ``scratch`` when given): the logits, turned into P in place,
+    and dP, turned into dS in place; dS is a view of a ``(b, h, c, nkc + pad)`` buffer whose
+    last ``pad`` columns are zero (for ``_add_diagonal_sums``)."""
     b, h, c, d = qc.shape
-    hk, w = kc.shape[1], plan.work
-    p = torch.softmax(_math_logits(plan, qc, kc, m), -1)  # not exp(s - lse): the fused kernel's lse is a few ulps off
+    hk, w, nkc = kc.shape[1], plan.work, kc.shape[2]
+    scratch = scratch or _Scratch(w, qc.device)
+    # softmax of the logits, not exp(s - lse): the fused kernel's lse is a few ulps off
+    p = _softmax_(_math_logits(plan, qc, kc, m, out=scratch.get("p", b, h, c, nkc)))
     gow = go.to(w)
     pg = _grouped(p, hk)
     dv = pg.transpose(-1, -2) @ _grouped(gow, hk)
-    dp = (_grouped(gow, hk) @ vc.to(w).transpose(-1, -2)).reshape(p.shape)
+    buf = scratch.get("ds", b, h, c, nkc + pad)
+    if pad:
+        buf[..., nkc:].zero_()
+    dp = buf[..., :nkc]
+    torch.matmul(_grouped(gow, hk), vc.to(w).transpose(-1, -2), out=_grouped(dp, hk))
     # D = rowsum(P dP), not dO . O: equal in exact arithmetic, but O's rounding (and the fused
-    # kernel's) shows in the learned-bias gradients, sums over every logit with cancellation
-    ds = dp.sub_((p * dp).sum(-1, keepdim=True)).mul_(p)
+    # kernel's) shows in the learned-bias gradients, sums over every logit with cancellation.
+    # (A few rows at a time: a fresh chunk-sized temporary costs more in page faults than the product.)
+    dsum = torch.empty(b, h, c, 1, dtype=w, device=qc.device)
+    rows = max(1, min(c, ROWSUM_ELEMS // max(1, b * h * nkc)))
+    tmp = scratch.get("tmp", b, h, rows, nkc)
+    for r0 in range(0, c, rows):
+        r1 = min(c, r0 + rows)
+        t = torch.mul(p[:, :, r0:r1], dp[:, :, r0:r1], out=tmp[:, :, : r1 - r0])
+        torch.sum(t, -1, keepdim=True, out=dsum[:, :, r0:r1])
+    ds = torch.mul(p, dp.sub_(dsum), out=dp)
     dsg = _grouped(ds, hk)
     dq = (dsg @ kc.to(w)).reshape(b, h, c, d) * plan.scale
     dk = dsg.transpose(-1, -2) @ _grouped(qc.to(w), hk) * plan.scale
     return dq, dk, dv, ds
 
 
-def _core_bwd(plan: _Plan, go, qc, kc, vc, oc, lc, m):
+def _core_bwd(plan: _Plan, go, qc, kc, vc, oc, lc, m, scratch=None):
     """-> dq, dk (b, hk, nkc, d), dv through the fused backward kernel."""
     h, hk = qc.shape[1], kc.shape[1]
     if not plan.flash:
-        return _math_bwd(plan, go, qc, kc, vc, oc, lc, m)[:3]
+        return _math_bwd(plan, go, qc, kc, vc, oc, lc, m, scratch=scratch)[:3]
     # the kernel's own GQA backward sums the query heads' dk/dv in the input dtype: in bf16/fp16 that
     # rounding breaks the 2x rule, so there k/v are repeated and the sum is done in float32
     expand = hk != h and (not plan.gqa_native or qc.dtype not in (torch.float32, torch.float64))
@@ -363,12 +419,26 @@ def _forward(plan: _Plan, q, k, v, ts):
     return _flip(outL, rev), lseL, kthL
 
 
+DIAG_ROWS = 64  # rows per diagonal-sum view (the zero padding of the dS buffer is DIAG_ROWS - 1)
+
+
 def _add_diagonal_sums(g: torch.Tensor, ds: torch.Tensor, off: int) -> None:
-    """``g[:, off + t] += sum of ds[:, r, j] over r + j = t``: the gradient of a Toeplitz view
-    (``_toeplitz_view``) of ``g``. One shifted row add per query row: no padded copy of ds."""
-    nkc = ds.shape[2]
-    for r in range(ds.shape[1]):
-        g[:, off + r: off + r + nkc] += ds[:, r]
+    """``g[:, off + t] += sum of ds[..., r, j] over the batch and r + j = t``: the gradient of a
+    Toeplitz view (``_toeplitz_view``) of ``g`` (float64, (h|1, R)); ``ds`` (b, h, c, nkc) is a
+    view of a buffer whose rows end in at least ``DIAG_ROWS - 1`` zero columns. For a block of
+    ``k`` rows, a strided view with row stride (buffer row - 1) puts each anti-diagonal in one
+    column (what it reads past a row's end is the padding), and one sum over the block's rows and
+    the batch, accumulated in float64 (a float32 sum is cheaper but measurably less accurate: these
+    sums cancel), gives the block's diagonal sums."""
+    b, h, c, nkc = ds.shape
+    sb, sh, sr, one = ds.stride()
+    assert one == 1 and sr >= nkc + min(c, DIAG_ROWS) - 1
+    for r0 in range(0, c, DIAG_ROWS):
+        k = min(DIAG_ROWS, c - r0)
+        width = nkc + k - 1
+        view = ds.as_strided((b, h, k, width), (sb, sh, sr - 1, 1), ds.storage_offset() + r0 * sr)
+        part = view.sum((0, 2), dtype=g.dtype) if g.shape[0] == h else view.sum((0, 1, 2), dtype=g.dtype)[None]
+        g[:, off + r0: off + r0 + width] += part
 
 
 def _backward(plan: _Plan, go, q, k, v, out, lseL, kthL, ts, need):
@@ -379,9 +449,10 @@ def _backward(plan: _Plan, go, q, k, v, out, lseL, kthL, ts, need):
     dense piece's broadcast shape; the distance vector's gradient then flows to the table or
     slopes through one small autograd graph."""
     if any(need) and plan.flash:
-        # dS is formed by the math core: its (b, h, c, nkc) temporaries get the materialized budget
+        # dS is formed by the math core: its (b, h, c, nkc) temporaries get their own budget
         # (the rows of a chunk need not match the forward's: everything is per row)
-        plan = replace(plan, chunk=min(plan.chunk, max(16, MATERIALIZED_ELEMS // max(1, plan.b * plan.h * plan.nk))))
+        plan = replace(plan, chunk=min(plan.chunk, max(16, min(MATERIALIZED_ELEMS, LEARNED_BWD_ELEMS)
+                                                       // max(1, plan.b * plan.h * plan.nk))))
     rev = plan.toeplitz
     w = plan.work
     qL, outL, goL = _flip(q, rev), _flip(out, rev), _flip(go, rev)
@@ -391,6 +462,7 @@ def _backward(plan: _Plan, go, q, k, v, out, lseL, kthL, ts, need):
     ts = [None if t is None else t.detach() for t in ts]
     am, bt = ts
     rvec = _rvec(plan, ts)
+    scratch = _Scratch(w, q.device)
     g_rvec = None
     if need[1] and plan.toeplitz and plan.bias_kind in ("alibi", "t5", "dt"):
         g_rvec = torch.zeros(rvec.shape, dtype=torch.float64, device=q.device)
@@ -409,23 +481,21 @@ def _backward(plan: _Plan, go, q, k, v, out, lseL, kthL, ts, need):
         if empty is not None:
             gc = gc.masked_fill(empty[..., None], 0.0)
         if g_rvec is not None or dense:
-            dqc, dkc, dvc, ds = _math_bwd(plan, gc, qc, kc, vc, oc, lc, m)
-            if g_rvec is not None:
-                dsv = ds
-                if plan.k_prefix > 0:  # prefix keys carry no position bias
-                    dsv = ds.clone()
-                    dsv[..., : plan.k_prefix] = 0.0
-                dsv = dsv.sum(0, dtype=torch.float64) if g_rvec.shape[0] == plan.h else dsv.sum((0, 1), dtype=torch.float64)[None]
-                _add_diagonal_sums(g_rvec, dsv, plan.nq - i0 - c)
-            ds = ds.to(torch.float64) if dense else ds
+            pad = min(c, DIAG_ROWS) - 1 if g_rvec is not None else 0
+            dqc, dkc, dvc, ds = _math_bwd(plan, gc, qc, kc, vc, oc, lc, m, pad, scratch)
+            ds64 = ds.to(torch.float64) if dense else None
             for _, t4, acc in dense:
-                g = ds.flip(2) if rev else ds
+                g = ds64.flip(2) if rev else ds64
                 rows = slice(i0, i1) if t4.shape[-2] != 1 else slice(None)
                 cols = slice(0, nkc) if t4.shape[-1] != 1 else slice(None)
                 size = (t4.shape[0], t4.shape[1], c if t4.shape[-2] != 1 else 1, nkc if t4.shape[-1] != 1 else 1)
                 acc[..., rows, cols] += g.sum_to_size(size)
+            if g_rvec is not None:
+                if plan.k_prefix > 0:  # prefix keys carry no position bias (dS is not needed after this)
+                    ds[..., : plan.k_prefix] = 0.0
+                _add_diagonal_sums(g_rvec, ds, plan.nq - i0 - c)
         else:
-            dqc, dkc, dvc = _core_bwd(plan, gc, qc, kc, vc, oc, lc, m)
+            dqc, dkc, dvc = _core_bwd(plan, gc, qc, kc, vc, oc, lc, m, scratch)
         _rows(plan, dqL, i0, i1, rev).copy_(dqc)
         dk[:, :, :nkc] += dkc
         dv[:, :, :nkc] += dvc
