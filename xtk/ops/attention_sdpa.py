@@ -422,22 +422,25 @@ def _forward(plan: _Plan, q, k, v, ts):
 DIAG_ROWS = 64  # rows per diagonal-sum view (the zero padding of the dS buffer is DIAG_ROWS - 1)
 
 
-def _add_diagonal_sums(g: torch.Tensor, ds: torch.Tensor, off: int) -> None:
+def _add_diagonal_sums(g: torch.Tensor, ds: torch.Tensor, off: int, scratch: Optional[_Scratch] = None) -> None:
     """``g[:, off + t] += sum of ds[..., r, j] over the batch and r + j = t``: the gradient of a
     Toeplitz view (``_toeplitz_view``) of ``g`` (float64, (h|1, R)); ``ds`` (b, h, c, nkc) is a
-    view of a buffer whose rows end in at least ``DIAG_ROWS - 1`` zero columns. For a block of
-    ``k`` rows, a strided view with row stride (buffer row - 1) puts each anti-diagonal in one
-    column (what it reads past a row's end is the padding), and one sum over the block's rows and
-    the batch, accumulated in float64 (a float32 sum is cheaper but measurably less accurate: these
-    sums cancel), gives the block's diagonal sums."""
+    view of a buffer whose rows end in at least ``DIAG_ROWS - 1`` zero columns. A block of ``k``
+    rows is copied whole (padding included) to a float64 buffer, where a strided view with row
+    stride (buffer row - 1) puts each anti-diagonal in one column (what it reads past a row's end
+    is the padding): one float64 sum over the block's rows and the batch gives the block's
+    diagonal sums. (Float32 sums are cheaper but measurably less accurate: these sums cancel.)"""
     b, h, c, nkc = ds.shape
     sb, sh, sr, one = ds.stride()
     assert one == 1 and sr >= nkc + min(c, DIAG_ROWS) - 1
+    scratch = scratch or _Scratch(g.dtype, g.device)
     for r0 in range(0, c, DIAG_ROWS):
         k = min(DIAG_ROWS, c - r0)
         width = nkc + k - 1
-        view = ds.as_strided((b, h, k, width), (sb, sh, sr - 1, 1), ds.storage_offset() + r0 * sr)
-        part = view.sum((0, 2), dtype=g.dtype) if g.shape[0] == h else view.sum((0, 1, 2), dtype=g.dtype)[None]
+        block = scratch.get("diag", b, h, k, sr)
+        block.copy_(ds.as_strided((b, h, k, sr), (sb, sh, sr, 1), ds.storage_offset() + r0 * sr))
+        view = block.as_strided((b, h, k, width), (h * k * sr, k * sr, sr - 1, 1))
+        part = view.sum((0, 2)) if g.shape[0] == h else view.sum((0, 1, 2))[None]
         g[:, off + r0: off + r0 + width] += part
 
 
@@ -462,7 +465,7 @@ def _backward(plan: _Plan, go, q, k, v, out, lseL, kthL, ts, need):
     ts = [None if t is None else t.detach() for t in ts]
     am, bt = ts
     rvec = _rvec(plan, ts)
-    scratch = _Scratch(w, q.device)
+    scratch, scratch64 = _Scratch(w, q.device), _Scratch(torch.float64, q.device)
     g_rvec = None
     if need[1] and plan.toeplitz and plan.bias_kind in ("alibi", "t5", "dt"):
         g_rvec = torch.zeros(rvec.shape, dtype=torch.float64, device=q.device)
@@ -493,7 +496,7 @@ def _backward(plan: _Plan, go, q, k, v, out, lseL, kthL, ts, need):
             if g_rvec is not None:
                 if plan.k_prefix > 0:  # prefix keys carry no position bias (dS is not needed after this)
                     ds[..., : plan.k_prefix] = 0.0
-                _add_diagonal_sums(g_rvec, ds, plan.nq - i0 - c)
+                _add_diagonal_sums(g_rvec, ds, plan.nq - i0 - c, scratch64)
         else:
             dqc, dkc, dvc = _core_bwd(plan, gc, qc, kc, vc, oc, lc, m, scratch)
         _rows(plan, dqL, i0, i1, rev).copy_(dqc)
