@@ -35,6 +35,6 @@ def test_glu(benchmark, impl):
 def test_model_step(benchmark, impl):
     TW, Dec, AR = bench_model.classes()
     torch.manual_seed(0)
-    model = TW(num_tokens=20000, max_seq_len=1024, attn_layers=Dec(dim=64, depth=1, heads=4, alibi_pos_bias=True))
-    cfg = dict(batch=1, seq=32, prompt=4, gen=4)
+    cfg = dict(batch=1, seq=32, prompt=4, gen=4, vocab=256)
+    model = TW(num_tokens=cfg["vocab"], max_seq_len=1024, attn_layers=Dec(dim=64, depth=1, heads=4, alibi_pos_bias=True))
     benchmark(bench_model.make_call(impl, "alibi", "step", cfg, "cpu", torch.float32, model, AR))
