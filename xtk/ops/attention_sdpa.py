@@ -50,6 +50,7 @@ _DTYPES = (torch.float16, torch.bfloat16, torch.float32, torch.float64)
 CAUSAL_CHUNK = 256       # query rows per chunk when the mask is a free view (causal: cuts keys)
 MATERIALIZED_ELEMS = 1 << 22  # max elements of a materialized chunk mask / math-core score chunk
 LEARNED_BWD_ELEMS = 1 << 21  # max elements of a (b, h, c, nkc) chunk of the backward's math core for learned masks
+LEARNED_CAUSAL_CHUNK = 128  # query rows per causal chunk of that backward
 ROWSUM_ELEMS = 1 << 17   # elements of the backward's row-block temporary for D = rowsum(P dP)
 FORCE_MATH = False       # tests flip this to run the math core on CPU
 
@@ -454,8 +455,9 @@ def _backward(plan: _Plan, go, q, k, v, out, lseL, kthL, ts, need):
     if any(need) and plan.flash:
         # dS is formed by the math core: its (b, h, c, nkc) temporaries get their own budget
         # (the rows of a chunk need not match the forward's: everything is per row)
-        plan = replace(plan, chunk=min(plan.chunk, max(16, min(MATERIALIZED_ELEMS, LEARNED_BWD_ELEMS)
-                                                       // max(1, plan.b * plan.h * plan.nk))))
+        # causal chunks cut keys, so smaller ones skip more of the masked half
+        rows = max(16, min(MATERIALIZED_ELEMS, LEARNED_BWD_ELEMS) // max(1, plan.b * plan.h * plan.nk))
+        plan = replace(plan, chunk=min(plan.chunk, rows, LEARNED_CAUSAL_CHUNK if plan.causal else rows))
     rev = plan.toeplitz
     w = plan.work
     qL, outL, goL = _flip(q, rev), _flip(out, rev), _flip(go, rev)
