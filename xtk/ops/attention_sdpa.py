@@ -351,8 +351,8 @@ def _math_bwd(plan: _Plan, go, qc, kc, vc, oc, lc, m, pad: int = 0, scratch: Opt
         torch.sum(t, -1, keepdim=True, out=dsum[:, :, r0:r1])
     ds = torch.mul(p, dp.sub_(dsum), out=dp)
     dsg = _grouped(ds, hk)
-    dq = (dsg @ kc.to(w)).reshape(b, h, c, d) * plan.scale
-    dk = dsg.transpose(-1, -2) @ _grouped(qc.to(w), hk) * plan.scale
+    dq = (dsg @ kc.to(w)).reshape(b, h, c, d).mul_(plan.scale)
+    dk = (dsg.transpose(-1, -2) @ _grouped(qc.to(w), hk)).mul_(plan.scale)
     return dq, dk, dv, ds
 
 
