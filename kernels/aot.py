@@ -22,7 +22,7 @@ import time
 
 SMEM_LIMIT = {80: 163 * 1024, 90: 227 * 1024}
 KINDS = ("fwd", "thr", "dkdv", "dq")
-_PTR_F32 = {"LSE", "THR", "DELTA", "DSLOPE", "DTAB", "DS", "SLOPES", "TAB", "QSC", "KSC", "DQSC", "DKSC", "INV_FREQ", "XPOS"}
+_PTR_F32 = {"LSE", "THR", "DELTA", "DSLOPE", "DTAB", "DS", "DLSC", "SLOPES", "TAB", "QSC", "KSC", "DQSC", "DKSC", "INV_FREQ", "XPOS"}
 _PTR_IO = {"Q", "K", "V", "O", "DO", "DQ", "DK", "DV_"}
 _FLOAT_SCALARS = {"sm_scale", "dropout_p", "xpos_base", "interp"}
 _UNIT_STRIDES = {"sqd", "skd", "svd", "sod", "sdod", "sdqd", "sdkd", "sdvd", "smn", "sbn"}
@@ -46,7 +46,7 @@ def build(spec: dict):
     """(fn, signature, constexprs, options) of one specialization.
 
     spec: kind, cc, d, dtype ('float16'...), switches (IS_CAUSAL, BIAS_KIND, MASK_KIND, HAS_TOPK,
-    HAS_DROPOUT, NEED_DSLOPE, NEED_DTAB, NEED_DS, and the in-kernel QK features HAS_NORM, GROUPS,
+    HAS_DROPOUT, NEED_DSLOPE, NEED_DTAB, NEED_DS, NEED_DLSC, and the in-kernel QK features HAS_NORM, GROUPS,
     HAS_DSCALE, HAS_ROT, HAS_XPOS; missing = off), topk (for HAS_TOPK)."""
     from . import attention_op
     fn = _kernel(spec["kind"])
@@ -54,14 +54,14 @@ def build(spec: dict):
     d, ty = spec["d"], _TY[spec["dtype"]]
     topk = spec.get("topk", 8) if sw.get("HAS_TOPK") else 0
     qk = any(sw.get(n) for n in ("HAS_NORM", "HAS_DSCALE", "HAS_ROT"))
-    cfg = attention_op.config({"thr": "fwd"}.get(spec["kind"], spec["kind"]), d, d, spec["cc"], topk,
+    cfg = attention_op.config(spec["kind"], d, d, spec["cc"], topk,
                               ieee=spec["dtype"] == "float32", qk=qk)
     prec = "ieee" if spec["dtype"] == "float32" else "tf32"
     constexprs = dict(IS_CAUSAL=bool(sw.get("IS_CAUSAL", 0)), BIAS_KIND=int(sw.get("BIAS_KIND", 0)),
                       MASK_KIND=int(sw.get("MASK_KIND", 0)), HAS_TOPK=bool(sw.get("HAS_TOPK", 0)),
                       HAS_DROPOUT=bool(sw.get("HAS_DROPOUT", 0)), PRECISION=prec,
                       NEED_DSLOPE=bool(sw.get("NEED_DSLOPE", 0)), NEED_DTAB=bool(sw.get("NEED_DTAB", 0)),
-                      NEED_DS=bool(sw.get("NEED_DS", 0)), HAS_NORM=bool(sw.get("HAS_NORM", 0)),
+                      NEED_DS=bool(sw.get("NEED_DS", 0)), NEED_DLSC=bool(sw.get("NEED_DLSC", 0)), HAS_NORM=bool(sw.get("HAS_NORM", 0)),
                       GROUPS=int(sw.get("GROUPS", 1)), HAS_DSCALE=bool(sw.get("HAS_DSCALE", 0)),
                       HAS_ROT=bool(sw.get("HAS_ROT", 0)), HAS_XPOS=bool(sw.get("HAS_XPOS", 0)), K2=max(1, 1 << max(0, topk - 1).bit_length()),
                       BLOCK_M=cfg["BLOCK_M"], BLOCK_N=cfg["BLOCK_N"], BLOCK_D=attention_op.block_d(d),
@@ -121,9 +121,10 @@ def compile_spec(spec: dict) -> dict:
 
 
 def spec_set(which: str = "ci") -> list[dict]:
-    """The specializations to compile. 'ci' (~75, 3-4 minutes): every kernel plain at d 64/128/256 on
-    sm_80 and d 32/64/128 on sm_90, each switch value alone at d 128 (rotating the arch), the
-    heaviest combinations at d 128 on both archs, fp32 and fp16 once. 'full' (XTK_FULL_TESTS=1):
+    """The specializations to compile. 'ci' (~80, 6-8 minutes on 2 cores): every kernel plain at d
+    64/128/256 on sm_80 and d 32/64/128 on sm_90 (+ the d 256 forward), each switch value alone at d
+    128 (rotating the arch), the heaviest combinations at d 128 on both archs, fp32 and fp16 once,
+    and the in-kernel QK features in every kernel at d 128 and 256 and with fp32, on both archs. 'full' (XTK_FULL_TESTS=1):
     every switch value x every kernel x head dims 32/64/128/256 x both archs x the three dtypes."""
     specs = []
 
@@ -165,9 +166,17 @@ def spec_set(which: str = "ci") -> list[dict]:
             add("fwd", cc, 128, **heavy, **qk_all)
             add("fwd", cc, 128, **{**heavy, "HAS_TOPK": 0}, **qk_all)
             add("dkdv", cc, 128, **heavy, **qk_all)
-            add("dq", cc, 128, **heavy, **qk_all, NEED_DSLOPE=1)
-        for kind in ("fwd", "dkdv", "dq"):
-            add(kind, 90, 128, dtype="float32", **qk_all)
+            add("dq", cc, 128, **heavy, **qk_all, NEED_DSLOPE=1, NEED_DLSC=1)
+        # the QK features at the largest head dim, and with fp32 (IEEE FMA tiles), on both archs
+        for cc, kind in itertools.product((80, 90), ("fwd", "dkdv", "dq")):
+            add(kind, cc, 256, **qk_all)
+            add(kind, cc, 128, dtype="float32", **qk_all)
+        add("dq", 90, 256, **heavy, **qk_all, NEED_DSLOPE=1, NEED_DLSC=1)
+        add("dq", 80, 256, **heavy, **qk_all, NEED_DSLOPE=1, NEED_DLSC=1)
+        add("fwd", 90, 256, **heavy, **qk_all)
+        add("thr", 90, 256, HAS_TOPK=1, **qk_all)
+        add("thr", 80, 256, HAS_TOPK=1, **qk_all)
+        add("fwd", 90, 256)
     else:
         for cc, d, dtype in itertools.product((80, 90), (32, 64, 128, 256), ("float16", "bfloat16", "float32")):
             for sw in [{}] + single + [heavy]:
@@ -177,6 +186,7 @@ def spec_set(which: str = "ci") -> list[dict]:
             add("dq", cc, d, dtype, BIAS_KIND=1, NEED_DSLOPE=1)
             add("dq", cc, d, dtype, BIAS_KIND=2, NEED_DTAB=1)
             add("dq", cc, d, dtype, BIAS_KIND=3, NEED_DS=1)
+            add("dq", cc, d, dtype, NEED_DLSC=1, **qk_all)
             for kind in ("fwd", "thr", "dkdv", "dq"):
                 for sw in qk_single + [qk_all]:
                     add(kind, cc, d, dtype, **sw, **(dict(HAS_TOPK=1) if kind == "thr" else {}))

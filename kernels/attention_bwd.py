@@ -79,7 +79,7 @@ def _attn_bwd_dkdv(
             p = tl.exp(s - m_row[:, None]) * inv_l[:, None]
             dp = tl.dot(do, vt, input_precision=PRECISION)
             if HAS_DROPOUT:
-                keep = _dropout_keep(seed, off_bh, offs_m, offs_n, NK, dropout_p)
+                keep = _dropout_keep(seed, off_bh, offs_m, offs_n, dropout_p)
                 pd = tl.where(keep, p / (1.0 - dropout_p), 0.0)
                 dp = tl.where(keep, dp / (1.0 - dropout_p), 0.0)
             else:
@@ -105,6 +105,7 @@ def _attn_bwd_dkdv(
 @triton.jit
 def _attn_bwd_dq(
         Q, K, V, DO, DQ, LSE, DELTA, THR, SLOPES, TAB, MASK, BIAS, DSLOPE, DTAB, DS, QSC, KSC, INV_FREQ, XPOS, DQSC,
+        DLSC,
         sqb, sqh, sqm, sqd, skb, skh, skn, skd, svb, svh, svn, svd, sdob, sdoh, sdom, sdod,
         sdqb, sdqh, sdqm, sdqd,
         stab_l, stab_h, tab_center, smb, smh, smm, smn, sbb, sbh, sbm, sbn,
@@ -113,7 +114,7 @@ def _attn_bwd_dq(
         HAS_DROPOUT: tl.constexpr, PRECISION: tl.constexpr,
         HAS_NORM: tl.constexpr, GROUPS: tl.constexpr, HAS_DSCALE: tl.constexpr, HAS_ROT: tl.constexpr,
         HAS_XPOS: tl.constexpr,
-        NEED_DSLOPE: tl.constexpr, NEED_DTAB: tl.constexpr, NEED_DS: tl.constexpr,
+        NEED_DSLOPE: tl.constexpr, NEED_DTAB: tl.constexpr, NEED_DS: tl.constexpr, NEED_DLSC: tl.constexpr,
         BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_DV: tl.constexpr):
     pid_m = tl.program_id(0)
     off_bh = tl.program_id(1)
@@ -145,10 +146,11 @@ def _attn_bwd_dq(
     tab = TAB + off_h * stab_h
     dq = tl.zeros([BLOCK_M, BLOCK_D], tl.float32)
     dslope = tl.zeros([BLOCK_M], tl.float32)
+    dlsc = tl.zeros([BLOCK_M], tl.float32)
     pi = q_offset + offs_m
     end_n = _causal_key_end(start_m, BLOCK_M, NK, q_offset, k_prefix, IS_CAUSAL)
-    if NEED_DSLOPE or NEED_DTAB or NEED_DS:
-        # bias gradients sum dS over whole rows (ALiBi: weighted by |p_i - p_j|), which amplifies
+    if NEED_DSLOPE or NEED_DTAB or NEED_DS or NEED_DLSC:
+        # bias (and logit scale) gradients sum dS over whole rows (ALiBi: weighted by |p_i - p_j|), which amplifies
         # the rounding of delta = dO . O and of the online-softmax row sum: recompute both from
         # this kernel's own logits (l = sum_j exp(s - m) with the final m, delta = sum_j P dP)
         l_sum = tl.zeros([BLOCK_M], tl.float32)
@@ -168,7 +170,7 @@ def _attn_bwd_dq(
             e = tl.exp(s - m_row[:, None])
             dp = tl.dot(do, vt, input_precision=PRECISION)
             if HAS_DROPOUT:
-                keep = _dropout_keep(seed, off_bh, offs_m, offs_n, NK, dropout_p)
+                keep = _dropout_keep(seed, off_bh, offs_m, offs_n, dropout_p)
                 dp = tl.where(keep, dp / (1.0 - dropout_p), 0.0)
             l_sum += tl.sum(e, axis=1)
             pdp += tl.sum(e * dp, axis=1)
@@ -181,15 +183,15 @@ def _attn_bwd_dq(
                       xpos_base, HAS_NORM, GROUPS, HAS_DSCALE, HAS_ROT, HAS_XPOS, BLOCK_N, BLOCK_D)
         vt = tl.load(v_base + offs_n[None, :] * svn + offs_dv[:, None] * svd,
                      mask=col_ok[None, :] & (offs_dv[:, None] < DV), other=0.0)
-        s = _logits(tl.dot(q, kt, input_precision=PRECISION), offs_m, offs_n, off_b, off_h, NQ, NK, q_offset,
-                    k_prefix, sm_scale, slope, tab, stab_l, tab_center,
-                    MASK, smb, smh, smm, smn, BIAS, sbb, sbh, sbm, sbn, IS_CAUSAL, BIAS_KIND, MASK_KIND)
+        qk = tl.dot(q, kt, input_precision=PRECISION)
+        s = _logits(qk, offs_m, offs_n, off_b, off_h, NQ, NK, q_offset, k_prefix, sm_scale, slope, tab, stab_l,
+                    tab_center, MASK, smb, smh, smm, smn, BIAS, sbb, sbh, sbm, sbn, IS_CAUSAL, BIAS_KIND, MASK_KIND)
         if HAS_TOPK:
             s = tl.where(s >= thr[:, None], s, float("-inf"))
         p = tl.exp(s - m_row[:, None]) * inv_l[:, None]
         dp = tl.dot(do, vt, input_precision=PRECISION)
         if HAS_DROPOUT:
-            keep = _dropout_keep(seed, off_bh, offs_m, offs_n, NK, dropout_p)
+            keep = _dropout_keep(seed, off_bh, offs_m, offs_n, dropout_p)
             dp = tl.where(keep, dp / (1.0 - dropout_p), 0.0)
         ds = p * (dp - delta[:, None])
         dq += tl.dot(ds.to(q.dtype), tl.trans(kt), input_precision=PRECISION)
@@ -197,6 +199,8 @@ def _attn_bwd_dq(
         dist = pi[:, None] - (offs_n - k_prefix)[None, :]
         if NEED_DSLOPE:
             dslope += tl.sum(tl.where(positional[None, :], -ds * tl.abs(dist).to(tl.float32), 0.0), axis=1)
+        if NEED_DLSC:  # fp32 dS times the fp32 q'.k' (not the rounded dS of the dq product)
+            dlsc += tl.sum(ds * qk, axis=1)
         if NEED_DTAB:
             tl.atomic_add(DTAB + (dist + tab_center).to(tl.int64) * stab_l + off_h * stab_h, ds,
                           mask=positional[None, :] & row_ok[:, None])
@@ -216,3 +220,5 @@ def _attn_bwd_dq(
              dq.to(DQ.dtype.element_ty), mask=row_ok[:, None] & (offs_d[None, :] < D))
     if NEED_DSLOPE:
         tl.store(DSLOPE + off_bh.to(tl.int64) * tl.num_programs(0) + pid_m, tl.sum(dslope, axis=0))
+    if NEED_DLSC:
+        tl.store(DLSC + off_bh.to(tl.int64) * tl.num_programs(0) + pid_m, tl.sum(dlsc, axis=0) * sm_scale)

@@ -73,10 +73,17 @@ def _logits(qk, offs_m, offs_n, off_b, off_h, NQ, NK, q_offset, k_prefix, sm_sca
 
 
 @triton.jit
-def _dropout_keep(seed, off_bh, offs_m, offs_n, NK, dropout_p):
-    """Boolean keep-mask of one tile from a counter-based generator: stream ``seed + off_bh``, counter ``i * nk + j``."""
-    rnd = tl.rand(seed + off_bh, offs_m[:, None] * NK + offs_n[None, :])
-    return rnd >= dropout_p
+def _dropout_keep(seed, off_bh, offs_m, offs_n, dropout_p):
+    """Boolean keep-mask of one tile from Philox: key ``seed``, counter ``(key j, query i, b * h, 0)``.
+
+    One 32-bit word per coordinate, so every (b, h, i, j) below 2^32 each gets its own draw at any
+    size (no ``i * nk + j`` that wraps past 2^31), and two seeds never share a stream."""
+    zero = tl.zeros([offs_m.shape[0], offs_n.shape[0]], tl.uint32)
+    c0 = zero + offs_n[None, :].to(tl.uint32)
+    c1 = zero + offs_m[:, None].to(tl.uint32)
+    c2 = zero + off_bh.to(tl.uint32)
+    r, _, _, _ = tl.philox(seed, c0, c1, c2, zero)
+    return tl.uint_to_uniform_float(r) >= dropout_p
 
 
 @triton.jit
@@ -104,17 +111,26 @@ def _causal_query_start(start_n, BLOCK_M: tl.constexpr, q_offset, k_prefix, IS_C
 def _rotate_pairs(x, pos, rot_row, INV_FREQ, XPOS, R, interp, max_half, xpos_base, xpos_sign, inverse,
                   HAS_XPOS: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr):
     """Rotate interleaved pairs (2m, 2m+1), m < R/2, of a (BLOCK_N, BLOCK_D) fp32 tile by
-    ``pos * inv_freq[m] / interp`` (angle and its reduction mod 2 pi in fp64, as accurate as the
-    reference's fp64 angle; cos/sin in fp32), times the xpos scale
-    ``s_m ** (xpos_sign * (pos - max_half) / xpos_base)``. ``inverse``: the transpose (backward)."""
+    ``pos * inv_freq[m] / interp``, times the xpos scale
+    ``s_m ** (xpos_sign * (pos - max_half) / xpos_base)``. ``inverse``: the transpose (backward).
+
+    The angle is carried as an unevaluated fp32 sum ``hi + lo`` (the exact product by an fma,
+    then the division's exact remainder) and reduced mod 2 pi with a two-word 2 pi (Cody-Waite,
+    fma), all in fp32: the reduced angle is within ~5e-7 rad of the exact one for every
+    ``|pos| < 2^24``, as good as rounding the reference's fp64 angle to fp32, with no fp64 (slow on
+    most GPUs). A plain fp32 ``pos * inv_freq`` would be off by ~pos * 6e-8 rad."""
     x0, x1 = tl.split(tl.reshape(x, [BLOCK_N, BLOCK_D // 2, 2]))
     m = tl.arange(0, BLOCK_D // 2)
     m_ok = m < R // 2
-    inv_freq = tl.load(INV_FREQ + m, mask=m_ok, other=0.0).to(tl.float64)
-    theta = pos.to(tl.float64)[:, None] * inv_freq[None, :] / interp
-    # reduce to [-pi, pi] in fp64 (exact enough for any position), then fp32 cos/sin
-    turns = tl.floor(theta * 0.15915494309189535 + 0.5)
-    theta = (theta - turns * 6.283185307179586).to(tl.float32)
+    inv_freq = tl.load(INV_FREQ + m, mask=m_ok, other=0.0).to(tl.float32)
+    pf = pos.to(tl.float32)[:, None]
+    hi = pf * inv_freq[None, :]
+    lo = tl.fma(pf, inv_freq[None, :], -hi)      # pos * inv_freq = hi + lo exactly
+    hi_q = hi / interp
+    lo = (tl.fma(-hi_q, interp, hi) + lo) / interp  # (hi + lo) / interp = hi_q + lo, to ~2^-48 relative
+    turns = tl.floor(hi_q * 0.15915494309189535 + 0.5)
+    theta = tl.fma(-turns, 6.2831854820251465, hi_q)  # 2 pi = 6.2831854820251465 - 1.7484556e-07 (+ 1e-15)
+    theta = tl.fma(-turns, -1.7484555314695172e-07, theta) + lo
     c = tl.cos(theta)
     s = tl.sin(theta)
     if inverse:

@@ -118,7 +118,7 @@ def _attn_fwd(
         alpha = tl.exp(m_i - m_safe)
         l_i = l_i * alpha + tl.sum(p, axis=1)
         if HAS_DROPOUT:
-            keep = _dropout_keep(seed, off_bh, offs_m, offs_n, NK, dropout_p)
+            keep = _dropout_keep(seed, off_bh, offs_m, offs_n, dropout_p)
             p = tl.where(keep, p / (1.0 - dropout_p), 0.0)
         v = tl.load(v_base + offs_n[:, None] * svn + offs_dv[None, :] * svd,
                     mask=col_ok[:, None] & (offs_dv[None, :] < DV), other=0.0)
@@ -140,6 +140,6 @@ def _dropout_mask_kernel(OUT, H, NQ, NK, dropout_p, seed, BLOCK_M: tl.constexpr,
     offs_m = tl.program_id(0) * BLOCK_M + tl.arange(0, BLOCK_M)
     offs_n = tl.program_id(1) * BLOCK_N + tl.arange(0, BLOCK_N)
     off_bh = tl.program_id(2)
-    keep = _dropout_keep(seed, off_bh, offs_m, offs_n, NK, dropout_p)
+    keep = _dropout_keep(seed, off_bh, offs_m, offs_n, dropout_p)
     tl.store(OUT + off_bh.to(tl.int64) * NQ * NK + offs_m[:, None] * NK + offs_n[None, :], keep.to(tl.int8),
              mask=(offs_m[:, None] < NQ) & (offs_n[None, :] < NK))

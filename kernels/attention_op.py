@@ -49,24 +49,25 @@ def block_d(d: int) -> int:
 def config(kind: str, d: int, dv: int, arch: int = 90, topk: int = 0, ieee: bool = False, qk: bool = False) -> dict:
     """Pinned tile config of one kernel: BLOCK_M, BLOCK_N, num_warps, num_stages.
 
-    kind: 'fwd' (also the top-k threshold pass) | 'dkdv' | 'dq'. Chosen from the ptxas reports of
-    the AOT compile so that no shipped specialization spills on sm_80/sm_90
-    (tests/test_kernels_build.py checks it). ``arch`` is kept for per-arch tuning. ``ieee``: fp32
-    inputs with IEEE products (no tensor cores: FMA tiles need far more registers, so small tiles).
-    ``qk``: QK-norm / rotary in-kernel (the q and k tile transforms and the backward's chain rule
-    hold extra fp32 tiles): smaller key tiles where the ptxas report showed spills."""
+    kind: 'fwd' | 'thr' (the top-k threshold pass) | 'dkdv' | 'dq'. Chosen from the ptxas reports
+    of the AOT compile so that no shipped specialization spills on sm_80/sm_90
+    (tests/test_kernels_build.py checks it). ``ieee``: fp32 inputs with IEEE products (no tensor
+    cores: FMA tiles need far more registers, so small tiles). ``qk``: QK-norm / rotary in-kernel
+    (the q and k tile transforms and the backward's chain rule hold extra fp32 tiles): smaller
+    tiles where the ptxas report showed spills. On sm_90 a forward tile of 64 query rows lets
+    Triton use wgmma; the backward with QK features keeps 16-32 row tiles (mma.sync) to fit."""
     bd = max(block_d(d), block_d(dv))
     if interpreting():
         bm, bn, warps, stages = 32, 32, 4, 1
     elif ieee:
         bm, bn, warps, stages = (32, 16, 4, 1) if bd <= 128 else (16, 16, 4, 1)
-    elif kind == "fwd":
+    elif kind in ("fwd", "thr"):
         if bd <= 64:
             bm, bn, warps, stages = 64, 64, 4, 2
         elif bd <= 128:
             bm, bn, warps, stages = 64, 32, 8, 2
         else:
-            bm, bn, warps, stages = 32, 32, 8, 1
+            bm, bn, warps, stages = (64, 32, 8, 1) if arch >= 90 else (32, 32, 8, 1)
     elif kind == "dkdv":
         if bd <= 64:
             bm, bn, warps, stages = 32, 64, 4, 2
@@ -81,15 +82,25 @@ def config(kind: str, d: int, dv: int, arch: int = 90, topk: int = 0, ieee: bool
             bm, bn, warps, stages = 64, 16, 8, 1
         else:
             bm, bn, warps, stages = 32, 16, 8, 1
-    if qk and not interpreting() and bd <= 128:
+    if qk and not interpreting():
         if ieee:
-            bm, bn, warps = 16, 16, 8  # FMA tiles: 4 warps spill with the tile transforms
-        elif kind == "fwd" and arch < 90:
-            bm, warps = (32, 4) if topk else (32, warps)
-        elif kind == "dkdv":
-            bn = 32  # on sm_90 this gives up wgmma (mma.sync): key tiles of 64 spill with dropout + top-k
-        elif kind == "dq":
-            bm = 32  # likewise: query tiles of 64 spill with dropout
+            # FMA tiles: 4 warps spill with the tile transforms; the forward fits 32 rows
+            bm, bn, warps = (32, 16, 8) if kind == "fwd" and bd <= 128 else (16, 16, 8)
+        elif bd <= 128:
+            if kind == "thr" and arch < 90:
+                bm, warps = 32, 8
+            elif kind == "fwd" and arch < 90:
+                # (2 stages at 8 warps: ptxas caps the rotary-only tile at 128 registers and spills)
+                bm, warps, stages = (32, 4, stages) if topk else (32, warps, 1)
+            elif kind == "dkdv":
+                bn = 32  # on sm_90 this gives up wgmma (mma.sync): key tiles of 64 spill with dropout + top-k
+            elif kind == "dq":
+                bm = 32  # likewise: query tiles of 64 spill with dropout
+        else:
+            if kind == "dq":
+                bm, bn = (16, 32) if arch >= 90 else (16, 16)
+            elif kind == "fwd" and arch >= 90:
+                bm = 32  # 64-row (wgmma) tiles spill with the QK transforms + dropout + top-k at d 256
     if topk:
         bn = max(bn, triton.next_power_of_2(topk))
     return dict(BLOCK_M=bm, BLOCK_N=bn, num_warps=warps, num_stages=stages)
@@ -153,7 +164,9 @@ def _seed(seed: int) -> int:
 
 def _qk_slots(q, qk):
     """Kernel arguments of the in-kernel QK-norm / rotary / xpos: pointers, scalars, constexprs."""
-    qsc, ksc, inv_freq, xpos, groups, rot_dim, max_half, xpos_base, interp = qk
+    qsc, ksc, inv_freq, xpos, groups, rot_dim, max_half, xpos_base, interp, logit_scale = qk
+    if logit_scale is not None:  # a learned QK-norm logit scale: folded into q's dim scale
+        qsc = qsc * logit_scale
     ptrs = tuple(t if t is not None else q for t in (qsc, ksc, inv_freq, xpos))
     scal = (rot_dim, max_half, float(xpos_base), float(interp))
     meta = dict(HAS_NORM=groups > 0, GROUPS=max(groups, 1), HAS_DSCALE=qsc is not None, HAS_ROT=rot_dim > 0,
@@ -171,7 +184,7 @@ def _dsc_sums(dqsc, dksc, has_dsc):
     return dqsc.sum((0, 1)), dksc.sum((0, 1))
 
 
-NO_QK = (None, None, None, None, 0, 0, 0, 1.0, 1.0)
+NO_QK = (None, None, None, None, 0, 0, 0, 1.0, 1.0, None)
 
 
 def _forward(q, k, v, slopes, table, mask, dense, scale, is_causal, q_offset, k_prefix, topk, dropout_p, seed,
@@ -192,12 +205,12 @@ def _forward(q, k, v, slopes, table, mask, dense, scale, is_causal, q_offset, k_
     if nq == 0 or b * h == 0:
         return out, lse, thr
     if has_topk:
-        _attn_topk_threshold[grid](
+        cfg_thr = config("thr", d, dv, _arch(q.device), topk, _precision(q.dtype) == "ieee", _uses_qk(qk_meta))
+        _attn_topk_threshold[(triton.cdiv(nq, cfg_thr["BLOCK_M"]), b * h)](
             q, k, thr, *ptrs, *qk_ptrs, *q.stride(), *k.stride(), *scal,
             h, hk, nq, nk, d, q_offset, k_prefix, scale, topk, *qk_scal,
             IS_CAUSAL=is_causal, BIAS_KIND=bias_kind, MASK_KIND=mask_kind, PRECISION=prec, **qk_meta,
-            K2=triton.next_power_of_2(topk), BLOCK_M=bm, BLOCK_N=bn, BLOCK_D=block_d(d),
-            num_warps=cfg["num_warps"], num_stages=cfg["num_stages"])
+            K2=triton.next_power_of_2(topk), BLOCK_D=block_d(d), **cfg_thr)
     _attn_fwd[grid](
         q, k, v, out, lse, thr if has_topk else lse, *ptrs, *qk_ptrs,
         *q.stride(), *k.stride(), *v.stride(), *out.stride(), *scal,
@@ -210,7 +223,7 @@ def _forward(q, k, v, slopes, table, mask, dense, scale, is_causal, q_offset, k_
 
 
 def _backward(do, q, k, v, out, lse, thr, seed, slopes, table, mask, dense, scale, is_causal, q_offset,
-              k_prefix, topk, dropout_p, need_dslopes, need_dtable, need_ds, qk=NO_QK):
+              k_prefix, topk, dropout_p, need_dslopes, need_dtable, need_ds, qk=NO_QK, need_dlsc=False):
     b, h, nq, d = q.shape
     hk, nk, dv = k.shape[1], k.shape[2], v.shape[3]
     dq = torch.empty_like(q)
@@ -225,6 +238,7 @@ def _backward(do, q, k, v, out, lse, thr, seed, slopes, table, mask, dense, scal
     n_mblocks = triton.cdiv(nq, cfg["BLOCK_M"])
     dslopes = torch.zeros(b, h, n_mblocks if need_dslopes else 0, dtype=torch.float32, device=q.device)
     dtab = torch.zeros_like(table, dtype=torch.float32) if need_dtable else q.new_empty(0, dtype=torch.float32)
+    dlsc = torch.zeros(b, h, n_mblocks if need_dlsc else 0, dtype=torch.float32, device=q.device)
     ds = torch.zeros(b, h, nq, nk, dtype=torch.float32, device=q.device) if need_ds else q.new_empty(0, dtype=torch.float32)
     n_kblocks = triton.cdiv(nk, cfg_kv["BLOCK_N"])
     has_dsc = qk_meta["HAS_DSCALE"]
@@ -233,7 +247,8 @@ def _backward(do, q, k, v, out, lse, thr, seed, slopes, table, mask, dense, scal
     dksc = torch.zeros(n_kblocks, b, hk, d if has_dsc else 0, dtype=torch.float32, device=q.device)
     if b * h == 0 or nq == 0 or nk == 0:
         dq.zero_(), dk.zero_(), dvv.zero_()
-        return dq, dk, dvv, dslopes.sum((0, 2)), dtab, ds, *_dsc_sums(dqsc, dksc, has_dsc)
+        return (dq, dk, dvv, dslopes.sum((0, 2)), dtab, ds, *_dsc_sums(dqsc, dksc, has_dsc),
+                dlsc.sum() if need_dlsc else dlsc.new_empty(0))
     delta = (do.float() * out.float()).sum(-1)  # (b, h, nq): the preprocess, O(n)
     ptrs, scal, bias_kind, mask_kind = _slots(q, slopes, table, mask, dense, b, h, nq, nk)
     prec = _precision(q.dtype)
@@ -247,10 +262,12 @@ def _backward(do, q, k, v, out, lse, thr, seed, slopes, table, mask, dense, scal
     _attn_bwd_dq[(n_mblocks, b * h)](
         q, k, v, do, dq, lse, delta, thr_arg, *ptrs, dslopes if need_dslopes else lse,
         dtab if need_dtable else lse, ds if need_ds else lse, *qk_ptrs, dqsc if has_dsc else lse,
+        dlsc if need_dlsc else lse,
         *q.stride(), *k.stride(), *v.stride(), *do.stride(), *dq.stride(), *scal,
         h, hk, nq, nk, d, dv, q_offset, k_prefix, scale, dropout_p, seed, *qk_scal,
-        NEED_DSLOPE=need_dslopes, NEED_DTAB=need_dtable, NEED_DS=need_ds, **common, **cfg)
-    return dq, dk, dvv, dslopes.sum((0, 2)), dtab, ds, *_dsc_sums(dqsc, dksc, has_dsc)
+        NEED_DSLOPE=need_dslopes, NEED_DTAB=need_dtable, NEED_DS=need_ds, NEED_DLSC=need_dlsc, **common, **cfg)
+    return (dq, dk, dvv, dslopes.sum((0, 2)), dtab, ds, *_dsc_sums(dqsc, dksc, has_dsc),
+            dlsc.sum() if need_dlsc else dlsc.new_empty(0))
 
 
 # ----------------------------------------------------------------------------- custom ops
@@ -260,7 +277,8 @@ def attention_fwd(q: Tensor, k: Tensor, v: Tensor, slopes: Optional[Tensor], tab
                   mask: Optional[Tensor], dense: Optional[Tensor], scale: float, is_causal: bool, q_offset: int,
                   k_prefix: int, topk: int, dropout_p: float, seed: int, q_scale: Optional[Tensor] = None, k_scale: Optional[Tensor] = None,
                   inv_freq: Optional[Tensor] = None, xpos: Optional[Tensor] = None, groups: int = 0, rot_dim: int = 0,
-                  max_half: int = 0, xpos_base: float = 1.0, interp: float = 1.0) -> tuple[Tensor, Tensor, Tensor, Tensor]:
+                  max_half: int = 0, xpos_base: float = 1.0, interp: float = 1.0,
+                  logit_scale: Optional[Tensor] = None) -> tuple[Tensor, Tensor, Tensor, Tensor]:
     """-> (out (b,h,nq,dv), softmax stats (b,h,2,nq) fp32 (row max, row sum), top-k threshold (b,h,nq|0) fp32, the dropout seed used (int64 0-d)).
 
     slopes: (h,) fp32 ALiBi slopes (0 for heads without one) | table: (2L-1, h) fp32 per-distance
@@ -268,17 +286,20 @@ def attention_fwd(q: Tensor, k: Tensor, v: Tensor, slopes: Optional[Tensor], tab
     mask: attn_mask, float or bool, broadcastable. topk 0: off. seed < 0: draw one.
     QK features, applied in-kernel to the q/k tiles: groups > 0: grouped l2 norm; q_scale (h, d) and
     k_scale (hk, d) fp32 per-dim scales (both or neither); rot_dim > 0: rotary with inv_freq
-    (rot_dim//2,) fp32, xpos (rot_dim//2,) fp32 when given, positions as in attention_common."""
+    (rot_dim//2,) fp32, xpos (rot_dim//2,) fp32 when given, positions as in attention_common;
+    logit_scale: a 0-d fp32 learned QK-norm scale (then ``scale`` is 1 and q_scale/k_scale are
+    given): multiplied into q_scale in the kernels, its gradient formed apart (NEED_DLSC)."""
     seed = _seed(seed) if dropout_p > 0.0 else 0
     out, lse, thr = _forward(q, k, v, slopes, table, mask, dense, scale, is_causal, q_offset, k_prefix, topk,
                              dropout_p, seed, (q_scale, k_scale, inv_freq, xpos, groups, rot_dim, max_half, xpos_base,
-                                               interp))
+                                               interp, logit_scale))
     return out, lse, thr, torch.tensor(seed, dtype=torch.int64)
 
 
 @attention_fwd.register_fake
 def _(q, k, v, slopes, table, mask, dense, scale, is_causal, q_offset, k_prefix, topk, dropout_p, seed, q_scale=None,
-      k_scale=None, inv_freq=None, xpos=None, groups=0, rot_dim=0, max_half=0, xpos_base=1.0, interp=1.0):
+      k_scale=None, inv_freq=None, xpos=None, groups=0, rot_dim=0, max_half=0, xpos_base=1.0, interp=1.0,
+      logit_scale=None):
     b, h, nq, _ = q.shape
     nk = k.shape[2]
     out = q.new_empty(b, h, nq, v.shape[3])
@@ -294,19 +315,23 @@ def attention_bwd(do: Tensor, q: Tensor, k: Tensor, v: Tensor, out: Tensor, lse:
                   dropout_p: float, need_dslopes: bool, need_dtable: bool,
                   need_ds: bool, q_scale: Optional[Tensor] = None, k_scale: Optional[Tensor] = None,
                   inv_freq: Optional[Tensor] = None, xpos: Optional[Tensor] = None, groups: int = 0, rot_dim: int = 0,
-                  max_half: int = 0, xpos_base: float = 1.0, interp: float = 1.0) -> tuple[Tensor, Tensor, Tensor, Tensor, Tensor, Tensor, Tensor, Tensor]:
+                  max_half: int = 0, xpos_base: float = 1.0, interp: float = 1.0,
+                  logit_scale: Optional[Tensor] = None, need_dlsc: bool = False,
+                  ) -> tuple[Tensor, Tensor, Tensor, Tensor, Tensor, Tensor, Tensor, Tensor, Tensor]:
     """-> (dq, dk, dv, dslopes (h,)|(0,), dtable like table|(0,), dS (b,h,nq,nk) fp32 | (0,),
-    d q_scale (h, d) fp32 | (0,), d k_scale (hk, d) fp32 | (0,)): the QK features are recomputed
-    in-kernel and the gradients chained back to the raw q and k."""
+    d q_scale (h, d) fp32 | (0,), d k_scale (hk, d) fp32 | (0,), sum of dS * (q'.k') * scale 0-d
+    fp32 | (0,)): the QK features are recomputed in-kernel and the gradients chained back to the
+    raw q and k; the dim-scale gradients are those of the effective q scale (q_scale * logit_scale)."""
     return _backward(do, q, k, v, out, lse, thr, int(seed.item()), slopes, table, mask, dense, scale, is_causal,
                      q_offset, k_prefix, topk, dropout_p, need_dslopes, need_dtable, need_ds,
-                     (q_scale, k_scale, inv_freq, xpos, groups, rot_dim, max_half, xpos_base, interp))
+                     (q_scale, k_scale, inv_freq, xpos, groups, rot_dim, max_half, xpos_base, interp, logit_scale),
+                     need_dlsc)
 
 
 @attention_bwd.register_fake
 def _(do, q, k, v, out, lse, thr, seed, slopes, table, mask, dense, scale, is_causal, q_offset, k_prefix, topk,
       dropout_p, need_dslopes, need_dtable, need_ds, q_scale=None, k_scale=None, inv_freq=None, xpos=None, groups=0,
-      rot_dim=0, max_half=0, xpos_base=1.0, interp=1.0):
+      rot_dim=0, max_half=0, xpos_base=1.0, interp=1.0, logit_scale=None, need_dlsc=False):
     b, h, nq, d = q.shape
     hk, nk = k.shape[1], k.shape[2]
     f32 = dict(dtype=torch.float32)
@@ -315,16 +340,18 @@ def _(do, q, k, v, out, lse, thr, seed, slopes, table, mask, dense, scale, is_ca
             table.new_empty(table.shape, **f32) if need_dtable else q.new_empty(0, **f32),
             q.new_empty((b, h, nq, nk) if need_ds else (0,), **f32),
             q.new_empty((h, d) if q_scale is not None else (0,), **f32),
-            q.new_empty((hk, d) if q_scale is not None else (0,), **f32))
+            q.new_empty((hk, d) if q_scale is not None else (0,), **f32),
+            q.new_empty(() if need_dlsc else (0,), **f32))
 
 
 def _setup_context(ctx, inputs, output):
     (q, k, v, slopes, table, mask, dense, scale, is_causal, q_offset, k_prefix, topk, dropout_p, seed,
-     q_scale, k_scale, inv_freq, xpos, *qk_args) = inputs
+     q_scale, k_scale, inv_freq, xpos, groups, rot_dim, max_half, xpos_base, interp, logit_scale) = inputs
     out, lse, thr, seed_t = output
-    ctx.save_for_backward(q, k, v, out, lse, thr, seed_t, slopes, table, mask, dense, q_scale, k_scale, inv_freq, xpos)
+    ctx.save_for_backward(q, k, v, out, lse, thr, seed_t, slopes, table, mask, dense, q_scale, k_scale, inv_freq, xpos,
+                          logit_scale)
     ctx.args = (scale, is_causal, q_offset, k_prefix, topk, dropout_p)
-    ctx.qk_args = tuple(qk_args)
+    ctx.qk_args = (groups, rot_dim, max_half, xpos_base, interp)
 
 
 def _reduce_to(grad: Tensor, like: Tensor) -> Tensor:
@@ -354,7 +381,8 @@ def _table_grad_from_ds(ds: Tensor, table: Tensor, q_offset: int, k_prefix: int)
 
 
 def _backward_rule(ctx, dout, dlse, dthr, dseed):
-    q, k, v, out, lse, thr, seed_t, slopes, table, mask, dense, q_scale, k_scale, inv_freq, xpos = ctx.saved_tensors
+    (q, k, v, out, lse, thr, seed_t, slopes, table, mask, dense, q_scale, k_scale, inv_freq, xpos,
+     logit_scale) = ctx.saved_tensors
     scale, is_causal, q_offset, k_prefix, topk, dropout_p = ctx.args
     need = ctx.needs_input_grad
     need_dslopes = bool(need[3]) and slopes is not None
@@ -364,12 +392,20 @@ def _backward_rule(ctx, dout, dlse, dthr, dseed):
     # the table gradient scatters dS by distance with atomics (unordered); in deterministic mode
     # take dS whole instead (O(b h nq nk) memory, that mode only) and sum its diagonals in torch
     det_table = need_dtable and torch.are_deterministic_algorithms_enabled()
-    dq, dk, dv, dslopes, dtab, ds, dqsc, dksc = attention_bwd(
+    need_dlsc = len(need) > 23 and bool(need[23]) and logit_scale is not None
+    dq, dk, dv, dslopes, dtab, ds, dqsc, dksc, dlsc = attention_bwd(
         dout, q, k, v, out, lse, thr, seed_t, slopes, table, mask, dense, scale, is_causal, q_offset, k_prefix,
         topk, dropout_p, need_dslopes, need_dtable and not det_table, need_dmask or need_ddense or det_table,
-        q_scale, k_scale, inv_freq, xpos, *ctx.qk_args)
+        q_scale, k_scale, inv_freq, xpos, *ctx.qk_args, logit_scale, need_dlsc)
     if det_table:
         dtab = _table_grad_from_ds(ds, table, q_offset, k_prefix)
+    if need_dlsc:
+        # dL/d(lambda) = sum dS * d(logit)/d(lambda) = (sum dS * logit) / lambda; at lambda = 0 (q' = 0,
+        # the logits carry no trace of it) from the effective q scale's gradient instead
+        nonzero = logit_scale != 0
+        dlsc = torch.where(nonzero, dlsc / torch.where(nonzero, logit_scale, 1.0), (dqsc * q_scale).sum())
+    if logit_scale is not None:
+        dqsc = dqsc * logit_scale  # the kernels' q scale is q_scale * logit_scale
     return (dq, dk, dv,
             dslopes.to(slopes.dtype) if need_dslopes else None,
             dtab.to(table.dtype) if need_dtable else None,
@@ -378,7 +414,8 @@ def _backward_rule(ctx, dout, dlse, dthr, dseed):
             None, None, None, None, None, None, None,
             dqsc if q_scale is not None and need[14] else None,
             dksc if k_scale is not None and need[15] else None,
-            None, None, None, None, None, None, None)
+            None, None, None, None, None, None, None,
+            dlsc.to(logit_scale.dtype) if need_dlsc else None)
 
 
 attention_fwd.register_autograd(_backward_rule, setup_context=_setup_context)
@@ -402,14 +439,15 @@ def _qk_args(inputs):
 
     Dim scales go in as (h, d) / (hk, d) fp32 views built with differentiable torch ops, so their
     gradients (computed in-kernel) reach the (h|hk, 1, d) parameters through autograd. A tensor
-    (learned) QK-norm scale is folded into q's dim scale (rotary is linear, so scaling q' scales
-    the logits): its gradient flows the same way and the kernel scale becomes 1."""
+    (learned) QK-norm scale goes in as ``logit_scale``: the op multiplies it into q's dim scale
+    (rotary is linear, so scaling q' scales the logits; the kernel scale becomes 1) and forms its
+    gradient from fp32 dS in the dq kernel."""
     q, k = inputs.q, inputs.k
     scale = inputs.scale
     qn, rot = inputs.qk_norm, inputs.rotary
     h, nq, d = q.shape[1], q.shape[2], q.shape[3]
     hk, nk = k.shape[1], k.shape[2]
-    qs = ks = inv_freq = xpos = None
+    qs = ks = inv_freq = xpos = logit_scale = None
     groups, rd, max_half, base, interp = 0, 0, 0, 1.0, 1.0
     if qn is not None:
         groups = qn.groups
@@ -419,12 +457,11 @@ def _qk_args(inputs):
 
         qs, ks = dim_scale(qn.q_dim_scale, h), dim_scale(qn.k_dim_scale, hk)
         if isinstance(qn.scale, torch.Tensor):
-            learned = qn.scale.float()
-            qs = learned * (qs if qs is not None else torch.ones(h, d, device=q.device))
+            logit_scale = qn.scale.float().reshape(())
             scale = 1.0
         else:
             scale = float(qn.scale)
-        if qs is not None or ks is not None:  # one switch for both: the missing one is all ones
+        if qs is not None or ks is not None or logit_scale is not None:  # one switch for both: the missing one is all ones
             qs = (qs if qs is not None else torch.ones(h, d, device=q.device)).contiguous()
             ks = (ks if ks is not None else torch.ones(hk, d, device=q.device)).contiguous()
     if rot is not None:
@@ -434,7 +471,7 @@ def _qk_args(inputs):
         max_half = max(inputs.q_offset + nq, nk - inputs.k_prefix) // 2
     if scale is None:
         scale = d ** -0.5
-    return (qs, ks, inv_freq, xpos, groups, rd, max_half, base, interp), float(scale)
+    return (qs, ks, inv_freq, xpos, groups, rd, max_half, base, interp, logit_scale), float(scale)
 
 
 def t5_distance_table(bias: T5, nq: int, nk: int, q_offset: int, k_prefix: int) -> Tensor:

@@ -247,6 +247,7 @@ QK_VARIANTS = ["qknorm", "qknorm_dimscale", "rotary", "xpos", "qknorm+rotary", "
                             ("qknorm_dimscale+xpos", torch.float32, 24, 9, 70),
                             ("qknorm_dimscale+xpos", torch.bfloat16, 16, 33, 17),
                             ("qknorm_dimscale_learnedscale+xpos", torch.float16, 16, 33, 17),
+                            ("qknorm_dimscale_learnedscale+xpos", torch.bfloat16, 16, 33, 17),
                             ("qknorm+rotary", torch.float16, 16, 17, 33)])
 def test_qk_norm_and_rotary(variant, dtype, d, nq, nk):
     """QK-norm (groups, dim scales, learned scale) and rotary/xpos, applied in-kernel to the q/k
@@ -310,6 +311,55 @@ def test_qk_norm_and_rotary(variant, dtype, d, nq, nk):
     check_against_oracle(kernel, eager, inputs, dtype, grad_names=grads)
 
 
+@pytest.mark.parametrize("interp", [1.0, 3.0])
+def test_rotary_far_positions(interp):
+    """Rotary angles at positions ~3e6 (a long KV-cache continuation): the kernel reduces the angle
+    mod 2 pi in split fp32 words; a plain fp32 ``pos * inv_freq`` would be off by ~0.2 rad here."""
+    d, nq, nk = 16, 5, 20
+    inputs = dict(q=torch.randn(1, 2, nq, d, device=DEV), k=torch.randn(1, 2, nk, d, device=DEV),
+                  v=torch.randn(1, 2, nk, d, device=DEV))
+    rot = Rotary(d, rotary_inv_freq(d, device=DEV), interpolation_factor=interp)
+
+    def kernel(q, k, v):
+        return xtk.attention(q, k, v, q_offset=3_000_017, rotary=rot, backend="triton")
+
+    def eager(q, k, v):
+        return reference(q, k, v, q_offset=3_000_017, rotary=rot)
+
+    check_against_oracle(kernel, eager, inputs, torch.float32, grad_names=["q", "k", "v"])
+
+
+def test_learned_qk_scale_gradient_bf16_over_seeds():
+    """The learned QK-norm scale's gradient is one number summed over the whole score matrix
+    (sum dS * q'.k' / scale, terms ~1e3 times the result), so one draw's error is mostly luck
+    for kernel and eager alike: judge the 2x rule on the mean error over several draws. The
+    kernel forms it from fp32 dS (NEED_DLSC); from the 16-bit dS of its dq product it was off
+    by several times the eager error."""
+    from tolerance import max_err
+    h, hk, nq, nk, d = 4, 2, 65, 70, 32
+    errs = {"kernel": [], "eager": []}
+    for seed in range(4):
+        torch.manual_seed(100 + seed)
+        q, k, v = (torch.randn(1, n_h, n, d, device=DEV).bfloat16() for n_h, n in ((h, nq), (hk, nk), (hk, nk)))
+        g = torch.randn(1, h, nq, d, device=DEV, dtype=torch.float64)
+        grads = {}
+        for name, dt in (("kernel", torch.bfloat16), ("eager", torch.bfloat16), ("oracle", torch.float64)):
+            qq, kk, vv = (t.to(dt).clone().requires_grad_() for t in (q, k, v))
+            lam = torch.tensor(4.0, device=DEV, dtype=dt, requires_grad=True)
+            kw = dict(is_causal=True, q_offset=nk - 2 - nq, k_prefix=2, qk_norm=QKNorm(groups=2, scale=lam),
+                      rotary=Rotary(8, rotary_inv_freq(8, device=DEV)))
+            if name == "kernel":
+                out = xtk.attention(qq, kk, vv, backend="triton", enable_gqa=True, **kw)
+            else:
+                out = reference(qq, kk, vv, **kw)
+            out.backward(g.to(dt))
+            grads[name] = lam.grad
+        for name in errs:
+            errs[name].append(max_err(grads[name], grads["oracle"]))
+    k_mean, e_mean = sum(errs["kernel"]) / 4, sum(errs["eager"]) / 4
+    assert k_mean <= 2 * e_mean, f"dscale mean error: kernel {errs['kernel']} vs eager {errs['eager']}"
+
+
 def test_qk_features_materialize_no_q_or_k_copy():
     """The forward allocates nothing of q's or k's size: QK-norm and rotary/xpos happen on the tiles."""
     from torch.utils._python_dispatch import TorchDispatchMode
@@ -363,6 +413,13 @@ def test_dropout_keep_rate_and_seeds():
     other = attention_op.dropout_keep_mask(8, 1, 2, 128, 128, 0.3, DEV)
     assert (keep != other).float().mean() > 0.3
     assert (keep[0, 0] != keep[0, 1]).float().mean() > 0.3  # heads draw different streams
+    # no stream is another seed's stream shifted by a head (a ``seed + head`` key would make these equal)
+    shifted = attention_op.dropout_keep_mask(8, 1, 1, 128, 128, 0.3, DEV)
+    assert (keep[0, 1] != shifted[0, 0]).float().mean() > 0.3
+    # the draw of (i, j) does not depend on nk: the counter is the coordinate, not a flat index
+    # ``i * nk + j`` (which wraps past 2^31 elements per head)
+    narrow = attention_op.dropout_keep_mask(7, 1, 2, 128, 64, 0.3, DEV)
+    assert torch.equal(narrow, keep[..., :64])
     # through the public API: a fresh seed per call, output scaled by 1/(1-p) on kept entries
     q, k, v = (torch.randn(1, 2, 8, 16, device=DEV) for _ in range(3))
     a = xtk.attention(q, k, v, dropout_p=0.5, backend="triton")
@@ -400,6 +457,14 @@ def test_opcheck_forward_and_backward():
     qk_d = (qsc.detach(), ksc.detach()) + qk[2:]
     torch.library.opcheck(torch.ops.xtk.attention_bwd.default,
                           bwd_args[:4] + (out.detach(), lse.detach(), thr.detach(), seed) + bwd_args[8:] + qk_d)
+    # and a learned QK-norm logit scale (its gradient formed in the dq kernel)
+    lam = torch.tensor(3.0, device=DEV, requires_grad=True)
+    fwd_args = fwd_args + (lam,)
+    torch.library.opcheck(torch.ops.xtk.attention_fwd.default, fwd_args)
+    out, lse, thr, seed = torch.ops.xtk.attention_fwd(*fwd_args)
+    torch.library.opcheck(torch.ops.xtk.attention_bwd.default,
+                          bwd_args[:4] + (out.detach(), lse.detach(), thr.detach(), seed) + bwd_args[8:] + qk_d
+                          + (lam.detach(), True))
 
 
 def test_torch_compile_fullgraph():

@@ -58,14 +58,15 @@ def _uses_qk(spec):
 
 def test_tensor_cores_used(aot_results):
     """Every 16-bit attention specialization; fp32 uses IEEE products (FMA) unless TF32 is allowed.
-    One documented exception: the backward kernels (dkdv, dq) with in-kernel QK features on sm_90
-    run key / query tiles of 32 (64 spill with dropout and top-k), below wgmma's 64 rows, so they
-    use mma.sync tensor cores."""
+    One documented exception: with in-kernel QK features on sm_90 the backward kernels (dkdv, dq),
+    and the forward at head dim 256, run tiles of 16-32 rows (64 spill with dropout and top-k),
+    below wgmma's 64 rows, so they use mma.sync tensor cores."""
     def ok(r):
         if r["tensor_cores"]:
             return True
         s = r["spec"]
-        return s["kind"] in ("dkdv", "dq") and s["cc"] >= 90 and _uses_qk(s) and r.get("mma_sync")
+        qk_small_tiles = s["kind"] in ("dkdv", "dq") or (s["kind"] == "fwd" and s["d"] > 128)
+        return qk_small_tiles and s["cc"] >= 90 and _uses_qk(s) and r.get("mma_sync")
     plain = [r["name"] for r in aot_results if "error" not in r and r["spec"]["dtype"] != "float32" and not ok(r)]
     assert not plain, f"no wgmma (sm_90) / mma.sync (sm_80) in: {plain}"
 
@@ -79,7 +80,7 @@ def test_set_covers_every_switch_kernel_arch_and_head_dim(aot_results):
     seen = {(k, v) for s in specs for k, v in s["switches"].items()}
     for need in [("IS_CAUSAL", 1), ("BIAS_KIND", 1), ("BIAS_KIND", 2), ("BIAS_KIND", 3), ("BIAS_KIND", 4),
                  ("MASK_KIND", 1), ("MASK_KIND", 2), ("HAS_TOPK", 1), ("HAS_DROPOUT", 1), ("NEED_DSLOPE", 1),
-                 ("NEED_DTAB", 1), ("NEED_DS", 1), ("HAS_NORM", 1), ("GROUPS", 2), ("HAS_DSCALE", 1),
+                 ("NEED_DTAB", 1), ("NEED_DS", 1), ("NEED_DLSC", 1), ("HAS_NORM", 1), ("GROUPS", 2), ("HAS_DSCALE", 1),
                  ("HAS_ROT", 1), ("HAS_XPOS", 1)]:
         assert need in seen, need
     # the in-kernel QK features in every kernel, alone with the heaviest switches, on both archs
@@ -89,3 +90,8 @@ def test_set_covers_every_switch_kernel_arch_and_head_dim(aot_results):
         for cc in (80, 90):
             assert any(s["kind"] == kind and s["cc"] == cc and _uses_qk(s) and s["switches"].get("HAS_DROPOUT")
                        and s["switches"].get("HAS_TOPK") for s in specs), (kind, cc)
+            # ... at the largest head dim and with fp32 (IEEE FMA tiles)
+            assert any(s["kind"] == kind and s["cc"] == cc and _uses_qk(s) and s["d"] == 256 for s in specs), (kind, cc)
+            assert any(s["kind"] == kind and s["cc"] == cc and _uses_qk(s) and s["dtype"] == "float32"
+                       for s in specs), (kind, cc)
+    assert any(s["kind"] == "dq" and s["switches"].get("NEED_DLSC") for s in specs)
