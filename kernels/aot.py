@@ -1,6 +1,6 @@
 """Ahead-of-time compile of the attention kernel specializations, no GPU needed.
 
-``python -m xtk.kernels.aot [--set ci|full] [--json PATH]`` compiles every specialization of
+``python -m xtk.kernels.aot [--set ci|full] [--json PATH] [--jobs N]`` compiles every specialization of
 the chosen set with ``triton.compile(ASTSource(...), target=GPUTarget("cuda", cc, 32))`` using the
 launcher's pinned configs (``attention_op.config``), and reports per specialization the shared
 memory, the registers per thread and the spill bytes read from the ptxas log
@@ -11,6 +11,7 @@ Must run without ``TRITON_INTERPRET=1`` (the interpreter replaces the jit functi
 from __future__ import annotations
 
 import argparse
+import concurrent.futures
 import contextlib
 import io
 import itertools
@@ -39,7 +40,8 @@ def _kernel(kind):
 
 def spec_name(spec: dict) -> str:
     sw = ",".join(f"{k}={v}" for k, v in sorted(spec["switches"].items()))
-    return f"{spec['kind']}/sm{spec['cc']}/d{spec['d']}/{spec['dtype']}/{sw}"
+    topk = f"/topk{spec['topk']}" if "topk" in spec else ""
+    return f"{spec['kind']}/sm{spec['cc']}/d{spec['d']}/{spec['dtype']}/{sw}{topk}"
 
 
 def build(spec: dict):
@@ -121,76 +123,83 @@ def compile_spec(spec: dict) -> dict:
 
 
 def spec_set(which: str = "ci") -> list[dict]:
-    """The specializations to compile. 'ci' (~80, 6-8 minutes on 2 cores): every kernel plain at d
-    64/128/256 on sm_80 and d 32/64/128 on sm_90 (+ the d 256 forward), each switch value alone at d
-    128 (rotating the arch), the heaviest combinations at d 128 on both archs, fp32 and fp16 once,
-    and the in-kernel QK features in every kernel at d 128 and 256 and with fp32, on both archs. 'full' (XTK_FULL_TESTS=1):
-    every switch value x every kernel x head dims 32/64/128/256 x both archs x the three dtypes."""
+    """The specializations to compile.
+
+    'ci' (~270; 6-10 minutes with 2 jobs): every kernel plain at every head dim (32/64/128/256) on both
+    archs; every switch value (each bias and mask kind, causal, top-k, dropout, each QK feature, each
+    learned-input gradient) at every head dim on both archs, in a kernel that rotates with the head
+    dim (the gradient switches in dq, where they live); the heaviest combinations (causal + ALiBi +
+    bool mask + top-k + dropout, with and without all QK features) in every kernel at d 64, 128 and
+    256 on both archs; fp32 (IEEE FMA tiles) and fp16 in every kernel at every head dim.
+    'full' (XTK_FULL_TESTS=1): every switch value and the heavy combinations x every kernel x every
+    head dim x both archs x the three dtypes."""
     specs = []
 
     def add(kind, cc, d, dtype="bfloat16", **sw):
         specs.append(dict(kind=kind, cc=cc, d=d, dtype=dtype, switches=sw))
 
+    kinds = ("fwd", "dkdv", "dq")
+    archs, dims = (80, 90), (32, 64, 128, 256)
     single = [dict(IS_CAUSAL=1), dict(BIAS_KIND=1), dict(BIAS_KIND=2), dict(BIAS_KIND=3), dict(BIAS_KIND=4),
               dict(MASK_KIND=1), dict(MASK_KIND=2), dict(HAS_TOPK=1), dict(HAS_DROPOUT=1)]
     heavy = dict(IS_CAUSAL=1, BIAS_KIND=1, MASK_KIND=2, HAS_TOPK=1, HAS_DROPOUT=1)
     qk_single = [dict(HAS_NORM=1), dict(HAS_NORM=1, GROUPS=2), dict(HAS_DSCALE=1), dict(HAS_ROT=1),
                  dict(HAS_ROT=1, HAS_XPOS=1)]
     qk_all = dict(HAS_NORM=1, GROUPS=2, HAS_DSCALE=1, HAS_ROT=1, HAS_XPOS=1)
+    grads = [dict(BIAS_KIND=1, NEED_DSLOPE=1), dict(BIAS_KIND=2, NEED_DTAB=1), dict(BIAS_KIND=3, NEED_DS=1),
+             dict(NEED_DLSC=1, **qk_all)]
+
+    def heaviest(cc, d, dtype="bfloat16"):
+        add("fwd", cc, d, dtype, **heavy)
+        add("dkdv", cc, d, dtype, **heavy)
+        add("dq", cc, d, dtype, **heavy, NEED_DSLOPE=1)
+        for kind in kinds:
+            add(kind, cc, d, dtype, **qk_all)
+        add("thr", cc, d, dtype, HAS_TOPK=1, **qk_all)
+        add("fwd", cc, d, dtype, **heavy, **qk_all)
+        add("fwd", cc, d, dtype, **{**heavy, "HAS_TOPK": 0}, **qk_all)
+        add("dkdv", cc, d, dtype, **heavy, **qk_all)
+        add("dq", cc, d, dtype, **heavy, **qk_all, NEED_DSLOPE=1, NEED_DLSC=1)
+
     if which == "ci":
-        for cc, d in [(80, 64), (80, 128), (80, 256), (90, 32), (90, 64), (90, 128)]:
-            for kind in ("fwd", "dkdv", "dq"):
+        grid = list(itertools.product(archs, dims))
+        for cc, d in grid:
+            for kind in kinds:
                 add(kind, cc, d)
-        for i, sw in enumerate(single):
-            add("fwd", (80, 90)[i % 2], 128, **sw)
-        for cc in (80, 90):
-            add("fwd", cc, 128, **heavy)
-            add("dkdv", cc, 128, **heavy)
-            add("dq", cc, 128, **heavy, NEED_DSLOPE=1)
-        add("thr", 90, 128, HAS_TOPK=1, IS_CAUSAL=1, BIAS_KIND=2)
-        add("dq", 90, 128, IS_CAUSAL=1, BIAS_KIND=2, NEED_DTAB=1)
-        add("dq", 80, 128, BIAS_KIND=3, NEED_DS=1)
-        add("fwd", 80, 64, dtype="float32")
-        add("dq", 90, 128, dtype="float32")
-        add("dkdv", 90, 128, dtype="float16")
-        # the in-kernel QK features: each alone (fwd, rotating the arch), all of them in every kernel
-        # on both archs at d 128 (the heaviest), and with the heavy switches
-        for i, sw in enumerate(qk_single):
-            add("fwd", (90, 80)[i % 2], 128, **sw)
-        for cc in (80, 90):
-            for kind in ("fwd", "dkdv", "dq"):
-                add(kind, cc, 128, **qk_all)
-            add("fwd", cc, 64, **qk_all)
-        add("thr", 80, 128, HAS_TOPK=1, **qk_all)
-        for cc in (80, 90):
-            add("fwd", cc, 128, **heavy, **qk_all)
-            add("fwd", cc, 128, **{**heavy, "HAS_TOPK": 0}, **qk_all)
-            add("dkdv", cc, 128, **heavy, **qk_all)
-            add("dq", cc, 128, **heavy, **qk_all, NEED_DSLOPE=1, NEED_DLSC=1)
-        # the QK features at the largest head dim, and with fp32 (IEEE FMA tiles), on both archs
-        for cc, kind in itertools.product((80, 90), ("fwd", "dkdv", "dq")):
-            add(kind, cc, 256, **qk_all)
-            add(kind, cc, 128, dtype="float32", **qk_all)
-        add("dq", 90, 256, **heavy, **qk_all, NEED_DSLOPE=1, NEED_DLSC=1)
-        add("dq", 80, 256, **heavy, **qk_all, NEED_DSLOPE=1, NEED_DLSC=1)
-        add("fwd", 90, 256, **heavy, **qk_all)
-        add("thr", 90, 256, HAS_TOPK=1, **qk_all)
-        add("thr", 80, 256, HAS_TOPK=1, **qk_all)
-        add("fwd", 90, 256)
+            add("thr", cc, d, HAS_TOPK=1)
+        for i, sw in enumerate(single + qk_single + grads):
+            for j, (cc, d) in enumerate(grid):
+                kind = "dq" if any(n.startswith("NEED_") for n in sw) else kinds[(i + j) % 3]
+                add(kind, cc, d, **sw)
+        for cc, d in itertools.product(archs, (64, 128, 256)):
+            heaviest(cc, d)
+        for j, d in enumerate(dims):
+            for kind in kinds:
+                add(kind, archs[j % 2], d, "float32")
+                add(kind, archs[(j + 1) % 2], d, "float16")
+        for cc, kind in itertools.product(archs, kinds):
+            add(kind, cc, 128, "float32", **qk_all)
+        for cc, d in itertools.product(archs, (64, 128)):  # the largest top-k buffer (k = 128)
+            add("thr", cc, d, HAS_TOPK=1)
+            specs[-1]["topk"] = 128
     else:
-        for cc, d, dtype in itertools.product((80, 90), (32, 64, 128, 256), ("float16", "bfloat16", "float32")):
-            for sw in [{}] + single + [heavy]:
-                for kind in ("fwd", "dkdv", "dq"):
+        for cc, d, dtype in itertools.product(archs, dims, ("float16", "bfloat16", "float32")):
+            for sw in [{}] + single + qk_single:
+                for kind in kinds:
                     add(kind, cc, d, dtype, **sw)
-            add("thr", cc, d, dtype, HAS_TOPK=1)
-            add("dq", cc, d, dtype, BIAS_KIND=1, NEED_DSLOPE=1)
-            add("dq", cc, d, dtype, BIAS_KIND=2, NEED_DTAB=1)
-            add("dq", cc, d, dtype, BIAS_KIND=3, NEED_DS=1)
-            add("dq", cc, d, dtype, NEED_DLSC=1, **qk_all)
-            for kind in ("fwd", "thr", "dkdv", "dq"):
-                for sw in qk_single + [qk_all]:
-                    add(kind, cc, d, dtype, **sw, **(dict(HAS_TOPK=1) if kind == "thr" else {}))
+            for sw in [{}] + qk_single:
+                add("thr", cc, d, dtype, HAS_TOPK=1, **sw)
+            for sw in grads:
+                add("dq", cc, d, dtype, **sw)
+            heaviest(cc, d, dtype)
     return specs
+
+
+def _compile_or_error(spec: dict) -> dict:
+    try:
+        return compile_spec(spec)
+    except Exception as e:  # reported, and the test fails on it
+        return dict(name=spec_name(spec), spec=spec, error=f"{type(e).__name__}: {e}"[:2000])
 
 
 def main(argv=None) -> int:
@@ -198,22 +207,20 @@ def main(argv=None) -> int:
     ap.add_argument("--set", default="ci", choices=("ci", "full"))
     ap.add_argument("--json", default=None, help="write the results here")
     ap.add_argument("--only", default=None, help="substring filter on the specialization name")
+    ap.add_argument("--jobs", type=int, default=min(os.cpu_count() or 1, 8),
+                    help="compile in this many processes (default: the CPU count, at most 8)")
     args = ap.parse_args(argv)
     if os.environ.get("TRITON_INTERPRET") == "1":
         print("aot: unset TRITON_INTERPRET (the interpreter cannot compile)", file=sys.stderr)
         return 2
     os.environ.setdefault("TRITON_DUMP_PTXAS_LOG", "1")
+    specs = [sp for sp in spec_set(args.set) if not args.only or args.only in spec_name(sp)]
     results = []
-    for spec in spec_set(args.set):
-        if args.only and args.only not in spec_name(spec):
-            continue
-        try:
-            r = compile_spec(spec)
-        except Exception as e:  # reported, and the test fails on it
-            r = dict(name=spec_name(spec), spec=spec, error=f"{type(e).__name__}: {e}"[:2000])
-        results.append(r)
-        print(json.dumps({k: r.get(k) for k in ("name", "shared", "registers", "spill_bytes", "tensor_cores",
-                                                "seconds", "error")}), flush=True)
+    with concurrent.futures.ProcessPoolExecutor(max(1, args.jobs)) as pool:
+        for r in pool.map(_compile_or_error, specs):
+            results.append(r)
+            print(json.dumps({k: r.get(k) for k in ("name", "shared", "registers", "spill_bytes", "tensor_cores",
+                                                    "seconds", "error")}), flush=True)
     if args.json:
         with open(args.json, "w") as f:
             json.dump(results, f, indent=1)

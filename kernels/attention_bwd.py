@@ -16,8 +16,8 @@ Dropout: the same counter-based keep-mask as the forward (``_dropout_keep``).
 import triton
 import triton.language as tl
 
-from .attention_common import (_causal_key_end, _causal_query_start, _dropout_keep, _load_kt, _load_q, _logits,
-                               _qk_tile_bwd)
+from .attention_common import (_causal_key_end, _causal_query_start, _dropout_keep, _head_bias, _load_kt, _load_q,
+                               _logits, _qk_tile_bwd, _query_program)
 
 
 @triton.jit
@@ -56,10 +56,7 @@ def _attn_bwd_dkdv(
         off_bh = off_b * H + off_h
         q_base = Q + off_b.to(tl.int64) * sqb + off_h.to(tl.int64) * sqh
         do_base = DO + off_b.to(tl.int64) * sdob + off_h.to(tl.int64) * sdoh
-        slope = 0.0
-        if BIAS_KIND == 1:
-            slope = tl.load(SLOPES + off_h).to(tl.float32)
-        tab = TAB + off_h * stab_h
+        slope, tab = _head_bias(SLOPES, TAB, off_h, stab_h, BIAS_KIND)
         for start_m in range(start_q, NQ, BLOCK_M):
             offs_m = start_m + offs_m0
             row_ok = offs_m < NQ
@@ -116,12 +113,7 @@ def _attn_bwd_dq(
         HAS_XPOS: tl.constexpr,
         NEED_DSLOPE: tl.constexpr, NEED_DTAB: tl.constexpr, NEED_DS: tl.constexpr, NEED_DLSC: tl.constexpr,
         BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_DV: tl.constexpr):
-    pid_m = tl.program_id(0)
-    off_bh = tl.program_id(1)
-    off_b = off_bh // H
-    off_h = off_bh % H
-    off_hk = off_h // (H // HK)
-    start_m = pid_m * BLOCK_M
+    pid_m, off_bh, off_b, off_h, off_hk, start_m = _query_program(H, HK, BLOCK_M)
     offs_m = start_m + tl.arange(0, BLOCK_M)
     offs_n0 = tl.arange(0, BLOCK_N)
     offs_d = tl.arange(0, BLOCK_D)
@@ -140,10 +132,7 @@ def _attn_bwd_dq(
         thr = tl.load(THR + off_bh.to(tl.int64) * NQ + offs_m, mask=row_ok, other=float("-inf"))
     k_base = K + off_b.to(tl.int64) * skb + off_hk.to(tl.int64) * skh
     v_base = V + off_b.to(tl.int64) * svb + off_hk.to(tl.int64) * svh
-    slope = 0.0
-    if BIAS_KIND == 1:
-        slope = tl.load(SLOPES + off_h).to(tl.float32)
-    tab = TAB + off_h * stab_h
+    slope, tab = _head_bias(SLOPES, TAB, off_h, stab_h, BIAS_KIND)
     dq = tl.zeros([BLOCK_M, BLOCK_D], tl.float32)
     dslope = tl.zeros([BLOCK_M], tl.float32)
     dlsc = tl.zeros([BLOCK_M], tl.float32)

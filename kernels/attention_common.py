@@ -29,6 +29,25 @@ MASK_NONE, MASK_FLOAT, MASK_BOOL = 0, 1, 2
 
 
 @triton.jit
+def _query_program(H, HK, BLOCK_M: tl.constexpr):
+    """A program over (query block, batch * head): (pid_m, off_bh, off_b, off_h, off_hk, start_m);
+    GQA: query head ``h`` reads kv head ``h // (H // HK)``."""
+    pid_m = tl.program_id(0)
+    off_bh = tl.program_id(1)
+    off_h = off_bh % H
+    return pid_m, off_bh, off_bh // H, off_h, off_h // (H // HK), pid_m * BLOCK_M
+
+
+@triton.jit
+def _head_bias(SLOPES, TAB, off_h, stab_h, BIAS_KIND: tl.constexpr):
+    """Head ``off_h``'s ALiBi slope (0.0 unless BIAS_KIND 1) and its distance-table column."""
+    slope = 0.0
+    if BIAS_KIND == 1:
+        slope = tl.load(SLOPES + off_h).to(tl.float32)
+    return slope, TAB + off_h * stab_h
+
+
+@triton.jit
 def _dense_tile(s, ptr, sb, sh, sm, sn, off_b, off_h, offs_m, offs_n, NQ, NK, KIND: tl.constexpr):
     """Add (KIND 1) or apply as keep-mask (KIND 2) one tile of a broadcast (b, h, nq, nk) tensor."""
     inb = (offs_m[:, None] < NQ) & (offs_n[None, :] < NK)

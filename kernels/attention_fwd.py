@@ -15,7 +15,7 @@ than topk unmasked keys, i.e. keep all). The forward and backward then mask ``s 
 import triton
 import triton.language as tl
 
-from .attention_common import _causal_key_end, _dropout_keep, _load_kt, _load_q, _logits
+from .attention_common import _causal_key_end, _dropout_keep, _head_bias, _load_kt, _load_q, _logits, _query_program
 
 
 @triton.jit
@@ -28,12 +28,7 @@ def _attn_topk_threshold(
         HAS_NORM: tl.constexpr, GROUPS: tl.constexpr, HAS_DSCALE: tl.constexpr, HAS_ROT: tl.constexpr,
         HAS_XPOS: tl.constexpr,
         K2: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr):
-    pid_m = tl.program_id(0)
-    off_bh = tl.program_id(1)
-    off_b = off_bh // H
-    off_h = off_bh % H
-    off_hk = off_h // (H // HK)
-    start_m = pid_m * BLOCK_M
+    pid_m, off_bh, off_b, off_h, off_hk, start_m = _query_program(H, HK, BLOCK_M)
     offs_m = start_m + tl.arange(0, BLOCK_M)
     offs_n0 = tl.arange(0, BLOCK_N)
     offs_d = tl.arange(0, BLOCK_D)
@@ -42,10 +37,7 @@ def _attn_topk_threshold(
                 HAS_NORM, GROUPS, HAS_DSCALE, HAS_ROT, HAS_XPOS, BLOCK_M, BLOCK_D)
     ksc = KSC + off_hk * D
     k_base = K + off_b.to(tl.int64) * skb + off_hk.to(tl.int64) * skh
-    slope = 0.0
-    if BIAS_KIND == 1:
-        slope = tl.load(SLOPES + off_h).to(tl.float32)
-    tab = TAB + off_h * stab_h
+    slope, tab = _head_bias(SLOPES, TAB, off_h, stab_h, BIAS_KIND)
     best = tl.full([BLOCK_M, K2], float("-inf"), tl.float32)
     end_n = _causal_key_end(start_m, BLOCK_M, NK, q_offset, k_prefix, IS_CAUSAL)
     for start_n in range(0, end_n, BLOCK_N):
@@ -75,12 +67,7 @@ def _attn_fwd(
         HAS_NORM: tl.constexpr, GROUPS: tl.constexpr, HAS_DSCALE: tl.constexpr, HAS_ROT: tl.constexpr,
         HAS_XPOS: tl.constexpr,
         BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_DV: tl.constexpr):
-    pid_m = tl.program_id(0)
-    off_bh = tl.program_id(1)
-    off_b = off_bh // H
-    off_h = off_bh % H
-    off_hk = off_h // (H // HK)
-    start_m = pid_m * BLOCK_M
+    pid_m, off_bh, off_b, off_h, off_hk, start_m = _query_program(H, HK, BLOCK_M)
     offs_m = start_m + tl.arange(0, BLOCK_M)
     offs_n0 = tl.arange(0, BLOCK_N)
     offs_d = tl.arange(0, BLOCK_D)
@@ -92,10 +79,7 @@ def _attn_fwd(
     ksc = KSC + off_hk * D
     k_base = K + off_b.to(tl.int64) * skb + off_hk.to(tl.int64) * skh
     v_base = V + off_b.to(tl.int64) * svb + off_hk.to(tl.int64) * svh
-    slope = 0.0
-    if BIAS_KIND == 1:
-        slope = tl.load(SLOPES + off_h).to(tl.float32)
-    tab = TAB + off_h * stab_h
+    slope, tab = _head_bias(SLOPES, TAB, off_h, stab_h, BIAS_KIND)
     if HAS_TOPK:
         thr = tl.load(THR + off_bh.to(tl.int64) * NQ + offs_m, mask=row_ok, other=float("-inf"))
     m_i = tl.full([BLOCK_M], float("-inf"), tl.float32)

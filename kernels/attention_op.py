@@ -46,63 +46,67 @@ def block_d(d: int) -> int:
     return max(16, triton.next_power_of_2(d))
 
 
+# Pinned tile configs (BLOCK_M, BLOCK_N, num_warps, num_stages), chosen with the AOT compile
+# (kernels/aot.py): for each group the first candidate, largest tiles first, under which every
+# specialization of the CI set in that group compiles with no spill, using wgmma on sm_90 where
+# any candidate can. Keys: (kind, arch 80|90, padded head dim 32|64|128|256).
+_TILES = {  # 16-bit inputs (and TF32)
+    ("fwd", 80, 32): (64, 64, 8, 2), ("fwd", 80, 64): (64, 64, 4, 2), ("fwd", 80, 128): (64, 64, 8, 2),
+    ("fwd", 80, 256): (64, 32, 8, 2), ("fwd", 90, 32): (64, 64, 8, 2), ("fwd", 90, 64): (64, 32, 8, 2),
+    ("fwd", 90, 128): (64, 32, 8, 2), ("fwd", 90, 256): (64, 32, 8, 2),
+    ("dkdv", 80, 32): (32, 64, 8, 2), ("dkdv", 80, 64): (16, 32, 8, 1), ("dkdv", 80, 128): (32, 64, 8, 1),
+    ("dkdv", 80, 256): (16, 64, 8, 1), ("dkdv", 90, 32): (32, 64, 4, 2), ("dkdv", 90, 64): (32, 64, 8, 1),
+    ("dkdv", 90, 128): (32, 64, 8, 1), ("dkdv", 90, 256): (16, 64, 8, 1),
+    ("dq", 80, 32): (64, 32, 4, 2), ("dq", 80, 64): (64, 32, 4, 2), ("dq", 80, 128): (64, 32, 8, 2),
+    ("dq", 80, 256): (32, 32, 8, 1), ("dq", 90, 32): (64, 32, 4, 2), ("dq", 90, 64): (64, 32, 4, 2),
+    ("dq", 90, 128): (64, 32, 4, 2), ("dq", 90, 256): (32, 16, 8, 1),
+}
+_TILES_QK = {  # with QK-norm / rotary in-kernel (extra fp32 tile transforms)
+    ("fwd", 80, 32): (64, 64, 4, 2), ("fwd", 80, 64): (64, 64, 4, 2), ("fwd", 80, 128): (64, 32, 8, 1),
+    ("fwd", 80, 256): (32, 32, 8, 1), ("fwd", 90, 32): (64, 64, 4, 2), ("fwd", 90, 64): (64, 32, 8, 2),
+    ("fwd", 90, 128): (64, 32, 8, 2), ("fwd", 90, 256): (32, 32, 8, 1),
+    ("thr", 80, 32): (64, 64, 8, 2), ("thr", 80, 64): (64, 64, 8, 2), ("thr", 80, 128): (64, 64, 8, 2),
+    ("thr", 80, 256): (32, 32, 8, 1), ("thr", 90, 32): (64, 64, 8, 2), ("thr", 90, 64): (64, 64, 8, 2),
+    ("thr", 90, 128): (64, 64, 8, 2), ("thr", 90, 256): (64, 32, 8, 2),
+    ("dkdv", 80, 32): (32, 64, 4, 2), ("dkdv", 80, 64): (16, 16, 4, 1), ("dkdv", 80, 128): (16, 64, 8, 1),
+    ("dkdv", 80, 256): (16, 32, 8, 1), ("dkdv", 90, 32): (32, 64, 4, 2), ("dkdv", 90, 64): (16, 64, 8, 1),
+    ("dkdv", 90, 128): (16, 64, 8, 1), ("dkdv", 90, 256): (16, 32, 8, 1),
+    ("dq", 80, 32): (64, 32, 4, 2), ("dq", 80, 64): (64, 32, 8, 2), ("dq", 80, 128): (32, 16, 8, 1),
+    ("dq", 80, 256): (16, 16, 8, 1), ("dq", 90, 32): (64, 32, 4, 2), ("dq", 90, 64): (64, 16, 8, 1),
+    ("dq", 90, 128): (64, 16, 8, 1), ("dq", 90, 256): (16, 32, 8, 1),
+}
+
+
+def _tiles_ieee(kind: str, arch: int, bd: int, qk: bool) -> tuple:
+    """fp32 inputs (FMA products, no tensor cores): small tiles; 8 warps where 4 spill."""
+    if qk:
+        return {"dq": (16, 16, 8, 1), "dkdv": (32, 16, 4, 1) if arch < 90 else (32, 16, 8, 1)}.get(kind, (32, 16, 8, 1))
+    if kind == "dkdv" and bd in (32, 256):
+        return (32, 16, 8, 1)
+    return (32, 16, 4, 1)
+
+
 def config(kind: str, d: int, dv: int, arch: int = 90, topk: int = 0, ieee: bool = False, qk: bool = False) -> dict:
     """Pinned tile config of one kernel: BLOCK_M, BLOCK_N, num_warps, num_stages.
 
-    kind: 'fwd' | 'thr' (the top-k threshold pass) | 'dkdv' | 'dq'. Chosen from the ptxas reports
-    of the AOT compile so that no shipped specialization spills on sm_80/sm_90
-    (tests/test_kernels_build.py checks it). ``ieee``: fp32 inputs with IEEE products (no tensor
-    cores: FMA tiles need far more registers, so small tiles). ``qk``: QK-norm / rotary in-kernel
-    (the q and k tile transforms and the backward's chain rule hold extra fp32 tiles): smaller
-    tiles where the ptxas report showed spills. On sm_90 a forward tile of 64 query rows lets
-    Triton use wgmma; the backward with QK features keeps 16-32 row tiles (mma.sync) to fit."""
-    bd = max(block_d(d), block_d(dv))
+    kind: 'fwd' | 'thr' (the top-k threshold pass) | 'dkdv' | 'dq'; ``arch``: compute capability
+    (80 for anything below 90); ``ieee``: fp32 inputs; ``qk``: QK-norm / rotary in-kernel. The
+    tables above hold the AOT evidence (tests/test_kernels_build.py re-checks it: no spills). The
+    threshold pass needs BLOCK_N >= the top-k buffer (the next power of two >= topk)."""
+    bd = max(32, block_d(d), block_d(dv))
+    a = 90 if arch >= 90 else 80
     if interpreting():
         bm, bn, warps, stages = 32, 32, 4, 1
     elif ieee:
-        bm, bn, warps, stages = (32, 16, 4, 1) if bd <= 128 else (16, 16, 4, 1)
-    elif kind in ("fwd", "thr"):
-        if bd <= 64:
-            bm, bn, warps, stages = 64, 64, 4, 2
-        elif bd <= 128:
-            bm, bn, warps, stages = 64, 32, 8, 2
-        else:
-            bm, bn, warps, stages = (64, 32, 8, 1) if arch >= 90 else (32, 32, 8, 1)
-    elif kind == "dkdv":
-        if bd <= 64:
-            bm, bn, warps, stages = 32, 64, 4, 2
-        elif bd <= 128:
-            bm, bn, warps, stages = 32, 64, 8, 1
-        else:
-            bm, bn, warps, stages = 16, 32, 8, 1
+        bm, bn, warps, stages = _tiles_ieee(kind, a, bd, qk)
+    elif qk:
+        bm, bn, warps, stages = _TILES_QK[(kind, a, bd)]
     else:
-        if bd <= 64:
-            bm, bn, warps, stages = 64, 32, 4, 2
-        elif bd <= 128:
-            bm, bn, warps, stages = 64, 16, 8, 1
-        else:
-            bm, bn, warps, stages = 32, 16, 8, 1
-    if qk and not interpreting():
-        if ieee:
-            # FMA tiles: 4 warps spill with the tile transforms; the forward fits 32 rows
-            bm, bn, warps = (32, 16, 8) if kind == "fwd" and bd <= 128 else (16, 16, 8)
-        elif bd <= 128:
-            if kind == "thr" and arch < 90:
-                bm, warps = 32, 8
-            elif kind == "fwd" and arch < 90:
-                # (2 stages at 8 warps: ptxas caps the rotary-only tile at 128 registers and spills)
-                bm, warps, stages = (32, 4, stages) if topk else (32, warps, 1)
-            elif kind == "dkdv":
-                bn = 32  # on sm_90 this gives up wgmma (mma.sync): key tiles of 64 spill with dropout + top-k
-            elif kind == "dq":
-                bm = 32  # likewise: query tiles of 64 spill with dropout
-        else:
-            if kind == "dq":
-                bm, bn = (16, 32) if arch >= 90 else (16, 16)
-            elif kind == "fwd" and arch >= 90:
-                bm = 32  # 64-row (wgmma) tiles spill with the QK transforms + dropout + top-k at d 256
-    if topk:
+        bm, bn, warps, stages = _TILES[("fwd" if kind == "thr" else kind, a, bd)]
+    if kind == "thr" and topk:
         bn = max(bn, triton.next_power_of_2(topk))
+        if bn > 64:  # a (BLOCK_M, 2 * K2) merge buffer next to the tile
+            bm, warps, stages = (64 if a >= 90 else 32), 8, 1
     return dict(BLOCK_M=bm, BLOCK_N=bn, num_warps=warps, num_stages=stages)
 
 
