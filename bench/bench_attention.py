@@ -1,6 +1,6 @@
 """Attention: xtk (auto backend) vs the eager reference vs SDPA (dense bias / no bias) vs flex_attention.
 
-Features: no bias, ALiBi, T5, DistanceTable, top-k (k=8), QK-norm, rotary+xpos, and one
+Features: no bias, ALiBi, T5, DistanceTable, top-k (k=8), QK-norm, rotary+xpos, QK-norm with rotary+xpos, and one
 combination (DistanceTable + QK-norm + rotary/xpos); causal and not; forward (under no_grad) and
 forward+backward (T5/DistanceTable tables learned, so their gradients are part of the step).
 
@@ -30,7 +30,7 @@ from xtk.reference.attention import _rotate_qk, qk_norm_apply
 
 from .common import Result, measure, timed_step
 
-FEATURES = ["none", "alibi", "t5", "dtable", "topk8", "qknorm", "rotary_xpos", "combo"]
+FEATURES = ["none", "alibi", "t5", "dtable", "topk8", "qknorm", "rotary_xpos", "qknorm_rotary", "combo"]
 IMPLS = ["xtk", "eager", "sdpa", "sdpa-nobias", "flex"]
 MODES = ["fwd", "fwd+bwd"]
 
@@ -66,9 +66,9 @@ def _inputs(feature: str, b, h, n, d, dtype, device, grad: bool, seed=0):
         kw["bias"] = DistanceTable(table)
     if feature == "topk8":
         kw["topk"] = 8
-    if feature in ("qknorm", "combo"):
+    if feature in ("qknorm", "qknorm_rotary", "combo"):
         kw["qk_norm"] = QKNorm(groups=1, scale=10.0)
-    if feature in ("rotary_xpos", "combo"):
+    if feature in ("rotary_xpos", "qknorm_rotary", "combo"):
         rd = max(32, d // 2)
         kw["rotary"] = Rotary(rd, rotary_inv_freq(rd, device=device), xpos_scale=xpos_scale(rd, device=device))
     return q, k, v, kw

@@ -1,5 +1,6 @@
-"""``python -m xtk info`` (versions, device, extension, which backend auto picks and why)
-and ``python -m xtk bench`` (the benchmark suite, see bench/)."""
+"""``python -m xtk info`` (versions, device, extension, which backend auto picks and why),
+``python -m xtk bench`` (the benchmark suite, see bench/) and ``python -m xtk gpucheck`` (prove and
+time the kernels on a GPU, bench/gpucheck.py)."""
 from __future__ import annotations
 
 import argparse
@@ -71,6 +72,8 @@ def main(argv=None) -> int:
                         help='a model constructor, e.g. "Decoder(dim=64, depth=2, heads=4, attn_talking_heads=True)": '
                              "lists the layers that cannot use a kernel and why")
     sub.add_parser("bench", help="benchmark suite (python -m xtk bench --help)", add_help=False)
+    sub.add_parser("gpucheck", help="prove and time the kernels on this GPU (python -m xtk gpucheck --help)",
+                   add_help=False)
     args, rest = parser.parse_known_args(argv)
     if args.cmd in (None, "info"):
         info()
@@ -81,6 +84,9 @@ def main(argv=None) -> int:
     if args.cmd == "bench":
         from .bench.cli import main as bench_main
         return bench_main(rest)
+    if args.cmd == "gpucheck":
+        from .bench.gpucheck import main as gpucheck_main
+        return gpucheck_main(rest)
     parser.error(f"unknown command {args.cmd!r}")
     return 2
 

@@ -1,0 +1,187 @@
+"""gpucheck speed and tile tuning.
+
+Speed cells ``(impl, feature, (b, h, n, d), causal, mode)``: xtk (auto backend) against what a
+user would otherwise run -- SDPA with no bias through each of its CUDA backends (flash, efficient,
+cuDNN: the speed of light), SDPA with the bias materialized as a dense mask, FlexAttention compiled
+with the bias as ``score_mod`` (first-call compile time kept apart), and the eager path. Timing:
+``bench.common.measure`` (``triton.testing.do_bench`` median on CUDA). RMSNorm and GLU forward are
+timed against a device-to-device copy of the same bytes in the same run (GB/s, read + write).
+
+Tuning: for each kernel kind and specialization class, each candidate tile of
+``xtk.kernels.tiles.candidates`` is timed on a representative shape with the other kernels at
+their shipped tiles; the fastest that ran is the winner, written in the tiles file format that
+``XTK_TILES=path`` makes the launcher read.
+"""
+from __future__ import annotations
+
+import contextlib
+from typing import Optional
+
+import torch
+
+from . import bench_attention as ba
+from . import bench_glu, bench_norm
+from .common import Result, measure
+
+XTK_FEATURES = ["none", "alibi", "t5", "dtable", "topk8", "qknorm_rotary"]
+SDPA_BACKENDS = {"sdpa-flash": "FLASH_ATTENTION", "sdpa-efficient": "EFFICIENT_ATTENTION", "sdpa-cudnn": "CUDNN_ATTENTION"}
+FLEX_FEATURES = ["none", "alibi", "t5", "dtable"]
+# the class each tuning feature stands for (kernels/tiles.py spec_class)
+TUNE_FEATURES = {"plain": "none", "posbias": "alibi", "qk": "qknorm_rotary", "heavy": "topk8"}
+
+
+def shapes(quick: bool, dry: bool):
+    """(b, h, n, d): 16k tokens per shape (b * n), 16 heads."""
+    if dry:
+        return [(1, 2, 32, 32)]
+    if quick:
+        return [(4, 16, 4096, 128)]
+    return [(16384 // n, 16, n, d) for d in (64, 128) for n in (1024, 4096, 16384)]
+
+
+def cells(quick: bool, dry: bool) -> list[tuple]:
+    """Every timed attention cell. Quick: xtk's features, SDPA's backends, flex and eager with ALiBi."""
+    out = []
+    for shape in shapes(quick, dry):
+        for causal in (False, True):
+            for mode in ("fwd", "fwd+bwd"):
+                out += [("xtk", f, shape, causal, mode) for f in XTK_FEATURES]
+                out += [(impl, "none", shape, causal, mode) for impl in SDPA_BACKENDS]
+                flex = ["alibi"] if quick or dry else FLEX_FEATURES
+                out += [("flex", f, shape, causal, mode) for f in flex]
+                eager = ["alibi"] if quick or dry else ["none", "alibi", "t5"]
+                out += [("eager", f, shape, causal, mode) for f in eager]
+                if not (quick or dry):
+                    out += [("sdpa", f, shape, causal, mode) for f in ("alibi", "t5")]
+    return out
+
+
+def make_call(cell, dtype, device):
+    """-> (zero-argument callable running one step, or None, reason)."""
+    impl, feature, shape, causal, mode = cell
+    if impl not in SDPA_BACKENDS:
+        if impl == "flex" and device != "cuda":
+            return None, "flex_attention is measured on CUDA only"
+        return ba.make_call(impl, feature, shape, causal, mode, dtype, device)
+    if device != "cuda":
+        return None, "SDPA backends are measured on CUDA only"
+    from torch.nn.attention import SDPBackend, sdpa_kernel
+    call, why = ba.make_call("sdpa-nobias", "none", shape, causal, mode, dtype, device)
+    backend = getattr(SDPBackend, SDPA_BACKENDS[impl])
+
+    def run():
+        with sdpa_kernel(backend):
+            return call()
+    return run, why
+
+
+def time_cell(cell, dtype, device) -> Result:
+    impl, feature, shape, causal, mode = cell
+    b, h, n, d = shape
+    r = Result("attention", feature, impl, mode, dict(b=b, h=h, n=n, d=d, causal=causal,
+                                                       dtype=str(dtype).replace("torch.", "")),
+               flops=ba.flops(b, h, n, d, causal, mode))
+    call, why = make_call(cell, dtype, device)
+    if call is None:
+        r.status = "skipped: " + why
+        return r
+    return measure(r, lambda: call, device, quick=True)
+
+
+# ----------------------------------------------------------------------------- bandwidth
+def bandwidth_cells(dry: bool):
+    """(op, case) rows timed against a copy of the same bytes: forward, bf16 (fp32 in a dry run)."""
+    return [("copy", "copy"), ("rms_norm", "rms_norm"), ("glu", "gelu")]
+
+
+def time_bandwidth(cell, dtype, device, dry: bool) -> Result:
+    """GB/s of one forward pass (bytes read + written), against ``copy`` of the same input size."""
+    op, case = cell
+    tokens, dim = (64, 64) if dry else (16384, 4096)
+    elem = torch.finfo(dtype).bits // 8
+    if op == "copy":
+        x = torch.randn(tokens, dim, device=device, dtype=dtype)
+        y = torch.empty_like(x)
+        r = Result("copy", "copy", "torch", "fwd", dict(tokens=tokens, dim=dim), bytes=2.0 * x.numel() * elem)
+        return measure(r, lambda: (lambda: y.copy_(x)), device)
+    if op == "rms_norm":
+        r = Result(op, case, "xtk", "fwd", dict(tokens=tokens, dim=dim), bytes=2.0 * tokens * dim * elem + dim * elem)
+        return measure(r, lambda: bench_norm.make_call("xtk", case, (tokens, dim), "fwd", dtype, device), device)
+    r = Result(op, case, "xtk", "fwd", dict(tokens=tokens, inner=dim // 2), bytes=1.5 * tokens * dim * elem)
+    return measure(r, lambda: bench_glu.make_call("xtk", case, (tokens, dim // 2), "fwd", dtype, device), device)
+
+
+# ----------------------------------------------------------------------------- tuning
+@contextlib.contextmanager
+def override_tile(kind: str, tile: tuple):
+    """Within the block, the launcher uses ``tile`` (BLOCK_M, BLOCK_N, warps, stages) for ``kind``."""
+    from xtk.kernels import attention_op
+    shipped = attention_op.config
+    bm, bn, warps, stages = tile
+
+    def patched(k, *args, **kwargs):
+        if k == kind:
+            return dict(BLOCK_M=bm, BLOCK_N=bn, num_warps=warps, num_stages=stages)
+        return shipped(k, *args, **kwargs)
+    attention_op.config = patched
+    try:
+        yield
+    finally:
+        attention_op.config = shipped
+
+
+def tune_cells(quick: bool, dry: bool, arch: int) -> list[tuple]:
+    """(cls, kind, d, tile) for every candidate; quick: plain and posbias at d128."""
+    from xtk.kernels import tiles
+    classes = ["plain", "posbias"] if quick or dry else list(TUNE_FEATURES)
+    out = []
+    for d in ((32,) if dry else (128,) if quick else (64, 128)):
+        for cls in classes:
+            for kind in ("fwd", "dkdv", "dq"):
+                cands = tiles.candidates(kind, arch, max(32, d), "16bit", cls)
+                out += [(cls, kind, d, tuple(t)) for t in (cands[:1] if dry else cands)]
+    return out
+
+
+def tune_call(cell, dtype, device, dry: bool):
+    cls, kind, d, tile = cell
+    shape = (1, 2, 32, d) if dry else (4, 16, 4096, d)
+    mode = "fwd" if kind == "fwd" else "fwd+bwd"
+    call, _ = ba.make_call("xtk", TUNE_FEATURES[cls], shape, False, mode, dtype, device)
+
+    def run():
+        with override_tile(kind, tile):
+            return call()
+    return run
+
+
+def time_tune(cell, dtype, device, dry: bool) -> dict:
+    cls, kind, d, tile = cell
+    r = Result("tune", cls, "xtk", kind, dict(d=d, tile=list(tile)))
+    measure(r, lambda: tune_call(cell, dtype, device, dry), device)
+    return dict(cls=cls, kind=kind, d=d, tile=list(tile), ms=r.ms, status=r.status)
+
+
+def winners(rows: list[dict], arch: int, source: str) -> dict:
+    """Fastest tile per (kind, cls, d) among the rows that ran -> a tiles file (XTK_TILES format)."""
+    best: dict = {}
+    for r in rows:
+        if r["ms"] is None:
+            continue
+        key = f"{r['kind']}/{r['cls']}/16bit/d{max(32, r['d'])}"
+        if key not in best or r["ms"] < best[key][1]:
+            best[key] = (r["tile"], r["ms"])
+    return dict(arch=arch, source=source, entries={k: v[0] for k, v in sorted(best.items())},
+                ms={k: round(v[1], 4) for k, v in sorted(best.items())})
+
+
+def speed_ratio(results: list[Result], num: tuple, den: tuple) -> Optional[float]:
+    """time(den cell) / time(num cell): > 1 means the num cell is faster. Cells by (impl, case, mode, causal, n, d)."""
+    def ms(key):
+        for r in results:
+            p = r.params
+            if (r.impl, r.case, r.mode, p.get("causal"), p.get("n"), p.get("d")) == key and r.ms:
+                return r.ms
+        return None
+    a, b = ms(num), ms(den)
+    return b / a if a and b else None

@@ -1,0 +1,67 @@
+"""``python -m xtk gpucheck``: its plumbing on CPU (``--dry-run``: the interpreter, tiny sizes, every
+phase once), and its correctness sweep can fail (a broken kernel is reported, and exits 1)."""
+import json
+import os
+import subprocess
+import sys
+
+import pytest
+import torch
+
+from xtk.bench import gpucheck_cases, gpucheck_report, gpucheck_speed
+
+
+@pytest.fixture(scope="module")
+def dry_run(tmp_path_factory):
+    out = tmp_path_factory.mktemp("gpucheck")
+    env = {k: v for k, v in os.environ.items() if k not in ("TRITON_INTERPRET", "XTK_BACKEND")}
+    proc = subprocess.run([sys.executable, "-m", "xtk", "gpucheck", "--dry-run", "--out", str(out), "--jobs", "2"],
+                          capture_output=True, text=True, env=env, timeout=600)
+    return proc, out
+
+
+def test_dry_run_writes_every_file_and_runs_every_phase(dry_run):
+    proc, out = dry_run
+    assert sorted(os.listdir(out)) == ["report.json", "report.md", "report.png", "tiles_tuned_sm90.json"], proc.stderr
+    res = json.loads((out / "report.json").read_text())
+    assert res["compile_s"] > 0
+    kernel_cases = [c for c in res["cases"] if not c["name"].startswith(("ext", "extension"))]
+    assert len(kernel_cases) == len(gpucheck_cases.cases(False, True)) and all(c["ok"] for c in kernel_cases), \
+        [c for c in kernel_cases if not c["ok"]]
+    assert len(res["speed"]) == len(gpucheck_speed.cells(False, True))
+    assert all(r["ms"] for r in res["speed"] if r["impl"] in ("xtk", "eager")), res["speed"]
+    assert {r["op"] for r in res["bandwidth"]} == {"copy", "rms_norm", "glu"}
+    assert res["tune"] and all(t["ms"] for t in res["tune"])
+    tuned = json.loads((out / "tiles_tuned_sm90.json").read_text())
+    assert tuned["arch"] == 90 and tuned["entries"]
+    assert any(t["verdict"] != "n/a" for t in res["targets"]), res["targets"]
+    assert "# xtk gpucheck" in (out / "report.md").read_text()
+    ext_ok = all(c["ok"] for c in res["cases"] if c["name"].startswith(("ext", "extension")))
+    assert proc.returncode == (0 if ext_ok else 1), proc.stdout[-2000:] + proc.stderr[-2000:]
+
+
+def test_a_broken_kernel_fails_the_check(monkeypatch):
+    """The correctness sweep can fail: perturb the kernel's output and the case is reported."""
+    from xtk.kernels import attention_op
+    real = attention_op._forward
+
+    def broken(*args, **kwargs):
+        out, lse, thr = real(*args, **kwargs)
+        return out * 1.01, lse, thr
+    monkeypatch.setattr(attention_op, "_forward", broken)
+    case = gpucheck_cases.cases(False, True)[1]
+    verdict = gpucheck_cases.run_case(case, "cpu")
+    assert not verdict["ok"] and any(not c["ok"] and c["name"] == "out" for c in verdict["checks"]), verdict
+
+
+def test_targets_read_the_anchor_cells():
+    """Ratios come from the anchor shape's cells: time(baseline) / time(xtk)."""
+    from xtk.bench.common import Result
+    p = dict(b=1, h=2, n=32, d=16, causal=False)
+    rows = [Result("attention", "alibi", "xtk", "fwd", p, ms=2.0), Result("attention", "none", "sdpa-flash", "fwd", p, ms=1.0),
+            Result("attention", "alibi", "flex", "fwd", p, ms=3.0)]
+    got = {t["target"]: t for t in gpucheck_report.attention_targets(rows, 32, 16)}
+    assert got["alibi fwd vs best SDPA without bias"]["value"] == 0.5
+    assert got["alibi fwd vs best SDPA without bias"]["verdict"] == "MISS"
+    assert got["alibi fwd vs FlexAttention"]["value"] == 1.5 and got["alibi fwd vs FlexAttention"]["verdict"] == "PASS"
+    assert got["t5 fwd vs FlexAttention"]["verdict"] == "n/a"
