@@ -4,7 +4,7 @@
 ``cmdclass``), or {} when the extension is skipped (``XTK_NO_EXT=1``) or cannot be built here
 (no torch, no C++ compiler). The CPU sources always build; the CUDA sources
 (``csrc/kernels/*.cu`` and the glue ``csrc/torch_ops_cuda.cpp``) build when torch has CUDA and
-nvcc is found, for ``TORCH_CUDA_ARCH_LIST`` (default ``8.0;9.0``). ``XTK_NO_CUDA_EXT=1`` builds
+nvcc is found, for ``TORCH_CUDA_ARCH_LIST`` (default: the visible GPUs' archs, else ``8.0;9.0``). ``XTK_NO_CUDA_EXT=1`` builds
 the CPU part only. A failing build prints a warning and the install goes on: xtk then runs its
 eager backends and ``python -m xtk info`` says why the extension is missing.
 """
@@ -37,6 +37,12 @@ def _cpu_has(*flags: str) -> bool:
 if _cpu_has("avx2", "fma"):
     CXX_FLAGS += ["-mavx2", "-mfma"]  # 8-wide activation loops: GLU 1.3-1.7x faster than SSE2 on CPU
 NVCC_FLAGS = ["-O3", "-lineinfo"]  # no fast math: IEEE division/exp/erf, as eager
+# Link the C++ runtime the process already has (torch's): a compiler driver that links libstdc++
+# statically (the GPU image's /opt/gcc/bin/g++ wrapper did: the built .so had no libstdc++ NEEDED
+# entry) puts a second libstdc++ in the process, and TORCH_CHECK messages that stream a number or a
+# shape then segfaulted (seen on the H100 run of 2026-11-27). An explicit -lstdc++ before the
+# driver's own resolves the runtime from libstdc++.so.
+LINK_FLAGS = ["-lstdc++"]
 
 
 def _warn(msg: str) -> None:
@@ -66,6 +72,18 @@ def _with_cuda(torch) -> bool:
     return True
 
 
+def _default_arch_list(torch) -> str:
+    """The visible GPUs' compute capabilities (a build on the GPU machine compiles for it alone), else
+    sm_80 and sm_90 (a build on a machine without a GPU)."""
+    try:
+        if torch.cuda.is_available():
+            caps = sorted({torch.cuda.get_device_capability(i) for i in range(torch.cuda.device_count())})
+            return ";".join(f"{major}.{minor}" for major, minor in caps)
+    except Exception:  # noqa: BLE001 - a broken driver must not stop the build
+        pass
+    return "8.0;9.0"
+
+
 def extension_build_kwargs() -> dict:
     if os.environ.get("XTK_NO_EXT", "0") == "1":
         return {}
@@ -79,14 +97,14 @@ def extension_build_kwargs() -> dict:
     os.environ.setdefault("MAX_JOBS", str(min(os.cpu_count() or 2, 8)))
     with_cuda = _with_cuda(torch)
     if with_cuda:
-        os.environ.setdefault("TORCH_CUDA_ARCH_LIST", "8.0;9.0")
+        os.environ.setdefault("TORCH_CUDA_ARCH_LIST", _default_arch_list(torch))
         ext = CUDAExtension(
             "xtk._C", CPU_SOURCES + CUDA_SOURCES, include_dirs=INCLUDE_DIRS,
             define_macros=[("XTK_WITH_CUDA", "1")],
-            extra_compile_args={"cxx": CXX_FLAGS, "nvcc": NVCC_FLAGS})
+            extra_compile_args={"cxx": CXX_FLAGS, "nvcc": NVCC_FLAGS}, extra_link_args=LINK_FLAGS)
     else:
         ext = CppExtension("xtk._C", CPU_SOURCES, include_dirs=INCLUDE_DIRS,
-                           extra_compile_args={"cxx": CXX_FLAGS})
+                           extra_compile_args={"cxx": CXX_FLAGS}, extra_link_args=LINK_FLAGS)
 
     class SafeBuildExtension(BuildExtension):
         """BuildExtension that warns instead of failing the install when the extension cannot build."""
