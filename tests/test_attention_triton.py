@@ -16,7 +16,7 @@ from xtk.bias import Alibi, Dense, DistanceTable, T5, alibi_slopes
 from xtk.qk import QKNorm, Rotary, rotary_inv_freq, xpos_scale
 from xtk.reference.attention import ScoreHooks, attention as reference
 
-from tolerance import assert_close_2x, check_against_oracle
+from tolerance import assert_close_2x, attention_sums, check_against_oracle
 
 CUDA = torch.cuda.is_available()
 DEV = "cuda" if CUDA else "cpu"
@@ -115,12 +115,17 @@ def run_check(feature, dtype=torch.float32, **shape):
     def kernel(q, k, v, **kw):
         return xtk.attention(q, k, v, backend="triton", **kw_fn(**kw))
 
-    def eager(q, k, v, **kw):
+    def reference_kwargs(**kw):
         kwargs = kw_fn(**kw)
         kwargs.pop("enable_gqa")
-        return reference(q, k, v, **kwargs)
+        return kwargs
 
-    check_against_oracle(kernel, eager, inputs, dtype, grad_names=grads)
+    def eager(q, k, v, **kw):
+        return reference(q, k, v, **reference_kwargs(**kw))
+
+    table = next((n for n in ("slopes", "t5table", "dtable") if n in grads), None)  # sums over all logits
+    check_against_oracle(kernel, eager, inputs, dtype, grad_names=grads,
+                         term_sums=attention_sums(reference_kwargs, bias=table))
 
 
 SINGLE = ["none", "causal", "causal+offset", "causal+negoffset", "prefix", "causal+prefix+offset", "alibi",
@@ -301,14 +306,19 @@ def test_qk_norm_and_rotary(variant, dtype, d, nq, nk):
         return torch.ops.xtk.attention_fwd(q, k, v, None, None, None, None, scale, True, a["q_offset"], 2, 0, p, 99,
                                            *qk)[0]
 
-    def eager(q, k, v, **extra):
+    def reference_kwargs(**extra):
         a = kw(**extra)
         a.pop("enable_gqa")
         if p:
             a.update(dropout_p=p, dropout_mask=keep)
-        return reference(q, k, v, **a)
+        return a
 
-    check_against_oracle(kernel, eager, inputs, dtype, grad_names=grads)
+    def eager(q, k, v, **extra):
+        return reference(q, k, v, **reference_kwargs(**extra))
+
+    # the slopes' and the learned scale's gradients are sums over every logit (sum_floor)
+    check_against_oracle(kernel, eager, inputs, dtype, grad_names=grads,
+                         term_sums=attention_sums(reference_kwargs, bias="slopes", scale="scale"))
 
 
 @pytest.mark.parametrize("interp", [1.0, 3.0])
@@ -399,11 +409,15 @@ def test_dropout_matches_reference_fed_the_kernel_mask(with_bias_grad):
         return torch.ops.xtk.attention_fwd(q, k, v, slopes.float(), None, None, None, d ** -0.5, True, 0, 0, 0, p,
                                            seed)[0]
 
+    def reference_kwargs(slopes):
+        return dict(is_causal=True, dropout_p=p, dropout_mask=keep, bias=Alibi(slopes))
+
     def eager(q, k, v, slopes):
-        return reference(q, k, v, is_causal=True, dropout_p=p, dropout_mask=keep, bias=Alibi(slopes))
+        return reference(q, k, v, **reference_kwargs(slopes))
 
     names = ["q", "k", "v"] + (["slopes"] if with_bias_grad else [])
-    check_against_oracle(kernel, eager, inputs, torch.float32, grad_names=names)
+    check_against_oracle(kernel, eager, inputs, torch.float32, grad_names=names,
+                         term_sums=attention_sums(reference_kwargs, bias="slopes"))
 
 
 def test_dropout_keep_rate_and_seeds():

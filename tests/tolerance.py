@@ -4,7 +4,8 @@ from __future__ import annotations
 
 import torch
 
-from xtk.reference.tolerance import FLOOR, judge_2x, max_err  # noqa: F401  (the rule lives in the package)
+from xtk.reference.tolerance import (FLOOR, attention_term_sums, judge_2x, max_err,  # noqa: F401
+                                     sum_floor)  # (the rule lives in the package)
 
 
 def assert_close_2x(kernel: torch.Tensor, eager: torch.Tensor, oracle: torch.Tensor, name: str = "out",
@@ -14,12 +15,25 @@ def assert_close_2x(kernel: torch.Tensor, eager: torch.Tensor, oracle: torch.Ten
     assert verdict["ok"], verdict["why"]
 
 
-def check_against_oracle(fn_kernel, fn_eager, inputs: dict, dtype, grad_names=(), name="out", factor=2.0):
+def attention_sums(reference_kwargs, bias: str | None = None, scale: str | None = None):
+    """A ``term_sums`` for ``check_against_oracle`` on attention: ``reference_kwargs(**inputs)``
+    (the inputs but q, k, v) gives the reference's keyword arguments; ``bias`` / ``scale`` name the
+    inputs holding the ALiBi slopes or T5 / distance table, and a learned QK-norm scale."""
+    def term_sums(grad_out, q, k, v, **rest):
+        sums = attention_term_sums(q, k, v, grad_out, **reference_kwargs(**rest))
+        return {name: sums[key] for name, key in ((bias, "bias"), (scale, "scale")) if name and key in sums}
+    return term_sums
+
+
+def check_against_oracle(fn_kernel, fn_eager, inputs: dict, dtype, grad_names=(), name="out", factor=2.0,
+                         term_sums=None):
     """Run ``fn_kernel`` and ``fn_eager`` on ``inputs`` rounded to ``dtype`` and the eager one in fp64;
     compare outputs and the gradients of ``grad_names`` (keys of ``inputs``) by the 2x rule.
 
     ``inputs`` maps names to tensors (float ones are rounded/cast) or other values passed as is.
-    Each fn is called as ``fn(**inputs)`` and returns one tensor."""
+    Each fn is called as ``fn(**inputs)`` and returns one tensor. ``term_sums(grad_out, **fp64 inputs)
+    -> {input name: sum |terms| of its gradient}`` names the gradients that are one sum over a whole
+    score matrix (``attention_sums``): they get ``sum_floor`` on top of the dtype floor."""
     def prepared(cast):
         out = {}
         for key, t in inputs.items():
@@ -41,7 +55,9 @@ def check_against_oracle(fn_kernel, fn_eager, inputs: dict, dtype, grad_names=()
             grads = {n: args[n].grad for n in grad_names}
         results.append((out, grads))
     (k_out, k_g), (e_out, e_g), (o_out, o_g) = results
+    sums = term_sums(g, **prepared(torch.float64)) if term_sums is not None and grad_names else {}
     assert_close_2x(k_out, e_out, o_out, name, factor)
     for n in grad_names:
         assert k_g[n] is not None, f"d{n}: kernel gave no gradient"
-        assert_close_2x(k_g[n], e_g[n], o_g[n], f"d{n}", factor)
+        floor = FLOOR[dtype] + sum_floor(sums[n], dtype) if n in sums else None
+        assert_close_2x(k_g[n], e_g[n], o_g[n], f"d{n}", factor, floor)

@@ -8,11 +8,12 @@ broadcastable) additive bias for the eager reference; kernels never call it.
 from __future__ import annotations
 
 import math
+import numbers
 from dataclasses import dataclass
 
 import torch
 
-__all__ = ["Alibi", "T5", "DistanceTable", "Dense", "alibi_slopes", "t5_bucket", "positions"]
+__all__ = ["Alibi", "T5", "DistanceTable", "Dense", "alibi_slopes", "t5_bucket", "t5_min_max_distance", "positions"]
 
 
 def positions(nq: int, nk: int, q_offset: int, k_prefix: int, device) -> tuple[torch.Tensor, torch.Tensor]:
@@ -44,8 +45,36 @@ def alibi_slopes(n: int) -> list[float]:
     return (power_of_two(c) + power_of_two(2 * c)[0::2])[:n]
 
 
+def t5_exact_buckets(num_buckets: int, causal: bool) -> int:
+    """``E`` of SPEC §2.5: distances ``n < E`` get bucket ``n`` (per direction when bidirectional)."""
+    return (num_buckets if causal else num_buckets // 2) // 2
+
+
+def t5_min_max_distance(num_buckets: int, causal: bool) -> int:
+    """The smallest valid ``max_distance``: the log branch divides by ``log(max_distance / E)``,
+    which is 0 at ``max_distance = E`` and negative below (buckets below ``E``, even negative)."""
+    return t5_exact_buckets(num_buckets, causal) + 1
+
+
+def check_t5_range(num_buckets, max_distance, causal: bool) -> None:
+    """Raise unless the bucket formula is defined for these values (x-transformers crashes on the
+    others: an IndexError in its embedding, or a ZeroDivisionError)."""
+    for name, value in (("num_buckets", num_buckets), ("max_distance", max_distance)):
+        if isinstance(value, bool) or not isinstance(value, numbers.Integral):
+            raise TypeError(f"T5 {name}: expected an int, got {type(value).__name__} {value!r}")
+    smallest = 2 if causal else 4
+    if num_buckets < smallest:
+        raise ValueError(f"T5 num_buckets: expected at least {smallest} ({'causal' if causal else 'bidirectional'}: "
+                         f"one exact bucket and one log bucket per direction), got {num_buckets}")
+    low = t5_min_max_distance(num_buckets, causal)
+    if max_distance < low:
+        raise ValueError(f"T5 max_distance: expected at least {low} (one more than the {low - 1} exact buckets of "
+                         f"num_buckets={num_buckets}, causal={causal}), got {max_distance}")
+
+
 def t5_bucket(rel: torch.Tensor, num_buckets: int, max_distance: int, causal: bool) -> torch.Tensor:
     """T5 bucket of the relative position ``rel = p_j - p_i`` (integer tensor), SPEC §2.5."""
+    check_t5_range(num_buckets, max_distance, causal)
     n = -rel
     buckets = num_buckets
     ret = torch.zeros_like(n)
@@ -85,13 +114,17 @@ class Alibi:
 class T5:
     """T5 relative-position buckets: ``table[bucket(p_j - p_i), h] * scale``.
 
-    table: ``(num_buckets, h)`` (may require grad)."""
+    table: ``(num_buckets, h)`` (may require grad). ``max_distance`` must exceed the exact-bucket
+    range (``t5_min_max_distance``), else the log buckets are undefined."""
 
     table: torch.Tensor
     num_buckets: int = 32
     max_distance: int = 128
     causal: bool = False
     scale: float = 1.0
+
+    def __post_init__(self):
+        check_t5_range(self.num_buckets, self.max_distance, self.causal)
 
     def materialize(self, h: int, nq: int, nk: int, q_offset: int, k_prefix: int) -> torch.Tensor:
         pi, pj = positions(nq, nk, q_offset, k_prefix, self.table.device)

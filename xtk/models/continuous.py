@@ -16,6 +16,7 @@ from ..modules.positional import AbsolutePositionalEmbedding, ScaledSinusoidalEm
 from ..ops import _check
 from .autoregressive import _trim_cache
 from .intermediates import prepend_key_mask, slice_for_cache
+from .layers import check_nonempty
 
 __all__ = ["ContinuousTransformerWrapper", "ContinuousAutoregressiveWrapper", "GaussianNLL"]
 
@@ -141,6 +142,8 @@ class ContinuousTransformerWrapper(nn.Module):
         **kwargs,
     ):
         _float_tensor("x", x, 3)
+        if prepend_embeds is None:  # (prepended embeddings alone are a sequence)
+            check_nonempty("x", x, "vector")
         b, n = x.shape[:2]
         if self.dim_in is not None and x.shape[-1] != self.dim_in:
             raise ValueError(f"x: expected last dimension {self.dim_in} (dim_in), got shape {tuple(x.shape)}")

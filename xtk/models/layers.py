@@ -27,6 +27,13 @@ _ATTN_KWARGS = set(inspect.signature(Attention.__init__).parameters) - {"self", 
 _FF_KWARGS = set(inspect.signature(FeedForward.__init__).parameters) - {"self", "dim"}
 
 
+def check_nonempty(name: str, x: torch.Tensor, what: str = "position") -> None:
+    """Raise a ValueError naming ``name`` unless ``x`` has at least one position along dim 1
+    (a sequence of length 0 has no query or no key to attend to)."""
+    if x.shape[1] == 0:
+        raise ValueError(f"{name}: expected at least one {what} per sequence (dim 1), got shape {tuple(x.shape)}")
+
+
 # ---- residual / branch wrappers (x-transformers' names, so checkpoints map 1:1) -------------------
 
 class Residual(nn.Module):
@@ -351,10 +358,12 @@ class AttentionLayers(nn.Module):
             raise ValueError("context: expected a (batch, seq, dim) tensor, this stack has cross attention (cross_attend=True); got None")
         if not self.cross_attend and context is not None:
             raise ValueError("context: this stack has no cross attention (cross_attend=False); pass context=None")
+        check_nonempty("x", x)
         b = x.shape[0]
         if context is not None:
             if context.dim() != 3 or context.shape[0] != b:
                 raise ValueError(f"context: expected shape ({b}, seq, dim), got {tuple(context.shape)}")
+            check_nonempty("context", context)
             if context_mask is not None:
                 if context_mask.dtype != torch.bool:
                     raise TypeError(f"context_mask: expected a bool tensor, got dtype {context_mask.dtype}")

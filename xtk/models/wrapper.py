@@ -11,7 +11,7 @@ from torch import nn
 from ..modules.norms import LayerNorm
 from ..modules.positional import AbsolutePositionalEmbedding, ScaledSinusoidalEmbedding
 from .intermediates import LayerIntermediates, prepend_key_mask, slice_for_cache
-from .layers import AttentionLayers
+from .layers import AttentionLayers, check_nonempty
 
 
 def _check_token_ids(x, num_tokens):
@@ -129,6 +129,8 @@ class TransformerWrapper(nn.Module):
         if x.is_floating_point() or x.is_complex() or x.dtype == torch.bool:
             raise TypeError(f"x: expected integer token ids, got dtype {x.dtype}")
         _check_token_ids(x, self.num_tokens)
+        if prepend_embeds is None:  # (prepended embeddings alone are a sequence)
+            check_nonempty("x", x, "token")
         b, n = x.shape
         device = x.device
         return_hiddens = return_mems or return_attn or return_intermediates or return_embeddings_and_intermediates

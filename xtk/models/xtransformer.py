@@ -23,6 +23,7 @@ from torch import nn
 
 from ..ops import _check
 from .autoregressive import AutoregressiveWrapper
+from .layers import check_nonempty
 
 __all__ = ["XTransformer"]
 
@@ -137,11 +138,18 @@ class XTransformer(nn.Module):
         """Encode ``seq_in`` once, then sample ``seq_len`` decoder tokens after ``seq_out_start``
         (``AutoregressiveWrapper.generate`` kwargs: temperature, filter_logits_fn, cache_kv, eos_token...)."""
         mask = self._src_mask(mask, src_mask)
+        _check.tensor("seq_in", seq_in, ndim=2)
+        check_nonempty("seq_in", seq_in, "token")
         encodings = self._encode(seq_in, mask, attn_mask)
         return self.decoder.generate(seq_out_start, seq_len, context=encodings, context_mask=mask, **kwargs)
 
     def forward(self, src, tgt, mask=None, attn_mask=None, src_prepend_embeds=None, src_mask=None, tgt_mask=None):
         mask = self._src_mask(mask, src_mask)
+        _check.tensor("src", src, ndim=2)
+        _check.tensor("tgt", tgt, ndim=2)
+        if src_prepend_embeds is None:
+            check_nonempty("src", src, "token")
+        check_nonempty("tgt", tgt, "token")
         enc = self._encode(src, mask, attn_mask, src_prepend_embeds)
         if src_prepend_embeds is not None and mask is not None:
             mask = torch.nn.functional.pad(mask, (src_prepend_embeds.shape[-2], 0), value=True)

@@ -128,7 +128,8 @@ def _validate_bias(bias, q, b, h, nq, nk, q_offset, k_prefix) -> None:
         rows = bias.table.shape[0]
         if rows % 2 == 0 or bias.table.shape[1] != h:
             raise ValueError(f"bias.table: expected shape (2L-1, {h}), got {tuple(bias.table.shape)}")
-        far = max(abs(q_offset + nq - 1), abs(q_offset - (nk - k_prefix - 1))) if nk > k_prefix else 0
+        # the largest |p_i - p_j| the call forms (none without queries or positional keys)
+        far = max(abs(q_offset + nq - 1), abs(q_offset - (nk - k_prefix - 1))) if nk > k_prefix and nq > 0 else 0
         if far > bias.max_distance:
             raise ValueError(f"bias.table: covers distances up to {bias.max_distance}, the call needs {far}")
         tables = [("bias.table", bias.table)]
@@ -156,13 +157,26 @@ def _eager_run(inputs: AttentionInputs):
 EAGER = backends.Backend("eager", "attention", _eager_reasons, _eager_run)
 
 
-def attention(q, k, v, attn_mask=None, dropout_p=0.0, is_causal=False, scale=None, enable_gqa=False, *,
-              bias=None, topk=None, qk_norm=None, rotary=None, q_offset=None, k_prefix=0,
-              backend="auto", hooks=None):
+def _qkv_arguments(q, k, v, query, key, value):
+    """q, k, v from either spelling (xtk's ``q``/``k``/``v`` or SDPA's ``query``/``key``/``value``)."""
+    out = []
+    for short, x, long, y in (("q", q, "query", query), ("k", k, "key", key), ("v", v, "value", value)):
+        if x is not None and y is not None:
+            raise TypeError(f"attention: got both {short} and {long}, two spellings of one argument; pass only one")
+        if x is None and y is None:
+            raise TypeError(f"attention: missing the {long} tensor (pass it as {short}, {long}, or positionally)")
+        out.append(x if x is not None else y)
+    return out
+
+
+def attention(q=None, k=None, v=None, attn_mask=None, dropout_p=0.0, is_causal=False, scale=None, enable_gqa=False,
+              *, query=None, key=None, value=None, bias=None, topk=None, qk_norm=None, rotary=None, q_offset=None,
+              k_prefix=0, backend="auto", hooks=None):
     """Scaled dot-product attention with in-kernel bias, top-k, QK-norm and rotary/xpos.
 
     q ``(b, h, nq, d)``, k ``(b, hk, nk, d)``, v ``(b, hk, nk, dv)``, any strides -> ``(b, h, nq, dv)``
-    (SDPA's 3-D ``(N, L, E)`` form is accepted too).
+    (SDPA's 3-D ``(N, L, E)`` form is accepted too). SDPA's keyword names ``query``, ``key``,
+    ``value`` work as well as ``q``, ``k``, ``v`` (one spelling per argument).
     Query ``i`` sits at position ``q_offset + i`` (default 0, SDPA's top-left alignment); the
     first ``k_prefix`` keys (memory key/values) carry no position, key ``j`` sits at
     ``j - k_prefix``. ``attn_mask``: bool keep-mask or additive float, broadcastable to
@@ -170,6 +184,7 @@ def attention(q, k, v, attn_mask=None, dropout_p=0.0, is_causal=False, scale=Non
     keep per row the logits >= the k-th largest (ties kept). Rows with no key give zeros.
     ``hooks`` (``ScoreHooks``): features that need the whole score matrix; always eager.
     ``backend``: auto|eager|sdpa|triton|ext (``XTK_BACKEND`` applies when 'auto')."""
+    q, k, v = _qkv_arguments(q, k, v, query, key, value)
     if all(isinstance(t, torch.Tensor) and t.dim() == 3 for t in (q, k, v)):
         # SDPA's (N, L, E) form: one head per batch entry
         if isinstance(attn_mask, torch.Tensor) and attn_mask.dim() == 3:

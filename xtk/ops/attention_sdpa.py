@@ -29,6 +29,12 @@ through one O(h n) autograd graph, or to a dense piece's broadcast shape. Off CP
 chunk loop runs the math core for everything. Causal with no bias and top-left alignment uses
 the kernel's own causal flag in one call.
 
+Double backward (``create_graph=True``): the backward then recomputes the eager reference on the
+saved inputs and differentiates it (``_graph_backward``), materializing the scores as eager does.
+
+Any strides: the fused kernel ignores the last-dim stride of q, k and v, so those whose last dim
+is not unit-stride are copied (only those, only for it); masks and other strides pass as they are.
+
 Rows with no key get zeros (their mask row is opened before the kernel and the output row
 zeroed after; their gradient is zero). Dropout is not supported: auto falls back to eager.
 """
@@ -41,7 +47,8 @@ import torch
 
 from .. import backends
 from ..bias import Alibi, Dense, DistanceTable, T5, t5_bucket
-from ..reference.attention import _rotate_qk, qk_norm_apply
+from ..reference import attention as reference
+from ..reference.attention import _rotate_qk, qk_norm_apply, split_scale
 
 _FLASH = getattr(torch.ops.aten, "_scaled_dot_product_flash_attention_for_cpu", None)
 _FLASH_BWD = getattr(torch.ops.aten, "_scaled_dot_product_flash_attention_for_cpu_backward", None)
@@ -259,10 +266,12 @@ def _grouped(x: torch.Tensor, hk: int) -> torch.Tensor:
 
 
 def _scores(plan: _Plan, qc, kc) -> torch.Tensor:
-    """Scaled logits of a chunk, computed as the reference does (matmul in the input dtype)."""
+    """Scaled logits of a chunk, computed as the reference does (matmul in the input dtype, q
+    taking the power-of-two part of the scale first)."""
     b, h, c, _ = qc.shape
-    s = _grouped(qc, kc.shape[1]) @ kc.transpose(-1, -2)
-    return s.reshape(b, h, c, -1).to(plan.work) * plan.scale
+    two, rest = split_scale(plan.scale)
+    s = _grouped(qc * two, kc.shape[1]) @ kc.transpose(-1, -2)
+    return s.reshape(b, h, c, -1).to(plan.work) * rest
 
 
 def _math_logits(plan, qc, kc, m, out=None):
@@ -515,21 +524,49 @@ def _backward(plan: _Plan, go, q, k, v, out, lseL, kthL, ts, need):
     return _flip(dqL, rev).to(q.dtype), dk.to(k.dtype), dv.to(v.dtype), dts
 
 
+_BIAS_FIELD = {"alibi": "slopes", "t5": "table", "dt": "table", "dense": "tensor"}
+
+
+def _graph_backward(ctx, go, q, k, v, am, bt):
+    """The gradients of q, k, v, am, bt as a differentiable graph (``create_graph=True``: double
+    backward, gradient penalties): the eager reference recomputed on the saved inputs, by autograd.
+    It materializes the ``(b, h, nq, nk)`` scores, as the eager backend does; the chunked backward
+    is written with in-place and ``out=`` products (and the fused kernel's backward), which
+    autograd cannot differentiate again."""
+    plan = ctx.plan
+    with torch.enable_grad():
+        # one view per input: the same tensor may come as q, k and v (self-attention on one x)
+        # and must get each role's gradient, not the sum of all of them three times
+        q, k, v, am, bt = (None if t is None else t.view_as(t) for t in (q, k, v, am, bt))
+        bias = ctx.bias if bt is None else replace(ctx.bias, **{_BIAS_FIELD[plan.bias_kind]: bt})
+        out = reference.attention(q, k, v, am, is_causal=plan.causal, scale=plan.scale, bias=bias,
+                                  topk=plan.topk, q_offset=plan.q_offset, k_prefix=plan.k_prefix)
+    tensors = (q, k, v, am, bt)
+    wanted = [i for i in range(5) if ctx.needs_input_grad[i + 2]]  # forward's inputs 2..6
+    grads = torch.autograd.grad(out, [tensors[i] for i in wanted], go, create_graph=True, allow_unused=True)
+    result = [None] * 5
+    for i, g in zip(wanted, grads):
+        result[i] = g
+    return result
+
+
 class _Attention(torch.autograd.Function):
     @staticmethod
-    def forward(ctx, plan, q, k, v, am, bt):
+    def forward(ctx, plan, bias, q, k, v, am, bt):
         out, lse, kth = _forward(plan, q, k, v, [am, bt])
-        ctx.plan = plan
+        ctx.plan, ctx.bias = plan, bias
         ctx.save_for_backward(q, k, v, out, lse, kth, am, bt)
         return out
 
     @staticmethod
     def backward(ctx, go):
         q, k, v, out, lse, kth, am, bt = ctx.saved_tensors
-        need = [ctx.needs_input_grad[4] and am is not None and am.is_floating_point(),
-                ctx.needs_input_grad[5] and bt is not None and bt.is_floating_point()]
+        if torch.is_grad_enabled():  # create_graph=True: the backward itself must be differentiable
+            return (None, None, *_graph_backward(ctx, go, q, k, v, am, bt))
+        need = [ctx.needs_input_grad[5] and am is not None and am.is_floating_point(),
+                ctx.needs_input_grad[6] and bt is not None and bt.is_floating_point()]
         dq, dk, dv, dts = _backward(ctx.plan, go, q, k, v, out, lse, kth, [am, bt], need)
-        return None, dq, dk, dv, dts[0], dts[1]
+        return None, None, dq, dk, dv, dts[0], dts[1]
 
 
 # ----------------------------------------------------------------------------- entry
@@ -554,6 +591,14 @@ def _prepare(inputs):
     return q, k, float(scale)
 
 
+def _unit_last_stride(x: torch.Tensor) -> torch.Tensor:
+    """``x`` itself when its last dim has stride 1, else a contiguous copy: the fused CPU kernel
+    (forward and backward) reads each row of q, k and v as contiguous memory and ignores a last-dim
+    stride (transposed, ``[..., ::2]`` and expanded last dims gave wrong outputs). Its other strides,
+    0 included, and every stride of the mask are honored, so nothing else is copied."""
+    return x if x.stride(-1) == 1 or x.shape[-1] <= 1 else x.contiguous()
+
+
 def run(inputs):
     q, k, scale = _prepare(inputs)
     v = inputs.v
@@ -561,10 +606,12 @@ def run(inputs):
     if nq == 0 or k.shape[2] == 0:
         return q.new_zeros(b, h, nq, v.shape[3]) + 0.0 * (q.sum() + k.sum() + v.sum())
     plan = _make_plan(inputs, q, scale)
+    if plan.flash:
+        q, k, v = _unit_last_stride(q), _unit_last_stride(k), _unit_last_stride(v)
     am, bt = _learned(inputs)
     tensors = (q, k, v, am, bt)
     if torch.is_grad_enabled() and any(t is not None and t.requires_grad for t in tensors):
-        return _Attention.apply(plan, q, k, v, am, bt)
+        return _Attention.apply(plan, inputs.bias, q, k, v, am, bt)
     return _forward(plan, q, k, v, [am, bt])[0]
 
 

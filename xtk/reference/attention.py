@@ -7,6 +7,7 @@ tolerance oracle of SPEC §4.
 """
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass, field
 from typing import Callable, Optional
 
@@ -32,6 +33,20 @@ class ScoreHooks:
     softmax: Optional[Callable] = None
     post_softmax: Optional[Callable] = None
     record: Optional[dict] = field(default=None)
+
+
+def split_scale(scale):
+    """``scale = two * rest``, ``two`` a power of two with ``two <= |scale| < 2 two``.
+
+    ``q * two`` is exact, so ``((q * two) @ k^T) * rest`` rounds exactly as ``(q @ k^T) * scale``
+    (barring subnormals), while the product, ``|two q @ k^T| <= |scale q @ k^T|``, cannot overflow
+    where the scaled logits fit. ``scale``: a float or a (learned) tensor; ``rest`` keeps its graph."""
+    if isinstance(scale, torch.Tensor):
+        exponent = torch.frexp(scale.detach())[1]
+        two = torch.ldexp(torch.ones_like(scale.detach()), exponent - 1)
+    else:
+        two = math.ldexp(1.0, math.frexp(scale)[1] - 1)
+    return two, scale / two
 
 
 def qk_norm_apply(x: torch.Tensor, groups: int, dim_scale: Optional[torch.Tensor]) -> torch.Tensor:
@@ -97,10 +112,12 @@ def attention(q, k, v, attn_mask=None, dropout_p=0.0, is_causal=False, scale=Non
     k = k.repeat_interleave(h // hk, dim=1)
     v = v.repeat_interleave(h // hk, dim=1)
 
-    # 4. logits
+    # 4. logits: q takes the power-of-two part of the scale before the product (q @ k^T alone
+    # overflows fp16's 65504 long before scale * q @ k^T does), the rest comes after
     if scale is None:
         scale = d ** -0.5
-    s = (q @ k.transpose(-1, -2)).to(work) * scale
+    two, rest = split_scale(scale)
+    s = ((q * two) @ k.transpose(-1, -2)).to(work) * rest
     if hooks is not None and hooks.pre_bias is not None:
         s = hooks.pre_bias(s)
 

@@ -4,6 +4,10 @@ Round the inputs to the test dtype; run the oracle in fp64 on those rounded inpu
 reference in the test dtype, and the kernel. The kernel's max abs error against the oracle must be
 at most ``factor`` (2) times the eager test-dtype error plus a small floor per dtype. Used by the
 tests (``tests/tolerance.py`` asserts it) and by ``python -m xtk gpucheck`` (which reports it).
+
+Gradients that are one sum over a whole score matrix (ALiBi slopes, T5 / distance tables, a learned
+QK-norm scale) add ``sum_floor``: a few float32 ulps of the sum of their |terms|
+(``attention_term_sums``), which rounding order alone may cost. Every other floor is unchanged.
 """
 from __future__ import annotations
 
@@ -40,3 +44,67 @@ def judge_2x(kernel: torch.Tensor, eager: torch.Tensor, oracle: torch.Tensor, na
     if not verdict["ok"]:
         verdict["why"] = f"{name}: kernel error {k_err:.3e} > {factor} x eager error {e_err:.3e} + floor {floor:.1e}"
     return verdict
+
+
+# ----------------------------------------------------------------------------- sums over the score matrix
+SUM_FACTOR = 4.0  # times eps(dtype) times the sum of |terms|: see ``sum_floor``
+
+
+def sum_floor(term_sums: torch.Tensor, dtype: torch.dtype, factor: float = SUM_FACTOR) -> float:
+    """The extra floor of a gradient that is one sum over a whole score matrix.
+
+    An ALiBi slope's gradient is ``-sum_ij dS_ij |p_i - p_j|`` over every logit of its head (and the
+    batch); a T5 / distance-table entry's, the sum of ``dS`` over its distances; a learned QK-norm
+    scale's, ``sum_ij dS_ij q'_i.k'_j``. Its terms are 10^2..10^4 times the result and cancel, so the
+    errors of kernel and eager alike are a few ulps of ``sum |terms|``, their ratio decided by rounding
+    luck (and the CPU's math kernels), not by the kernel's accuracy. The floor, ``factor * eps *
+    max(term_sums)`` (``term_sums``: the gradient's ``sum |terms|`` per element, from the fp64 oracle:
+    ``attention_term_sums``), is what any correct evaluation order may lose there; it is added to the
+    dtype floor of those gradients only. ``eps`` is that of the work dtype, ``promote(dtype, float32)``:
+    kernel and eager form these sums in float32 at least, so the 16-bit dtypes get the float32 floor
+    (their own roundings stay judged by the eager error alone)."""
+    if not term_sums.numel():
+        return 0.0
+    eps = torch.finfo(torch.promote_types(dtype, torch.float32)).eps
+    return factor * eps * term_sums.double().abs().max().item()
+
+
+def attention_term_sums(q, k, v, grad_out, **kwargs) -> dict:
+    """``sum |terms|`` of the attention gradients that sum over the whole score matrix, from the
+    eager reference in float64: ``{"bias": like the ALiBi slopes / T5 / distance table (``bias=``),
+    "scale": like a learned QK-norm scale (``qk_norm.scale`` a tensor)}``, each present only when
+    that input is given. ``kwargs``: the reference's keyword arguments (``xtk.reference.attention``).
+
+    ``dS`` (the loss's gradient per logit) comes from a zero added to the logits; a bias element's
+    terms are ``dS`` times its coefficient in the bias, one sign per element (``-|p_i - p_j|`` for
+    slopes, ``T5.scale`` or 1 for tables), so ``|d/dtable sum(|dS| * bias(table))|`` is the sum of
+    |terms|; a learned scale's terms are ``dS * s / scale`` (``s`` the scaled logits)."""
+    from dataclasses import replace
+
+    from ..bias import Alibi, DistanceTable, T5
+    from .attention import ScoreHooks, attention
+
+    f64 = [t.detach().double() for t in (q, k, v)]
+    seen = {}
+
+    def add_zero(s):
+        seen["s"], seen["zero"] = s.detach(), torch.zeros_like(s, requires_grad=True)
+        return s + seen["zero"]
+
+    with torch.enable_grad():
+        out = attention(*f64, hooks=ScoreHooks("term sums", pre_bias=add_zero), **kwargs)
+        ds = torch.autograd.grad(out, seen["zero"], grad_out.double())[0].abs()
+    sums = {}
+    bias = kwargs.get("bias")
+    if isinstance(bias, (Alibi, T5, DistanceTable)):
+        field = "slopes" if isinstance(bias, Alibi) else "table"
+        table = getattr(bias, field).detach().double().requires_grad_()
+        h, nq, nk = q.shape[1], q.shape[2], k.shape[2]
+        with torch.enable_grad():
+            dense = replace(bias, **{field: table}).materialize(h, nq, nk, kwargs.get("q_offset") or 0,
+                                                                 kwargs.get("k_prefix", 0))
+            sums["bias"] = torch.autograd.grad((dense * ds.sum(0)).sum(), table)[0].abs()
+    norm = kwargs.get("qk_norm")
+    if norm is not None and isinstance(norm.scale, torch.Tensor):
+        sums["scale"] = (ds * seen["s"]).abs().sum() / norm.scale.detach().double().abs()
+    return sums
