@@ -131,7 +131,7 @@ def override_tile(kind: str, tile: tuple):
 
 
 def tune_cells(quick: bool, dry: bool, arch: int) -> list[tuple]:
-    """(cls, kind, d, tile) for every candidate; quick: plain and posbias at d128."""
+    """(cls, kind, d, tile) for every candidate; quick: the 6 largest of plain and posbias at d128."""
     from xtk.kernels import tiles
     classes = ["plain", "posbias"] if quick or dry else list(TUNE_FEATURES)
     out = []
@@ -139,7 +139,7 @@ def tune_cells(quick: bool, dry: bool, arch: int) -> list[tuple]:
         for cls in classes:
             for kind in ("fwd", "dkdv", "dq"):
                 cands = tiles.candidates(kind, arch, max(32, d), "16bit", cls)
-                out += [(cls, kind, d, tuple(t)) for t in (cands[:1] if dry else cands)]
+                out += [(cls, kind, d, tuple(t)) for t in (cands[:1] if dry else cands[:6] if quick else cands)]
     return out
 
 
@@ -163,7 +163,8 @@ def time_tune(cell, dtype, device, dry: bool) -> dict:
 
 
 def winners(rows: list[dict], arch: int, source: str) -> dict:
-    """Fastest tile per (kind, cls, d) among the rows that ran -> a tiles file (XTK_TILES format)."""
+    """Fastest tile per (kind, cls, d) among the rows that ran -> a tiles file (``XTK_TILES`` format:
+    arch, evidence, evidence_keys with each winner's time, tiles)."""
     best: dict = {}
     for r in rows:
         if r["ms"] is None:
@@ -171,8 +172,9 @@ def winners(rows: list[dict], arch: int, source: str) -> dict:
         key = f"{r['kind']}/{r['cls']}/16bit/d{max(32, r['d'])}"
         if key not in best or r["ms"] < best[key][1]:
             best[key] = (r["tile"], r["ms"])
-    return dict(arch=arch, source=source, entries={k: v[0] for k, v in sorted(best.items())},
-                ms={k: round(v[1], 4) for k, v in sorted(best.items())})
+    return dict(arch=arch, evidence=source,
+                evidence_keys={k: f"{source}: {v[1]:.4f} ms at b4 h16 n4096" for k, v in sorted(best.items())},
+                tiles={k: v[0] for k, v in sorted(best.items())})
 
 
 def speed_ratio(results: list[Result], num: tuple, den: tuple) -> Optional[float]:

@@ -33,7 +33,7 @@ def test_dry_run_writes_every_file_and_runs_every_phase(dry_run):
     assert {r["op"] for r in res["bandwidth"]} == {"copy", "rms_norm", "glu"}
     assert res["tune"] and all(t["ms"] for t in res["tune"])
     tuned = json.loads((out / "tiles_tuned_sm90.json").read_text())
-    assert tuned["arch"] == 90 and tuned["entries"]
+    assert tuned["arch"] == 90 and tuned["tiles"]
     assert any(t["verdict"] != "n/a" for t in res["targets"]), res["targets"]
     assert "# xtk gpucheck" in (out / "report.md").read_text()
     ext_ok = all(c["ok"] for c in res["cases"] if c["name"].startswith(("ext", "extension")))
