@@ -147,7 +147,7 @@ def _md_targets(res) -> list[str]:
 
 
 def _md_tune(res) -> list[str]:
-    lines = ["## Tile tuning (ms per candidate; winners in tiles_tuned_sm%d.json, use with XTK_TILES=path)" % res["arch"],
+    lines = ["## Tile tuning (ms per candidate; winners in tiles_tuned_sm%d.json)" % res["arch"],
              "", "| class | kernel | d | tile (BM, BN, warps, stages) | ms |", "|---|---|---|---|---|"]
     lines += [f"| {t['cls']} | {t['kind']} | {t['d']} | {tuple(t['tile'])} | "
               + (f"{t['ms']:.3f}" if t["ms"] else t["status"]) + " |" for t in res["tune"]]

@@ -7,10 +7,10 @@ with the bias as ``score_mod`` (first-call compile time kept apart), and the eag
 ``bench.common.measure`` (``triton.testing.do_bench`` median on CUDA). RMSNorm and GLU forward are
 timed against a device-to-device copy of the same bytes in the same run (GB/s, read + write).
 
-Tuning: for each kernel kind and specialization class, each candidate tile of
-``xtk.kernels.tiles.candidates`` is timed on a representative shape with the other kernels at
-their shipped tiles; the fastest that ran is the winner, written in the tiles file format that
-``XTK_TILES=path`` makes the launcher read.
+Tuning: for each kernel kind and specialization class, each candidate tile (``CANDIDATES``) is
+timed on a representative shape with the other kernels at their shipped tiles; the fastest that
+ran is the winner, written as ``{arch, evidence, evidence_keys, tiles: {"<kind>/<class>/16bit/d<bd>":
+[BLOCK_M, BLOCK_N, warps, stages]}}`` (the launcher's pinned tables are updated from it by hand).
 """
 from __future__ import annotations
 
@@ -26,7 +26,7 @@ from .common import Result, measure
 XTK_FEATURES = ["none", "alibi", "t5", "dtable", "topk8", "qknorm_rotary"]
 SDPA_BACKENDS = {"sdpa-flash": "FLASH_ATTENTION", "sdpa-efficient": "EFFICIENT_ATTENTION", "sdpa-cudnn": "CUDNN_ATTENTION"}
 FLEX_FEATURES = ["none", "alibi", "t5", "dtable"]
-# the class each tuning feature stands for (kernels/tiles.py spec_class)
+# the specialization class each tuning feature stands for
 TUNE_FEATURES = {"plain": "none", "posbias": "alibi", "qk": "qknorm_rotary", "heavy": "topk8"}
 
 
@@ -130,16 +130,27 @@ def override_tile(kind: str, tile: tuple):
         attention_op.config = shipped
 
 
+# Candidate tiles (BLOCK_M, BLOCK_N, warps, stages) per kernel, largest first: the H100 first-light
+# sweep's set (bench/results/nvidia-h100-80gb-hbm3/2026-11-27-firstlight).
+CANDIDATES = {
+    "fwd": [(128, 128, 8, 2), (128, 64, 8, 3), (128, 64, 8, 2), (128, 64, 4, 3), (128, 32, 4, 3), (64, 128, 4, 3),
+            (64, 64, 4, 3), (64, 32, 8, 2)],
+    "dkdv": [(128, 64, 8, 2), (64, 128, 8, 2), (64, 64, 8, 2), (64, 64, 4, 3), (64, 64, 4, 2), (32, 128, 4, 2),
+             (32, 64, 4, 2), (32, 64, 8, 1)],
+    "dq": [(128, 64, 8, 2), (128, 64, 4, 2), (128, 32, 8, 2), (64, 128, 8, 2), (64, 64, 8, 3), (64, 64, 4, 2),
+           (64, 32, 4, 2)],
+}
+
+
 def tune_cells(quick: bool, dry: bool, arch: int) -> list[tuple]:
-    """(cls, kind, d, tile) for every candidate; quick: the 6 largest of plain and posbias at d128."""
-    from xtk.kernels import tiles
+    """(cls, kind, d, tile) for every candidate; quick: the first 6 of plain and posbias at d128."""
     classes = ["plain", "posbias"] if quick or dry else list(TUNE_FEATURES)
     out = []
     for d in ((32,) if dry else (128,) if quick else (64, 128)):
         for cls in classes:
             for kind in ("fwd", "dkdv", "dq"):
-                cands = tiles.candidates(kind, arch, max(32, d), "16bit", cls)
-                out += [(cls, kind, d, tuple(t)) for t in (cands[:1] if dry else cands[:6] if quick else cands)]
+                cands = CANDIDATES[kind]
+                out += [(cls, kind, d, t) for t in (cands[:1] if dry else cands[:6] if quick else cands)]
     return out
 
 
