@@ -169,7 +169,7 @@ def _ext_check(op, dtype, rows, dim, device) -> dict:
         w0 = (torch.rand(dim, generator=g) + 0.5).to(device, getattr(torch, dtype))
         results = []
         for backend, cast in (("ext", x0.dtype), ("eager", x0.dtype), ("eager", torch.float64)):
-            x, w = x0.to(cast).requires_grad_(), w0.to(cast).requires_grad_()
+            x, w = x0.detach().to(cast).clone().requires_grad_(), w0.detach().to(cast).clone().requires_grad_()
             y = xtk.rms_norm(x, w, backend=backend) if op == "rms_norm" else xtk.glu(x, "gelu", backend=backend)
             y.backward(torch.ones_like(y).to(cast))
             results.append([("out", y.detach()), ("dx", x.grad)] + ([("dweight", w.grad)] if op == "rms_norm" else []))

@@ -193,11 +193,11 @@ def plot(res, path) -> Optional[str]:
 
 
 def write(res, out: str) -> None:
+    res["plot"] = plot(res, os.path.join(out, "report.png"))  # None, or why there is no plot
     with open(os.path.join(out, "report.json"), "w") as fh:
         json.dump(res, fh, indent=1, default=str)
     with open(os.path.join(out, "report.md"), "w") as fh:
         fh.write(markdown(res))
-    res["plot"] = plot(res, os.path.join(out, "report.png"))
     with open(os.path.join(out, f"tiles_tuned_sm{res['arch']}.json"), "w") as fh:
         json.dump(res["tuned_tiles"], fh, indent=1)
 

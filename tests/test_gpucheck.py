@@ -22,8 +22,9 @@ def dry_run(tmp_path_factory):
 
 def test_dry_run_writes_every_file_and_runs_every_phase(dry_run):
     proc, out = dry_run
-    assert sorted(os.listdir(out)) == ["report.json", "report.md", "report.png", "tiles_tuned_sm90.json"], proc.stderr
     res = json.loads((out / "report.json").read_text())
+    png = [] if res["plot"] else ["report.png"]  # res["plot"]: why there is no plot (matplotlib missing)
+    assert sorted(os.listdir(out)) == sorted(["report.json", "report.md", "tiles_tuned_sm90.json"] + png), proc.stderr
     assert res["compile_s"] > 0
     kernel_cases = [c for c in res["cases"] if not c["name"].startswith(("ext", "extension"))]
     assert len(kernel_cases) == len(gpucheck_cases.cases(False, True)) and all(c["ok"] for c in kernel_cases), \
