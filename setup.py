@@ -5,19 +5,31 @@ extension in ``csrc/`` builds when a compiler is present (CUDA sources when torc
 and nvcc is found); ``XTK_NO_EXT=1`` skips it, and a failed build never fails the install.
 """
 import os
+import re
 import sys
 
-from setuptools import setup
+HERE = os.path.dirname(os.path.abspath(__file__))
+sys.path.insert(0, HERE)
+from csrc.build import extension_build_kwargs, setuptools_missing  # noqa: E402
 
-sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
-from csrc.build import extension_build_kwargs  # noqa: E402
+try:
+    from setuptools import setup
+except Exception as e:  # noqa: BLE001 - not installed, or broken on this Python
+    sys.exit(setuptools_missing(e))
 
-install_requires = ["torch>=2.4", "einops>=0.8", "triton>=3.0; platform_system == 'Linux' and platform_machine == 'x86_64'", "tqdm"]
+
+def _version() -> str:
+    """xtk/__init__.py's __version__ (the one place it is written), read without importing xtk."""
+    with open(os.path.join(HERE, "xtk", "__init__.py")) as f:
+        return re.search(r'^__version__ = "([^"]+)"', f.read(), re.M).group(1)
+
+
+install_requires = ["torch>=2.4", "triton>=3.0; platform_system == 'Linux' and platform_machine == 'x86_64'", "tqdm"]
 test_requires = ["pytest", "pytest-benchmark", "hypothesis", "x-transformers==2.31.10"]
 
 setup(
     name="xtk",
-    version="0.1.0",
+    version=_version(),
     description="Fused GPU kernels for x-transformers features behind a torch module API",
     packages=["xtk", "xtk.ops", "xtk.reference", "xtk.modules", "xtk.models", "xtk.kernels", "xtk.bench"],
     package_dir={"xtk": "xtk", "xtk.kernels": "kernels", "xtk.bench": "bench"},

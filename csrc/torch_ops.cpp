@@ -248,10 +248,20 @@ TORCH_LIBRARY_IMPL(xtk, CPU, m) {
 }
 
 // A plain Python module (no pybind11): importing xtk._C loads the library, which registers the ops.
+// Its attributes: with_cuda (0/1) and cpu_isa, the copy of the CPU loops this process runs
+// ("avx2+fma" or "baseline", fixed at import: XTK_CPU_ISA=baseline forces the baseline copy).
 extern "C" PyObject* PyInit__C(void) {
   static PyModuleDef module = {PyModuleDef_HEAD_INIT, "_C", "xtk C++/CUDA ops, registered as torch.ops.xtk.*", -1,
                                nullptr};
+  const char* isa = nullptr;
+  try {
+    isa = xtk::cpu::isa_name(xtk::cpu::isa());
+  } catch (const std::exception& e) {
+    PyErr_SetString(PyExc_ImportError, e.what());
+    return nullptr;
+  }
   PyObject* m = PyModule_Create(&module);
+  if (m) PyModule_AddStringConstant(m, "cpu_isa", isa);
 #ifdef XTK_WITH_CUDA
   if (m) PyModule_AddIntConstant(m, "with_cuda", 1);
 #else

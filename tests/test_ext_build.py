@@ -29,7 +29,7 @@ ARCHS = ("80", "90")
 FORBIDDEN = re.compile(r'^\s*#\s*include\s*[<"](torch|ATen|c10|caffe2|pybind11)/', re.M)
 
 sys.path.insert(0, str(ROOT))
-from csrc.build import find_nvcc  # noqa: E402
+from csrc.build import find_nvcc, link_flags  # noqa: E402
 
 
 def _nvcc():
@@ -169,3 +169,32 @@ def test_built_extension_links_the_shared_cxx_runtime():
     assert readelf, "readelf (binutils) not found"
     needed = subprocess.run([readelf, "-d", spec.origin], capture_output=True, text=True, check=True).stdout
     assert re.search(r"NEEDED.*\[libstdc\+\+\.so", needed), needed
+
+
+def _needed(so: Path) -> str:
+    return subprocess.run(["readelf", "-d", str(so)], capture_output=True, text=True, check=True).stdout
+
+
+def test_link_flags_keep_the_shared_cxx_runtime_under_a_static_only_driver(tmp_path):
+    """The GPU image's g++ wrapper points -B at a gcc tree holding only libstdc++.a: -lstdc++ then
+    links the runtime statically (no NEEDED libstdc++; TORCH_CHECK with a number segfaulted on the
+    H100). Reproduced here with such a -B directory; csrc/build.py's link_flags() must still give
+    NEEDED libstdc++.so.6."""
+    import torch  # noqa: F401  (maps the libstdc++ that link_flags() finds, as in setup.py)
+    gxx = shutil.which("g++")
+    assert gxx and shutil.which("readelf"), "g++ and readelf (binutils) are needed to build xtk._C"
+    static = subprocess.run([gxx, "-print-file-name=libstdc++.a"], capture_output=True, text=True).stdout.strip()
+    assert os.path.isabs(static), f"no libstdc++.a next to {gxx} (libstdc++-dev)"
+    gcc_tree = tmp_path / "gcc"
+    gcc_tree.mkdir()
+    (gcc_tree / "libstdc++.a").symlink_to(static)
+    src = tmp_path / "t.cpp"
+    src.write_text("#include <sstream>\n#include <string>\n"
+                   "std::string f(int x) { std::ostringstream s; s << x; return s.str(); }\n")
+
+    def link(flags, name):
+        so = tmp_path / name
+        subprocess.run([gxx, f"-B{gcc_tree}/", "-shared", "-fPIC", str(src), "-o", str(so), *flags], check=True)
+        return _needed(so)
+    assert "libstdc++" not in link(["-lstdc++"], "plain.so"), "the static-only driver was not reproduced"
+    assert re.search(r"NEEDED.*\[libstdc\+\+\.so\.6\]", link(link_flags(), "fixed.so"))

@@ -1,5 +1,20 @@
 """xtk: fused kernels for x-transformers features behind a torch module API (SPEC §1)."""
 import importlib
+import os
+import sys
+import warnings
+
+__version__ = "0.1.0"  # the one place: setup.py reads it from here
+
+_argv0 = (getattr(sys, "argv", None) or [""])[0]
+if _argv0 == "-m" or os.path.basename(_argv0) == "xtk":
+    # `python -m xtk` (sys.argv[0] is "-m" while it is located) or the `xtk` script: its table says
+    # whether numpy is there; torch's "Failed to initialize NumPy" warning would only interrupt it.
+    # Imported by a program, xtk leaves torch's warnings alone.
+    with warnings.catch_warnings():
+        warnings.filterwarnings("ignore", message="Failed to initialize NumPy", category=UserWarning)
+        import torch  # noqa: F401
+del _argv0
 
 from . import bias
 from .qk import QKNorm, Rotary
@@ -9,7 +24,6 @@ from .ops.glu import glu
 
 from . import backends as _backends
 
-__version__ = "0.1.0"
 _backends.preload()
 
 # model classes load on first use (importing xtk stays cheap)

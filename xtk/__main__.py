@@ -17,15 +17,24 @@ def _versions() -> list[tuple[str, str]]:
         rows.append(("triton", triton.__version__))
     except Exception as e:
         rows.append(("triton", f"not available ({type(e).__name__}: {e})"))
+    try:
+        import numpy
+        rows.append(("numpy", numpy.__version__))
+    except Exception as e:  # torch's tensor.numpy() and the Triton interpreter need it, xtk itself does not
+        rows.append(("numpy", f"not installed ({type(e).__name__}: {e}): tensor.numpy() and TRITON_INTERPRET=1 need it"))
     rows.append(("torch CUDA", str(torch.version.cuda) if torch.version.cuda else "none (CPU build)"))
     if torch.cuda.is_available():
         p = torch.cuda.get_device_properties(0)
         rows.append(("device", f"{p.name} (sm_{p.major}{p.minor}, {p.total_memory / 2**30:.0f} GiB)"))
     else:
         rows.append(("device", f"CPU only ({platform.processor() or platform.machine()}, {torch.get_num_threads()} threads)"))
-    from . import backends
+    from . import _ext, backends
     ext = backends.load("rms_norm", "ext")
-    rows.append(("C++/CUDA extension", "built" if not isinstance(ext, str) else f"not usable: {ext}"))
+    if isinstance(ext, str):
+        rows.append(("C++/CUDA extension", f"not usable: {ext}"))
+    else:
+        c = _ext.load()
+        rows.append(("C++/CUDA extension", f"built (CPU loops: {c.cpu_isa}; CUDA: {'yes' if c.with_cuda else 'no'})"))
     import os
     rows.append(("XTK_BACKEND", os.environ.get("XTK_BACKEND", "auto (unset)")))
     rows.append(("TRITON_INTERPRET", os.environ.get("TRITON_INTERPRET", "unset")))

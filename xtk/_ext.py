@@ -28,7 +28,8 @@ def load():
     except Exception as e:  # ImportError when not built, OSError on an ABI mismatch ...
         import os
         hint = ("XTK_NO_EXT=1 skipped it at install time" if os.environ.get("XTK_NO_EXT") == "1" else
-                "rebuild with `pip install --no-build-isolation -e .` and read the build warnings")
+                "install torch, then rebuild with `pip install --no-build-isolation -e .` (its output says whether "
+                "xtk._C was built; `pip install -v` shows why a build failed)")
         _state["error"] = f"the C++/CUDA extension xtk._C is not built or failed to load ({type(e).__name__}: {e}); {hint}"
         raise ImportError(_state["error"]) from e
     _register_python_side()

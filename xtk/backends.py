@@ -11,8 +11,11 @@ from __future__ import annotations
 import importlib
 import logging
 import os
+import warnings
 from dataclasses import dataclass
 from typing import Any, Callable
+
+import torch
 
 log = logging.getLogger("xtk")
 
@@ -118,6 +121,8 @@ def pick(op: str, inputs, backend: str = "auto") -> Backend:
     for name in names(op):
         why = reasons(op, name, inputs, forced=False)
         if not why:
+            if name != "ext" and isinstance(_loaded.get((op, "ext")), str) and not torch.compiler.is_compiling():
+                _warn_extension_missing(op, name, _loaded[(op, "ext")])  # (dynamo cannot trace warnings.warn)
             return load(op, name)
         collected.append(f"{name}: " + "; ".join(why))
     raise RuntimeError(f"{op}: no backend can run these inputs: " + " | ".join(collected))
@@ -126,6 +131,24 @@ def pick(op: str, inputs, backend: str = "auto") -> Backend:
 def explain(op: str, inputs) -> list[tuple[str, list]]:
     """For ``python -m xtk info``: each backend of ``op`` with its reasons on ``inputs`` (auto mode)."""
     return [(name, reasons(op, name, inputs, forced=False)) for name in names(op)]
+
+
+class ExtensionMissingWarning(UserWarning):
+    """An op fell back from the C++/CUDA extension xtk._C, which is not built or does not load."""
+
+
+_extension_warned = False
+
+
+def _warn_extension_missing(op: str, chosen: str, why: str) -> None:
+    """Once per process: auto picked ``chosen`` for ``op`` because the extension is missing (not when
+    the user forced a backend: then the choice is theirs)."""
+    global _extension_warned
+    if not _extension_warned:
+        _extension_warned = True
+        warnings.warn(f"xtk: {op} falls back to the {chosen} backend, the extension backend is {why}. Said once "
+                      "per process; XTK_BACKEND=eager chooses eager on purpose, without this warning",
+                      ExtensionMissingWarning, stacklevel=4)
 
 
 _warned: set = set()

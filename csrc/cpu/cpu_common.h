@@ -1,6 +1,8 @@
-// Helpers of the CPU drivers: element conversions to/from fp32 and the dtype switch.
+// Helpers of the CPU drivers: element conversions to/from fp32, the dtype switch, and the run-time
+// choice of the instruction set the loops run with (parallel_for_isa).
 #pragma once
 
+#include <ATen/Parallel.h>
 #include <c10/util/BFloat16.h>
 #include <c10/util/Half.h>
 
@@ -20,6 +22,37 @@ inline void load_row(const T* src, float* dst, int64_t n) {
 template <typename T>
 inline void store_row(const float* src, T* dst, int64_t n) {
   for (int64_t k = 0; k < n; ++k) dst[k] = static_cast<T>(src[k]);
+}
+
+// The loops are compiled twice: at the baseline ISA (SSE2 on x86-64) and, on x86, with AVX2 + FMA;
+// isa() picks one per process (isa.cpp); run_isa(f) runs f() in the chosen copy. `flatten` inlines f
+// and everything it calls into each copy, so the loops vectorize for that ISA and no out-of-line
+// function is ever compiled for AVX2 (an inline function shared with other code keeps one baseline
+// copy: nothing AVX2 can run on a CPU without it). The AVX2 copy gives the results of a whole build
+// with -mavx2 -mfma (FMA contraction included); the baseline copy those of a build without.
+template <typename F>
+__attribute__((flatten, noinline)) void run_baseline(const F& f) {
+  f();
+}
+#if XTK_CPU_AVX2
+template <typename F>
+__attribute__((flatten, noinline, target("avx2,fma"))) void run_avx2(const F& f) {
+  f();
+}
+#endif
+
+template <typename F>
+inline void run_isa(const F& f) {
+#if XTK_CPU_AVX2
+  if (isa() == Isa::kAvx2) return run_avx2(f);
+#endif
+  run_baseline(f);
+}
+
+// at::parallel_for whose body f(begin, end) runs in the copy compiled for this process's ISA.
+template <typename F>
+inline void parallel_for_isa(int64_t begin, int64_t end, int64_t grain, const F& f) {
+  at::parallel_for(begin, end, grain, [&](int64_t lo, int64_t hi) { run_isa([&] { f(lo, hi); }); });
 }
 
 // Calls f(T{}) with T the element type of dt.

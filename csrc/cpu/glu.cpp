@@ -1,5 +1,6 @@
 // CPU GLU family and plain activations, forward and backward (recomputed from the input).
-// Elements are processed in fp32 chunks of kChunk; the math comes from xtk_math.h.
+// Elements are processed in fp32 chunks of kChunk; the math comes from xtk_math.h; the loops run in
+// the copy compiled for this CPU (parallel_for_isa, cpu_common.h).
 #include <ATen/Parallel.h>
 
 #include <algorithm>
@@ -31,7 +32,7 @@ void dispatch_act(int act, F&& f) {
 template <typename F>
 void for_chunks(int64_t rows, int64_t cols, F&& body) {
   const int64_t per_row = (cols + kChunk - 1) / kChunk;
-  at::parallel_for(0, rows * per_row, std::max<int64_t>(1, 8192 / kChunk), [&](int64_t begin, int64_t end) {
+  parallel_for_isa(0, rows * per_row, std::max<int64_t>(1, 8192 / kChunk), [&](int64_t begin, int64_t end) {
     for (int64_t i = begin; i < end; ++i) {
       const int64_t r = i / per_row, c0 = (i % per_row) * kChunk;
       body(r, c0, std::min(kChunk, cols - c0));

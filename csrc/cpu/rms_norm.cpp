@@ -1,6 +1,7 @@
 // CPU RMSNorm / ScaleNorm (optionally fused with the residual add), forward and backward.
-// Rows are split over threads with at::parallel_for; each row is widened once into an fp32
-// buffer, and the math comes from xtk_math.h (shared with the CUDA kernels).
+// Rows are split over threads with parallel_for_isa; each row is widened once into an fp32
+// buffer, and the math comes from xtk_math.h (shared with the CUDA kernels), in the copy of
+// the loops compiled for this CPU (cpu_common.h).
 #include <ATen/Parallel.h>
 
 #include <algorithm>
@@ -19,7 +20,7 @@ void fwd_impl(const T* x, const T* res, T* s_out, const float* g, int64_t g_stri
               int64_t rows, int64_t dim, float eps) {
   const float sqrt_dim = std::sqrt(static_cast<float>(dim));
   const int64_t grain = std::max<int64_t>(1, 16384 / std::max<int64_t>(dim, 1));
-  at::parallel_for(0, rows, grain, [&](int64_t begin, int64_t end) {
+  parallel_for_isa(0, rows, grain, [&](int64_t begin, int64_t end) {
     std::vector<float> buf(dim), tmp(res ? dim : 0);
     for (int64_t r = begin; r < end; ++r) {
       const T* xr = x + r * dim;
@@ -51,7 +52,7 @@ void bwd_impl(const T* dy, const T* ds_extra, const T* s, const float* g, int64_
   const int64_t parts = rms_norm_bwd_partials(rows, dim);
   // One part = a contiguous range of rows with its own gain-gradient partial row: no second pass
   // over s for dg, no atomics; the caller sums the parts.
-  at::parallel_for(0, parts, 1, [&](int64_t pbegin, int64_t pend) {
+  parallel_for_isa(0, parts, 1, [&](int64_t pbegin, int64_t pend) {
     std::vector<float> sb(dim), gdy(dim), dyb(dim), out(dim), extra(ds_extra ? dim : 0);
     for (int64_t p = pbegin; p < pend; ++p) {
       const int64_t r0 = p * rows / parts, r1 = (p + 1) * rows / parts;

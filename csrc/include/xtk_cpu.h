@@ -9,6 +9,18 @@
 namespace xtk {
 namespace cpu {
 
+// The instruction set the vectorized loops run with, chosen once per process: kAvx2 when the CPU has
+// AVX2 and FMA (and the build is for x86), else kBaseline; XTK_CPU_ISA=baseline forces kBaseline.
+// Throws std::invalid_argument for any other XTK_CPU_ISA than auto, baseline or unset.
+enum class Isa { kBaseline, kAvx2 };
+#if (defined(__x86_64__) || defined(__i386__)) && defined(__GNUC__)
+#define XTK_CPU_AVX2 1  // the AVX2 copy is built (gcc / clang on x86)
+#else
+#define XTK_CPU_AVX2 0
+#endif
+Isa isa();
+const char* isa_name(Isa isa);
+
 // y = rmsnorm(s) with s = x (+ residual, then written to s_out); g (fp32) has stride g_stride (0 for
 // ScaleNorm) or is null; norm gets max(||s||, eps) per row, negated when clamped.
 void rms_norm_fwd(DType dt, const void* x, const void* residual, void* s_out, const float* g, int64_t g_stride,
