@@ -37,9 +37,19 @@ is not unit-stride are copied (only those, only for it); masks and other strides
 
 Rows with no key get zeros (their mask row is opened before the kernel and the output row
 zeroed after; their gradient is zero). Dropout is not supported: auto falls back to eager.
+
+NaN and inf (README "NaN, inf and masking"): the fused kernel masks by adding -inf, which a NaN
+logit survives, and gives a zero row (log-sum-exp 0) for a row of NaN logits. Nothing is checked
+before the kernel. The forward checks its log-sum-exp (O(b h nq)): NaN/inf, or 0 with NaN/inf in
+q or k, and the output is recomputed by the eager reference, which implements the rule, a chunk of
+query rows at a time (scores within ``MATERIALIZED_ELEMS`` per chunk). The backward checks its
+gradients (one sum per tensor) and recomputes NaN/inf ones by the reference (``_graph_backward``,
+whole scores). NaN/inf in v alone leaves the log-sum-exp finite: the kernel's 0 x NaN already
+gives the rule's output there.
 """
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass, replace
 from typing import Optional
 
@@ -527,12 +537,13 @@ def _backward(plan: _Plan, go, q, k, v, out, lseL, kthL, ts, need):
 _BIAS_FIELD = {"alibi": "slopes", "t5": "table", "dt": "table", "dense": "tensor"}
 
 
-def _graph_backward(ctx, go, q, k, v, am, bt):
+def _graph_backward(ctx, go, q, k, v, am, bt, create_graph=True):
     """The gradients of q, k, v, am, bt as a differentiable graph (``create_graph=True``: double
     backward, gradient penalties): the eager reference recomputed on the saved inputs, by autograd.
     It materializes the ``(b, h, nq, nk)`` scores, as the eager backend does; the chunked backward
     is written with in-place and ``out=`` products (and the fused kernel's backward), which
-    autograd cannot differentiate again."""
+    autograd cannot differentiate again. ``create_graph=False``: the reference's gradients of a
+    call whose chunked backward gave NaN/inf (the NaN rule, see the module docstring)."""
     plan = ctx.plan
     with torch.enable_grad():
         # one view per input: the same tensor may come as q, k and v (self-attention on one x)
@@ -543,11 +554,53 @@ def _graph_backward(ctx, go, q, k, v, am, bt):
                                   topk=plan.topk, q_offset=plan.q_offset, k_prefix=plan.k_prefix)
     tensors = (q, k, v, am, bt)
     wanted = [i for i in range(5) if ctx.needs_input_grad[i + 2]]  # forward's inputs 2..6
-    grads = torch.autograd.grad(out, [tensors[i] for i in wanted], go, create_graph=True, allow_unused=True)
+    grads = torch.autograd.grad(out, [tensors[i] for i in wanted], go, create_graph=create_graph,
+                                allow_unused=True)
     result = [None] * 5
     for i, g in zip(wanted, grads):
         result[i] = g
     return result
+
+
+def _finite(*ts) -> bool:
+    """No NaN/inf in ``ts``: one sum each (a fraction of ``isfinite().all()``'s cost; a sum that
+    overflows only costs a recomputation by the reference)."""
+    return all(t is None or bool(torch.isfinite(t.sum(dtype=torch.promote_types(t.dtype, torch.float32))))
+               for t in ts)
+
+
+def _saw_nonfinite(lse, q, k) -> bool:
+    """Whether NaN/inf inputs reached the forward: a NaN/inf log-sum-exp, or one exactly 0, which
+    the fused kernel gives (with a zero output row) for a row whose logits are all NaN; a finite
+    row has log-sum-exp 0 only by chance, so then q and k themselves are checked. (One reduction:
+    a few microseconds, next to a decode step's hundreds.)"""
+    if not lse.numel():
+        return False
+    lo, hi = (x.item() for x in torch.aminmax(lse.abs()))
+    if not (math.isfinite(lo) and math.isfinite(hi)):
+        return True
+    return lo == 0 and not _finite(q, k)
+
+
+def _rows_of(t, i0: int, i1: int):
+    """Query rows i0:i1 of a mask or dense bias broadcastable to (b, h, nq, nk)."""
+    return t if t is None or t.dim() < 2 or t.shape[-2] == 1 else t[..., i0:i1, :]
+
+
+def _reference_rows(inputs, q, k, scale):
+    """The eager reference (the NaN rule) on the prepared q, k (QK-norm, rotary, a learned scale
+    applied), a chunk of query rows at a time: its (b, h, c, nk) scores stay within the budget of
+    the fused path's masks, so NaN inputs at long context do not materialize the whole matrix."""
+    b, h, nq, _ = q.shape
+    c = max(16, MATERIALIZED_ELEMS // max(1, b * h * k.shape[2]))
+    bias, outs = inputs.bias, []
+    for i0 in range(0, nq, c):
+        i1 = min(nq, i0 + c)
+        rows_bias = replace(bias, tensor=_rows_of(bias.tensor, i0, i1)) if isinstance(bias, Dense) else bias
+        outs.append(reference.attention(q[:, :, i0:i1], k, inputs.v, _rows_of(inputs.attn_mask, i0, i1),
+                                        is_causal=inputs.is_causal, scale=scale, bias=rows_bias, topk=inputs.topk,
+                                        q_offset=inputs.q_offset + i0, k_prefix=inputs.k_prefix))
+    return torch.cat(outs, dim=2)
 
 
 class _Attention(torch.autograd.Function):
@@ -556,16 +609,19 @@ class _Attention(torch.autograd.Function):
         out, lse, kth = _forward(plan, q, k, v, [am, bt])
         ctx.plan, ctx.bias = plan, bias
         ctx.save_for_backward(q, k, v, out, lse, kth, am, bt)
-        return out
+        ctx.mark_non_differentiable(lse)
+        return out, lse
 
     @staticmethod
-    def backward(ctx, go):
+    def backward(ctx, go, _):
         q, k, v, out, lse, kth, am, bt = ctx.saved_tensors
         if torch.is_grad_enabled():  # create_graph=True: the backward itself must be differentiable
             return (None, None, *_graph_backward(ctx, go, q, k, v, am, bt))
         need = [ctx.needs_input_grad[5] and am is not None and am.is_floating_point(),
                 ctx.needs_input_grad[6] and bt is not None and bt.is_floating_point()]
         dq, dk, dv, dts = _backward(ctx.plan, go, q, k, v, out, lse, kth, [am, bt], need)
+        if not _finite(dq, dk, dv, *dts):  # NaN/inf inputs (0 x NaN where a masked pair meets them)
+            return (None, None, *_graph_backward(ctx, go, q, k, v, am, bt, create_graph=False))
         return None, None, dq, dk, dv, dts[0], dts[1]
 
 
@@ -611,8 +667,12 @@ def run(inputs):
     am, bt = _learned(inputs)
     tensors = (q, k, v, am, bt)
     if torch.is_grad_enabled() and any(t is not None and t.requires_grad for t in tensors):
-        return _Attention.apply(plan, inputs.bias, q, k, v, am, bt)
-    return _forward(plan, q, k, v, [am, bt])[0]
+        out, lse = _Attention.apply(plan, inputs.bias, q, k, v, am, bt)
+    else:
+        out, lse, _ = _forward(plan, q, k, v, [am, bt])
+    if _saw_nonfinite(lse, q, k):  # the eager reference follows the NaN rule
+        return _reference_rows(inputs, q, k, scale)
+    return out
 
 
 BACKEND = backends.Backend("sdpa", "attention", reasons, run)

@@ -89,6 +89,31 @@ def _rotate_qk(q, k, rot: Rotary, q_offset: int, k_prefix: int):
     return q, torch.cat([kp, kr], dim=-2)
 
 
+def _logits(q, k, keep, two, rest, work):
+    """``s = ((q * two) @ k^T) * rest`` in ``work``, (b, h, nq, nk), under the NaN rule (README
+    "NaN, inf and masking"): a pair that ``keep`` masks gets nothing from a NaN/inf q or k row, in
+    its value or in a gradient (the backward of ``q @ k^T`` would form 0 x NaN in ``dS @ k`` and
+    ``dS^T @ q``). Such rows are zeroed in the product and the kept pairs that read them get their
+    own (non-finite) logit, from one product per pair. Under torch.compile (one graph, no
+    data-dependent branch) the plain product serves: the values still follow the rule, but such
+    gradients may be NaN."""
+    if torch.compiler.is_compiling() or bool(torch.isfinite(q).all() and torch.isfinite(k).all()):
+        return ((q * two) @ k.transpose(-1, -2)).to(work) * rest
+    bad_q, bad_k = ~torch.isfinite(q).all(-1), ~torch.isfinite(k).all(-1)  # (b, h, nq), (b, h, nk)
+    s = ((q.masked_fill(bad_q[..., None], 0.0) * two) @ k.masked_fill(bad_k[..., None], 0.0).transpose(-1, -2))
+    s = s.to(work) * rest
+    pairs = ((bad_q[..., :, None] | bad_k[..., None, :]) & keep).nonzero(as_tuple=True)
+
+    def product(b, h, i, j):
+        return ((q[b, h, i] * two) * k[b, h, j]).sum(-1).to(work) * rest
+
+    with torch.no_grad():  # a -inf logit counts as masked (below): like a masked pair, no gradient (0 x inf)
+        dead = torch.isneginf(product(*pairs))
+    s = s.index_put([p[dead] for p in pairs], torch.full((), float("-inf"), dtype=work, device=s.device))
+    live = [p[~dead] for p in pairs]
+    return s.index_put(live, product(*live))
+
+
 def attention(q, k, v, attn_mask=None, dropout_p=0.0, is_causal=False, scale=None, *,
               bias=None, topk=None, qk_norm: Optional[QKNorm] = None, rotary: Optional[Rotary] = None,
               q_offset=0, k_prefix=0, hooks: Optional[ScoreHooks] = None, dropout_mask=None):
@@ -112,17 +137,10 @@ def attention(q, k, v, attn_mask=None, dropout_p=0.0, is_causal=False, scale=Non
     k = k.repeat_interleave(h // hk, dim=1)
     v = v.repeat_interleave(h // hk, dim=1)
 
-    # 4. logits: q takes the power-of-two part of the scale before the product (q @ k^T alone
-    # overflows fp16's 65504 long before scale * q @ k^T does), the rest comes after
-    if scale is None:
-        scale = d ** -0.5
-    two, rest = split_scale(scale)
-    s = ((q * two) @ k.transpose(-1, -2)).to(work) * rest
-    if hooks is not None and hooks.pre_bias is not None:
-        s = hooks.pre_bias(s)
-
-    # 5. bias, 6. masks
+    # 6. masks first (5. bias pieces: bool ones mask, float ones are added to the logits below;
+    # a -inf entry masks its pair, whatever the logit under it holds)
     keep = torch.ones(1, 1, nq, nk, dtype=torch.bool, device=q.device)
+    added = []
     for extra in (Dense(attn_mask) if attn_mask is not None else None, bias):
         if extra is None:
             continue
@@ -130,17 +148,29 @@ def attention(q, k, v, attn_mask=None, dropout_p=0.0, is_causal=False, scale=Non
         if t.dtype == torch.bool:
             keep = keep & t
         else:
-            s = s + t.to(work)
+            keep = keep & ~torch.isneginf(t)
+            added.append(t)
     if is_causal:
         pi, pj = positions(nq, nk, q_offset, k_prefix, q.device)
         causal_masked = (pj[None, :] > pi[:, None]) & (torch.arange(nk, device=q.device) >= k_prefix)
         keep = keep & ~causal_masked
-    keep = keep & (s > float("-inf"))
 
-    # 7. top-k: keep logits >= the k-th largest unmasked one (ties kept)
+    # 4. logits: q takes the power-of-two part of the scale before the product (q @ k^T alone
+    # overflows fp16's 65504 long before scale * q @ k^T does), the rest comes after
+    if scale is None:
+        scale = d ** -0.5
+    two, rest = split_scale(scale)
+    s = _logits(q, k, keep, two, rest, work)
+    if hooks is not None and hooks.pre_bias is not None:
+        s = hooks.pre_bias(s)
+    for t in added:
+        s = s + t.to(work)
+    keep = keep & ~torch.isneginf(s)  # a -inf logit is masked; a NaN one is kept: it propagates
+
+    # 7. top-k: keep logits >= the k-th largest unmasked one (ties kept; a NaN one is never dropped)
     if topk is not None and topk < nk:
         kth = s.masked_fill(~keep, float("-inf")).topk(topk, dim=-1).values[..., -1:]
-        keep = keep & (s >= kth)
+        keep = keep & ~(s < kth)
 
     # 8. softmax (rows with no key give zeros), dropout, weighted sum
     keep = keep.expand(b, h, nq, nk)
@@ -152,11 +182,13 @@ def attention(q, k, v, attn_mask=None, dropout_p=0.0, is_causal=False, scale=Non
         p = hooks.softmax(s.masked_fill(~keep, -torch.finfo(work).max))
     else:
         p = torch.softmax(s, dim=-1)
-    p = p.masked_fill(row_empty, 0.0)
+    p = p.masked_fill(~keep, 0.0)  # exactly 0 and no gradient on masked pairs, NaN rows included
     if dropout_mask is not None:
         p = p * dropout_mask / (1.0 - dropout_p)
     elif dropout_p > 0.0:
         p = F.dropout(p, dropout_p)
     if hooks is not None and hooks.post_softmax is not None:
         p = hooks.post_softmax(p)
-    return (p.to(v.dtype) @ v).to(q.dtype)
+    # v is not masked: NaN/inf in a masked key's v still gives 0 x NaN = NaN (as SDPA), except in
+    # rows with no key, which are 0
+    return (p.to(v.dtype) @ v).masked_fill(row_empty, 0.0).to(q.dtype)
