@@ -154,6 +154,9 @@ x = torch.randn(4, 8)
 with warnings.catch_warnings(record=True) as seen:
     warnings.simplefilter("always")
     xtk.rms_norm(x, torch.ones(8), backend="eager")  # forced: the user's choice, no warning
+    q = torch.randn(1, 2, 5, 8)
+    xtk.backends.load("attention", "ext")  # as XTK_BACKEND=ext does: attention has no extension backend,
+    xtk.attention(q, q, q)                  # so nothing falls back from one
     forced = len(seen)
     xtk.rms_norm(x, torch.ones(8))
     xtk.glu(x, "gelu")

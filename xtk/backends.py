@@ -118,10 +118,12 @@ def pick(op: str, inputs, backend: str = "auto") -> Backend:
             raise RuntimeError(f"{op}: backend {want!r} was requested but cannot run these inputs: " + "; ".join(why))
         return load(op, want)
     collected = []
+    has_ext = "ext" in names(op)  # attention has none: nothing to fall back from
     for name in names(op):
         why = reasons(op, name, inputs, forced=False)
         if not why:
-            if name != "ext" and isinstance(_loaded.get((op, "ext")), str) and not torch.compiler.is_compiling():
+            if (has_ext and name != "ext" and isinstance(_loaded.get((op, "ext")), str)
+                    and not torch.compiler.is_compiling()):
                 _warn_extension_missing(op, name, _loaded[(op, "ext")])  # (dynamo cannot trace warnings.warn)
             return load(op, name)
         collected.append(f"{name}: " + "; ".join(why))
