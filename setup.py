@@ -33,6 +33,7 @@ setup(
     description="Fused GPU kernels for x-transformers features behind a torch module API",
     packages=["xtk", "xtk.ops", "xtk.reference", "xtk.modules", "xtk.models", "xtk.kernels", "xtk.bench"],
     package_dir={"xtk": "xtk", "xtk.kernels": "kernels", "xtk.bench": "bench"},
+    package_data={"xtk.kernels": ["tiles_sm*.json"]},  # the tile tables kernels/tiles.py reads
     python_requires=">=3.10",
     install_requires=install_requires,
     extras_require={"test": test_requires, "bench": ["matplotlib"]},

@@ -7,33 +7,37 @@
 - ``_attn_bwd_dq``: one program per (query block, batch * head) over the key blocks; it also
   produces the gradients of the learned bias inputs (with a first pass over the keys that
   recomputes delta as sum_j P dP, consistent with its own P, so whole-row sums of dS cancel): ALiBi slope partials per program
-  (summed by the launcher: deterministic), distance-table gradient by ``tl.atomic_add``
-  (unordered; in deterministic mode the launcher takes dS whole and sums its diagonals
+  (summed by the launcher: deterministic), distance-table gradient as each tile's diagonal sums
+  (``_table_grad_tile``: BLOCK_M + BLOCK_N - 1 relaxed atomics per tile, not one per element;
+  unordered, so in deterministic mode the launcher takes dS whole and sums its diagonals
   instead), dense-bias gradient as the
   dS tile stored into a (b, h, nq, nk) buffer (only when a dense bias requires grad).
-Dropout: the same counter-based keep-mask as the forward (``_dropout_keep``).
+Dropout: the same counter-based keep-mask as the forward (``_dropout_keep``), keyed by the seed
+the forward drew on the device (``SEED``, a pointer: no host sync).
+Grids: one axis, (blocks x batch * heads) folded (``_fold``), so no axis meets CUDA's 65,535 limit.
 """
 import triton
 import triton.language as tl
 
-from .attention_common import (_causal_key_end, _causal_query_start, _dropout_keep, _head_bias, _load_kt, _load_q,
-                               _logits, _qk_tile_bwd, _query_program)
+from .attention_common import (DECODE_INTS, _causal_key_end, _causal_query_start, _dropout_keep, _fold, _head_bias,
+                               _load_kt, _load_q, _logits, _qk_tile_bwd, _query_program, _table_grad_tile,
+                               _tile_ptrs, _tile_ptrs_t)
 
 
-@triton.jit
+@triton.jit(do_not_specialize=DECODE_INTS)
 def _attn_bwd_dkdv(
         Q, K, V, DO, DK, DV_, LSE, DELTA, THR, SLOPES, TAB, MASK, BIAS, QSC, KSC, INV_FREQ, XPOS, DKSC,
         sqb, sqh, sqm, sqd, skb, skh, skn, skd, svb, svh, svn, svd, sdob, sdoh, sdom, sdod,
         sdkb, sdkh, sdkn, sdkd, sdvb, sdvh, sdvn, sdvd,
         stab_l, stab_h, tab_center, smb, smh, smm, smn, sbb, sbh, sbm, sbn,
-        H, HK, NQ, NK, D, DV, q_offset, k_prefix, sm_scale, dropout_p, seed, R, max_half, xpos_base, interp,
+        H, HK, NQ, NK, D, DV, q_offset, k_prefix, sm_scale, dropout_p, SEED, R, max_half, xpos_base, interp,
         IS_CAUSAL: tl.constexpr, BIAS_KIND: tl.constexpr, MASK_KIND: tl.constexpr, HAS_TOPK: tl.constexpr,
         HAS_DROPOUT: tl.constexpr, PRECISION: tl.constexpr,
         HAS_NORM: tl.constexpr, GROUPS: tl.constexpr, HAS_DSCALE: tl.constexpr, HAS_ROT: tl.constexpr,
         HAS_XPOS: tl.constexpr,
         BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_DV: tl.constexpr):
-    pid_n = tl.program_id(0)
-    off_bhk = tl.program_id(1)
+    n_kblocks = tl.cdiv(NK, BLOCK_N)
+    pid_n, off_bhk = _fold(n_kblocks)
     off_b = off_bhk // HK
     off_hk = off_bhk % HK
     group = H // HK
@@ -46,8 +50,10 @@ def _attn_bwd_dkdv(
     k_base = K + off_b.to(tl.int64) * skb + off_hk.to(tl.int64) * skh
     kt = _load_kt(k_base, offs_n, offs_d, skn, skd, NK, D, k_prefix, KSC + off_hk * D, INV_FREQ, XPOS, R, interp,
                   max_half, xpos_base, HAS_NORM, GROUPS, HAS_DSCALE, HAS_ROT, HAS_XPOS, BLOCK_N, BLOCK_D)
-    vt = tl.load(V + off_b.to(tl.int64) * svb + off_hk.to(tl.int64) * svh + offs_n[None, :] * svn + offs_dv[:, None] * svd,
+    vt = tl.load(_tile_ptrs_t(V + off_b.to(tl.int64) * svb + off_hk.to(tl.int64) * svh, offs_dv, offs_n, svd, svn),
                  mask=col_ok[None, :] & (offs_dv[:, None] < DV), other=0.0)
+    if HAS_DROPOUT:
+        seed = tl.load(SEED)
     dk = tl.zeros([BLOCK_N, BLOCK_D], tl.float32)
     dv = tl.zeros([BLOCK_N, BLOCK_DV], tl.float32)
     start_q = _causal_query_start(start_n, BLOCK_M, q_offset, k_prefix, IS_CAUSAL)
@@ -62,7 +68,7 @@ def _attn_bwd_dkdv(
             row_ok = offs_m < NQ
             q = _load_q(q_base, offs_m, offs_d, sqm, sqd, NQ, D, q_offset, QSC + off_h * D, INV_FREQ, XPOS, R, interp,
                         max_half, xpos_base, HAS_NORM, GROUPS, HAS_DSCALE, HAS_ROT, HAS_XPOS, BLOCK_M, BLOCK_D)
-            do = tl.load(do_base + offs_m[:, None] * sdom + offs_dv[None, :] * sdod,
+            do = tl.load(_tile_ptrs(do_base, offs_m, offs_dv, sdom, sdod),
                          mask=row_ok[:, None] & (offs_dv[None, :] < DV), other=0.0)
             m_row = tl.load(LSE + off_bh.to(tl.int64) * 2 * NQ + offs_m, mask=row_ok, other=float("inf"))
             inv_l = 1.0 / tl.load(LSE + off_bh.to(tl.int64) * 2 * NQ + NQ + offs_m, mask=row_ok, other=1.0)
@@ -86,34 +92,35 @@ def _attn_bwd_dkdv(
             dk += tl.dot(tl.trans(ds).to(q.dtype), q, input_precision=PRECISION)
     dk = dk * sm_scale
     if HAS_NORM or HAS_DSCALE or HAS_ROT:  # dL/dk' -> dL/dk, and this block's share of dL/d(k dim scale)
-        k = tl.load(k_base + offs_n[:, None] * skn + offs_d[None, :] * skd,
-                    mask=col_ok[:, None] & (offs_d[None, :] < D), other=0.0)
+        k = tl.load(_tile_ptrs(k_base, offs_n, offs_d, skn, skd), mask=col_ok[:, None] & (offs_d[None, :] < D),
+                    other=0.0)
         dk, dksc = _qk_tile_bwd(k, dk, offs_d, D, offs_n - k_prefix, offs_n >= k_prefix, KSC + off_hk * D, INV_FREQ,
                                 XPOS, R, interp, max_half, xpos_base, -1.0, HAS_NORM, GROUPS, HAS_DSCALE, HAS_ROT,
                                 HAS_XPOS, BLOCK_N, BLOCK_D)
         if HAS_DSCALE:
-            tl.store(DKSC + (pid_n * tl.num_programs(1) + off_bhk).to(tl.int64) * D + offs_d, dksc, mask=offs_d < D)
-    tl.store(DK + off_b.to(tl.int64) * sdkb + off_hk.to(tl.int64) * sdkh + offs_n[:, None] * sdkn + offs_d[None, :] * sdkd,
+            tl.store(DKSC + (off_bhk.to(tl.int64) * n_kblocks + pid_n) * D + offs_d, dksc, mask=offs_d < D)
+    tl.store(_tile_ptrs(DK + off_b.to(tl.int64) * sdkb + off_hk.to(tl.int64) * sdkh, offs_n, offs_d, sdkn, sdkd),
              dk.to(DK.dtype.element_ty), mask=col_ok[:, None] & (offs_d[None, :] < D))
-    tl.store(DV_ + off_b.to(tl.int64) * sdvb + off_hk.to(tl.int64) * sdvh + offs_n[:, None] * sdvn + offs_dv[None, :] * sdvd,
+    tl.store(_tile_ptrs(DV_ + off_b.to(tl.int64) * sdvb + off_hk.to(tl.int64) * sdvh, offs_n, offs_dv, sdvn, sdvd),
              dv.to(DV_.dtype.element_ty), mask=col_ok[:, None] & (offs_dv[None, :] < DV))
 
 
-@triton.jit
+@triton.jit(do_not_specialize=DECODE_INTS)
 def _attn_bwd_dq(
         Q, K, V, DO, DQ, LSE, DELTA, THR, SLOPES, TAB, MASK, BIAS, DSLOPE, DTAB, DS, QSC, KSC, INV_FREQ, XPOS, DQSC,
         DLSC,
         sqb, sqh, sqm, sqd, skb, skh, skn, skd, svb, svh, svn, svd, sdob, sdoh, sdom, sdod,
         sdqb, sdqh, sdqm, sdqd,
         stab_l, stab_h, tab_center, smb, smh, smm, smn, sbb, sbh, sbm, sbn,
-        H, HK, NQ, NK, D, DV, q_offset, k_prefix, sm_scale, dropout_p, seed, R, max_half, xpos_base, interp,
+        H, HK, NQ, NK, D, DV, q_offset, k_prefix, sm_scale, dropout_p, SEED, R, max_half, xpos_base, interp,
         IS_CAUSAL: tl.constexpr, BIAS_KIND: tl.constexpr, MASK_KIND: tl.constexpr, HAS_TOPK: tl.constexpr,
         HAS_DROPOUT: tl.constexpr, PRECISION: tl.constexpr,
         HAS_NORM: tl.constexpr, GROUPS: tl.constexpr, HAS_DSCALE: tl.constexpr, HAS_ROT: tl.constexpr,
         HAS_XPOS: tl.constexpr,
         NEED_DSLOPE: tl.constexpr, NEED_DTAB: tl.constexpr, NEED_DS: tl.constexpr, NEED_DLSC: tl.constexpr,
         BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_DV: tl.constexpr):
-    pid_m, off_bh, off_b, off_h, off_hk, start_m = _query_program(H, HK, BLOCK_M)
+    pid_m, off_bh, off_b, off_h, off_hk, start_m = _query_program(H, HK, NQ, BLOCK_M)
+    n_mblocks = tl.cdiv(NQ, BLOCK_M)
     offs_m = start_m + tl.arange(0, BLOCK_M)
     offs_n0 = tl.arange(0, BLOCK_N)
     offs_d = tl.arange(0, BLOCK_D)
@@ -123,13 +130,15 @@ def _attn_bwd_dq(
     q = _load_q(q_base, offs_m, offs_d, sqm, sqd, NQ, D, q_offset, QSC + off_h * D, INV_FREQ, XPOS, R, interp,
                 max_half, xpos_base, HAS_NORM, GROUPS, HAS_DSCALE, HAS_ROT, HAS_XPOS, BLOCK_M, BLOCK_D)
     ksc = KSC + off_hk * D
-    do = tl.load(DO + off_b.to(tl.int64) * sdob + off_h.to(tl.int64) * sdoh + offs_m[:, None] * sdom + offs_dv[None, :] * sdod,
+    do = tl.load(_tile_ptrs(DO + off_b.to(tl.int64) * sdob + off_h.to(tl.int64) * sdoh, offs_m, offs_dv, sdom, sdod),
                  mask=row_ok[:, None] & (offs_dv[None, :] < DV), other=0.0)
     m_row = tl.load(LSE + off_bh.to(tl.int64) * 2 * NQ + offs_m, mask=row_ok, other=float("inf"))
     inv_l = 1.0 / tl.load(LSE + off_bh.to(tl.int64) * 2 * NQ + NQ + offs_m, mask=row_ok, other=1.0)
     delta = tl.load(DELTA + off_bh.to(tl.int64) * NQ + offs_m, mask=row_ok, other=0.0)
     if HAS_TOPK:
         thr = tl.load(THR + off_bh.to(tl.int64) * NQ + offs_m, mask=row_ok, other=float("-inf"))
+    if HAS_DROPOUT:
+        seed = tl.load(SEED)
     k_base = K + off_b.to(tl.int64) * skb + off_hk.to(tl.int64) * skh
     v_base = V + off_b.to(tl.int64) * svb + off_hk.to(tl.int64) * svh
     slope, tab = _head_bias(SLOPES, TAB, off_h, stab_h, BIAS_KIND)
@@ -149,7 +158,7 @@ def _attn_bwd_dq(
             col_ok = offs_n < NK
             kt = _load_kt(k_base, offs_n, offs_d, skn, skd, NK, D, k_prefix, ksc, INV_FREQ, XPOS, R, interp, max_half,
                           xpos_base, HAS_NORM, GROUPS, HAS_DSCALE, HAS_ROT, HAS_XPOS, BLOCK_N, BLOCK_D)
-            vt = tl.load(v_base + offs_n[None, :] * svn + offs_dv[:, None] * svd,
+            vt = tl.load(_tile_ptrs_t(v_base, offs_dv, offs_n, svd, svn),
                          mask=col_ok[None, :] & (offs_dv[:, None] < DV), other=0.0)
             s = _logits(tl.dot(q, kt, input_precision=PRECISION), offs_m, offs_n, off_b, off_h, NQ, NK, q_offset,
                         k_prefix, sm_scale, slope, tab, stab_l, tab_center,
@@ -170,8 +179,8 @@ def _attn_bwd_dq(
         col_ok = offs_n < NK
         kt = _load_kt(k_base, offs_n, offs_d, skn, skd, NK, D, k_prefix, ksc, INV_FREQ, XPOS, R, interp, max_half,
                       xpos_base, HAS_NORM, GROUPS, HAS_DSCALE, HAS_ROT, HAS_XPOS, BLOCK_N, BLOCK_D)
-        vt = tl.load(v_base + offs_n[None, :] * svn + offs_dv[:, None] * svd,
-                     mask=col_ok[None, :] & (offs_dv[:, None] < DV), other=0.0)
+        vt = tl.load(_tile_ptrs_t(v_base, offs_dv, offs_n, svd, svn), mask=col_ok[None, :] & (offs_dv[:, None] < DV),
+                     other=0.0)
         qk = tl.dot(q, kt, input_precision=PRECISION)
         s = _logits(qk, offs_m, offs_n, off_b, off_h, NQ, NK, q_offset, k_prefix, sm_scale, slope, tab, stab_l,
                     tab_center, MASK, smb, smh, smm, smn, BIAS, sbb, sbh, sbm, sbn, IS_CAUSAL, BIAS_KIND, MASK_KIND)
@@ -190,24 +199,25 @@ def _attn_bwd_dq(
             dslope += tl.sum(tl.where(positional[None, :], -ds * tl.abs(dist).to(tl.float32), 0.0), axis=1)
         if NEED_DLSC:  # fp32 dS times the fp32 q'.k' (not the rounded dS of the dq product)
             dlsc += tl.sum(ds * qk, axis=1)
-        if NEED_DTAB:
-            tl.atomic_add(DTAB + (dist + tab_center).to(tl.int64) * stab_l + off_h * stab_h, ds,
-                          mask=positional[None, :] & row_ok[:, None])
+        if NEED_DTAB:  # diagonal sums of the tile, one atomic per distance
+            first = q_offset + start_m - (start_n + BLOCK_N - 1 - k_prefix) + tab_center
+            _table_grad_tile(DTAB + off_h * stab_h, stab_l, ds, positional[None, :] & row_ok[:, None], first,
+                             2 * tab_center + 1, BLOCK_M, BLOCK_N)
         if NEED_DS:
-            tl.store(DS + off_bh.to(tl.int64) * NQ * NK + (offs_m[:, None] * NK + offs_n[None, :]), ds,
-                     mask=row_ok[:, None] & col_ok[None, :])
+            ds_off = offs_m.to(tl.int64)[:, None] * NK + offs_n[None, :]  # int64: nq * nk passes 2^31
+            tl.store(DS + off_bh.to(tl.int64) * NQ * NK + ds_off, ds, mask=row_ok[:, None] & col_ok[None, :])
     dq = dq * sm_scale
     if HAS_NORM or HAS_DSCALE or HAS_ROT:  # dL/dq' -> dL/dq, and this block's share of dL/d(q dim scale)
-        qraw = tl.load(q_base + offs_m[:, None] * sqm + offs_d[None, :] * sqd,
-                       mask=row_ok[:, None] & (offs_d[None, :] < D), other=0.0)
+        qraw = tl.load(_tile_ptrs(q_base, offs_m, offs_d, sqm, sqd), mask=row_ok[:, None] & (offs_d[None, :] < D),
+                       other=0.0)
         dq, dqsc = _qk_tile_bwd(qraw, dq, offs_d, D, q_offset + offs_m, offs_m >= 0, QSC + off_h * D, INV_FREQ, XPOS, R,
                                 interp, max_half, xpos_base, 1.0, HAS_NORM, GROUPS, HAS_DSCALE, HAS_ROT, HAS_XPOS,
                                 BLOCK_M, BLOCK_D)
         if HAS_DSCALE:
-            tl.store(DQSC + (pid_m * tl.num_programs(1) + off_bh).to(tl.int64) * D + offs_d, dqsc, mask=offs_d < D)
-    tl.store(DQ + off_b.to(tl.int64) * sdqb + off_h.to(tl.int64) * sdqh + offs_m[:, None] * sdqm + offs_d[None, :] * sdqd,
+            tl.store(DQSC + (off_bh.to(tl.int64) * n_mblocks + pid_m) * D + offs_d, dqsc, mask=offs_d < D)
+    tl.store(_tile_ptrs(DQ + off_b.to(tl.int64) * sdqb + off_h.to(tl.int64) * sdqh, offs_m, offs_d, sdqm, sdqd),
              dq.to(DQ.dtype.element_ty), mask=row_ok[:, None] & (offs_d[None, :] < D))
     if NEED_DSLOPE:
-        tl.store(DSLOPE + off_bh.to(tl.int64) * tl.num_programs(0) + pid_m, tl.sum(dslope, axis=0))
+        tl.store(DSLOPE + off_bh.to(tl.int64) * n_mblocks + pid_m, tl.sum(dslope, axis=0))
     if NEED_DLSC:
-        tl.store(DLSC + off_bh.to(tl.int64) * tl.num_programs(0) + pid_m, tl.sum(dlsc, axis=0) * sm_scale)
+        tl.store(DLSC + off_bh.to(tl.int64) * n_mblocks + pid_m, tl.sum(dlsc, axis=0) * sm_scale)

@@ -7,6 +7,11 @@ forward, both backward kernels) calls it, so they agree on which keys a row sees
 Positions: query ``i`` sits at ``q_offset + i``; key ``j >= k_prefix`` at ``j - k_prefix``; the
 first ``k_prefix`` keys carry no position (no position bias, never causally masked).
 
+Launch hazards (issue 11): every grid is one axis of (blocks x batch * heads) programs (``_fold``;
+CUDA caps axes 1 and 2 at 65,535); tile addresses take int64 row offsets (``_tile_ptrs``: n *
+row stride and nq * nk pass 2^31); the dropout seed is a device tensor the kernels load
+(``SEED``); the integers that change every decode step are not specialized (``DECODE_INTS``).
+
 Switches (``tl.constexpr``):
 - BIAS_KIND: 0 none, 1 alibi (one slope per head, 0 for heads without one), 2 distance table
   ``tab[(p_i - p_j) + center, h]`` (DistanceTable, and T5 turned into one by the launcher),
@@ -27,15 +32,58 @@ import triton.language as tl
 BIAS_NONE, BIAS_ALIBI, BIAS_TABLE, BIAS_DENSE_FLOAT, BIAS_DENSE_BOOL = 0, 1, 2, 3, 4
 MASK_NONE, MASK_FLOAT, MASK_BOOL = 0, 1, 2
 
+# Integers that change from one decode step to the next (``do_not_specialize`` of every attention
+# kernel): the key count, the query offset, the distance table's center and rotary's max_half
+# (both grow with the cache). Triton would otherwise compile a variant per value class (== 1,
+# % 16 == 0, other), so a decode loop would compile several kernels. Kept specialized: the strides
+# (they decide vector loads), nq and k_prefix (fixed through a decode loop: nq = 1 or the draft
+# length, k_prefix = the memory key count); NQ's % 16 hint is worth keeping: without it the AOT
+# dq kernel needed up to 40 more registers per thread (the row-statistics loads lose their alignment).
+DECODE_INTS = ["NK", "q_offset", "tab_center", "max_half"]
+
 
 @triton.jit
-def _query_program(H, HK, BLOCK_M: tl.constexpr):
+def _fold(n_blocks):
+    """(block, batch * head) of this program in a 1-D grid of ``n_blocks * (batch * heads)``
+    programs, blocks fastest (the launcher's ``launch_grids``): axis 0 holds 2^31 - 1 programs,
+    where CUDA caps axes 1 and 2 at 65,535 (a decode batch of 2,048 x 32 heads passes that)."""
+    pid = tl.program_id(0)
+    return pid % n_blocks, pid // n_blocks
+
+
+@triton.jit
+def _query_program(H, HK, NQ, BLOCK_M: tl.constexpr):
     """A program over (query block, batch * head): (pid_m, off_bh, off_b, off_h, off_hk, start_m);
     GQA: query head ``h`` reads kv head ``h // (H // HK)``."""
-    pid_m = tl.program_id(0)
-    off_bh = tl.program_id(1)
+    pid_m, off_bh = _fold(tl.cdiv(NQ, BLOCK_M))
     off_h = off_bh % H
     return pid_m, off_bh, off_bh // H, off_h, off_h // (H // HK), pid_m * BLOCK_M
+
+
+@triton.jit
+def _tile_ptrs(base, rows, cols, s_row, s_col):
+    """Pointers ``base + rows * s_row + cols * s_col`` of a q/k/v/dO/O (or gradient) tile whose rows
+    are sequence positions and columns the head dim.
+
+    The row offsets are int64: a position times a row stride passes 2^31 elements for long
+    sequences with wide rows (a packed qkv (b, n, 3, h, d) with h*d = 4096 at n >= 174,763). The
+    column offsets keep the cheap int32 math: the head dim (< 256) times a feature stride that the
+    launcher keeps below 2^23 (``attention_op._narrow_cols``). The rows are added first: in the
+    loops they are what changes, and the loop-invariant head-dim offsets stay an int32 vector
+    (added first, they would be hoisted as 64-bit pointers: more registers, spills in the AOT set).
+    Dense (nq, nk) tiles (``_dense_tile``, the dS store) sum int64 row and column offsets before
+    the pointer instead: there i * nk, and j * nq for a transposed mask, pass 2^31. Index math
+    stays int32 (every index < n < 2^31)."""
+    return base + (rows.to(tl.int64) * s_row)[:, None] + (cols * s_col)[None, :]
+
+
+@triton.jit
+def _tile_ptrs_t(base, rows, cols, s_row, s_col):
+    """``_tile_ptrs`` of a transposed tile (k^T, v^T): rows are the head dim (int32 offsets),
+    columns the sequence positions (int64 offsets). The positions are added first (as in
+    ``_tile_ptrs``): they change every key block, while the head-dim offsets stay loop-invariant
+    int32 (added first, they would be hoisted as a column of 64-bit pointers: more registers)."""
+    return base + (cols.to(tl.int64) * s_col)[None, :] + (rows * s_row)[:, None]
 
 
 @triton.jit
@@ -51,8 +99,10 @@ def _head_bias(SLOPES, TAB, off_h, stab_h, BIAS_KIND: tl.constexpr):
 def _dense_tile(s, ptr, sb, sh, sm, sn, off_b, off_h, offs_m, offs_n, NQ, NK, KIND: tl.constexpr):
     """Add (KIND 1) or apply as keep-mask (KIND 2) one tile of a broadcast (b, h, nq, nk) tensor."""
     inb = (offs_m[:, None] < NQ) & (offs_n[None, :] < NK)
-    base = ptr + off_b.to(tl.int64) * sb + off_h.to(tl.int64) * sh  # 64-bit per (b, h); in-slice offsets 32-bit
-    p = base + (offs_m[:, None] * sm + offs_n[None, :] * sn)
+    # int64 offsets, summed before they meet the pointer: this association keeps the loop-invariant
+    # half (rows in the forward and dq, columns in dK/dV) an offset vector, not a column of pointers
+    off = offs_m.to(tl.int64)[:, None] * sm + offs_n.to(tl.int64)[None, :] * sn
+    p = ptr + off_b.to(tl.int64) * sb + off_h.to(tl.int64) * sh + off
     if KIND == 1:
         s = s + tl.load(p, mask=inb, other=0.0).to(tl.float32)
     else:
@@ -89,6 +139,29 @@ def _logits(qk, offs_m, offs_n, off_b, off_h, NQ, NK, q_offset, k_prefix, sm_sca
     if IS_CAUSAL:
         valid = valid & ~((pj[None, :] > pi[:, None]) & positional[None, :])
     return tl.where(valid, s, float("-inf"))
+
+
+@triton.jit
+def _table_grad_tile(DTAB_H, stab_l, ds, keep, first, n_tab, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr):
+    """Add one tile's dS to the distance-table gradient column of one head (``DTAB_H``).
+
+    The tile's elements lie on BLOCK_M + BLOCK_N - 1 diagonals (one distance each), taken BLOCK_N
+    at a time: a gather skews row ``i`` by ``i`` so that each diagonal of the chunk becomes a
+    column (a (BLOCK_M, BLOCK_N) tile: no more registers than dS itself), a column sum adds it up,
+    and one relaxed atomic per diagonal adds it to the table -- in place of one atomic per element
+    (BLOCK_M * BLOCK_N). ``keep``: the elements that carry a position bias; ``first``: the table
+    row of the diagonal through (i = 0, j = BLOCK_N - 1); rows outside ``[0, n_tab)`` hold no kept
+    element (their sums are 0) and are skipped."""
+    dsk = tl.where(keep, ds, 0.0)
+    rows = tl.arange(0, BLOCK_M)
+    for c in range(0, BLOCK_M + BLOCK_N - 1, BLOCK_N):  # a loop, not unrolled: one chunk's indices live at a time
+        t = c + tl.arange(0, BLOCK_N)  # diagonal t holds (i, j) with i - j = t - (BLOCK_N - 1)
+        col = rows[:, None] + (BLOCK_N - 1) - t[None, :]
+        on = (col >= 0) & (col < BLOCK_N)
+        diag = tl.sum(tl.where(on, tl.gather(dsk, tl.where(on, col, 0), axis=1), 0.0), axis=0)
+        row = first + t
+        tl.atomic_add(DTAB_H + row.to(tl.int64) * stab_l, diag,
+                      mask=(t < BLOCK_M + BLOCK_N - 1) & (row >= 0) & (row < n_tab), sem="relaxed")
 
 
 @triton.jit
@@ -177,9 +250,17 @@ def _group_norm_factor(x, offs_d, D, GROUPS: tl.constexpr):
     nrm = tl.zeros(x.shape, tl.float32)
     for g in tl.static_range(GROUPS):
         in_g = (gid == g)[None, :]
-        n = tl.sqrt(tl.sum(tl.where(in_g, x * x, 0.0), axis=1))
+        # sqrt.approx and div.full (1-2 ulp) put the fp32 dK of QK-norm with rotary at 4.7x the eager
+        # error on an H100 (2026-11-27); one Newton step on each, residuals by fma, brings both to
+        # about eager's correctly rounded sqrt and division (tl.sqrt_rn / tl.div_rn cost ~20
+        # registers here, and spills)
+        ss = tl.sum(tl.where(in_g, x * x, 0.0), axis=1)
+        n = tl.sqrt(ss)
+        n = tl.where(n > 0.0, tl.fma(tl.fma(-n, n, ss), 0.5 / n, n), n)
         r = tl.maximum(n, 1e-12)
-        inv = tl.where(in_g, 1.0 / r[:, None], inv)
+        r_inv = 1.0 / r
+        r_inv = tl.fma(r_inv, tl.fma(-r, r_inv, 1.0), r_inv)
+        inv = tl.where(in_g, r_inv[:, None], inv)
         nrm = tl.where(in_g, n[:, None], nrm)
     return inv, nrm
 
@@ -242,8 +323,8 @@ def _load_q(q_base, offs_m, offs_d, sqm, sqd, NQ, D, q_offset, QSC_ROW, INV_FREQ
             xpos_base, HAS_NORM: tl.constexpr, GROUPS: tl.constexpr, HAS_DSCALE: tl.constexpr,
             HAS_ROT: tl.constexpr, HAS_XPOS: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_D: tl.constexpr):
     """The (BLOCK_M, BLOCK_D) q' tile in q's dtype (raw q without QK features); query ``i`` at ``q_offset + i``."""
-    q = tl.load(q_base + offs_m[:, None] * sqm + offs_d[None, :] * sqd,
-                mask=(offs_m[:, None] < NQ) & (offs_d[None, :] < D), other=0.0)
+    q = tl.load(_tile_ptrs(q_base, offs_m, offs_d, sqm, sqd), mask=(offs_m[:, None] < NQ) & (offs_d[None, :] < D),
+                other=0.0)
     if HAS_NORM or HAS_DSCALE or HAS_ROT:
         q = _qk_tile_fwd(q, offs_d, D, q_offset + offs_m, offs_m >= 0, QSC_ROW, INV_FREQ, XPOS, R, interp,
                          max_half, xpos_base, 1.0, HAS_NORM, GROUPS, HAS_DSCALE, HAS_ROT, HAS_XPOS,
@@ -257,13 +338,13 @@ def _load_kt(k_base, offs_n, offs_d, skn, skd, NK, D, k_prefix, KSC_ROW, INV_FRE
              HAS_ROT: tl.constexpr, HAS_XPOS: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr):
     """The transposed (BLOCK_D, BLOCK_N) k' tile in k's dtype; key ``j`` at ``j - k_prefix``, prefix keys unrotated."""
     if HAS_NORM or HAS_DSCALE or HAS_ROT:
-        k = tl.load(k_base + offs_n[:, None] * skn + offs_d[None, :] * skd,
-                    mask=(offs_n[:, None] < NK) & (offs_d[None, :] < D), other=0.0)
+        k = tl.load(_tile_ptrs(k_base, offs_n, offs_d, skn, skd), mask=(offs_n[:, None] < NK) & (offs_d[None, :] < D),
+                    other=0.0)
         kp = _qk_tile_fwd(k, offs_d, D, offs_n - k_prefix, offs_n >= k_prefix, KSC_ROW, INV_FREQ, XPOS, R, interp,
                           max_half, xpos_base, -1.0, HAS_NORM, GROUPS, HAS_DSCALE, HAS_ROT, HAS_XPOS,
                           BLOCK_N, BLOCK_D)
         kt = tl.trans(kp.to(k.dtype))
     else:
-        kt = tl.load(k_base + offs_n[None, :] * skn + offs_d[:, None] * skd,
+        kt = tl.load(_tile_ptrs_t(k_base, offs_d, offs_n, skd, skn),
                      mask=(offs_n[None, :] < NK) & (offs_d[:, None] < D), other=0.0)
     return kt

@@ -15,10 +15,11 @@ than topk unmasked keys, i.e. keep all). The forward and backward then mask ``s 
 import triton
 import triton.language as tl
 
-from .attention_common import _causal_key_end, _dropout_keep, _head_bias, _load_kt, _load_q, _logits, _query_program
+from .attention_common import (DECODE_INTS, _causal_key_end, _dropout_keep, _fold, _head_bias, _load_kt, _load_q,
+                               _logits, _query_program, _tile_ptrs)
 
 
-@triton.jit
+@triton.jit(do_not_specialize=DECODE_INTS)
 def _attn_topk_threshold(
         Q, K, THR, SLOPES, TAB, MASK, BIAS, QSC, KSC, INV_FREQ, XPOS,
         sqb, sqh, sqm, sqd, skb, skh, skn, skd,
@@ -28,7 +29,7 @@ def _attn_topk_threshold(
         HAS_NORM: tl.constexpr, GROUPS: tl.constexpr, HAS_DSCALE: tl.constexpr, HAS_ROT: tl.constexpr,
         HAS_XPOS: tl.constexpr,
         K2: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr):
-    pid_m, off_bh, off_b, off_h, off_hk, start_m = _query_program(H, HK, BLOCK_M)
+    pid_m, off_bh, off_b, off_h, off_hk, start_m = _query_program(H, HK, NQ, BLOCK_M)
     offs_m = start_m + tl.arange(0, BLOCK_M)
     offs_n0 = tl.arange(0, BLOCK_N)
     offs_d = tl.arange(0, BLOCK_D)
@@ -56,18 +57,18 @@ def _attn_topk_threshold(
     tl.store(THR + off_bh.to(tl.int64) * NQ + offs_m, kth, mask=offs_m < NQ)
 
 
-@triton.jit
+@triton.jit(do_not_specialize=DECODE_INTS)
 def _attn_fwd(
         Q, K, V, O, LSE, THR, SLOPES, TAB, MASK, BIAS, QSC, KSC, INV_FREQ, XPOS,
         sqb, sqh, sqm, sqd, skb, skh, skn, skd, svb, svh, svn, svd, sob, soh, som, sod,
         stab_l, stab_h, tab_center, smb, smh, smm, smn, sbb, sbh, sbm, sbn,
-        H, HK, NQ, NK, D, DV, q_offset, k_prefix, sm_scale, dropout_p, seed, R, max_half, xpos_base, interp,
+        H, HK, NQ, NK, D, DV, q_offset, k_prefix, sm_scale, dropout_p, SEED, R, max_half, xpos_base, interp,
         IS_CAUSAL: tl.constexpr, BIAS_KIND: tl.constexpr, MASK_KIND: tl.constexpr, HAS_TOPK: tl.constexpr,
         HAS_DROPOUT: tl.constexpr, PRECISION: tl.constexpr,
         HAS_NORM: tl.constexpr, GROUPS: tl.constexpr, HAS_DSCALE: tl.constexpr, HAS_ROT: tl.constexpr,
         HAS_XPOS: tl.constexpr,
         BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_DV: tl.constexpr):
-    pid_m, off_bh, off_b, off_h, off_hk, start_m = _query_program(H, HK, BLOCK_M)
+    pid_m, off_bh, off_b, off_h, off_hk, start_m = _query_program(H, HK, NQ, BLOCK_M)
     offs_m = start_m + tl.arange(0, BLOCK_M)
     offs_n0 = tl.arange(0, BLOCK_N)
     offs_d = tl.arange(0, BLOCK_D)
@@ -82,6 +83,8 @@ def _attn_fwd(
     slope, tab = _head_bias(SLOPES, TAB, off_h, stab_h, BIAS_KIND)
     if HAS_TOPK:
         thr = tl.load(THR + off_bh.to(tl.int64) * NQ + offs_m, mask=row_ok, other=float("-inf"))
+    if HAS_DROPOUT:
+        seed = tl.load(SEED)  # drawn on the device per call (CUDA graphs replay a fresh one)
     m_i = tl.full([BLOCK_M], float("-inf"), tl.float32)
     l_i = tl.zeros([BLOCK_M], tl.float32)
     acc = tl.zeros([BLOCK_M, BLOCK_DV], tl.float32)
@@ -104,26 +107,30 @@ def _attn_fwd(
         if HAS_DROPOUT:
             keep = _dropout_keep(seed, off_bh, offs_m, offs_n, dropout_p)
             p = tl.where(keep, p / (1.0 - dropout_p), 0.0)
-        v = tl.load(v_base + offs_n[:, None] * svn + offs_dv[None, :] * svd,
-                    mask=col_ok[:, None] & (offs_dv[None, :] < DV), other=0.0)
+        v = tl.load(_tile_ptrs(v_base, offs_n, offs_dv, svn, svd), mask=col_ok[:, None] & (offs_dv[None, :] < DV),
+                    other=0.0)
         acc = acc * alpha[:, None] + tl.dot(p.to(v.dtype), v, input_precision=PRECISION)
         m_i = m_new
     empty = l_i == 0.0
     out = acc / tl.where(empty, 1.0, l_i)[:, None]
     m_row = tl.where(empty, float("inf"), m_i)
     l_row = tl.where(empty, 1.0, l_i)
-    tl.store(O + off_b.to(tl.int64) * sob + off_h.to(tl.int64) * soh + offs_m[:, None] * som + offs_dv[None, :] * sod,
+    tl.store(_tile_ptrs(O + off_b.to(tl.int64) * sob + off_h.to(tl.int64) * soh, offs_m, offs_dv, som, sod),
              out.to(O.dtype.element_ty), mask=row_ok[:, None] & (offs_dv[None, :] < DV))
     tl.store(LSE + off_bh.to(tl.int64) * 2 * NQ + offs_m, m_row, mask=row_ok)
     tl.store(LSE + off_bh.to(tl.int64) * 2 * NQ + NQ + offs_m, l_row, mask=row_ok)
 
 
-@triton.jit
-def _dropout_mask_kernel(OUT, H, NQ, NK, dropout_p, seed, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr):
-    """Debug: the boolean keep-mask (b*h, nq, nk) the forward and backward draw for ``seed``."""
-    offs_m = tl.program_id(0) * BLOCK_M + tl.arange(0, BLOCK_M)
-    offs_n = tl.program_id(1) * BLOCK_N + tl.arange(0, BLOCK_N)
-    off_bh = tl.program_id(2)
-    keep = _dropout_keep(seed, off_bh, offs_m, offs_n, dropout_p)
-    tl.store(OUT + off_bh.to(tl.int64) * NQ * NK + offs_m[:, None] * NK + offs_n[None, :], keep.to(tl.int8),
-             mask=(offs_m[:, None] < NQ) & (offs_n[None, :] < NK))
+@triton.jit(do_not_specialize=["NQ", "NK"])
+def _dropout_mask_kernel(OUT, H, NQ, NK, dropout_p, SEED, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr):
+    """Debug: the boolean keep-mask (b*h, nq, nk) the forward and backward draw for the seed at ``SEED``.
+    One program per (query block, batch * head), as the forward, walking the key blocks."""
+    pid_m, off_bh = _fold(tl.cdiv(NQ, BLOCK_M))
+    offs_m = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
+    seed = tl.load(SEED)
+    out = OUT + off_bh.to(tl.int64) * NQ * NK
+    for start_n in range(0, NK, BLOCK_N):
+        offs_n = start_n + tl.arange(0, BLOCK_N)
+        keep = _dropout_keep(seed, off_bh, offs_m, offs_n, dropout_p)
+        tl.store(out + (offs_m.to(tl.int64)[:, None] * NK + offs_n[None, :]), keep.to(tl.int8),
+                 mask=(offs_m[:, None] < NQ) & (offs_n[None, :] < NK))  # int64: nq * nk passes 2^31

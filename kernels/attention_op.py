@@ -16,8 +16,9 @@ dense bias that requires grad gets a (b, h, nq, nk) gradient buffer (its gradien
 """
 from __future__ import annotations
 
+import contextlib
 import os
-from typing import Optional
+from typing import Optional, Union
 
 import torch
 import triton
@@ -29,6 +30,8 @@ from .attention_bwd import _attn_bwd_dkdv, _attn_bwd_dq
 from .attention_common import (BIAS_ALIBI, BIAS_DENSE_BOOL, BIAS_DENSE_FLOAT, BIAS_NONE, BIAS_TABLE,
                                MASK_BOOL, MASK_FLOAT, MASK_NONE)
 from .attention_fwd import _attn_fwd, _attn_topk_threshold, _dropout_mask_kernel
+from . import tiles
+from .tiles import config, precision_of, spec_class  # tile tables: kernels/tiles_sm80.json, tiles_sm90.json
 
 Tensor = torch.Tensor
 MAX_HEAD_DIM = 256
@@ -46,68 +49,7 @@ def block_d(d: int) -> int:
     return max(16, triton.next_power_of_2(d))
 
 
-# Pinned tile configs (BLOCK_M, BLOCK_N, num_warps, num_stages), chosen with the AOT compile
-# (kernels/aot.py): for each group the first candidate, largest tiles first, under which every
-# specialization of the CI set in that group compiles with no spill, using wgmma on sm_90 where
-# any candidate can. Keys: (kind, arch 80|90, padded head dim 32|64|128|256).
-_TILES = {  # 16-bit inputs (and TF32)
-    ("fwd", 80, 32): (64, 64, 8, 2), ("fwd", 80, 64): (64, 64, 4, 2), ("fwd", 80, 128): (64, 64, 8, 2),
-    ("fwd", 80, 256): (64, 32, 8, 2), ("fwd", 90, 32): (64, 64, 8, 2), ("fwd", 90, 64): (64, 32, 8, 2),
-    ("fwd", 90, 128): (64, 32, 8, 2), ("fwd", 90, 256): (64, 32, 8, 2),
-    ("dkdv", 80, 32): (32, 64, 8, 2), ("dkdv", 80, 64): (16, 32, 8, 1), ("dkdv", 80, 128): (32, 64, 8, 1),
-    ("dkdv", 80, 256): (16, 64, 8, 1), ("dkdv", 90, 32): (32, 64, 4, 2), ("dkdv", 90, 64): (32, 64, 8, 1),
-    ("dkdv", 90, 128): (32, 64, 8, 1), ("dkdv", 90, 256): (16, 64, 8, 1),
-    ("dq", 80, 32): (64, 32, 4, 2), ("dq", 80, 64): (64, 32, 4, 2), ("dq", 80, 128): (64, 32, 8, 2),
-    ("dq", 80, 256): (32, 32, 8, 1), ("dq", 90, 32): (64, 32, 4, 2), ("dq", 90, 64): (64, 32, 4, 2),
-    ("dq", 90, 128): (64, 32, 4, 2), ("dq", 90, 256): (32, 16, 8, 1),
-}
-_TILES_QK = {  # with QK-norm / rotary in-kernel (extra fp32 tile transforms)
-    ("fwd", 80, 32): (64, 64, 4, 2), ("fwd", 80, 64): (64, 64, 4, 2), ("fwd", 80, 128): (64, 32, 8, 1),
-    ("fwd", 80, 256): (32, 32, 8, 1), ("fwd", 90, 32): (64, 64, 4, 2), ("fwd", 90, 64): (64, 32, 8, 2),
-    ("fwd", 90, 128): (64, 32, 8, 2), ("fwd", 90, 256): (32, 32, 8, 1),
-    ("thr", 80, 32): (64, 64, 8, 2), ("thr", 80, 64): (64, 64, 8, 2), ("thr", 80, 128): (64, 64, 8, 2),
-    ("thr", 80, 256): (32, 32, 8, 1), ("thr", 90, 32): (64, 64, 8, 2), ("thr", 90, 64): (64, 64, 8, 2),
-    ("thr", 90, 128): (64, 64, 8, 2), ("thr", 90, 256): (64, 32, 8, 2),
-    ("dkdv", 80, 32): (32, 64, 4, 2), ("dkdv", 80, 64): (16, 16, 4, 1), ("dkdv", 80, 128): (16, 64, 8, 1),
-    ("dkdv", 80, 256): (16, 32, 8, 1), ("dkdv", 90, 32): (32, 64, 4, 2), ("dkdv", 90, 64): (16, 64, 8, 1),
-    ("dkdv", 90, 128): (16, 64, 8, 1), ("dkdv", 90, 256): (16, 32, 8, 1),
-    ("dq", 80, 32): (64, 32, 4, 2), ("dq", 80, 64): (64, 32, 8, 2), ("dq", 80, 128): (32, 16, 8, 1),
-    ("dq", 80, 256): (16, 16, 8, 1), ("dq", 90, 32): (64, 32, 4, 2), ("dq", 90, 64): (64, 16, 8, 1),
-    ("dq", 90, 128): (64, 16, 8, 1), ("dq", 90, 256): (16, 32, 8, 1),
-}
-
-
-def _tiles_ieee(kind: str, arch: int, bd: int, qk: bool) -> tuple:
-    """fp32 inputs (FMA products, no tensor cores): small tiles; 8 warps where 4 spill."""
-    if qk:
-        return {"dq": (16, 16, 8, 1), "dkdv": (32, 16, 4, 1) if arch < 90 else (32, 16, 8, 1)}.get(kind, (32, 16, 8, 1))
-    if kind == "dkdv" and bd in (32, 256):
-        return (32, 16, 8, 1)
-    return (32, 16, 4, 1)
-
-
-def config(kind: str, d: int, dv: int, arch: int = 90, topk: int = 0, ieee: bool = False, qk: bool = False) -> dict:
-    """Pinned tile config of one kernel: BLOCK_M, BLOCK_N, num_warps, num_stages.
-
-    kind: 'fwd' | 'thr' (the top-k threshold pass) | 'dkdv' | 'dq'; ``arch``: compute capability
-    (80 for anything below 90); ``ieee``: fp32 inputs; ``qk``: QK-norm / rotary in-kernel. The
-    tables above hold the AOT evidence (tests/test_kernels_build.py re-checks it: no spills). The
-    threshold pass needs BLOCK_N >= the top-k buffer (the next power of two >= topk)."""
-    bd = max(32, block_d(d), block_d(dv))
-    a = 90 if arch >= 90 else 80
-    if interpreting():
-        bm, bn, warps, stages = 32, 32, 4, 1
-    elif ieee:
-        bm, bn, warps, stages = _tiles_ieee(kind, a, bd, qk)
-    elif qk:
-        bm, bn, warps, stages = _TILES_QK[(kind, a, bd)]
-    else:
-        bm, bn, warps, stages = _TILES[("fwd" if kind == "thr" else kind, a, bd)]
-    if kind == "thr" and topk:
-        bn = max(bn, triton.next_power_of_2(topk))
-        if bn > 64:  # a (BLOCK_M, 2 * K2) merge buffer next to the tile
-            bm, warps, stages = (64 if a >= 90 else 32), 8, 1
-    return dict(BLOCK_M=bm, BLOCK_N=bn, num_warps=warps, num_stages=stages)
+# Tile configs: kernels/tiles.py (``config``), tables in kernels/tiles_sm80.json and tiles_sm90.json.
 
 
 def _arch(device) -> int:
@@ -160,10 +102,62 @@ def _slots(q, slopes, table, mask, dense, b, h, nq, nk):
     return ptrs, scal, bias_kind, mask_kind
 
 
-def _seed(seed: int) -> int:
+def _seed(seed: int, device) -> Tensor:
+    """The dropout seed as a 0-d int64 tensor on ``device``; the kernels load it from its pointer.
+
+    ``seed >= 0``: that seed (the same Philox streams as ever: bit-reproducible). Otherwise drawn on
+    the device with torch's generator -- no host round trip, and on CUDA the draw advances the
+    generator's Philox offset, which CUDA-graph capture records, so each replay of a captured graph
+    draws a fresh seed (a host-drawn int would be baked into the graph: one mask forever)."""
     if seed >= 0:
-        return seed
-    return int(torch.randint(0, 2 ** 30, (1,), dtype=torch.int64).item())
+        return torch.full((), seed, dtype=torch.int64, device=device)
+    return torch.randint(0, 2 ** 30, (), dtype=torch.int64, device=device)
+
+
+MAX_PROGRAMS = 2 ** 31 - 1  # CUDA grid axis 0 (axes 1 and 2: 65,535)
+
+
+def launch_grids(b: int, h: int, hk: int, nq: int, nk: int, tiles: dict) -> dict:
+    """The grid of each launch, ``kind -> (programs,)``: (blocks x batch*heads) folded onto axis 0,
+    blocks fastest, as the kernels decode it (``attention_common._fold``).
+
+    ``tiles``: kind -> (BLOCK_M, BLOCK_N) for any of 'fwd', 'thr', 'dq', 'mask' (the dropout-mask
+    debug kernel): query blocks x b*h; 'dkdv': key blocks x b*hk. Axis 0 holds 2^31 - 1 programs
+    where axes 1 and 2 hold 65,535 (b*h on axis 1 failed to launch at a decode batch of 2,048 x 32
+    heads); raises ValueError past that (a q of that many tiles fits in no GPU's memory)."""
+    grids = {}
+    for kind, (bm, bn) in tiles.items():
+        n = triton.cdiv(nk, bn) * b * hk if kind == "dkdv" else triton.cdiv(nq, bm) * b * h
+        if n > MAX_PROGRAMS:
+            raise ValueError(f"xtk attention: {kind} launch needs {n} programs > {MAX_PROGRAMS} (grid axis 0)")
+        grids[kind] = (n,)
+    return grids
+
+
+def _blocks(cfg: dict) -> tuple:
+    """(BLOCK_M, BLOCK_N) of a tile config, for ``launch_grids``."""
+    return cfg["BLOCK_M"], cfg["BLOCK_N"]
+
+
+MAX_FEATURE_STRIDE = 2 ** 23  # x 256 head-dim columns: a tile's int32 column offsets stay below 2^31
+
+
+def _narrow_cols(t: Tensor) -> Tensor:
+    """``t``, or a contiguous copy when its feature (last-dim) stride reaches 2^23 elements: the
+    kernels address a tile's columns (the head dim, < 256) with int32 offsets and only its rows
+    with int64 ones (``attention_common._tile_ptrs``). Models never make such a layout (their
+    feature stride is 1); a view that does pays one copy instead of every tile paying int64 math."""
+    if t.dim() and t.stride(-1) >= MAX_FEATURE_STRIDE:
+        return t.contiguous()
+    return t
+
+
+def _device_guard(device):
+    """Launch on ``device``: under ``torch.cuda.device(device)`` Triton takes that device's context
+    and current stream (tensors on cuda:1 while cuda:0 is current would otherwise launch on cuda:0)."""
+    if device.type == "cuda":
+        return torch.cuda.device(device)
+    return contextlib.nullcontext()
 
 
 def _qk_slots(q, qk):
@@ -183,9 +177,10 @@ def _uses_qk(meta) -> bool:
 
 
 def _dsc_sums(dqsc, dksc, has_dsc):
+    """Dim-scale gradients (h, d) / (hk, d) from the per-program partials (b, h|hk, blocks, d)."""
     if not has_dsc:
         return dqsc.new_empty(0), dksc.new_empty(0)
-    return dqsc.sum((0, 1)), dksc.sum((0, 1))
+    return dqsc.sum((0, 2)), dksc.sum((0, 2))
 
 
 NO_QK = (None, None, None, None, 0, 0, 0, 1.0, 1.0, None)
@@ -193,6 +188,7 @@ NO_QK = (None, None, None, None, 0, 0, 0, 1.0, 1.0, None)
 
 def _forward(q, k, v, slopes, table, mask, dense, scale, is_causal, q_offset, k_prefix, topk, dropout_p, seed,
              qk=NO_QK):
+    q, k, v = (_narrow_cols(t) for t in (q, k, v))
     b, h, nq, d = q.shape
     hk, nk, dv = k.shape[1], k.shape[2], v.shape[3]
     out = torch.empty(b, h, nq, dv, dtype=q.dtype, device=q.device)
@@ -200,34 +196,38 @@ def _forward(q, k, v, slopes, table, mask, dense, scale, is_causal, q_offset, k_
     has_topk = 0 < topk < nk
     thr = torch.empty(b, h, nq if has_topk else 0, dtype=torch.float32, device=q.device)
     qk_ptrs, qk_scal, qk_meta = _qk_slots(q, qk)
-    cfg = config("fwd", d, dv, _arch(q.device), topk if has_topk else 0, _precision(q.dtype) == "ieee",
-                 _uses_qk(qk_meta))
+    cls = spec_class(*_slots(q, slopes, table, mask, dense, b, h, nq, nk)[2:], has_topk, dropout_p > 0.0,
+                     _uses_qk(qk_meta))
+    tprec = precision_of(_precision(q.dtype), q.element_size())
+    cfg = config("fwd", d, dv, _arch(q.device), topk if has_topk else 0, precision=tprec, cls=cls)
     bm, bn = cfg["BLOCK_M"], cfg["BLOCK_N"]
     ptrs, scal, bias_kind, mask_kind = _slots(q, slopes, table, mask, dense, b, h, nq, nk)
     prec = _precision(q.dtype)
-    grid = (triton.cdiv(nq, bm), b * h)
     if nq == 0 or b * h == 0:
         return out, lse, thr
     if has_topk:
-        cfg_thr = config("thr", d, dv, _arch(q.device), topk, _precision(q.dtype) == "ieee", _uses_qk(qk_meta))
-        _attn_topk_threshold[(triton.cdiv(nq, cfg_thr["BLOCK_M"]), b * h)](
-            q, k, thr, *ptrs, *qk_ptrs, *q.stride(), *k.stride(), *scal,
-            h, hk, nq, nk, d, q_offset, k_prefix, scale, topk, *qk_scal,
-            IS_CAUSAL=is_causal, BIAS_KIND=bias_kind, MASK_KIND=mask_kind, PRECISION=prec, **qk_meta,
-            K2=triton.next_power_of_2(topk), BLOCK_D=block_d(d), **cfg_thr)
-    _attn_fwd[grid](
-        q, k, v, out, lse, thr if has_topk else lse, *ptrs, *qk_ptrs,
-        *q.stride(), *k.stride(), *v.stride(), *out.stride(), *scal,
-        h, hk, nq, nk, d, dv, q_offset, k_prefix, scale, dropout_p, seed, *qk_scal,
-        IS_CAUSAL=is_causal, BIAS_KIND=bias_kind, MASK_KIND=mask_kind, HAS_TOPK=has_topk,
-        HAS_DROPOUT=dropout_p > 0.0, PRECISION=prec, **qk_meta,
-        BLOCK_M=bm, BLOCK_N=bn, BLOCK_D=block_d(d), BLOCK_DV=block_d(dv),
-        num_warps=cfg["num_warps"], num_stages=cfg["num_stages"])
+        cfg_thr = config("thr", d, dv, _arch(q.device), topk, precision=tprec, cls=cls)
+        with _device_guard(q.device):
+            _attn_topk_threshold[launch_grids(b, h, hk, nq, nk, dict(thr=_blocks(cfg_thr)))["thr"]](
+                q, k, thr, *ptrs, *qk_ptrs, *q.stride(), *k.stride(), *scal,
+                h, hk, nq, nk, d, q_offset, k_prefix, scale, topk, *qk_scal,
+                IS_CAUSAL=is_causal, BIAS_KIND=bias_kind, MASK_KIND=mask_kind, PRECISION=prec, **qk_meta,
+                K2=triton.next_power_of_2(topk), BLOCK_D=block_d(d), **cfg_thr)
+    with _device_guard(q.device):
+        _attn_fwd[launch_grids(b, h, hk, nq, nk, dict(fwd=(bm, bn)))["fwd"]](
+            q, k, v, out, lse, thr if has_topk else lse, *ptrs, *qk_ptrs,
+            *q.stride(), *k.stride(), *v.stride(), *out.stride(), *scal,
+            h, hk, nq, nk, d, dv, q_offset, k_prefix, scale, dropout_p, seed, *qk_scal,
+            IS_CAUSAL=is_causal, BIAS_KIND=bias_kind, MASK_KIND=mask_kind, HAS_TOPK=has_topk,
+            HAS_DROPOUT=dropout_p > 0.0, PRECISION=prec, **qk_meta,
+            BLOCK_M=bm, BLOCK_N=bn, BLOCK_D=block_d(d), BLOCK_DV=block_d(dv),
+            num_warps=cfg["num_warps"], num_stages=cfg["num_stages"])
     return out, lse, thr
 
 
 def _backward(do, q, k, v, out, lse, thr, seed, slopes, table, mask, dense, scale, is_causal, q_offset,
               k_prefix, topk, dropout_p, need_dslopes, need_dtable, need_ds, qk=NO_QK, need_dlsc=False):
+    do, q, k, v = (_narrow_cols(t) for t in (do, q, k, v))
     b, h, nq, d = q.shape
     hk, nk, dv = k.shape[1], k.shape[2], v.shape[3]
     dq = torch.empty_like(q)
@@ -235,10 +235,12 @@ def _backward(do, q, k, v, out, lse, thr, seed, slopes, table, mask, dense, scal
     dvv = torch.empty_like(v)
     has_topk = 0 < topk < nk
     arch = _arch(q.device)
-    ieee = _precision(q.dtype) == "ieee"
+    tprec = precision_of(_precision(q.dtype), q.element_size())
     qk_ptrs, qk_scal, qk_meta = _qk_slots(q, qk)
-    cfg_kv = config("dkdv", d, dv, arch, topk if has_topk else 0, ieee, _uses_qk(qk_meta))
-    cfg = config("dq", d, dv, arch, topk if has_topk else 0, ieee, _uses_qk(qk_meta))
+    cls = spec_class(*_slots(q, slopes, table, mask, dense, b, h, nq, nk)[2:], has_topk, dropout_p > 0.0,
+                     _uses_qk(qk_meta))
+    cfg_kv = config("dkdv", d, dv, arch, topk if has_topk else 0, precision=tprec, cls=cls)
+    cfg = config("dq", d, dv, arch, topk if has_topk else 0, precision=tprec, cls=cls)
     n_mblocks = triton.cdiv(nq, cfg["BLOCK_M"])
     dslopes = torch.zeros(b, h, n_mblocks if need_dslopes else 0, dtype=torch.float32, device=q.device)
     dtab = torch.zeros_like(table, dtype=torch.float32) if need_dtable else q.new_empty(0, dtype=torch.float32)
@@ -247,8 +249,8 @@ def _backward(do, q, k, v, out, lse, thr, seed, slopes, table, mask, dense, scal
     n_kblocks = triton.cdiv(nk, cfg_kv["BLOCK_N"])
     has_dsc = qk_meta["HAS_DSCALE"]
     # per-program partial sums of the dim-scale gradients (summed here: deterministic)
-    dqsc = torch.zeros(n_mblocks, b, h, d if has_dsc else 0, dtype=torch.float32, device=q.device)
-    dksc = torch.zeros(n_kblocks, b, hk, d if has_dsc else 0, dtype=torch.float32, device=q.device)
+    dqsc = torch.zeros(b, h, n_mblocks, d if has_dsc else 0, dtype=torch.float32, device=q.device)
+    dksc = torch.zeros(b, hk, n_kblocks, d if has_dsc else 0, dtype=torch.float32, device=q.device)
     if b * h == 0 or nq == 0 or nk == 0:
         dq.zero_(), dk.zero_(), dvv.zero_()
         return (dq, dk, dvv, dslopes.sum((0, 2)), dtab, ds, *_dsc_sums(dqsc, dksc, has_dsc),
@@ -259,17 +261,20 @@ def _backward(do, q, k, v, out, lse, thr, seed, slopes, table, mask, dense, scal
     common = dict(IS_CAUSAL=is_causal, BIAS_KIND=bias_kind, MASK_KIND=mask_kind, HAS_TOPK=has_topk,
                   HAS_DROPOUT=dropout_p > 0.0, PRECISION=prec, BLOCK_D=block_d(d), BLOCK_DV=block_d(dv), **qk_meta)
     thr_arg = thr if has_topk else lse
-    _attn_bwd_dkdv[(n_kblocks, b * hk)](
-        q, k, v, do, dk, dvv, lse, delta, thr_arg, *ptrs, *qk_ptrs, dksc if has_dsc else lse,
-        *q.stride(), *k.stride(), *v.stride(), *do.stride(), *dk.stride(), *dvv.stride(), *scal,
-        h, hk, nq, nk, d, dv, q_offset, k_prefix, scale, dropout_p, seed, *qk_scal, **common, **cfg_kv)
-    _attn_bwd_dq[(n_mblocks, b * h)](
-        q, k, v, do, dq, lse, delta, thr_arg, *ptrs, dslopes if need_dslopes else lse,
-        dtab if need_dtable else lse, ds if need_ds else lse, *qk_ptrs, dqsc if has_dsc else lse,
-        dlsc if need_dlsc else lse,
-        *q.stride(), *k.stride(), *v.stride(), *do.stride(), *dq.stride(), *scal,
-        h, hk, nq, nk, d, dv, q_offset, k_prefix, scale, dropout_p, seed, *qk_scal,
-        NEED_DSLOPE=need_dslopes, NEED_DTAB=need_dtable, NEED_DS=need_ds, NEED_DLSC=need_dlsc, **common, **cfg)
+    seed = seed.to(q.device)  # the forward's device seed (a no-op); a host seed tensor is copied over
+    grids = launch_grids(b, h, hk, nq, nk, dict(dkdv=_blocks(cfg_kv), dq=_blocks(cfg)))
+    with _device_guard(q.device):
+        _attn_bwd_dkdv[grids["dkdv"]](
+            q, k, v, do, dk, dvv, lse, delta, thr_arg, *ptrs, *qk_ptrs, dksc if has_dsc else lse,
+            *q.stride(), *k.stride(), *v.stride(), *do.stride(), *dk.stride(), *dvv.stride(), *scal,
+            h, hk, nq, nk, d, dv, q_offset, k_prefix, scale, dropout_p, seed, *qk_scal, **common, **cfg_kv)
+        _attn_bwd_dq[grids["dq"]](
+            q, k, v, do, dq, lse, delta, thr_arg, *ptrs, dslopes if need_dslopes else lse,
+            dtab if need_dtable else lse, ds if need_ds else lse, *qk_ptrs, dqsc if has_dsc else lse,
+            dlsc if need_dlsc else lse,
+            *q.stride(), *k.stride(), *v.stride(), *do.stride(), *dq.stride(), *scal,
+            h, hk, nq, nk, d, dv, q_offset, k_prefix, scale, dropout_p, seed, *qk_scal,
+            NEED_DSLOPE=need_dslopes, NEED_DTAB=need_dtable, NEED_DS=need_ds, NEED_DLSC=need_dlsc, **common, **cfg)
     return (dq, dk, dvv, dslopes.sum((0, 2)), dtab, ds, *_dsc_sums(dqsc, dksc, has_dsc),
             dlsc.sum() if need_dlsc else dlsc.new_empty(0))
 
@@ -283,21 +288,23 @@ def attention_fwd(q: Tensor, k: Tensor, v: Tensor, slopes: Optional[Tensor], tab
                   inv_freq: Optional[Tensor] = None, xpos: Optional[Tensor] = None, groups: int = 0, rot_dim: int = 0,
                   max_half: int = 0, xpos_base: float = 1.0, interp: float = 1.0,
                   logit_scale: Optional[Tensor] = None) -> tuple[Tensor, Tensor, Tensor, Tensor]:
-    """-> (out (b,h,nq,dv), softmax stats (b,h,2,nq) fp32 (row max, row sum), top-k threshold (b,h,nq|0) fp32, the dropout seed used (int64 0-d)).
+    """-> (out (b,h,nq,dv), softmax stats (b,h,2,nq) fp32 (row max, row sum), top-k threshold (b,h,nq|0) fp32,
+    the dropout seed used (int64 0-d, on q's device; 0 without dropout)).
 
     slopes: (h,) fp32 ALiBi slopes (0 for heads without one) | table: (2L-1, h) fp32 per-distance
     bias | dense: float or bool tensor broadcastable to (b,h,nq,nk); at most one of the three.
-    mask: attn_mask, float or bool, broadcastable. topk 0: off. seed < 0: draw one.
+    mask: attn_mask, float or bool, broadcastable. topk 0: off. seed < 0: draw one on q's device
+    with torch's generator (``_seed``: fresh per CUDA-graph replay); seed >= 0: reproducible.
     QK features, applied in-kernel to the q/k tiles: groups > 0: grouped l2 norm; q_scale (h, d) and
     k_scale (hk, d) fp32 per-dim scales (both or neither); rot_dim > 0: rotary with inv_freq
     (rot_dim//2,) fp32, xpos (rot_dim//2,) fp32 when given, positions as in attention_common;
     logit_scale: a 0-d fp32 learned QK-norm scale (then ``scale`` is 1 and q_scale/k_scale are
     given): multiplied into q_scale in the kernels, its gradient formed apart (NEED_DLSC)."""
-    seed = _seed(seed) if dropout_p > 0.0 else 0
+    seed_t = _seed(seed if dropout_p > 0.0 else 0, q.device)
     out, lse, thr = _forward(q, k, v, slopes, table, mask, dense, scale, is_causal, q_offset, k_prefix, topk,
-                             dropout_p, seed, (q_scale, k_scale, inv_freq, xpos, groups, rot_dim, max_half, xpos_base,
-                                               interp, logit_scale))
-    return out, lse, thr, torch.tensor(seed, dtype=torch.int64)
+                             dropout_p, seed_t, (q_scale, k_scale, inv_freq, xpos, groups, rot_dim, max_half,
+                                                 xpos_base, interp, logit_scale))
+    return out, lse, thr, seed_t
 
 
 @attention_fwd.register_fake
@@ -309,7 +316,7 @@ def _(q, k, v, slopes, table, mask, dense, scale, is_causal, q_offset, k_prefix,
     out = q.new_empty(b, h, nq, v.shape[3])
     lse = q.new_empty(b, h, 2, nq, dtype=torch.float32)
     thr = q.new_empty(b, h, nq if 0 < topk < nk else 0, dtype=torch.float32)
-    return out, lse, thr, torch.empty((), dtype=torch.int64)
+    return out, lse, thr, q.new_empty((), dtype=torch.int64)
 
 
 @torch.library.custom_op("xtk::attention_bwd", mutates_args=())
@@ -325,8 +332,9 @@ def attention_bwd(do: Tensor, q: Tensor, k: Tensor, v: Tensor, out: Tensor, lse:
     """-> (dq, dk, dv, dslopes (h,)|(0,), dtable like table|(0,), dS (b,h,nq,nk) fp32 | (0,),
     d q_scale (h, d) fp32 | (0,), d k_scale (hk, d) fp32 | (0,), sum of dS * (q'.k') * scale 0-d
     fp32 | (0,)): the QK features are recomputed in-kernel and the gradients chained back to the
-    raw q and k; the dim-scale gradients are those of the effective q scale (q_scale * logit_scale)."""
-    return _backward(do, q, k, v, out, lse, thr, int(seed.item()), slopes, table, mask, dense, scale, is_causal,
+    raw q and k; the dim-scale gradients are those of the effective q scale (q_scale * logit_scale).
+    seed: the forward's 0-d int64 seed tensor, read by the kernels on the device (no host sync)."""
+    return _backward(do, q, k, v, out, lse, thr, seed, slopes, table, mask, dense, scale, is_causal,
                      q_offset, k_prefix, topk, dropout_p, need_dslopes, need_dtable, need_ds,
                      (q_scale, k_scale, inv_freq, xpos, groups, rot_dim, max_half, xpos_base, interp, logit_scale),
                      need_dlsc)
@@ -425,13 +433,17 @@ def _backward_rule(ctx, dout, dlse, dthr, dseed):
 attention_fwd.register_autograd(_backward_rule, setup_context=_setup_context)
 
 
-def dropout_keep_mask(seed: int, b: int, h: int, nq: int, nk: int, dropout_p: float, device) -> Tensor:
-    """Debug: the boolean keep-mask (b, h, nq, nk) the kernels draw for ``seed`` (feed it to the
-    reference's ``dropout_mask=``)."""
+def dropout_keep_mask(seed: Union[int, Tensor], b: int, h: int, nq: int, nk: int, dropout_p: float,
+                      device) -> Tensor:
+    """Debug: the boolean keep-mask (b, h, nq, nk) the kernels draw for ``seed`` -- an int >= 0 or
+    the 0-d seed tensor a forward returned (feed it to the reference's ``dropout_mask=``)."""
+    device = torch.device(device)
     out = torch.empty(b * h, nq, nk, dtype=torch.int8, device=device)
-    grid = (triton.cdiv(nq, 32), triton.cdiv(nk, 32), b * h)
+    seed_t = seed.to(device=device, dtype=torch.int64) if isinstance(seed, Tensor) else _seed(seed, device)
     if out.numel():
-        _dropout_mask_kernel[grid](out, h, nq, nk, dropout_p, seed, BLOCK_M=32, BLOCK_N=32)
+        with _device_guard(out.device):
+            _dropout_mask_kernel[launch_grids(b, h, h, nq, nk, dict(mask=(32, 32)))["mask"]](
+                out, h, nq, nk, dropout_p, seed_t, BLOCK_M=32, BLOCK_N=32)
     return out.view(b, h, nq, nk).bool()
 
 
@@ -535,6 +547,12 @@ def reasons(inputs, forced: bool) -> list:
     nk = inputs.k.shape[2]
     if inputs.topk is not None and inputs.topk < nk and inputs.topk > MAX_TOPK:
         why.append(f"topk {inputs.topk} > {MAX_TOPK} (the streaming threshold buffer)")
+    if q.device.type == "cuda" and q.dtype in DTYPES and max(d, dv) <= MAX_HEAD_DIM:
+        topk = inputs.topk if inputs.topk is not None and inputs.topk < nk else 0
+        refused = tiles.refusal(_arch(q.device), d, dv, min(topk, MAX_TOPK),
+                                precision_of(_precision(q.dtype), q.element_size()))
+        if refused:
+            why.append(refused)
     bias = inputs.bias
     if isinstance(bias, Dense) and inputs.attn_mask is not None:
         pass  # two dense slots: supported
