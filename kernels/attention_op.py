@@ -522,11 +522,16 @@ def run(inputs) -> Tensor:
     b, h, nq, _ = q.shape
     nk = k.shape[2]
     slopes, table, dense = _bias_args(inputs, h, nq, nk)
-    topk = inputs.topk if inputs.topk is not None and inputs.topk < nk else 0
+    topk = _effective_topk(inputs, nk)
     out = torch.ops.xtk.attention_fwd(q, k, inputs.v, slopes, table, inputs.attn_mask, dense, scale,
                                       inputs.is_causal, inputs.q_offset, inputs.k_prefix, topk,
                                       inputs.dropout_p, -1, *qk)[0]
     return out
+
+
+def _effective_topk(inputs, nk: int) -> int:
+    """The top-k the kernels run: 0 (off) when unset or when it keeps every one of the nk keys."""
+    return inputs.topk if inputs.topk is not None and inputs.topk < nk else 0
 
 
 def reasons(inputs, forced: bool) -> list:
@@ -545,10 +550,10 @@ def reasons(inputs, forced: bool) -> list:
     if d > MAX_HEAD_DIM or dv > MAX_HEAD_DIM:
         why.append(f"head dim {max(d, dv)} > {MAX_HEAD_DIM}")
     nk = inputs.k.shape[2]
-    if inputs.topk is not None and inputs.topk < nk and inputs.topk > MAX_TOPK:
+    topk = _effective_topk(inputs, nk)
+    if topk > MAX_TOPK:
         why.append(f"topk {inputs.topk} > {MAX_TOPK} (the streaming threshold buffer)")
     if q.device.type == "cuda" and q.dtype in DTYPES and max(d, dv) <= MAX_HEAD_DIM:
-        topk = inputs.topk if inputs.topk is not None and inputs.topk < nk else 0
         refused = tiles.refusal(_arch(q.device), d, dv, min(topk, MAX_TOPK),
                                 precision_of(_precision(q.dtype), q.element_size()))
         if refused:

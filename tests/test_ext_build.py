@@ -159,20 +159,21 @@ def test_shared_math_header_compiles_with_gxx(tmp_path):
     assert subprocess.run([str(tmp_path / "t")]).returncode == 0
 
 
+def _needed(so) -> str:
+    """``readelf -d`` of a shared object (its NEEDED entries among the rest)."""
+    readelf = shutil.which("readelf")
+    assert readelf, "readelf (binutils) not found"
+    return subprocess.run([readelf, "-d", str(so)], capture_output=True, text=True, check=True).stdout
+
+
 def test_built_extension_links_the_shared_cxx_runtime():
     """xtk._C must use the process's libstdc++.so (torch's), not a static copy: with a second C++
     runtime in the process, TORCH_CHECK messages that stream numbers segfaulted (H100, 2026-11-27)."""
     import importlib.util
     spec = importlib.util.find_spec("xtk._C")
     assert spec is not None and spec.origin, "xtk._C is not built (pip install --no-build-isolation -e .)"
-    readelf = shutil.which("readelf")
-    assert readelf, "readelf (binutils) not found"
-    needed = subprocess.run([readelf, "-d", spec.origin], capture_output=True, text=True, check=True).stdout
+    needed = _needed(spec.origin)
     assert re.search(r"NEEDED.*\[libstdc\+\+\.so", needed), needed
-
-
-def _needed(so: Path) -> str:
-    return subprocess.run(["readelf", "-d", str(so)], capture_output=True, text=True, check=True).stdout
 
 
 def test_link_flags_keep_the_shared_cxx_runtime_under_a_static_only_driver(tmp_path):
