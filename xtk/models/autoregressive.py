@@ -8,11 +8,20 @@ previous step and computes only the newest token, so each new token costs O(n), 
 
 The wrapped network is duck-typed: it must take ``(tokens, return_intermediates=True,
 cache=...)`` and return ``(logits, intermediates)`` with logits for the new tokens only, and
-expose ``max_seq_len`` and ``can_cache_kv`` (xtk's ``TransformerWrapper`` does).
+expose ``max_seq_len`` and ``can_cache_kv`` (xtk's ``TransformerWrapper`` does). Its cache goes
+back to it as is; where decoding must change the cache (trim it to a window past
+``max_seq_len``, reorder it for beam search) it uses the ``xtk.models.cache.KVCache`` methods,
+and a cache of another type is dropped there (the window is recomputed).
+
+Layout: the logit filters; prompt checks; the decoding loop ``decode`` with its window
+(``sliding_window``), shared with ``ContinuousAutoregressiveWrapper``; how one step picks its
+token (``_Sampler``, ``_Contrastive``, ``_BeamCandidates``); the wrapper.
 """
 from __future__ import annotations
 
 import math
+from contextlib import contextmanager
+from dataclasses import dataclass
 from math import ceil
 from typing import Callable, Optional
 
@@ -21,6 +30,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from ..ops import _check
+from .cache import KVCache, trimmed_or_none
 
 __all__ = ["AutoregressiveWrapper", "top_k", "top_p", "top_a", "min_p", "FILTER_LOGITS_FN", "align_right",
            "contrastive_decode_fn"]
@@ -79,7 +89,7 @@ def contrastive_decode_fn(expert_logits, amateur_logits, alpha: float = 0.1, bet
     return diffs.masked_fill(expert_logits < cutoff, -torch.finfo(expert_logits.dtype).max)
 
 
-# ---------------------------------------------------------------- helpers
+# ---------------------------------------------------------------- prompts and arguments
 
 def align_right(t: torch.Tensor, lens: torch.Tensor, pad_id=0) -> torch.Tensor:
     """Move each row's first ``lens[b]`` entries to the right end (left padding with ``pad_id``)."""
@@ -92,35 +102,16 @@ def align_right(t: torch.Tensor, lens: torch.Tensor, pad_id=0) -> torch.Tensor:
     return torch.where(valid.view(batch, seq_len, *([1] * (t.dim() - 2))), gathered, fill)
 
 
-def _cached_kv_layers(cache):
-    """The per-attention-layer intermediates of a cache that hold ``cached_kv`` (self-attention)."""
-    inters = getattr(cache, "attn_intermediates", None) or []
-    return [i for i in inters if getattr(i, "layer_type", "a") == "a" and getattr(i, "cached_kv", None) is not None]
-
-
-def _trim_cache(cache, keep: int) -> bool:
-    """Keep the last ``keep`` cached positions of every self-attention layer; False if the cache
-    has no structure this function knows (the caller then drops it and recomputes)."""
-    layers = _cached_kv_layers(cache)
-    if not layers:
-        return False
-    for inter in layers:
-        inter.cached_kv = type(inter.cached_kv)(t[..., -keep:, :] for t in inter.cached_kv)
-    return True
-
-
-def _index_cache(cache, index: torch.Tensor) -> None:
-    """Select/reorder the batch rows of every cached key/value (self and cross attention)."""
-    for inter in getattr(cache, "attn_intermediates", None) or []:
-        kv = getattr(inter, "cached_kv", None)
-        if kv is not None:
-            inter.cached_kv = type(kv)(t[index] for t in kv)
-
-
 def _check_tokens(name: str, x, ndim):
     _check.tensor(name, x, ndim=ndim)
     if x.is_floating_point() or x.is_complex() or x.dtype == torch.bool:
         raise TypeError(f"{name}: expected an integer tensor of token ids, got dtype {x.dtype}")
+
+
+def check_temperature(temperature, what: str = "") -> None:
+    """ValueError unless ``temperature`` is a number >= 0 (``what`` says what 0 means)."""
+    if not isinstance(temperature, (int, float)) or temperature < 0:
+        raise ValueError(f"temperature: expected a float >= 0{what}, got {temperature!r}")
 
 
 def _batched_prompts(prompts):
@@ -135,6 +126,23 @@ def _batched_prompts(prompts):
     return prompts, no_batch
 
 
+def _check_prompt_lens(prompt_lens, b: int, t: int) -> None:
+    _check_tokens("prompt_lens", prompt_lens, 1)
+    if prompt_lens.shape[0] != b:
+        raise ValueError(f"prompt_lens: expected shape ({b},) (one length per prompt), got {tuple(prompt_lens.shape)}")
+    if bool((prompt_lens < 1).any()) or bool((prompt_lens > t).any()):
+        raise ValueError(f"prompt_lens: expected lengths in [1, {t}], got {prompt_lens.tolist()}")
+
+
+def _check_prompt_mask(mask, b: int, t: int) -> None:
+    if mask is None:
+        return
+    _check.tensor("mask", mask, ndim=2)
+    if mask.dtype != torch.bool or tuple(mask.shape) != (b, t):
+        raise ValueError(f"mask: expected a bool tensor of shape {(b, t)} (the prompts'), "
+                         f"got {mask.dtype} {tuple(mask.shape)}")
+
+
 def _filter_fn(filter_logits_fn):
     """``filter_logits_fn`` given by name (a key of ``FILTER_LOGITS_FN``) -> the function; else as is."""
     if isinstance(filter_logits_fn, str):
@@ -143,6 +151,192 @@ def _filter_fn(filter_logits_fn):
                              f"got {filter_logits_fn!r}")
         filter_logits_fn = FILTER_LOGITS_FN[filter_logits_fn]
     return filter_logits_fn
+
+
+def _resolve_filter(filter_logits_fn, filter_kwargs, filter_thres):
+    """``(filter function, its kwargs)`` from ``generate``'s arguments; ``filter_thres`` (the older
+    argument) becomes ``top_k``'s ``frac_num_tokens = 1 - filter_thres`` or ``top_p``'s ``thres``."""
+    filter_logits_fn = _filter_fn(filter_logits_fn)
+    if not callable(filter_logits_fn):
+        raise TypeError(f"filter_logits_fn: expected a callable or a name, got {type(filter_logits_fn).__name__}")
+    filter_kwargs = dict(filter_kwargs or {})
+    if filter_thres is not None:
+        if filter_logits_fn is top_k:
+            filter_kwargs.setdefault("frac_num_tokens", 1. - filter_thres)
+        elif filter_logits_fn is top_p:
+            filter_kwargs.setdefault("thres", filter_thres)
+        else:
+            raise ValueError("filter_thres: only understood with filter_logits_fn top_k or top_p; "
+                             "pass filter_kwargs for other filters")
+    return filter_logits_fn, filter_kwargs
+
+
+# ---------------------------------------------------------------- the decoding loop (shared with continuous.py), one step
+
+@contextmanager
+def eval_mode(*modules: nn.Module):
+    """Run the block with every module in eval mode; each gets its own mode back afterwards."""
+    modes = [m.training for m in modules]
+    for m in modules:
+        m.eval()
+    try:
+        yield
+    finally:
+        for m, mode in zip(modules, modes):
+            m.train(mode)
+
+
+def cache_flags(net, cache_kv) -> tuple:
+    """``(can_cache, cache_outside)``: whether decoding hands ``net`` its KV cache (asked for and
+    supported), and whether that cache may be trimmed to a window past ``max_seq_len`` (no
+    absolute positional embedding)."""
+    return (bool(cache_kv) and bool(getattr(net, "can_cache_kv", False)),
+            bool(getattr(net, "can_cache_kv_outside_max_seq_len", False)))
+
+
+def sliding_window(seq, mask, cache, max_seq_len, cache_outside):
+    """The inputs of one decoding step: ``(seq, mask, cache)`` as given while ``seq`` ``(b, n, ...)``
+    fits ``max_seq_len`` (or ``max_seq_len`` is 0/None); past it, the last ``max_seq_len``
+    positions of ``seq`` and of ``mask`` ``(b, n)``, and the cache trimmed to its last
+    ``max_seq_len - 1`` positions (``trimmed_or_none``: None, recompute the window, when the
+    network's positions do not allow it)."""
+    if not max_seq_len or seq.shape[1] <= max_seq_len:
+        return seq, mask, cache
+    if mask is not None:
+        mask = mask[:, -max_seq_len:]
+    return seq[:, -max_seq_len:], mask, trimmed_or_none(cache, max_seq_len - 1, cache_outside)
+
+
+def decode(net: nn.Module, out: torch.Tensor, steps: int, *, next_from: Callable, mask=None, kwargs: dict,
+           max_seq_len=None, cache_kv=True, before_step: Optional[Callable] = None, done: Optional[Callable] = None):
+    """The decoding loop of both autoregressive wrappers: ``steps`` times, ``net`` on the window of
+    ``out`` ``(b, n, ...)`` (``sliding_window``) with its KV cache, then ``next_from(window,
+    net_output)`` -> the next item ``(b, 1, ...)`` appended to ``out`` on dim 1, and ``mask``
+    ``(b, n)`` (given to ``net`` in ``kwargs``) grown by True. ``before_step(n)`` runs before each
+    step, ``done(out)`` True stops early. Returns ``(out (b, n + steps, ...), the last cache)``."""
+    can_cache, cache_outside = cache_flags(net, cache_kv)
+    cache = None
+    for _ in range(steps):
+        x, step_mask, cache = sliding_window(out, mask, cache, max_seq_len, cache_outside)
+        if before_step is not None:
+            before_step(out.shape[1])
+        if step_mask is not None:
+            kwargs["mask"] = step_mask
+        net_out, new_cache = net(x, return_intermediates=True, cache=cache, **kwargs)
+        cache = new_cache if can_cache else None
+        out = torch.cat((out, next_from(x, net_out)), dim=1)
+        if mask is not None:
+            mask = F.pad(mask, (0, 1), value=True)
+        if done is not None and done(out):
+            break
+    return out, cache
+
+
+@dataclass
+class _Sampler:
+    """Picks the next token from the last logits ``(b, num_tokens)`` -> ``(b, 1)``: the argmax at
+    temperature 0, else a draw from ``softmax(filter_fn(logits, **filter_kwargs) / temperature)``."""
+
+    temperature: float
+    filter_fn: Callable
+    filter_kwargs: dict
+
+    def __call__(self, logits: torch.Tensor) -> torch.Tensor:
+        if self.temperature == 0.:
+            return logits.argmax(dim=-1, keepdim=True)
+        probs = F.softmax(self.filter_fn(logits, **self.filter_kwargs) / self.temperature, dim=-1)
+        return torch.multinomial(probs, 1)
+
+
+class _Contrastive:
+    """Contrastive decoding's amateur networks (none: logits pass unchanged), their
+    ``contrastive_decode_fn`` kwargs and their KV caches."""
+
+    def __init__(self, amateur_model, contrastive_decode_kwargs, cache_kv):
+        self.nets, self.kwargs, self.caches, self.cache_kv = (), (), [], cache_kv
+        if amateur_model is None:
+            return
+        nets = amateur_model if isinstance(amateur_model, (tuple, list)) else (amateur_model,)
+        cd_kwargs = contrastive_decode_kwargs
+        cd_kwargs = tuple(cd_kwargs) if isinstance(cd_kwargs, (tuple, list)) else (cd_kwargs,) * len(nets)
+        if len(cd_kwargs) != len(nets):
+            raise ValueError(f"contrastive_decode_kwargs: expected one dict per amateur model ({len(nets)}), "
+                             f"got {len(cd_kwargs)}")
+        nets = tuple(a.net if isinstance(a, AutoregressiveWrapper) else a for a in nets)
+        for a in nets:
+            if not isinstance(a, nn.Module):
+                raise TypeError(f"amateur_model: expected a network (nn.Module), got {type(a).__name__}")
+        self.nets, self.kwargs, self.caches = nets, cd_kwargs, [None] * len(nets)
+
+    def slide(self, n: int, max_seq_len) -> None:
+        """Past ``max_seq_len`` (a window of a sequence of ``n``): each amateur's cache trimmed to
+        ``max_seq_len - 1`` positions, or dropped (``sliding_window``)."""
+        if max_seq_len and n > max_seq_len:
+            self.caches = [trimmed_or_none(c, max_seq_len - 1, getattr(a, "can_cache_kv_outside_max_seq_len", False))
+                           for a, c in zip(self.nets, self.caches)]
+
+    def __call__(self, x: torch.Tensor, logits: torch.Tensor, kwargs: dict) -> torch.Tensor:
+        """The expert's last logits ``(b, num_tokens)`` after every amateur's, on the same window ``x``."""
+        for i, (net, cd_kwargs) in enumerate(zip(self.nets, self.kwargs)):
+            a_logits, a_cache = net(x, return_intermediates=True, cache=self.caches[i], **kwargs)
+            a_logits = a_logits[:, -1]
+            if a_logits.shape != logits.shape:
+                raise ValueError(f"amateur_model: expected logits shaped like the model's {tuple(logits.shape)}, "
+                                 f"got {tuple(a_logits.shape)}")
+            logits = contrastive_decode_fn(logits, a_logits, **cd_kwargs)
+            self.caches[i] = a_cache if self.cache_kv and getattr(net, "can_cache_kv", False) else None
+        return logits
+
+
+@dataclass
+class _BeamCandidates:
+    """Beam search's choice per step: the ``k = min(beams, num_tokens)`` best next tokens of every
+    beam (with Gumbel noise on the filtered logits when ``stochastic``)."""
+
+    beams: int
+    stochastic: bool
+    temperature: float
+    filter_fn: Callable
+    filter_kwargs: dict
+
+    def __call__(self, logits: torch.Tensor, scores: torch.Tensor):
+        """logits ``(B, num_tokens)``, the beams' summed log-probabilities ``scores`` ``(B,)`` ->
+        ``(tokens (B, k), their summed log-probabilities (B, k))``."""
+        log_probs = logits.log_softmax(dim=-1)
+        if self.stochastic:
+            logits = self.filter_fn(logits, **self.filter_kwargs)
+            u = torch.rand_like(logits).clamp(min=1e-20)
+            logits = logits / self.temperature - (-u.log()).clamp(min=1e-20).log()
+        samples = logits.topk(min(self.beams, logits.shape[-1]), dim=-1).indices
+        return samples, scores[:, None] + log_probs.gather(-1, samples)
+
+
+def _widen_beams(cache, kwargs: dict, rows: torch.Tensor):
+    """After the first step every prompt row becomes ``k`` beams: the cache and the kwargs that
+    carry one row per prompt (context, its mask, seq_start_pos, mems) follow ``rows`` ``(b * k,)``."""
+    if cache is not None:
+        cache.index(rows)
+    for key in ("context", "context_mask", "seq_start_pos", "mems"):
+        val = kwargs.get(key)
+        if val is not None:
+            kwargs[key] = [m[rows] for m in val] if isinstance(val, (list, tuple)) else val[rows]
+    return cache
+
+
+def _best_beams(out, cand_scores, cache, batch: int, beams: int, k: int):
+    """Keep the ``beams`` best of each prompt's candidates. ``out`` ``(B * k, n)`` holds every beam
+    followed by each of its ``k`` candidates, ``cand_scores`` ``(B, k)`` their scores, ``cache``
+    the ``B`` beams' cache. Returns ``(out, scores (batch * beams,), cache)`` reordered alike."""
+    cand_scores = cand_scores.reshape(batch, -1)                   # (b, prev_beams * k)
+    per_row_cands = cand_scores.shape[-1]
+    if per_row_cands > beams:
+        cand_scores, order = cand_scores.sort(dim=-1, descending=True)
+        cand_scores, order = cand_scores[:, :beams], order[:, :beams]
+        flat = (order + torch.arange(batch, device=out.device)[:, None] * per_row_cands).reshape(-1)
+        out = out[flat]
+        if cache is not None:
+            cache.index(flat // k)
+    return out, cand_scores.reshape(-1), cache
 
 
 class AutoregressiveWrapper(nn.Module):
@@ -209,151 +403,63 @@ class AutoregressiveWrapper(nn.Module):
         ``return_intermediates=True`` also the last cache.
         """
         seq_len = _check.integer("seq_len", seq_len, minimum=1)
-        if not isinstance(temperature, (int, float)) or temperature < 0:
-            raise ValueError(f"temperature: expected a float >= 0 (0 = greedy), got {temperature!r}")
+        check_temperature(temperature, " (0 = greedy)")
         if eos_token is not None:
             eos_token = _check.integer("eos_token", eos_token)
-        greedy = temperature == 0.
-
-        # prompts: list of variable length 1-D tensors, (n,), or (b, n)
-        if isinstance(prompts, (list, tuple)):
-            if len(prompts) == 0:
-                raise ValueError("prompts: expected a non-empty list of 1-D token tensors, got an empty list")
-            if prompt_lens is not None:
-                raise ValueError("prompt_lens: must be None when prompts is a list (the lengths come from the list)")
-            for i, p in enumerate(prompts):
-                _check_tokens(f"prompts[{i}]", p, 1)
-                if p.shape[0] < 1:
-                    raise ValueError(f"prompts[{i}]: expected at least one token, got an empty tensor")
-            prompt_lens = torch.tensor([p.shape[0] for p in prompts], device=prompts[0].device)
-            prompts = nn.utils.rnn.pad_sequence(list(prompts), batch_first=True, padding_value=self.pad_value)
+        prompts, prompt_lens = self._list_prompts(prompts, prompt_lens)
         prompts, no_batch = _batched_prompts(prompts)
-        b, t = prompts.shape
-        device = prompts.device
-
-        # filter function
-        filter_logits_fn = _filter_fn(filter_logits_fn)
-        if not callable(filter_logits_fn):
-            raise TypeError(f"filter_logits_fn: expected a callable or a name, got {type(filter_logits_fn).__name__}")
-        filter_kwargs = dict(filter_kwargs or {})
-        if filter_thres is not None:
-            if filter_logits_fn is top_k:
-                filter_kwargs.setdefault("frac_num_tokens", 1. - filter_thres)
-            elif filter_logits_fn is top_p:
-                filter_kwargs.setdefault("thres", filter_thres)
-            else:
-                raise ValueError("filter_thres: only understood with filter_logits_fn top_k or top_p; "
-                                 "pass filter_kwargs for other filters")
-
-        # variable length prompts are aligned right; the network masks the left padding
-        seq_start_pos = None
-        if prompt_lens is not None:
-            _check_tokens("prompt_lens", prompt_lens, 1)
-            if prompt_lens.shape[0] != b:
-                raise ValueError(f"prompt_lens: expected shape ({b},) (one length per prompt), got {tuple(prompt_lens.shape)}")
-            if bool((prompt_lens < 1).any()) or bool((prompt_lens > t).any()):
-                raise ValueError(f"prompt_lens: expected lengths in [1, {t}], got {prompt_lens.tolist()}")
-            prompts = align_right(prompts, prompt_lens.to(device), pad_id=self.pad_value)
-            seq_start_pos = t - prompt_lens.to(device)
-            kwargs["seq_start_pos"] = seq_start_pos
-
+        sampler = _Sampler(temperature, *_resolve_filter(filter_logits_fn, filter_kwargs, filter_thres))
+        if prompt_lens is not None:  # variable length prompts are aligned right; the network masks the left padding
+            _check_prompt_lens(prompt_lens, *prompts.shape)
+            prompts = self._left_pad(prompts, prompt_lens, kwargs)
         mask = kwargs.pop("mask", None)
-        if mask is not None:
-            _check.tensor("mask", mask, ndim=2)
-            if mask.dtype != torch.bool or tuple(mask.shape) != (b, t):
-                raise ValueError(f"mask: expected a bool tensor of shape {(b, t)} (the prompts'), "
-                                 f"got {mask.dtype} {tuple(mask.shape)}")
-
-        amateurs, cd_kwargs, amateur_caches, amateur_training = (), (), [], []
-        if amateur_model is not None:
-            amateurs = amateur_model if isinstance(amateur_model, (tuple, list)) else (amateur_model,)
-            cd_kwargs = contrastive_decode_kwargs
-            cd_kwargs = tuple(cd_kwargs) if isinstance(cd_kwargs, (tuple, list)) else (cd_kwargs,) * len(amateurs)
-            if len(cd_kwargs) != len(amateurs):
-                raise ValueError(f"contrastive_decode_kwargs: expected one dict per amateur model ({len(amateurs)}), "
-                                 f"got {len(cd_kwargs)}")
-            amateurs = tuple(a.net if isinstance(a, AutoregressiveWrapper) else a for a in amateurs)
-            for a in amateurs:
-                if not isinstance(a, nn.Module):
-                    raise TypeError(f"amateur_model: expected a network (nn.Module), got {type(a).__name__}")
-            amateur_training = [a.training for a in amateurs]
-            for a in amateurs:
-                a.eval()
-            filter_logits_fn, filter_kwargs = _identity, {}
-            amateur_caches = [None] * len(amateurs)
-
-        max_seq_len = self.max_seq_len
-        can_cache = bool(cache_kv) and bool(getattr(self.net, "can_cache_kv", False))
-        cache_outside = bool(getattr(self.net, "can_cache_kv_outside_max_seq_len", False))
-
-        was_training = self.training
-        self.eval()
-        try:
-            out = prompts
-            cache = None
-            is_eos = None
-            for _ in range(seq_len):
-                x, step_mask = out, mask
-                if restrict_to_max_seq_len and max_seq_len and out.shape[-1] > max_seq_len:
-                    x = out[:, -max_seq_len:]
-                    if step_mask is not None:
-                        step_mask = step_mask[:, -max_seq_len:]
-                    if cache is not None:
-                        # a sliding window: keep the last max_seq_len - 1 cached positions when the
-                        # network's positions allow it, else recompute the window without cache
-                        if not (cache_outside and _trim_cache(cache, max_seq_len - 1)):
-                            cache = None
-                    for i, (a, a_cache) in enumerate(zip(amateurs, amateur_caches)):
-                        if a_cache is not None and not (getattr(a, "can_cache_kv_outside_max_seq_len", False)
-                                                        and _trim_cache(a_cache, max_seq_len - 1)):
-                            amateur_caches[i] = None
-                if step_mask is not None:
-                    kwargs["mask"] = step_mask
-
-                logits, new_cache = self.net(x, return_intermediates=True, cache=cache, **kwargs)
-                cache = new_cache if can_cache else None
-                logits = logits[:, -1]
-
-                for i, (a, a_kwargs) in enumerate(zip(amateurs, cd_kwargs)):
-                    a_logits, a_cache = a(x, return_intermediates=True, cache=amateur_caches[i], **kwargs)
-                    a_logits = a_logits[:, -1]
-                    if a_logits.shape != logits.shape:
-                        raise ValueError(f"amateur_model: expected logits shaped like the model's {tuple(logits.shape)}, "
-                                         f"got {tuple(a_logits.shape)}")
-                    logits = contrastive_decode_fn(logits, a_logits, **a_kwargs)
-                    amateur_caches[i] = a_cache if cache_kv and getattr(a, "can_cache_kv", False) else None
-
-                if greedy:
-                    sample = logits.argmax(dim=-1, keepdim=True)
-                else:
-                    filtered = filter_logits_fn(logits, **filter_kwargs)
-                    probs = F.softmax(filtered / temperature, dim=-1)
-                    sample = torch.multinomial(probs, 1)
-
-                out = torch.cat((out, sample), dim=-1)
-                if mask is not None:
-                    mask = F.pad(mask, (0, 1), value=True)
-
-                if eos_token is not None:
-                    is_eos = out == eos_token
-                    if bool(is_eos[:, t:].any(dim=-1).all()):
-                        break
-        finally:
-            self.train(was_training)
-            for a, mode in zip(amateurs, amateur_training):
-                a.train(mode)
-
-        out = out[:, t:]
-        if eos_token is not None:
-            # everything after the first eos of a row becomes pad_value (the eos itself stays)
-            is_eos = out == eos_token
-            after = F.pad(is_eos, (1, -1), value=False).cumsum(dim=-1) > 0
-            out = out.masked_fill(after, self.pad_value)
+        _check_prompt_mask(mask, *prompts.shape)
+        contrastive = _Contrastive(amateur_model, contrastive_decode_kwargs, cache_kv)
+        if contrastive.nets:
+            sampler.filter_fn, sampler.filter_kwargs = _identity, {}
+        t, max_seq_len = prompts.shape[1], self.max_seq_len if restrict_to_max_seq_len else None
+        with eval_mode(self, *contrastive.nets):
+            out, cache = decode(
+                self.net, prompts, seq_len, mask=mask, kwargs=kwargs, max_seq_len=max_seq_len, cache_kv=cache_kv,
+                next_from=lambda x, logits: sampler(contrastive(x, logits[:, -1], kwargs)),
+                before_step=lambda n: contrastive.slide(n, max_seq_len),
+                done=None if eos_token is None else lambda out: bool((out[:, t:] == eos_token).any(dim=-1).all()))
+        out = self._pad_after_eos(out[:, t:], eos_token)
         if no_batch:
             out = out[0]
-        if return_intermediates:
-            return out, cache
-        return out
+        return (out, cache) if return_intermediates else out
+
+    def _list_prompts(self, prompts, prompt_lens):
+        """A list of 1-D prompts -> ``(prompts (b, longest) padded with pad_value, their lengths (b,))``;
+        other prompts -> ``(prompts, prompt_lens)`` as given."""
+        if not isinstance(prompts, (list, tuple)):
+            return prompts, prompt_lens
+        if len(prompts) == 0:
+            raise ValueError("prompts: expected a non-empty list of 1-D token tensors, got an empty list")
+        if prompt_lens is not None:
+            raise ValueError("prompt_lens: must be None when prompts is a list (the lengths come from the list)")
+        for i, p in enumerate(prompts):
+            _check_tokens(f"prompts[{i}]", p, 1)
+            if p.shape[0] < 1:
+                raise ValueError(f"prompts[{i}]: expected at least one token, got an empty tensor")
+        prompt_lens = torch.tensor([p.shape[0] for p in prompts], device=prompts[0].device)
+        return nn.utils.rnn.pad_sequence(list(prompts), batch_first=True, padding_value=self.pad_value), prompt_lens
+
+    def _left_pad(self, prompts: torch.Tensor, prompt_lens: torch.Tensor, kwargs: dict) -> torch.Tensor:
+        """Each row's first ``prompt_lens[b]`` tokens moved to the right end of ``prompts`` ``(b, t)``
+        (left padding with ``pad_value``); ``kwargs["seq_start_pos"]`` ``(b,)`` tells the network
+        where each row starts."""
+        lens = prompt_lens.to(prompts.device)
+        kwargs["seq_start_pos"] = prompts.shape[1] - lens
+        return align_right(prompts, lens, pad_id=self.pad_value)
+
+    def _pad_after_eos(self, out: torch.Tensor, eos_token) -> torch.Tensor:
+        """Everything after the first ``eos_token`` of a row of ``out`` ``(b, n)`` becomes ``pad_value``
+        (the eos itself stays)."""
+        if eos_token is None:
+            return out
+        after = F.pad(out == eos_token, (1, -1), value=False).cumsum(dim=-1) > 0
+        return out.masked_fill(after, self.pad_value)
 
     @torch.no_grad()
     def beam_search(
@@ -377,79 +483,23 @@ class AutoregressiveWrapper(nn.Module):
         or with ``return_beams_and_scores`` all beams ``(beams, b, seq_len)`` and their scores
         ``(beams, b)``, best first. ``stochastic=True`` picks the candidates with Gumbel noise on
         the filtered logits (``temperature > 0``). ``context``/``context_mask`` kwargs (an
-        encoder's output) follow their beams. ``eos_token`` is not supported (as in x-transformers)."""
+        encoder's output) follow their beams. ``eos_token`` is not supported (as in x-transformers).
+        A network whose cache is not an xtk ``KVCache`` runs without a cache here (the cache must
+        follow the beams)."""
         if eos_token is not None:
             raise ValueError("eos_token: not supported by beam_search (as in x-transformers); expected None")
         seq_len = _check.integer("seq_len", seq_len, minimum=1)
         beams = _check.integer("beams", beams, minimum=1)
-        if not isinstance(temperature, (int, float)) or temperature < 0:
-            raise ValueError(f"temperature: expected a float >= 0, got {temperature!r}")
+        check_temperature(temperature)
         prompts, no_batch = _batched_prompts(prompts)
         batch, t = prompts.shape
-        filter_logits_fn = _filter_fn(filter_logits_fn)
-        filter_kwargs = dict(filter_kwargs or {})
-        device = prompts.device
-        greedy = temperature == 0.
-
+        candidates = _BeamCandidates(beams, stochastic and temperature != 0., temperature, _filter_fn(filter_logits_fn),
+                                     dict(filter_kwargs or {}))
         if prompt_lens is not None:
             _check_tokens("prompt_lens", prompt_lens, 1)
-            prompts = align_right(prompts, prompt_lens.to(device), pad_id=self.pad_value)
-            kwargs["seq_start_pos"] = t - prompt_lens.to(device)
-
-        max_seq_len = self.max_seq_len
-        can_cache = bool(cache_kv) and bool(getattr(self.net, "can_cache_kv", False))
-        cache_outside = bool(getattr(self.net, "can_cache_kv_outside_max_seq_len", False))
-        # kwargs that carry one row per batch element and must follow the beams
-        per_row = [k for k in ("context", "context_mask", "seq_start_pos", "mems") if kwargs.get(k) is not None]
-
-        was_training = self.training
-        self.eval()
-        try:
-            out, cache = prompts, None
-            scores = torch.zeros(batch, device=device)
-            rows = torch.arange(batch, device=device)
-            for i in range(seq_len):
-                x = out
-                if restrict_to_max_seq_len and max_seq_len and out.shape[-1] > max_seq_len:
-                    x = out[:, -max_seq_len:]
-                    if cache is not None and not (cache_outside and _trim_cache(cache, max_seq_len - 1)):
-                        cache = None
-                logits, new_cache = self.net(x, return_intermediates=True, cache=cache, **kwargs)
-                cache = new_cache if can_cache else None
-                logits = logits[:, -1]
-                log_probs = logits.log_softmax(dim=-1)
-                if stochastic and not greedy:
-                    logits = filter_logits_fn(logits, **filter_kwargs)
-                    u = torch.rand_like(logits).clamp(min=1e-20)
-                    logits = logits / temperature - (-u.log()).clamp(min=1e-20).log()
-                k = min(beams, logits.shape[-1])
-                samples = logits.topk(k, dim=-1).indices                       # (B, k)
-                cand_scores = scores[:, None] + log_probs.gather(-1, samples)  # (B, k)
-
-                out = out.repeat_interleave(k, dim=0)
-                out = torch.cat((out, samples.reshape(-1, 1)), dim=-1)        # (B*k, n+1)
-                if i == 0:
-                    # every prompt row becomes k beams: widen the cache and the per-row kwargs
-                    widen = torch.arange(batch, device=device).repeat_interleave(k)
-                    if cache is not None:
-                        _index_cache(cache, widen)
-                    for key in per_row:
-                        val = kwargs[key]
-                        kwargs[key] = [m[widen] for m in val] if isinstance(val, (list, tuple)) else val[widen]
-
-                cand_scores = cand_scores.reshape(batch, -1)                   # (b, prev_beams * k)
-                per_row_cands = cand_scores.shape[-1]
-                if per_row_cands > beams:
-                    cand_scores, order = cand_scores.sort(dim=-1, descending=True)
-                    cand_scores, order = cand_scores[:, :beams], order[:, :beams]
-                    flat = (order + rows[:, None] * per_row_cands).reshape(-1)
-                    out = out[flat]
-                    if cache is not None:
-                        _index_cache(cache, flat // k)
-                scores = cand_scores.reshape(-1)
-        finally:
-            self.train(was_training)
-
+            prompts = self._left_pad(prompts, prompt_lens, kwargs)
+        with eval_mode(self):
+            out, scores = self._beam_loop(prompts, seq_len, candidates, cache_kv, restrict_to_max_seq_len, kwargs)
         n_beams = out.shape[0] // batch
         out = out[:, t:].reshape(batch, n_beams, -1)
         scores = scores.reshape(batch, n_beams)
@@ -457,8 +507,25 @@ class AutoregressiveWrapper(nn.Module):
             best = out[:, 0]
             return best[0] if no_batch else best
         out, scores = out.transpose(0, 1), scores.transpose(0, 1)
-        if no_batch:
-            out, scores = out[:, 0], scores[:, 0]
+        return (out[:, 0], scores[:, 0]) if no_batch else (out, scores)
+
+    def _beam_loop(self, prompts, seq_len, candidates: _BeamCandidates, cache_kv, restrict_to_max_seq_len, kwargs):
+        """``seq_len`` beam-search steps from ``prompts`` ``(b, t)``. Returns the beams
+        ``(b * beams, t + seq_len)``, each prompt's beams together, best first, and their scores."""
+        batch = prompts.shape[0]
+        can_cache, cache_outside = cache_flags(self.net, cache_kv)
+        max_seq_len = self.max_seq_len if restrict_to_max_seq_len else None
+        out, cache, scores = prompts, None, torch.zeros(batch, device=prompts.device)
+        for i in range(seq_len):
+            x, _, cache = sliding_window(out, None, cache, max_seq_len, cache_outside)
+            logits, new_cache = self.net(x, return_intermediates=True, cache=cache, **kwargs)
+            cache = new_cache if can_cache and isinstance(new_cache, KVCache) else None
+            samples, cand_scores = candidates(logits[:, -1], scores)         # (B, k) each
+            k = samples.shape[-1]
+            out = torch.cat((out.repeat_interleave(k, dim=0), samples.reshape(-1, 1)), dim=-1)  # (B*k, n+1)
+            if i == 0:
+                cache = _widen_beams(cache, kwargs, torch.arange(batch, device=prompts.device).repeat_interleave(k))
+            out, scores, cache = _best_beams(out, cand_scores, cache, batch, candidates.beams, k)
         return out, scores
 
     # ------------------------------------------------------------ training

@@ -12,11 +12,11 @@ import torch.nn.functional as F
 from torch import nn
 
 from ..modules.norms import LayerNorm
-from ..modules.positional import AbsolutePositionalEmbedding, ScaledSinusoidalEmbedding
 from ..ops import _check
-from .autoregressive import _trim_cache
+from .autoregressive import check_temperature, decode, eval_mode
 from .intermediates import prepend_key_mask, slice_for_cache
 from .layers import check_nonempty
+from .wrapper import masked_mean, next_mems, position_embedding, prepend_memory_tokens
 
 __all__ = ["ContinuousTransformerWrapper", "ContinuousAutoregressiveWrapper", "GaussianNLL"]
 
@@ -66,61 +66,31 @@ class ContinuousTransformerWrapper(nn.Module):
         use_identity_if_same_dim: bool = False,
     ):
         super().__init__()
-        if not isinstance(attn_layers, nn.Module) or not hasattr(attn_layers, "dim"):
-            raise TypeError(f"attn_layers: expected an Encoder/Decoder (AttentionLayers) module, got {type(attn_layers).__name__}")
+        _check_sizes(attn_layers, dim_in, dim_out, project_in, project_out, max_seq_len, max_mem_len)
         dim = attn_layers.dim
-        if dim_in is not None and project_in is not None:
-            raise ValueError("dim_in, project_in: expected at most one of them, got both")
-        if dim_out is not None and project_out is not None:
-            raise ValueError("dim_out, project_out: expected at most one of them, got both")
-        for name, val in (("dim_in", dim_in), ("dim_out", dim_out)):
-            if val is not None:
-                _check.integer(name, val, minimum=1)
-        if max_seq_len is not None:
-            _check.integer("max_seq_len", max_seq_len, minimum=0)
-        _check.integer("max_mem_len", max_mem_len, minimum=0)
+        self.max_seq_len, self.max_mem_len, self.dim = max_seq_len, max_mem_len, dim
 
-        self.max_seq_len = max_seq_len
-        self.max_mem_len = max_mem_len
-        self.dim = dim
-
-        no_abs_pos_emb = (not max_seq_len or not use_abs_pos_emb
-                          or getattr(attn_layers, "disable_abs_pos_emb", False))
-        if no_abs_pos_emb:
-            self.pos_emb = None
-        elif scaled_sinu_pos_emb:
-            self.pos_emb = ScaledSinusoidalEmbedding(dim)
-        else:
-            self.pos_emb = AbsolutePositionalEmbedding(dim, max_seq_len)
-        self.has_abs_pos_emb = not no_abs_pos_emb
-
+        self.pos_emb = position_embedding(dim, max_seq_len, attn_layers, use_abs_pos_emb, scaled_sinu_pos_emb)
+        self.has_abs_pos_emb = self.pos_emb is not None
         self.post_emb_norm = LayerNorm(dim) if post_emb_norm else nn.Identity()
         self.emb_dropout = nn.Dropout(emb_dropout)
 
-        num_memory_tokens = num_memory_tokens or 0
-        self.num_memory_tokens = num_memory_tokens
-        self.has_memory_tokens = num_memory_tokens > 0
+        self.num_memory_tokens = num_memory_tokens or 0
+        self.has_memory_tokens = self.num_memory_tokens > 0
         if self.has_memory_tokens:
-            self.memory_tokens = nn.Parameter(torch.randn(num_memory_tokens, dim))
-
+            self.memory_tokens = nn.Parameter(torch.randn(self.num_memory_tokens, dim))
         self.attn_layers = attn_layers
         self.average_pool_embed = average_pool_embed
 
-        self.dim_in = dim_in
-        has_project_in = dim_in is not None and (not use_identity_if_same_dim or dim_in != dim)
-        if project_in is None:
-            project_in = nn.Linear(dim_in, dim, bias=False) if has_project_in else nn.Identity()
-        self.project_in = project_in
-
-        self.probabilistic = probabilistic
+        # projections in and out (identity where the widths already match, with use_identity_if_same_dim)
+        self.dim_in, self.probabilistic = dim_in, probabilistic
+        self.project_in = project_in if project_in is not None else _projection(dim_in, dim, use_identity_if_same_dim)
         dim_out_total = dim_out * (2 if probabilistic else 1) if dim_out is not None else None
-        has_project_out = dim_out is not None and (not use_identity_if_same_dim or dim_out_total != dim)
-        if project_out is None:
-            project_out = nn.Linear(dim, dim_out_total, bias=False) if has_project_out else nn.Identity()
-        self.project_out = project_out
+        self.project_out = project_out if project_out is not None else \
+            _projection(dim, dim_out_total, use_identity_if_same_dim)
 
         self.can_cache_kv = bool(getattr(attn_layers, "can_cache_kv", False)) and not self.has_memory_tokens
-        self.can_cache_kv_outside_max_seq_len = no_abs_pos_emb
+        self.can_cache_kv_outside_max_seq_len = self.pos_emb is None
 
     def forward(
         self,
@@ -141,6 +111,39 @@ class ContinuousTransformerWrapper(nn.Module):
         seq_start_pos: Optional[torch.Tensor] = None,
         **kwargs,
     ):
+        """x ``(b, n, dim_in)``; mask ``(b, n)`` bool or ``lens`` ``(b,)``; with ``cache`` (a
+        ``KVCache`` from ``return_intermediates=True``) only the vectors after the cached positions
+        are computed. Returns ``(b, n, dim_out)`` (``(2, b, n, dim_out)`` when probabilistic), or
+        per the ``return_*`` flags as x-transformers."""
+        mask = self._check_inputs(x, mask, lens, prepend_embeds)
+        orig_mask = mask
+        offset = 0
+        if cache is not None:  # only the vectors after the cached positions are embedded and computed
+            if not self.can_cache_kv:
+                raise ValueError("cache: this model cannot use a KV cache (memory tokens or its attn_layers)")
+            prepend_len = prepend_embeds.shape[1] if prepend_embeds is not None else 0
+            offset, x, sum_embeds, mask = slice_for_cache(cache, x, prepend_len, mask, prepend_mask, sum_embeds,
+                                                          what="vectors")
+            prepend_embeds = None  # already in the cache
+            kwargs["input_not_include_cache"] = True
+        x = self._embed(x, offset, pos, sum_embeds, seq_start_pos)
+        if self.has_memory_tokens:
+            x, mask = prepend_memory_tokens(self.memory_tokens, x, mask)
+        if prepend_embeds is not None:
+            x, mask = self._prepend(x, mask, prepend_embeds, prepend_mask)
+        x = self.emb_dropout(x)
+
+        layer_kwargs = dict(kwargs)
+        for name, val in (("seq_start_pos", seq_start_pos), ("pos", pos), ("return_attn", True if return_attn else None)):
+            if val is not None:
+                layer_kwargs[name] = val
+        x, intermediates = self.attn_layers(x, mask=mask, mems=mems, mem_masks=mem_masks, cache=cache,
+                                            return_hiddens=True, **layer_kwargs)
+        return self._outputs(x, intermediates, orig_mask, mems, return_embeddings, return_intermediates,
+                             return_mems, return_attn)
+
+    def _check_inputs(self, x, mask, lens, prepend_embeds):
+        """Checks ``x`` ``(b, n, dim_in)`` and its ``mask`` ``(b, n)`` / ``lens`` ``(b,)``; returns the mask."""
         _float_tensor("x", x, 3)
         if prepend_embeds is None:  # (prepended embeddings alone are a sequence)
             check_nonempty("x", x, "vector")
@@ -157,19 +160,11 @@ class ContinuousTransformerWrapper(nn.Module):
             mask = _lens_to_mask(lens, n)
         if mask is not None:
             _bool_mask("mask", mask, (b, n))
-        orig_mask = mask
+        return mask
 
-        # with a KV cache only the vectors after the cached positions are embedded and computed
-        offset = 0
-        if cache is not None:
-            if not self.can_cache_kv:
-                raise ValueError("cache: this model cannot use a KV cache (memory tokens or its attn_layers)")
-            prepend_len = prepend_embeds.shape[1] if prepend_embeds is not None else 0
-            offset, x, sum_embeds, mask = slice_for_cache(cache, x, prepend_len, mask, prepend_mask, sum_embeds,
-                                                          what="vectors")
-            prepend_embeds = None  # already in the cache
-            kwargs["input_not_include_cache"] = True
-
+    def _embed(self, x, offset: int, pos, sum_embeds, seq_start_pos):
+        """``x`` ``(b, n, dim_in)`` -> ``(b, n, dim)``: projected, plus the positions from ``offset`` and
+        ``sum_embeds``, post-embedding norm."""
         x = self.project_in(x)
         if x.shape[-1] != self.dim:
             raise ValueError(f"x: expected vectors of the model width {self.dim} (or set dim_in), got shape "
@@ -180,64 +175,63 @@ class ContinuousTransformerWrapper(nn.Module):
             x = x + self.pos_emb(x.shape[1], offset, device=x.device, seq_start_pos=seq_start_pos).to(x.dtype)
         if sum_embeds is not None:
             x = x + sum_embeds
-        x = self.post_emb_norm(x)
+        return self.post_emb_norm(x)
 
-        if self.has_memory_tokens:
-            m = self.memory_tokens[None].expand(b, -1, -1)
-            x = torch.cat((m, x), dim=1)
-            if mask is not None:
-                mask = F.pad(mask, (self.num_memory_tokens, 0), value=True)
+    @staticmethod
+    def _prepend(x, mask, prepend_embeds, prepend_mask):
+        """``prepend_embeds`` ``(b, m, dim)`` before ``x`` ``(b, n, dim)``; the key mask extended alike."""
+        _float_tensor("prepend_embeds", prepend_embeds, 3)
+        b = x.shape[0]
+        if prepend_embeds.shape[0] != b or prepend_embeds.shape[-1] != x.shape[-1]:
+            raise ValueError(f"prepend_embeds: expected shape ({b}, m, {x.shape[-1]}), got {tuple(prepend_embeds.shape)}")
+        mask = prepend_key_mask(mask, prepend_mask, b, x.shape[1], prepend_embeds.shape[1], x.device)
+        return torch.cat((prepend_embeds, x), dim=1), mask
 
-        if prepend_embeds is not None:
-            _float_tensor("prepend_embeds", prepend_embeds, 3)
-            if prepend_embeds.shape[0] != b or prepend_embeds.shape[-1] != x.shape[-1]:
-                raise ValueError(f"prepend_embeds: expected shape ({b}, m, {x.shape[-1]}), got {tuple(prepend_embeds.shape)}")
-            mask = prepend_key_mask(mask, prepend_mask, b, x.shape[1], prepend_embeds.shape[1], x.device)
-            x = torch.cat((prepend_embeds, x), dim=1)
-
-        x = self.emb_dropout(x)
-
-        layer_kwargs = dict(kwargs)
-        if seq_start_pos is not None:
-            layer_kwargs["seq_start_pos"] = seq_start_pos
-        if pos is not None:
-            layer_kwargs["pos"] = pos
-        if return_attn:
-            layer_kwargs["return_attn"] = True
-        x, intermediates = self.attn_layers(x, mask=mask, mems=mems, mem_masks=mem_masks, cache=cache,
-                                            return_hiddens=True, **layer_kwargs)
-
+    def _outputs(self, x, intermediates, orig_mask, mems, return_embeddings, return_intermediates, return_mems,
+                 return_attn):
+        """What ``forward`` returns from the stack's output ``x`` ``(b, [memory tokens +] n, dim)``."""
         if self.has_memory_tokens:
             intermediates.memory_tokens = x[:, :self.num_memory_tokens]
             x = x[:, self.num_memory_tokens:]
-
         if self.average_pool_embed:
-            if orig_mask is None:
-                x = x.mean(dim=1)
-            else:
-                w = orig_mask[..., None].to(x.dtype)
-                x = (x * w).sum(dim=1) / w.sum(dim=1).clamp(min=1.)
-
+            x = x.mean(dim=1) if orig_mask is None else masked_mean(x, orig_mask)
         out = x if return_embeddings else self.project_out(x)
         if not return_embeddings and self.probabilistic:
             mean, log_var = out.unflatten(-1, (-1, 2)).unbind(-1)
             out = torch.stack((mean, log_var.exp()))
-
         if return_intermediates:
             return out, intermediates
         if return_mems:
             # as TransformerWrapper: the previous memories followed by this segment's layer inputs, the
             # last max_mem_len kept (x-transformers' continuous wrapper drops the previous memories,
             # which only differs when max_mem_len exceeds the segment length)
-            hiddens = intermediates.hiddens
-            if mems is not None:
-                hiddens = [torch.cat(pair, dim=-2) for pair in zip(mems, hiddens)]
-            keep = self.max_mem_len
-            new_mems = tuple((t[..., -keep:, :] if keep > 0 else t[..., :0, :]).detach() for t in hiddens)
-            return out, new_mems
+            return out, tuple(t.detach() for t in next_mems(mems, intermediates.hiddens, self.max_mem_len))
         if return_attn:
             return out, tuple(t.post_softmax_attn for t in intermediates.attn_intermediates)
         return out
+
+
+def _projection(d_from: Optional[int], d_to: Optional[int], use_identity_if_same_dim: bool) -> nn.Module:
+    """A bias-less ``Linear(d_from, d_to)``; Identity when either width is None (no projection asked
+    for) or, with ``use_identity_if_same_dim``, when they are equal."""
+    if d_from is None or d_to is None or (use_identity_if_same_dim and d_from == d_to):
+        return nn.Identity()
+    return nn.Linear(d_from, d_to, bias=False)
+
+
+def _check_sizes(attn_layers, dim_in, dim_out, project_in, project_out, max_seq_len, max_mem_len) -> None:
+    if not isinstance(attn_layers, nn.Module) or not hasattr(attn_layers, "dim"):
+        raise TypeError(f"attn_layers: expected an Encoder/Decoder (AttentionLayers) module, got {type(attn_layers).__name__}")
+    if dim_in is not None and project_in is not None:
+        raise ValueError("dim_in, project_in: expected at most one of them, got both")
+    if dim_out is not None and project_out is not None:
+        raise ValueError("dim_out, project_out: expected at most one of them, got both")
+    for name, val in (("dim_in", dim_in), ("dim_out", dim_out)):
+        if val is not None:
+            _check.integer(name, val, minimum=1)
+    if max_seq_len is not None:
+        _check.integer("max_seq_len", max_seq_len, minimum=0)
+    _check.integer("max_mem_len", max_mem_len, minimum=0)
 
 
 class GaussianNLL(nn.Module):
@@ -279,51 +273,30 @@ class ContinuousAutoregressiveWrapper(nn.Module):
         ``mask`` (in kwargs): a ``(b, n)`` key mask of ``start_tokens``, extended with True for new vectors."""
         seq_len = _check.integer("seq_len", seq_len, minimum=1)
         _float_tensor("start_tokens", start_tokens, (2, 3))
-        if not isinstance(temperature, (int, float)) or temperature < 0:
-            raise ValueError(f"temperature: expected a float >= 0, got {temperature!r}")
+        check_temperature(temperature)
         no_batch = start_tokens.dim() == 2
         if no_batch:
             start_tokens = start_tokens[None]
         b, t, _ = start_tokens.shape
         if t < 1:
             raise ValueError(f"start_tokens: expected at least one vector, got shape {tuple(start_tokens.shape)}")
-
         mask = kwargs.pop("mask", None)
         if mask is not None:
             _bool_mask("mask", mask, (b, t))
-
-        can_cache = bool(cache_kv) and bool(getattr(self.net, "can_cache_kv", False))
-        cache_outside = bool(getattr(self.net, "can_cache_kv_outside_max_seq_len", False))
-        max_seq_len = self.max_seq_len
-
-        was_training = self.net.training
-        self.net.eval()
-        try:
-            out, cache = start_tokens, None
-            for _ in range(seq_len):
-                x, step_mask = out, mask
-                if max_seq_len and out.shape[1] > max_seq_len:
-                    x = out[:, -max_seq_len:]
-                    if step_mask is not None:
-                        step_mask = step_mask[:, -max_seq_len:]
-                    if cache is not None and not (cache_outside and _trim_cache(cache, max_seq_len - 1)):
-                        cache = None
-                if step_mask is not None:
-                    kwargs["mask"] = step_mask
-                net_out, new_cache = self.net(x, cache=cache, return_intermediates=True, **kwargs)
-                last = net_out[..., -1:, :]
-                if self.probabilistic:
-                    mean, var = last
-                    last = torch.normal(mean, var.clamp(min=1e-5).sqrt() * temperature)
-                out = torch.cat((out, last), dim=-2)
-                if mask is not None:
-                    mask = F.pad(mask, (0, 1), value=True)
-                cache = new_cache if can_cache else None
-        finally:
-            self.net.train(was_training)
-
+        with eval_mode(self.net):
+            out, _ = decode(self.net, start_tokens, seq_len, mask=mask, kwargs=kwargs, max_seq_len=self.max_seq_len,
+                            cache_kv=cache_kv, next_from=lambda x, net_out: self._next_vector(net_out, temperature))
         out = out[:, t:]
         return out[0] if no_batch else out
+
+    def _next_vector(self, net_out, temperature: float) -> torch.Tensor:
+        """The next vector ``(b, 1, d)`` from the network's output for the window: the last prediction,
+        or with a probabilistic network a draw from ``N(mean, var)`` with the std scaled by ``temperature``."""
+        last = net_out[..., -1:, :]
+        if not self.probabilistic:
+            return last
+        mean, var = last
+        return torch.normal(mean, var.clamp(min=1e-5).sqrt() * temperature)
 
     def forward(self, x: torch.Tensor, rollout_steps: int = 1, **kwargs):
         """Mean loss of predicting ``x[:, 1:]`` from ``x[:, :-1]``; ``mask``/``lens`` select the

@@ -32,6 +32,21 @@ def _check_token_ids(x, num_tokens):
         torch._assert_async(ok)
 
 
+def position_embedding(dim: int, max_seq_len, attn_layers: nn.Module, use_abs_pos_emb: bool,
+                       scaled_sinu_pos_emb: bool, l2norm_embed: bool = False) -> Optional[nn.Module]:
+    """A wrapper's absolute positional embedding: scaled sinusoidal or learned (``l2norm_embed``:
+    l2-normalized, init std 1e-5); None without ``max_seq_len``, with ``use_abs_pos_emb=False``, or
+    when ``attn_layers`` has relative positions (``disable_abs_pos_emb``)."""
+    if not max_seq_len or not use_abs_pos_emb or getattr(attn_layers, "disable_abs_pos_emb", False):
+        return None
+    if scaled_sinu_pos_emb:
+        return ScaledSinusoidalEmbedding(dim)
+    pos_emb = AbsolutePositionalEmbedding(dim, max_seq_len, l2norm_embed=l2norm_embed)
+    if l2norm_embed:
+        nn.init.normal_(pos_emb.emb.weight, std=1e-5)
+    return pos_emb
+
+
 class TokenEmbedding(nn.Module):
     """``nn.Embedding`` (key ``emb.weight``), l2-normalized with ``l2norm_embed``."""
 
@@ -71,15 +86,8 @@ class TransformerWrapper(nn.Module):
         self.max_seq_len, self.max_mem_len, self.shift_mem_down = max_seq_len, max_mem_len, shift_mem_down
         self.l2norm_embed = l2norm_embed
         self.token_emb = TokenEmbedding(emb_dim, num_tokens, l2norm_embed=l2norm_embed)
-        no_abs = max_seq_len == 0 or not (use_abs_pos_emb and not attn_layers.disable_abs_pos_emb)
-        if no_abs:
-            self.pos_emb = None
-        elif scaled_sinu_pos_emb:
-            self.pos_emb = ScaledSinusoidalEmbedding(emb_dim)
-        else:
-            self.pos_emb = AbsolutePositionalEmbedding(emb_dim, max_seq_len, l2norm_embed=l2norm_embed)
-            if l2norm_embed:
-                nn.init.normal_(self.pos_emb.emb.weight, std=1e-5)
+        self.pos_emb = position_embedding(emb_dim, max_seq_len, attn_layers, use_abs_pos_emb, scaled_sinu_pos_emb,
+                                          l2norm_embed)
         self.emb_frac_gradient = emb_frac_gradient
         self.post_emb_norm = LayerNorm(emb_dim) if post_emb_norm else nn.Identity()
         self.emb_dropout = nn.Dropout(emb_dropout)
@@ -101,7 +109,7 @@ class TransformerWrapper(nn.Module):
         if num_memory_tokens > 0:
             self.memory_tokens = nn.Parameter(torch.randn(num_memory_tokens, dim))
         self.can_cache_kv = num_memory_tokens == 0 and attn_layers.can_cache_kv
-        self.can_cache_kv_outside_max_seq_len = no_abs
+        self.can_cache_kv_outside_max_seq_len = self.pos_emb is None
 
     def _logits(self, x):
         if self.tie_embedding:
@@ -113,12 +121,55 @@ class TransformerWrapper(nn.Module):
                 prepend_embeds=None, prepend_mask=None, sum_embeds=None, return_attn_z_loss=False,
                 seq_start_pos=None, cache: Optional[LayerIntermediates] = None, detach_mems=True,
                 return_embeddings_and_intermediates=False, **kwargs):
-        """x ``(b, n)`` token ids. With ``cache`` (from a previous ``return_intermediates=True``
-        call) only the tokens after the cached positions are computed; the outputs cover those.
-        Returns logits ``(b, n, logits_dim)``, or per the ``return_*`` flags:
+        """x ``(b, n)`` token ids. With ``cache`` (a ``KVCache``, from a previous
+        ``return_intermediates=True`` call) only the tokens after the cached positions are computed;
+        the outputs cover those. Returns logits ``(b, n, logits_dim)``, or per the ``return_*`` flags:
         ``return_embeddings`` -> embeddings; ``return_logits_and_embeddings`` -> (logits, embeddings);
         ``return_mems`` -> (out, mems); ``return_intermediates`` -> (out, LayerIntermediates);
         ``return_attn`` -> (out, [post-softmax attention per layer])."""
+        self._check_inputs(x, mask, prepend_embeds, return_attn_z_loss, pos)
+        b, n = x.shape
+        return_embeddings = return_embeddings or self.to_logits is None and not self.tie_embedding \
+            or return_embeddings_and_intermediates
+        offset, prepend_len = 0, prepend_embeds.shape[1] if prepend_embeds is not None else 0
+        if cache is not None:  # only the tokens after the cached positions are embedded and computed
+            if not self.can_cache_kv:
+                raise ValueError("cache: this model cannot use a KV cache (memory tokens or token shift)")
+            offset, x, sum_embeds, mask = slice_for_cache(cache, x, prepend_len, mask, prepend_mask, sum_embeds,
+                                                          what="tokens")
+            prepend_embeds = None
+        if self.pos_emb is not None and isinstance(self.pos_emb, AbsolutePositionalEmbedding) and n > self.max_seq_len:
+            raise ValueError(f"x: sequence length {n} exceeds max_seq_len {self.max_seq_len} "
+                             f"(absolute positional embedding); expected at most {self.max_seq_len} tokens")
+        h = self._embed(x, offset, seq_start_pos, sum_embeds)
+        if prepend_embeds is not None:
+            if prepend_embeds.dim() != 3 or prepend_embeds.shape[0] != b or prepend_embeds.shape[-1] != h.shape[-1]:
+                raise ValueError(f"prepend_embeds: expected shape ({b}, m, {h.shape[-1]}), got {tuple(prepend_embeds.shape)}")
+            h = torch.cat((prepend_embeds.to(h.dtype), h), dim=-2)
+            mask = prepend_key_mask(mask, prepend_mask, b, n, prepend_len, x.device)
+        if self.emb_frac_gradient < 1:
+            h = h * self.emb_frac_gradient + h.detach() * (1 - self.emb_frac_gradient)
+        init_embed = h
+        h = self.project_emb(self.emb_dropout(h))
+        num_mems, seq = self.num_memory_tokens, h.shape[-2]
+        if num_mems > 0:
+            h, mask = prepend_memory_tokens(self.memory_tokens.to(h.dtype), h, mask)
+        if self.shift_mem_down and mems is not None:
+            mems = [*mems[self.shift_mem_down:], *mems[:self.shift_mem_down]]
+        x, inter = self.attn_layers(h, mask=mask, mems=mems, mem_masks=mem_masks, cache=cache,
+                                    input_not_include_cache=True, seq_start_pos=seq_start_pos,
+                                    return_hiddens=True, return_attn=return_attn, **kwargs)
+        if num_mems > 0:
+            inter.memory_tokens = x[:, :num_mems]
+            x = x[:, num_mems:num_mems + seq]
+        inter.last_layer_hiddens, inter.initial_embeds = x, init_embed
+        if self.average_pool_embed:
+            x = x.mean(dim=1) if mask is None else masked_mean(x, mask[:, -x.shape[1]:])
+        return self._outputs(x, inter, mems, return_embeddings, return_logits_and_embeddings, return_intermediates,
+                             return_mems, return_attn, detach_mems, return_embeddings_and_intermediates)
+
+    def _check_inputs(self, x, mask, prepend_embeds, return_attn_z_loss, pos) -> None:
+        """Token ids ``x`` ``(b, n)`` in range, ``mask`` None or bool ``(b, n)``; the options xtk lacks."""
         if return_attn_z_loss:
             raise NotImplementedError("return_attn_z_loss: not supported by xtk (needs every attention matrix)")
         if pos is not None:
@@ -131,99 +182,65 @@ class TransformerWrapper(nn.Module):
         _check_token_ids(x, self.num_tokens)
         if prepend_embeds is None:  # (prepended embeddings alone are a sequence)
             check_nonempty("x", x, "token")
-        b, n = x.shape
-        device = x.device
-        return_hiddens = return_mems or return_attn or return_intermediates or return_embeddings_and_intermediates
-        return_embeddings = return_embeddings or self.to_logits is None and not self.tie_embedding \
-            or return_embeddings_and_intermediates
         if mask is not None:
             if not isinstance(mask, torch.Tensor) or mask.dtype != torch.bool:
                 raise TypeError(f"mask: expected a bool tensor (True = keep), got "
                                 f"{mask.dtype if isinstance(mask, torch.Tensor) else type(mask).__name__}")
-            if tuple(mask.shape) != (b, n):
-                raise ValueError(f"mask: expected shape {(b, n)} (x's), got {tuple(mask.shape)}")
-        prepend_len = prepend_embeds.shape[1] if prepend_embeds is not None else 0
+            if tuple(mask.shape) != tuple(x.shape):
+                raise ValueError(f"mask: expected shape {tuple(x.shape)} (x's), got {tuple(mask.shape)}")
 
-        offset = 0
-        if cache is not None:
-            if not self.can_cache_kv:
-                raise ValueError("cache: this model cannot use a KV cache (memory tokens or token shift)")
-            offset, x, sum_embeds, mask = slice_for_cache(cache, x, prepend_len, mask, prepend_mask, sum_embeds,
-                                                          what="tokens")
-            prepend_embeds = None
-        if self.pos_emb is not None and isinstance(self.pos_emb, AbsolutePositionalEmbedding) and n > self.max_seq_len:
-            raise ValueError(f"x: sequence length {n} exceeds max_seq_len {self.max_seq_len} "
-                             f"(absolute positional embedding); expected at most {self.max_seq_len} tokens")
-
+    def _embed(self, x, offset: int, seq_start_pos, sum_embeds):
+        """Token ids ``x`` ``(b, n)`` -> ``(b, n, emb_dim)``: token embedding, the positions from
+        ``offset``, ``sum_embeds``, post-embedding norm."""
         h = self.token_emb(x)
         if self.pos_emb is not None:
-            h = h + self.pos_emb(x.shape[1], offset, device, seq_start_pos).to(h.dtype)
+            h = h + self.pos_emb(x.shape[1], offset, x.device, seq_start_pos).to(h.dtype)
         if sum_embeds is not None:
             h = h + sum_embeds
-        h = self.post_emb_norm(h)
-        if prepend_embeds is not None:
-            if prepend_embeds.dim() != 3 or prepend_embeds.shape[0] != b or prepend_embeds.shape[-1] != h.shape[-1]:
-                raise ValueError(f"prepend_embeds: expected shape ({b}, m, {h.shape[-1]}), got {tuple(prepend_embeds.shape)}")
-            h = torch.cat((prepend_embeds.to(h.dtype), h), dim=-2)
-            mask = prepend_key_mask(mask, prepend_mask, b, n, prepend_len, device)
-        if self.emb_frac_gradient < 1:
-            h = h * self.emb_frac_gradient + h.detach() * (1 - self.emb_frac_gradient)
-        init_embed = h
-        h = self.emb_dropout(h)
-        h = self.project_emb(h)
+        return self.post_emb_norm(h)
 
-        num_mems = self.num_memory_tokens
-        if num_mems > 0:
-            mem_seq = h.shape[-2]
-            h = torch.cat((self.memory_tokens[None].expand(b, -1, -1).to(h.dtype), h), dim=-2)
-            if mask is not None:
-                mask = F.pad(mask, (num_mems, 0), value=True)
-
-        if self.shift_mem_down and mems is not None:
-            mems = [*mems[self.shift_mem_down:], *mems[:self.shift_mem_down]]
-
-        attended, inter = self.attn_layers(h, mask=mask, mems=mems, mem_masks=mem_masks, cache=cache,
-                                           input_not_include_cache=True, seq_start_pos=seq_start_pos,
-                                           return_hiddens=True, return_attn=return_attn, **kwargs)
-        x = attended
-        if num_mems > 0:
-            inter.memory_tokens = x[:, :num_mems]
-            x = x[:, num_mems:num_mems + mem_seq]
-        inter.last_layer_hiddens = x
-        inter.initial_embeds = init_embed
-        if self.average_pool_embed:
-            if mask is None:
-                x = x.mean(dim=1)
-            else:
-                m = mask[:, -x.shape[1]:, None].to(x.dtype)
-                x = (x * m).sum(1) / m.sum(1).clamp(min=1)
-
-        logits = None
-        if not return_embeddings:
-            logits = self._logits(x)
-
+    def _outputs(self, x, inter, mems, return_embeddings, return_logits_and_embeddings, return_intermediates,
+                 return_mems, return_attn, detach_mems, return_embeddings_and_intermediates):
+        """What ``forward`` returns from the embeddings ``x`` ``(b, n, dim)`` (pooled: ``(b, dim)``)."""
+        logits = None if return_embeddings else self._logits(x)
         if return_logits_and_embeddings:
             out = (logits, x)
-        elif return_embeddings:
-            out = x
         else:
-            out = logits
-
+            out = x if return_embeddings else logits
         if return_embeddings_and_intermediates:
             return x, inter
-
         if return_mems:
-            hiddens = inter.hiddens
-            new_mems = [torch.cat(pair, dim=-2) for pair in zip(mems, hiddens)] if mems is not None else hiddens
-            new_mems = [t[..., -self.max_mem_len:, :] if self.max_mem_len > 0 else t[..., :0, :] for t in new_mems]
+            new_mems = next_mems(mems, inter.hiddens, self.max_mem_len)
             if detach_mems:
                 new_mems = [t.detach() for t in new_mems]
             if not return_intermediates:
                 return out, new_mems
             inter.mems = new_mems
-
         if return_intermediates:
             return out, inter
         if return_attn:
             return out, [t.post_softmax_attn for t in inter.attn_intermediates]
         return out
+
+
+def prepend_memory_tokens(tokens: torch.Tensor, x: torch.Tensor, mask: Optional[torch.Tensor]):
+    """Memory tokens ``(m, dim)`` before every row of ``x`` ``(b, n, dim)``; the key mask ``(b, n)``
+    (if any) extended with True for them. Returns ``(x (b, m + n, dim), mask)``."""
+    x = torch.cat((tokens[None].expand(x.shape[0], -1, -1), x), dim=1)
+    if mask is not None:
+        mask = F.pad(mask, (tokens.shape[0], 0), value=True)
+    return x, mask
+
+
+def masked_mean(x: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
+    """Mean of ``x`` ``(b, n, dim)`` over the positions ``mask`` ``(b, n)`` keeps -> ``(b, dim)``."""
+    w = mask[..., None].to(x.dtype)
+    return (x * w).sum(dim=1) / w.sum(dim=1).clamp(min=1.)
+
+
+def next_mems(mems, hiddens: list, max_mem_len: int) -> list:
+    """Transformer-XL memories for the next segment, one per self-attention layer: the previous
+    memories (if any) followed by this segment's layer inputs ``hiddens``, the last ``max_mem_len``
+    positions kept (none when 0)."""
+    new_mems = [torch.cat(pair, dim=-2) for pair in zip(mems, hiddens)] if mems is not None else hiddens
+    return [t[..., -max_mem_len:, :] if max_mem_len > 0 else t[..., :0, :] for t in new_mems]

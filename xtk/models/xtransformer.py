@@ -23,7 +23,7 @@ from torch import nn
 
 from ..ops import _check
 from .autoregressive import AutoregressiveWrapper
-from .layers import check_nonempty
+from .layers import check_nonempty, dropout_seq
 
 __all__ = ["XTransformer"]
 
@@ -44,23 +44,6 @@ def _split(side: str, kwargs: dict, wrapper_names: set):
             raise TypeError(f"{side}_{req}: XTransformer needs the {side}oder's {req} (as {side}_{req}, or "
                             f"{req} for both sides), got none")
     return wrapper_kw, layer_kw
-
-
-def _dropout_seq(seq: torch.Tensor, mask: Optional[torch.Tensor], dropout: float):
-    """Keep a random ``1 - dropout`` fraction of the encoder tokens (padding dropped first)."""
-    b, n = seq.shape[:2]
-    scores = torch.randn(b, n, device=seq.device)
-    if mask is not None:
-        scores = scores.masked_fill(~mask, -torch.finfo(scores.dtype).max)
-    keep_prob = 1. - dropout
-    num_keep = max(1, int(keep_prob * n))
-    keep = scores.topk(num_keep, dim=1).indices
-    rows = torch.arange(b, device=seq.device)[:, None]
-    seq = seq[rows, keep]
-    if mask is not None:
-        keep_counts = torch.ceil(mask.sum(dim=-1) * keep_prob).int()
-        mask = mask[rows, keep] & (torch.arange(num_keep, device=seq.device)[None] < keep_counts[:, None])
-    return seq, mask
 
 
 class XTransformer(nn.Module):
@@ -154,7 +137,7 @@ class XTransformer(nn.Module):
         if src_prepend_embeds is not None and mask is not None:
             mask = torch.nn.functional.pad(mask, (src_prepend_embeds.shape[-2], 0), value=True)
         if self.training and self.cross_attn_tokens_dropout > 0:
-            enc, mask = _dropout_seq(enc, mask, self.cross_attn_tokens_dropout)
+            enc, mask = dropout_seq(enc, mask, self.cross_attn_tokens_dropout, cap_valid_per_row=True)
         dec_kw = dict(context=enc, context_mask=mask)
         if tgt_mask is not None:
             dec_kw["mask"] = tgt_mask

@@ -1,0 +1,129 @@
+"""``KVCache``: the key/value cache of one ``AttentionLayers`` stack, and the one place that knows
+its layout. Every wrapper (``TransformerWrapper``, ``ContinuousTransformerWrapper``, the
+autoregressive wrappers, beam search) goes through its methods.
+
+How to use it (this is what ``AutoregressiveWrapper.generate`` does)::
+
+    logits, cache = net(x, return_intermediates=True)             # prompt: full forward
+    x = torch.cat((x, next_token), dim=-1)
+    logits, cache = net(x, return_intermediates=True, cache=cache)
+    # `x` is the WHOLE sequence so far; only the positions from `cache.first_new_position(...)`
+    # on (here the one new token) are embedded and run through the layers, each attending to
+    # the cached keys/values: a new token costs O(n), not a full re-run. `logits` then cover
+    # only those new tokens (shape (b, n_new, num_tokens)).
+
+To keep the cache bounded (e.g. to ``max_seq_len - 1`` positions) call ``cache.trim(keep)`` and
+pass only the last ``keep + 1`` tokens; to grow or reorder the batch (beam search) call
+``cache.index(rows)``. ``LayerIntermediates`` (what the models return with
+``return_intermediates=True``) is a ``KVCache``: as in x-transformers, the intermediates of one
+call are the cache of the next.
+"""
+from __future__ import annotations
+
+from copy import copy
+from dataclasses import dataclass, replace
+from typing import Optional
+
+from torch import Tensor
+
+__all__ = ["KVCache", "trimmed_or_none"]
+
+
+@dataclass(kw_only=True)
+class KVCache:
+    """The keys and values an ``AttentionLayers`` stack has computed so far, per attention layer.
+
+    Layout (this implementation grows by concatenation: xtk's ``Attention`` returns the cached
+    keys/values of a layer with the new positions appended):
+
+    ``attn_intermediates[l].cached_kv`` = ``(k, v)`` of attention layer ``l``, in layer order, its
+    ``layer_type`` 'a' (self attention) or 'c' (cross attention):
+
+    - self attention: ``k``, ``v`` of shape ``(b, kv_heads, kv_length, dim_head)``; keys before
+      QK-norm and rotary (applied per call); no memory key/values, no Transformer-XL memories;
+    - cross attention: ``(b, kv_heads, m, dim_head)`` for a context of ``m`` positions, computed
+      by the first call and reused.
+
+    ``cache_length`` (x-transformers' name): the positions the stack has seen, those dropped by
+    ``trim`` included; ``kv_length``: the positions the self-attention layers hold now (equal
+    until a trim). A preallocated or paged cache implements the same methods (``kv_length``,
+    ``first_new_position``, ``layer_caches``, ``append``, ``trim``, ``index``, ``copy``): the
+    wrappers and ``AttentionLayers`` call nothing else.
+    """
+
+    attn_intermediates: Optional[list] = None
+    cache_length: int = 0
+
+    def _self_attention_layers(self) -> list:
+        """The entries of the self-attention layers that hold keys, in layer order."""
+        return [inter for inter in self.attn_intermediates or []
+                if inter.cached_kv is not None and inter.layer_type != "c"]
+
+    @property
+    def kv_length(self) -> int:
+        """Positions each self-attention layer holds (dim -2 of its cached keys); without
+        self-attention layers (a cross-attention-only stack) ``cache_length``."""
+        held = self._self_attention_layers()
+        return held[0].cached_kv[0].shape[-2] if held else self.cache_length
+
+    @property
+    def cached_length(self) -> int:
+        """The old name of ``kv_length``, kept for callers."""
+        return self.kv_length
+
+    def first_new_position(self, n: int, prepend_len: int = 0, what: str = "tokens") -> int:
+        """Where the new positions start in an input ``x`` of ``n`` positions that holds the whole
+        sequence so far after ``prepend_len`` prepended embeddings (the cache holds those too):
+        ``offset = kv_length - prepend_len``; ``x[:, offset:]`` is what a cached step still runs.
+        ValueError (naming ``x``'s items as ``what``) unless ``0 <= offset < n``."""
+        held = self.kv_length
+        offset = held - prepend_len
+        if not 0 <= offset < n:
+            raise ValueError(f"x: with a cache of {held} positions expected more than {offset} {what}, got {n}")
+        return offset
+
+    def layer_caches(self) -> list:
+        """One entry per attention layer, in layer order: what ``AttentionLayers`` hands each
+        attention layer as its ``cache`` (an object with ``cached_kv``)."""
+        return list(self.attn_intermediates or [])
+
+    def append(self, layer_caches: list, num_new: int) -> "KVCache":
+        """The cache after a step that ran ``num_new`` new positions: ``layer_caches[l]`` is
+        attention layer ``l``'s entry from that step, its ``cached_kv`` holding the old and the new
+        keys/values (xtk's ``Attention`` concatenates them). Returns a new cache of the same type
+        (``cache_length`` grown by ``num_new``, its other fields unset); ``self`` is left as it was."""
+        return type(self)(attn_intermediates=list(layer_caches), cache_length=self.cache_length + num_new)
+
+    def trim(self, keep: int) -> bool:
+        """Keep only the last ``keep`` positions of every self-attention layer (in place; the
+        cross-attention keys stay). False, with nothing changed, when no layer holds
+        self-attention keys: such a cache cannot continue a shorter window (drop it)."""
+        layers = self._self_attention_layers()
+        for inter in layers:
+            inter.cached_kv = type(inter.cached_kv)(t[..., -keep:, :] for t in inter.cached_kv)
+        return bool(layers)
+
+    def index(self, rows: Tensor) -> None:
+        """Select / repeat / reorder the batch rows of every cached key and value (self and cross
+        attention), in place: row ``i`` becomes old row ``rows[i]`` (``rows``: ``(b_new,)`` int)."""
+        for inter in self.attn_intermediates or []:
+            if inter.cached_kv is not None:
+                inter.cached_kv = type(inter.cached_kv)(t[rows] for t in inter.cached_kv)
+
+    def __copy__(self):
+        """A copy whose per-layer entries are copies too, so that ``trim`` / ``index`` on one
+        leave the other as it was (the tensors themselves are shared)."""
+        out = replace(self)
+        if self.attn_intermediates is not None:
+            out.attn_intermediates = [copy(i) for i in self.attn_intermediates]
+        return out
+
+
+def trimmed_or_none(cache, keep: int, can_trim: bool) -> Optional[KVCache]:
+    """``cache`` trimmed to its last ``keep`` positions, or None (the caller recomputes without a
+    cache) when the network's positions do not allow a trimmed cache (``can_trim`` False: an
+    absolute positional embedding), when ``cache`` is not an xtk ``KVCache`` (a duck-typed
+    network's), or when it holds no self-attention keys."""
+    if cache is not None and can_trim and isinstance(cache, KVCache) and cache.trim(keep):
+        return cache
+    return None
