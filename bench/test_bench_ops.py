@@ -1,5 +1,6 @@
 """CI-sized pytest-benchmark runs (``pytest bench/ --benchmark-only``): one tiny call per op and
-implementation, the same callables ``python -m xtk bench`` times. Not part of ``pytest tests``."""
+implementation, the same callables ``python -m xtk bench`` times. Not part of ``pytest tests``; CI
+runs them once each (``.ci/run``: ``pytest bench --benchmark-disable``)."""
 import pytest
 import torch
 

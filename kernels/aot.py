@@ -31,12 +31,12 @@ import sys
 import tempfile
 import time
 
-from . import tiles
+from . import kinds, tiles
 
 KINDS = ("fwd", "thr", "dkdv", "dq")
 ARCHS = (80, 90)
 DIMS = tiles.HEAD_DIMS
-_PTR_F32 = {"LSE", "THR", "DELTA", "DSLOPE", "DTAB", "DS", "DLSC", "SLOPES", "TAB", "QSC", "KSC", "DQSC", "DKSC",
+_PTR_F32 = {"STATS", "THR", "DELTA", "DSLOPE", "DTAB", "DS", "DLSC", "SLOPES", "TAB", "QSC", "KSC", "DQSC", "DKSC",
             "INV_FREQ", "XPOS"}
 _PTR_IO = {"Q", "K", "V", "O", "DO", "DQ", "DK", "DV_"}
 _PTR_I64 = {"SEED", "SEED_PTR", "SEEDS"}  # a device-side dropout seed / philox state, if the kernels take one
@@ -112,9 +112,9 @@ def _signature(fn, constexprs: dict, ty: str):
         elif name in _PTR_I64:
             signature[name] = "*i64"
         elif name == "MASK":
-            signature[name] = "*u8" if constexprs["MASK_KIND"] == 2 else "*" + ty
+            signature[name] = "*u8" if constexprs["MASK_KIND"] == kinds.MASK_BOOL else "*" + ty
         elif name == "BIAS":
-            signature[name] = "*u8" if constexprs["BIAS_KIND"] == 4 else "*" + ty
+            signature[name] = "*u8" if constexprs["BIAS_KIND"] == kinds.BIAS_DENSE_BOOL else "*" + ty
         elif name.isupper() and name not in _INT_UPPER:
             raise ValueError(f"aot: kernel {fn.__name__} has a parameter {name} this tool does not know: "
                              f"add it to one of aot.py's _PTR_* sets (or to the scalars)")
@@ -233,9 +233,10 @@ _QK_ALL = dict(HAS_NORM=1, GROUPS=2, HAS_DSCALE=1, HAS_ROT=1, HAS_XPOS=1)
 # compiles it alone per switch; plain without causal is a subset of causal's code)
 _CLASS_REPS = {
     "plain": [dict(IS_CAUSAL=1)],
-    "posbias": [dict(IS_CAUSAL=1, BIAS_KIND=2, NEED_DTAB=1), dict(IS_CAUSAL=1, BIAS_KIND=1, NEED_DSLOPE=1)],
-    "dense": [dict(IS_CAUSAL=1, BIAS_KIND=2, MASK_KIND=1, NEED_DTAB=1),
-              dict(IS_CAUSAL=1, BIAS_KIND=3, MASK_KIND=1, NEED_DS=1)],
+    "posbias": [dict(IS_CAUSAL=1, BIAS_KIND=kinds.BIAS_TABLE, NEED_DTAB=1),
+                dict(IS_CAUSAL=1, BIAS_KIND=kinds.BIAS_ALIBI, NEED_DSLOPE=1)],
+    "dense": [dict(IS_CAUSAL=1, BIAS_KIND=kinds.BIAS_TABLE, MASK_KIND=kinds.MASK_FLOAT, NEED_DTAB=1),
+              dict(IS_CAUSAL=1, BIAS_KIND=kinds.BIAS_DENSE_FLOAT, MASK_KIND=kinds.MASK_FLOAT, NEED_DS=1)],
 }
 _CLASS_REPS["qk"] = [dict(r, NEED_DLSC=1, **_QK_ALL) for r in _CLASS_REPS["dense"]]
 _CLASS_REPS["heavy"] = [dict(r, HAS_TOPK=1, HAS_DROPOUT=1) for r in _CLASS_REPS["qk"]]
@@ -304,11 +305,13 @@ def _ci_set() -> list[dict]:
             continue  # refused on sm_86/89: nothing to compile
         kind, cls, prec, bd = k.split("/")
         specs.append(reps(kind, 86, int(bd[1:]), prec, cls)[0])
-    single = [dict(IS_CAUSAL=1), dict(BIAS_KIND=1), dict(BIAS_KIND=2), dict(BIAS_KIND=3), dict(BIAS_KIND=4),
-              dict(MASK_KIND=1), dict(MASK_KIND=2), dict(HAS_TOPK=1), dict(HAS_DROPOUT=1), dict(HAS_NORM=1),
-              dict(HAS_NORM=1, GROUPS=2), dict(HAS_DSCALE=1), dict(HAS_ROT=1), dict(HAS_ROT=1, HAS_XPOS=1)]
-    grads = [dict(BIAS_KIND=1, NEED_DSLOPE=1), dict(BIAS_KIND=2, NEED_DTAB=1), dict(BIAS_KIND=3, NEED_DS=1),
-             dict(NEED_DLSC=1, **_QK_ALL)]
+    single = [dict(IS_CAUSAL=1), dict(BIAS_KIND=kinds.BIAS_ALIBI), dict(BIAS_KIND=kinds.BIAS_TABLE),
+              dict(BIAS_KIND=kinds.BIAS_DENSE_FLOAT), dict(BIAS_KIND=kinds.BIAS_DENSE_BOOL),
+              dict(MASK_KIND=kinds.MASK_FLOAT), dict(MASK_KIND=kinds.MASK_BOOL), dict(HAS_TOPK=1), dict(HAS_DROPOUT=1),
+              dict(HAS_NORM=1), dict(HAS_NORM=1, GROUPS=2), dict(HAS_DSCALE=1), dict(HAS_ROT=1),
+              dict(HAS_ROT=1, HAS_XPOS=1)]
+    grads = [dict(BIAS_KIND=kinds.BIAS_ALIBI, NEED_DSLOPE=1), dict(BIAS_KIND=kinds.BIAS_TABLE, NEED_DTAB=1),
+             dict(BIAS_KIND=kinds.BIAS_DENSE_FLOAT, NEED_DS=1), dict(NEED_DLSC=1, **_QK_ALL)]
     grid = list(itertools.product(ARCHS, DIMS))
     precs = ("16bit", "tf32", "ieee")
     for i, sw in enumerate(single + grads):

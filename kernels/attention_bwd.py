@@ -12,6 +12,12 @@
   unordered, so in deterministic mode the launcher takes dS whole and sums its diagonals
   instead), dense-bias gradient as the
   dS tile stored into a (b, h, nq, nk) buffer (only when a dense bias requires grad).
+NaN rule (README "NaN, inf and masking"): not followed by these gradients where a masked pair
+meets NaN/inf. A NaN row's statistics make P NaN on its masked pairs too; a masked NaN/inf q or k
+row reaches dK, dQ as 0 x NaN inside ``dS^T @ Q`` / ``dS @ K``; delta is NaN where a masked key's v
+made O NaN. Each fix tried on 2026-11-27 spilled shipped tiles on the AOT set (issue 12's note:
+selects on P and dS up to 860 B on fp32 tiles; zeroing the operand tiles in-kernel up to 1,860 B;
+loading zeroed copies up to 924 B; a runtime delta-repair branch in dQ 284 B).
 Dropout: the same counter-based keep-mask as the forward (``_dropout_keep``), keyed by the seed
 the forward drew on the device (``SEED``, a pointer: no host sync).
 Grids: one axis, (blocks x batch * heads) folded (``_fold``), so no axis meets CUDA's 65,535 limit.
@@ -19,14 +25,14 @@ Grids: one axis, (blocks x batch * heads) folded (``_fold``), so no axis meets C
 import triton
 import triton.language as tl
 
-from .attention_common import (DECODE_INTS, _causal_key_end, _causal_query_start, _dropout_keep, _fold, _head_bias,
-                               _load_kt, _load_q, _logits, _qk_tile_bwd, _query_program, _table_grad_tile,
+from .attention_common import (DECODE_INTS, _causal_key_end, _causal_query_start, _dropout_keep, _fold,
+                               _head_bias, _load_kt, _load_q, _logits, _qk_tile_bwd, _query_program, _table_grad_tile,
                                _tile_ptrs, _tile_ptrs_t)
 
 
 @triton.jit(do_not_specialize=DECODE_INTS)
 def _attn_bwd_dkdv(
-        Q, K, V, DO, DK, DV_, LSE, DELTA, THR, SLOPES, TAB, MASK, BIAS, QSC, KSC, INV_FREQ, XPOS, DKSC,
+        Q, K, V, DO, DK, DV_, STATS, DELTA, THR, SLOPES, TAB, MASK, BIAS, QSC, KSC, INV_FREQ, XPOS, DKSC,
         sqb, sqh, sqm, sqd, skb, skh, skn, skd, svb, svh, svn, svd, sdob, sdoh, sdom, sdod,
         sdkb, sdkh, sdkn, sdkd, sdvb, sdvh, sdvn, sdvd,
         stab_l, stab_h, tab_center, smb, smh, smm, smn, sbb, sbh, sbm, sbn,
@@ -70,15 +76,15 @@ def _attn_bwd_dkdv(
                         max_half, xpos_base, HAS_NORM, GROUPS, HAS_DSCALE, HAS_ROT, HAS_XPOS, BLOCK_M, BLOCK_D)
             do = tl.load(_tile_ptrs(do_base, offs_m, offs_dv, sdom, sdod),
                          mask=row_ok[:, None] & (offs_dv[None, :] < DV), other=0.0)
-            m_row = tl.load(LSE + off_bh.to(tl.int64) * 2 * NQ + offs_m, mask=row_ok, other=float("inf"))
-            inv_l = 1.0 / tl.load(LSE + off_bh.to(tl.int64) * 2 * NQ + NQ + offs_m, mask=row_ok, other=1.0)
+            m_row = tl.load(STATS + off_bh.to(tl.int64) * 2 * NQ + offs_m, mask=row_ok, other=float("inf"))
+            inv_l = 1.0 / tl.load(STATS + off_bh.to(tl.int64) * 2 * NQ + NQ + offs_m, mask=row_ok, other=1.0)
             delta = tl.load(DELTA + off_bh.to(tl.int64) * NQ + offs_m, mask=row_ok, other=0.0)
             s = _logits(tl.dot(q, kt, input_precision=PRECISION), offs_m, offs_n, off_b, off_h, NQ, NK, q_offset,
                         k_prefix, sm_scale, slope, tab, stab_l, tab_center,
                         MASK, smb, smh, smm, smn, BIAS, sbb, sbh, sbm, sbn, IS_CAUSAL, BIAS_KIND, MASK_KIND)
             if HAS_TOPK:
                 thr = tl.load(THR + off_bh.to(tl.int64) * NQ + offs_m, mask=row_ok, other=float("-inf"))
-                s = tl.where(s >= thr[:, None], s, float("-inf"))
+                s = tl.where(s < thr[:, None], float("-inf"), s)
             p = tl.exp(s - m_row[:, None]) * inv_l[:, None]
             dp = tl.dot(do, vt, input_precision=PRECISION)
             if HAS_DROPOUT:
@@ -105,9 +111,37 @@ def _attn_bwd_dkdv(
              dv.to(DV_.dtype.element_ty), mask=col_ok[:, None] & (offs_dv[None, :] < DV))
 
 
+@triton.jit
+def _dq_key_tile(q, do, thr, seed, k_base, v_base, ksc, offs_m, offs_n, offs_d, offs_dv, off_b, off_h, off_bh,
+                 skn, skd, svn, svd, NQ, NK, D, DV, q_offset, k_prefix, sm_scale, dropout_p, slope, tab, stab_l,
+                 tab_center, MASK, smb, smh, smm, smn, BIAS, sbb, sbh, sbm, sbn, INV_FREQ, XPOS, R, interp, max_half,
+                 xpos_base, IS_CAUSAL: tl.constexpr, BIAS_KIND: tl.constexpr, MASK_KIND: tl.constexpr,
+                 HAS_TOPK: tl.constexpr, HAS_DROPOUT: tl.constexpr, PRECISION: tl.constexpr,
+                 HAS_NORM: tl.constexpr, GROUPS: tl.constexpr, HAS_DSCALE: tl.constexpr, HAS_ROT: tl.constexpr,
+                 HAS_XPOS: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr):
+    """One key block of the dQ kernel's loops (its delta pass and its gradient pass): the k' tile
+    (transposed), ``q'.k'`` (fp32), the masked logits (top-k applied, masked = -inf) and ``dP = dO
+    . v`` (dropout applied), each (BLOCK_M, BLOCK_N)."""
+    col_ok = offs_n < NK
+    kt = _load_kt(k_base, offs_n, offs_d, skn, skd, NK, D, k_prefix, ksc, INV_FREQ, XPOS, R, interp, max_half,
+                  xpos_base, HAS_NORM, GROUPS, HAS_DSCALE, HAS_ROT, HAS_XPOS, BLOCK_N, BLOCK_D)
+    vt = tl.load(_tile_ptrs_t(v_base, offs_dv, offs_n, svd, svn), mask=col_ok[None, :] & (offs_dv[:, None] < DV),
+                 other=0.0)
+    qk = tl.dot(q, kt, input_precision=PRECISION)
+    s = _logits(qk, offs_m, offs_n, off_b, off_h, NQ, NK, q_offset, k_prefix, sm_scale, slope, tab, stab_l,
+                tab_center, MASK, smb, smh, smm, smn, BIAS, sbb, sbh, sbm, sbn, IS_CAUSAL, BIAS_KIND, MASK_KIND)
+    if HAS_TOPK:
+        s = tl.where(s < thr[:, None], float("-inf"), s)
+    dp = tl.dot(do, vt, input_precision=PRECISION)
+    if HAS_DROPOUT:
+        keep = _dropout_keep(seed, off_bh, offs_m, offs_n, dropout_p)
+        dp = tl.where(keep, dp / (1.0 - dropout_p), 0.0)
+    return kt, qk, s, dp
+
+
 @triton.jit(do_not_specialize=DECODE_INTS)
 def _attn_bwd_dq(
-        Q, K, V, DO, DQ, LSE, DELTA, THR, SLOPES, TAB, MASK, BIAS, DSLOPE, DTAB, DS, QSC, KSC, INV_FREQ, XPOS, DQSC,
+        Q, K, V, DO, DQ, STATS, DELTA, THR, SLOPES, TAB, MASK, BIAS, DSLOPE, DTAB, DS, QSC, KSC, INV_FREQ, XPOS, DQSC,
         DLSC,
         sqb, sqh, sqm, sqd, skb, skh, skn, skd, svb, svh, svn, svd, sdob, sdoh, sdom, sdod,
         sdqb, sdqh, sdqm, sdqd,
@@ -132,11 +166,13 @@ def _attn_bwd_dq(
     ksc = KSC + off_hk * D
     do = tl.load(_tile_ptrs(DO + off_b.to(tl.int64) * sdob + off_h.to(tl.int64) * sdoh, offs_m, offs_dv, sdom, sdod),
                  mask=row_ok[:, None] & (offs_dv[None, :] < DV), other=0.0)
-    m_row = tl.load(LSE + off_bh.to(tl.int64) * 2 * NQ + offs_m, mask=row_ok, other=float("inf"))
-    inv_l = 1.0 / tl.load(LSE + off_bh.to(tl.int64) * 2 * NQ + NQ + offs_m, mask=row_ok, other=1.0)
+    m_row = tl.load(STATS + off_bh.to(tl.int64) * 2 * NQ + offs_m, mask=row_ok, other=float("inf"))
+    inv_l = 1.0 / tl.load(STATS + off_bh.to(tl.int64) * 2 * NQ + NQ + offs_m, mask=row_ok, other=1.0)
     delta = tl.load(DELTA + off_bh.to(tl.int64) * NQ + offs_m, mask=row_ok, other=0.0)
+    thr = 0.0  # read only under HAS_TOPK
     if HAS_TOPK:
         thr = tl.load(THR + off_bh.to(tl.int64) * NQ + offs_m, mask=row_ok, other=float("-inf"))
+    seed = 0  # read only under HAS_DROPOUT
     if HAS_DROPOUT:
         seed = tl.load(SEED)
     k_base = K + off_b.to(tl.int64) * skb + off_hk.to(tl.int64) * skh
@@ -155,21 +191,13 @@ def _attn_bwd_dq(
         pdp = tl.zeros([BLOCK_M], tl.float32)
         for start_n in range(0, end_n, BLOCK_N):
             offs_n = start_n + offs_n0
-            col_ok = offs_n < NK
-            kt = _load_kt(k_base, offs_n, offs_d, skn, skd, NK, D, k_prefix, ksc, INV_FREQ, XPOS, R, interp, max_half,
-                          xpos_base, HAS_NORM, GROUPS, HAS_DSCALE, HAS_ROT, HAS_XPOS, BLOCK_N, BLOCK_D)
-            vt = tl.load(_tile_ptrs_t(v_base, offs_dv, offs_n, svd, svn),
-                         mask=col_ok[None, :] & (offs_dv[:, None] < DV), other=0.0)
-            s = _logits(tl.dot(q, kt, input_precision=PRECISION), offs_m, offs_n, off_b, off_h, NQ, NK, q_offset,
-                        k_prefix, sm_scale, slope, tab, stab_l, tab_center,
-                        MASK, smb, smh, smm, smn, BIAS, sbb, sbh, sbm, sbn, IS_CAUSAL, BIAS_KIND, MASK_KIND)
-            if HAS_TOPK:
-                s = tl.where(s >= thr[:, None], s, float("-inf"))
+            kt, qk, s, dp = _dq_key_tile(
+                q, do, thr, seed, k_base, v_base, ksc, offs_m, offs_n, offs_d, offs_dv, off_b, off_h, off_bh,
+                skn, skd, svn, svd, NQ, NK, D, DV, q_offset, k_prefix, sm_scale, dropout_p, slope, tab, stab_l,
+                tab_center, MASK, smb, smh, smm, smn, BIAS, sbb, sbh, sbm, sbn, INV_FREQ, XPOS, R, interp, max_half,
+                xpos_base, IS_CAUSAL, BIAS_KIND, MASK_KIND, HAS_TOPK, HAS_DROPOUT, PRECISION,
+                HAS_NORM, GROUPS, HAS_DSCALE, HAS_ROT, HAS_XPOS, BLOCK_N, BLOCK_D)
             e = tl.exp(s - m_row[:, None])
-            dp = tl.dot(do, vt, input_precision=PRECISION)
-            if HAS_DROPOUT:
-                keep = _dropout_keep(seed, off_bh, offs_m, offs_n, dropout_p)
-                dp = tl.where(keep, dp / (1.0 - dropout_p), 0.0)
             l_sum += tl.sum(e, axis=1)
             pdp += tl.sum(e * dp, axis=1)
         inv_l = 1.0 / tl.where(l_sum == 0.0, 1.0, l_sum)
@@ -177,20 +205,13 @@ def _attn_bwd_dq(
     for start_n in range(0, end_n, BLOCK_N):
         offs_n = start_n + offs_n0
         col_ok = offs_n < NK
-        kt = _load_kt(k_base, offs_n, offs_d, skn, skd, NK, D, k_prefix, ksc, INV_FREQ, XPOS, R, interp, max_half,
-                      xpos_base, HAS_NORM, GROUPS, HAS_DSCALE, HAS_ROT, HAS_XPOS, BLOCK_N, BLOCK_D)
-        vt = tl.load(_tile_ptrs_t(v_base, offs_dv, offs_n, svd, svn), mask=col_ok[None, :] & (offs_dv[:, None] < DV),
-                     other=0.0)
-        qk = tl.dot(q, kt, input_precision=PRECISION)
-        s = _logits(qk, offs_m, offs_n, off_b, off_h, NQ, NK, q_offset, k_prefix, sm_scale, slope, tab, stab_l,
-                    tab_center, MASK, smb, smh, smm, smn, BIAS, sbb, sbh, sbm, sbn, IS_CAUSAL, BIAS_KIND, MASK_KIND)
-        if HAS_TOPK:
-            s = tl.where(s >= thr[:, None], s, float("-inf"))
+        kt, qk, s, dp = _dq_key_tile(
+            q, do, thr, seed, k_base, v_base, ksc, offs_m, offs_n, offs_d, offs_dv, off_b, off_h, off_bh,
+            skn, skd, svn, svd, NQ, NK, D, DV, q_offset, k_prefix, sm_scale, dropout_p, slope, tab, stab_l,
+            tab_center, MASK, smb, smh, smm, smn, BIAS, sbb, sbh, sbm, sbn, INV_FREQ, XPOS, R, interp, max_half,
+            xpos_base, IS_CAUSAL, BIAS_KIND, MASK_KIND, HAS_TOPK, HAS_DROPOUT, PRECISION,
+            HAS_NORM, GROUPS, HAS_DSCALE, HAS_ROT, HAS_XPOS, BLOCK_N, BLOCK_D)
         p = tl.exp(s - m_row[:, None]) * inv_l[:, None]
-        dp = tl.dot(do, vt, input_precision=PRECISION)
-        if HAS_DROPOUT:
-            keep = _dropout_keep(seed, off_bh, offs_m, offs_n, dropout_p)
-            dp = tl.where(keep, dp / (1.0 - dropout_p), 0.0)
         ds = p * (dp - delta[:, None])
         dq += tl.dot(ds.to(q.dtype), tl.trans(kt), input_precision=PRECISION)
         positional = (offs_n >= k_prefix) & col_ok

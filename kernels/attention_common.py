@@ -13,10 +13,10 @@ row stride and nq * nk pass 2^31); the dropout seed is a device tensor the kerne
 (``SEED``); the integers that change every decode step are not specialized (``DECODE_INTS``).
 
 Switches (``tl.constexpr``):
-- BIAS_KIND: 0 none, 1 alibi (one slope per head, 0 for heads without one), 2 distance table
-  ``tab[(p_i - p_j) + center, h]`` (DistanceTable, and T5 turned into one by the launcher),
-  3 dense additive float, 4 dense boolean keep-mask (tile loads with broadcast strides).
-- MASK_KIND: the ``attn_mask`` slot: 0 none, 1 additive float, 2 boolean keep-mask.
+- BIAS_KIND (``kinds.BIAS_*``): none, ALiBi (one slope per head, 0 for heads without one), distance
+  table ``tab[(p_i - p_j) + center, h]`` (DistanceTable, and T5 turned into one by its descriptor),
+  dense additive float, dense boolean keep-mask (tile loads with broadcast strides).
+- MASK_KIND (``kinds.MASK_*``): the ``attn_mask`` slot: none, additive float, boolean keep-mask.
 - IS_CAUSAL: ``p_j > p_i`` masked for positional keys.
 - QK features (SPEC §2 steps 2-3), applied to the q tile once per program and to every k tile as
   it is loaded (``_load_q`` / ``_load_kt``), from positions -- no q'/k' tensor exists:
@@ -29,8 +29,15 @@ Switches (``tl.constexpr``):
 import triton
 import triton.language as tl
 
-BIAS_NONE, BIAS_ALIBI, BIAS_TABLE, BIAS_DENSE_FLOAT, BIAS_DENSE_BOOL = 0, 1, 2, 3, 4
-MASK_NONE, MASK_FLOAT, MASK_BOOL = 0, 1, 2
+from . import kinds
+
+# the switch values (kernels/kinds.py) as the constexpr globals @triton.jit code may read
+_ALIBI = tl.constexpr(kinds.BIAS_ALIBI)
+_TABLE = tl.constexpr(kinds.BIAS_TABLE)
+_DENSE_FLOAT = tl.constexpr(kinds.BIAS_DENSE_FLOAT)
+_DENSE_BOOL = tl.constexpr(kinds.BIAS_DENSE_BOOL)
+_MASK_FLOAT = tl.constexpr(kinds.MASK_FLOAT)
+_MASK_BOOL = tl.constexpr(kinds.MASK_BOOL)
 
 # Integers that change from one decode step to the next (``do_not_specialize`` of every attention
 # kernel): the key count, the query offset, the distance table's center and rotary's max_half
@@ -88,22 +95,24 @@ def _tile_ptrs_t(base, rows, cols, s_row, s_col):
 
 @triton.jit
 def _head_bias(SLOPES, TAB, off_h, stab_h, BIAS_KIND: tl.constexpr):
-    """Head ``off_h``'s ALiBi slope (0.0 unless BIAS_KIND 1) and its distance-table column."""
+    """Head ``off_h``'s ALiBi slope (0.0 unless BIAS_KIND is ALiBi) and its distance-table column."""
     slope = 0.0
-    if BIAS_KIND == 1:
+    if BIAS_KIND == _ALIBI:
         slope = tl.load(SLOPES + off_h).to(tl.float32)
     return slope, TAB + off_h * stab_h
 
 
 @triton.jit
 def _dense_tile(s, ptr, sb, sh, sm, sn, off_b, off_h, offs_m, offs_n, NQ, NK, KIND: tl.constexpr):
-    """Add (KIND 1) or apply as keep-mask (KIND 2) one tile of a broadcast (b, h, nq, nk) tensor."""
+    """Add (KIND ``_MASK_FLOAT``) or apply as keep-mask (``_MASK_BOOL``) one tile of a broadcast (b, h, nq, nk)
+    tensor. (A -inf float entry over a NaN logit gives NaN, not -inf: a select there spilled heavy
+    forward tiles, 36-88 B on the AOT set, 2026-11-27.)"""
     inb = (offs_m[:, None] < NQ) & (offs_n[None, :] < NK)
     # int64 offsets, summed before they meet the pointer: this association keeps the loop-invariant
     # half (rows in the forward and dq, columns in dK/dV) an offset vector, not a column of pointers
     off = offs_m.to(tl.int64)[:, None] * sm + offs_n.to(tl.int64)[None, :] * sn
     p = ptr + off_b.to(tl.int64) * sb + off_h.to(tl.int64) * sh + off
-    if KIND == 1:
+    if KIND == _MASK_FLOAT:
         s = s + tl.load(p, mask=inb, other=0.0).to(tl.float32)
     else:
         keep = tl.load(p, mask=inb, other=0)
@@ -122,19 +131,19 @@ def _logits(qk, offs_m, offs_n, off_b, off_h, NQ, NK, q_offset, k_prefix, sm_sca
     pj = offs_n - k_prefix
     positional = offs_n >= k_prefix
     dist = pi[:, None] - pj[None, :]
-    if BIAS_KIND == 1:
+    if BIAS_KIND == _ALIBI:
         s = s - tl.where(positional[None, :], slope * tl.abs(dist).to(tl.float32), 0.0)
-    if BIAS_KIND == 2:
+    if BIAS_KIND == _TABLE:
         ok = positional[None, :] & (offs_m[:, None] < NQ) & (offs_n[None, :] < NK)
         s = s + tl.load(TAB + (dist + tab_center).to(tl.int64) * stride_tab, mask=ok, other=0.0).to(tl.float32)
-    if BIAS_KIND == 3:
-        s = _dense_tile(s, BIAS, sbb, sbh, sbm, sbn, off_b, off_h, offs_m, offs_n, NQ, NK, 1)
-    if BIAS_KIND == 4:
-        s = _dense_tile(s, BIAS, sbb, sbh, sbm, sbn, off_b, off_h, offs_m, offs_n, NQ, NK, 2)
-    if MASK_KIND == 1:
-        s = _dense_tile(s, MASK, smb, smh, smm, smn, off_b, off_h, offs_m, offs_n, NQ, NK, 1)
-    if MASK_KIND == 2:
-        s = _dense_tile(s, MASK, smb, smh, smm, smn, off_b, off_h, offs_m, offs_n, NQ, NK, 2)
+    if BIAS_KIND == _DENSE_FLOAT:
+        s = _dense_tile(s, BIAS, sbb, sbh, sbm, sbn, off_b, off_h, offs_m, offs_n, NQ, NK, _MASK_FLOAT)
+    if BIAS_KIND == _DENSE_BOOL:
+        s = _dense_tile(s, BIAS, sbb, sbh, sbm, sbn, off_b, off_h, offs_m, offs_n, NQ, NK, _MASK_BOOL)
+    if MASK_KIND == _MASK_FLOAT:
+        s = _dense_tile(s, MASK, smb, smh, smm, smn, off_b, off_h, offs_m, offs_n, NQ, NK, _MASK_FLOAT)
+    if MASK_KIND == _MASK_BOOL:
+        s = _dense_tile(s, MASK, smb, smh, smm, smn, off_b, off_h, offs_m, offs_n, NQ, NK, _MASK_BOOL)
     valid = (offs_n[None, :] < NK) & (offs_m[:, None] < NQ)
     if IS_CAUSAL:
         valid = valid & ~((pj[None, :] > pi[:, None]) & positional[None, :])

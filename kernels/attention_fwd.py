@@ -1,16 +1,18 @@
 """Attention forward: the top-k threshold pass and the flash-attention-2 style forward kernel.
 
 One program per (query block, batch * head). Online softmax in fp32, log-sum-exp saved for
-the backward as two numbers per row, the row max ``m`` and the row sum ``l`` (LSE is
+the backward as two numbers per row, the row max ``m`` and the row sum ``l`` (STATS is
 (b*h, 2, nq)): the backward's ``exp(s - m) / l`` is then as accurate as an eager softmax (a
 folded ``exp(s - (m + log l))`` loses ``|s - m| * eps`` more, which the ALiBi slope gradient
-amplifies). A row with no
-unmasked key stores output 0 and ``m = +inf`` (so the recomputed P is 0 everywhere). GQA: query head ``h`` reads kv head ``h // (H // HK)``.
+amplifies). A row with no unmasked key stores output 0 (NaN when a masked key's v it skipped is
+NaN: 0 x NaN; a select on the output row spilled a posbias tile, 12 B) and ``m = +inf`` (so the recomputed P is 0 everywhere). GQA: query head ``h`` reads kv head
+``h // (H // HK)``.
 
 Top-k (HAS_TOPK): ``_attn_topk_threshold`` streams the key blocks, keeps the K2 (a power of two
 >= topk) largest logits of each row in a (BLOCK_M, K2) buffer merged tile by tile with
 ``tl.topk``, and stores the row's topk-th largest unmasked logit (-inf when the row has fewer
-than topk unmasked keys, i.e. keep all). The forward and backward then mask ``s < threshold``.
+than topk unmasked keys, i.e. keep all; NaN logits rank first, as in torch.topk, and a NaN
+threshold keeps all). The forward and backward then mask ``s < threshold`` (never a NaN logit).
 """
 import triton
 import triton.language as tl
@@ -48,18 +50,22 @@ def _attn_topk_threshold(
         s = _logits(tl.dot(q, kt, input_precision=PRECISION), offs_m, offs_n, off_b, off_h, NQ, NK, q_offset,
                     k_prefix, sm_scale, slope, tab, stab_l, tab_center,
                     MASK, smb, smh, smm, smn, BIAS, sbb, sbh, sbm, sbn, IS_CAUSAL, BIAS_KIND, MASK_KIND)
-        tile_top = tl.topk(s, K2, dim=1)
+        # NaN ranks above everything (as in torch.topk): ranked as +inf here
+        tile_top = tl.topk(tl.where(s != s, float("inf"), s), K2, dim=1)
         best = tl.topk(tl.reshape(tl.join(best, tile_top), [BLOCK_M, 2 * K2]), K2, dim=1)
-    # the topk-th largest of the kept multiset (sorted largest first)
+    # the topk-th largest of the kept multiset (sorted largest first); +inf there means topk NaN
+    # (or +inf) logits: NaN, which keeps every key (the reference's threshold is NaN when topk
+    # logits are NaN; with +inf ones it keeps only those, in a row that is NaN either way)
     ranked = tl.sort(best, dim=1, descending=True)
     col = tl.arange(0, K2)
     kth = tl.max(tl.where(col[None, :] == TOPK - 1, ranked, float("-inf")), axis=1)
+    kth = tl.where(kth == float("inf"), float("nan"), kth)
     tl.store(THR + off_bh.to(tl.int64) * NQ + offs_m, kth, mask=offs_m < NQ)
 
 
 @triton.jit(do_not_specialize=DECODE_INTS)
 def _attn_fwd(
-        Q, K, V, O, LSE, THR, SLOPES, TAB, MASK, BIAS, QSC, KSC, INV_FREQ, XPOS,
+        Q, K, V, O, STATS, THR, SLOPES, TAB, MASK, BIAS, QSC, KSC, INV_FREQ, XPOS,
         sqb, sqh, sqm, sqd, skb, skh, skn, skd, svb, svh, svn, svd, sob, soh, som, sod,
         stab_l, stab_h, tab_center, smb, smh, smm, smn, sbb, sbh, sbm, sbn,
         H, HK, NQ, NK, D, DV, q_offset, k_prefix, sm_scale, dropout_p, SEED, R, max_half, xpos_base, interp,
@@ -97,8 +103,8 @@ def _attn_fwd(
         s = _logits(tl.dot(q, kt, input_precision=PRECISION), offs_m, offs_n, off_b, off_h, NQ, NK, q_offset,
                     k_prefix, sm_scale, slope, tab, stab_l, tab_center,
                     MASK, smb, smh, smm, smn, BIAS, sbb, sbh, sbm, sbn, IS_CAUSAL, BIAS_KIND, MASK_KIND)
-        if HAS_TOPK:
-            s = tl.where(s >= thr[:, None], s, float("-inf"))
+        if HAS_TOPK:  # a NaN logit is never dropped (NaN < thr is false): its row stays NaN
+            s = tl.where(s < thr[:, None], float("-inf"), s)
         m_new = tl.maximum(m_i, tl.max(s, axis=1))
         m_safe = tl.where(m_new == float("-inf"), 0.0, m_new)
         p = tl.exp(s - m_safe[:, None])
@@ -117,8 +123,8 @@ def _attn_fwd(
     l_row = tl.where(empty, 1.0, l_i)
     tl.store(_tile_ptrs(O + off_b.to(tl.int64) * sob + off_h.to(tl.int64) * soh, offs_m, offs_dv, som, sod),
              out.to(O.dtype.element_ty), mask=row_ok[:, None] & (offs_dv[None, :] < DV))
-    tl.store(LSE + off_bh.to(tl.int64) * 2 * NQ + offs_m, m_row, mask=row_ok)
-    tl.store(LSE + off_bh.to(tl.int64) * 2 * NQ + NQ + offs_m, l_row, mask=row_ok)
+    tl.store(STATS + off_bh.to(tl.int64) * 2 * NQ + offs_m, m_row, mask=row_ok)
+    tl.store(STATS + off_bh.to(tl.int64) * 2 * NQ + NQ + offs_m, l_row, mask=row_ok)
 
 
 @triton.jit(do_not_specialize=["NQ", "NK"])

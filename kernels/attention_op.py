@@ -1,12 +1,10 @@
-"""Launchers, the ``xtk::attention_fwd`` / ``xtk::attention_bwd`` custom ops and the Triton ``BACKEND``.
+"""Launchers and the ``xtk::attention_fwd`` / ``xtk::attention_bwd`` custom ops with their autograd rule.
 
-Data flow: ``xtk.attention`` validates -> ``backends.pick`` -> ``BACKEND.run(inputs)`` here:
-QK-norm / rotary/xpos turned into kernel arguments (``_qk_args``; applied in-kernel to the q/k
-tiles, forward and backward), bias descriptors turned into the kernel's O(n)
-inputs (ALiBi slopes padded to all heads, T5 turned into a per-distance table by indexing the
-(num_buckets, h) table with the reference bucket function, so autograd carries its gradient),
-then the custom op. The op takes q/k/v with any strides (no copies) and dense masks/biases as
-broadcast views (stride 0 on broadcast dims, no copies).
+Plain tensors in, tensors out: this module imports nothing from ``xtk``. The adapter from
+``xtk.attention``'s inputs (bias descriptors, QK-norm, rotary) is the Triton backend,
+``xtk/ops/attention_triton.py``; it calls ``torch.ops.xtk.attention_fwd``. The op takes q/k/v with
+any strides (no copies) and dense masks/biases as broadcast views (stride 0 on broadcast dims, no
+copies); the QK features go in as the fields of ``QKArgs``.
 
 Memory: besides the outputs, the forward allocates the (b, h, nq) log-sum-exp (and the top-k
 threshold); the backward allocates dq/dk/dv, the (b, h, nq) delta, an (h, 2L-1) table gradient
@@ -18,19 +16,14 @@ from __future__ import annotations
 
 import contextlib
 import os
-from typing import Optional, Union
+from typing import NamedTuple, Optional, Union
 
 import torch
 import triton
 
-from xtk import backends
-from xtk.bias import Alibi, Dense, DistanceTable, T5, t5_bucket
-
 from .attention_bwd import _attn_bwd_dkdv, _attn_bwd_dq
-from .attention_common import (BIAS_ALIBI, BIAS_DENSE_BOOL, BIAS_DENSE_FLOAT, BIAS_NONE, BIAS_TABLE,
-                               MASK_BOOL, MASK_FLOAT, MASK_NONE)
 from .attention_fwd import _attn_fwd, _attn_topk_threshold, _dropout_mask_kernel
-from . import tiles
+from .kinds import BIAS_ALIBI, BIAS_DENSE_BOOL, BIAS_DENSE_FLOAT, BIAS_NONE, BIAS_TABLE, MASK_BOOL, MASK_FLOAT, MASK_NONE
 from .tiles import config, precision_of, spec_class  # tile tables: kernels/tiles_sm80.json, tiles_sm90.json
 
 Tensor = torch.Tensor
@@ -68,15 +61,15 @@ def _precision(dtype) -> str:
 # ----------------------------------------------------------------------------- launch helpers
 
 def _dense4(t: Optional[Tensor], b, h, nq, nk):
-    """(view, strides, kind) of a dense mask/bias broadcast to (b, h, nq, nk) without a copy."""
+    """(view, strides, MASK_* kind) of a dense mask/bias broadcast to (b, h, nq, nk) without a copy."""
     if t is None:
-        return None, (0, 0, 0, 0), 0
+        return None, (0, 0, 0, 0), MASK_NONE
     view = t.expand(b, h, nq, nk)
     if view.dtype == torch.bool:
         view = view.view(torch.uint8)
-        kind = 2
+        kind = MASK_BOOL
     else:
-        kind = 1
+        kind = MASK_FLOAT
     return view, tuple(view.stride()), kind
 
 
@@ -89,10 +82,10 @@ def _slots(q, slopes, table, mask, dense, b, h, nq, nk):
     elif table is not None:
         bias_kind = BIAS_TABLE
     elif dense is not None:
-        bias_kind = BIAS_DENSE_FLOAT if bkind == 1 else BIAS_DENSE_BOOL
+        bias_kind = BIAS_DENSE_FLOAT if bkind == MASK_FLOAT else BIAS_DENSE_BOOL
     else:
         bias_kind = BIAS_NONE
-    mask_kind = {0: MASK_NONE, 1: MASK_FLOAT, 2: MASK_BOOL}[mkind]
+    mask_kind = mkind
     tab = table if table is not None else q
     tstr = tuple(table.stride()) if table is not None else (0, 0)
     center = (table.shape[0] - 1) // 2 if table is not None else 0
@@ -160,15 +153,40 @@ def _device_guard(device):
     return contextlib.nullcontext()
 
 
-def _qk_slots(q, qk):
+class QKArgs(NamedTuple):
+    """The in-kernel QK features: the trailing arguments of both custom ops, in their order.
+
+    groups > 0: grouped l2 norm; q_scale (h, d) and k_scale (hk, d) fp32 per-dim scales (both or
+    neither); rot_dim > 0: rotary with inv_freq (rot_dim // 2,) fp32, xpos (rot_dim // 2,) fp32
+    when given, max_half = max(q_offset + nq, nk - k_prefix) // 2, xpos_base and interp (the
+    interpolation factor) as in ``attention_common._rotate_pairs``; logit_scale: a 0-d fp32 learned
+    QK-norm scale (then the op's ``scale`` is 1 and q_scale / k_scale are given), multiplied into
+    q_scale in the kernels, its gradient formed apart (NEED_DLSC)."""
+
+    q_scale: Optional[Tensor] = None
+    k_scale: Optional[Tensor] = None
+    inv_freq: Optional[Tensor] = None
+    xpos: Optional[Tensor] = None
+    groups: int = 0
+    rot_dim: int = 0
+    max_half: int = 0
+    xpos_base: float = 1.0
+    interp: float = 1.0
+    logit_scale: Optional[Tensor] = None
+
+
+NO_QK = QKArgs()
+
+
+def _qk_slots(q, qk: QKArgs):
     """Kernel arguments of the in-kernel QK-norm / rotary / xpos: pointers, scalars, constexprs."""
-    qsc, ksc, inv_freq, xpos, groups, rot_dim, max_half, xpos_base, interp, logit_scale = qk
-    if logit_scale is not None:  # a learned QK-norm logit scale: folded into q's dim scale
-        qsc = qsc * logit_scale
-    ptrs = tuple(t if t is not None else q for t in (qsc, ksc, inv_freq, xpos))
-    scal = (rot_dim, max_half, float(xpos_base), float(interp))
-    meta = dict(HAS_NORM=groups > 0, GROUPS=max(groups, 1), HAS_DSCALE=qsc is not None, HAS_ROT=rot_dim > 0,
-                HAS_XPOS=xpos is not None)
+    qsc = qk.q_scale
+    if qk.logit_scale is not None:  # a learned QK-norm logit scale: folded into q's dim scale
+        qsc = qsc * qk.logit_scale
+    ptrs = tuple(t if t is not None else q for t in (qsc, qk.k_scale, qk.inv_freq, qk.xpos))
+    scal = (qk.rot_dim, qk.max_half, float(qk.xpos_base), float(qk.interp))
+    meta = dict(HAS_NORM=qk.groups > 0, GROUPS=max(qk.groups, 1), HAS_DSCALE=qsc is not None, HAS_ROT=qk.rot_dim > 0,
+                HAS_XPOS=qk.xpos is not None)
     return ptrs, scal, meta
 
 
@@ -183,16 +201,13 @@ def _dsc_sums(dqsc, dksc, has_dsc):
     return dqsc.sum((0, 2)), dksc.sum((0, 2))
 
 
-NO_QK = (None, None, None, None, 0, 0, 0, 1.0, 1.0, None)
-
-
 def _forward(q, k, v, slopes, table, mask, dense, scale, is_causal, q_offset, k_prefix, topk, dropout_p, seed,
              qk=NO_QK):
     q, k, v = (_narrow_cols(t) for t in (q, k, v))
     b, h, nq, d = q.shape
     hk, nk, dv = k.shape[1], k.shape[2], v.shape[3]
     out = torch.empty(b, h, nq, dv, dtype=q.dtype, device=q.device)
-    lse = torch.empty(b, h, 2, nq, dtype=torch.float32, device=q.device)  # row max, row sum
+    stats = torch.empty(b, h, 2, nq, dtype=torch.float32, device=q.device)  # row max, row sum
     has_topk = 0 < topk < nk
     thr = torch.empty(b, h, nq if has_topk else 0, dtype=torch.float32, device=q.device)
     qk_ptrs, qk_scal, qk_meta = _qk_slots(q, qk)
@@ -204,7 +219,7 @@ def _forward(q, k, v, slopes, table, mask, dense, scale, is_causal, q_offset, k_
     ptrs, scal, bias_kind, mask_kind = _slots(q, slopes, table, mask, dense, b, h, nq, nk)
     prec = _precision(q.dtype)
     if nq == 0 or b * h == 0:
-        return out, lse, thr
+        return out, stats, thr
     if has_topk:
         cfg_thr = config("thr", d, dv, _arch(q.device), topk, precision=tprec, cls=cls)
         with _device_guard(q.device):
@@ -215,17 +230,17 @@ def _forward(q, k, v, slopes, table, mask, dense, scale, is_causal, q_offset, k_
                 K2=triton.next_power_of_2(topk), BLOCK_D=block_d(d), **cfg_thr)
     with _device_guard(q.device):
         _attn_fwd[launch_grids(b, h, hk, nq, nk, dict(fwd=(bm, bn)))["fwd"]](
-            q, k, v, out, lse, thr if has_topk else lse, *ptrs, *qk_ptrs,
+            q, k, v, out, stats, thr if has_topk else stats, *ptrs, *qk_ptrs,
             *q.stride(), *k.stride(), *v.stride(), *out.stride(), *scal,
             h, hk, nq, nk, d, dv, q_offset, k_prefix, scale, dropout_p, seed, *qk_scal,
             IS_CAUSAL=is_causal, BIAS_KIND=bias_kind, MASK_KIND=mask_kind, HAS_TOPK=has_topk,
             HAS_DROPOUT=dropout_p > 0.0, PRECISION=prec, **qk_meta,
             BLOCK_M=bm, BLOCK_N=bn, BLOCK_D=block_d(d), BLOCK_DV=block_d(dv),
             num_warps=cfg["num_warps"], num_stages=cfg["num_stages"])
-    return out, lse, thr
+    return out, stats, thr
 
 
-def _backward(do, q, k, v, out, lse, thr, seed, slopes, table, mask, dense, scale, is_causal, q_offset,
+def _backward(do, q, k, v, out, stats, thr, seed, slopes, table, mask, dense, scale, is_causal, q_offset,
               k_prefix, topk, dropout_p, need_dslopes, need_dtable, need_ds, qk=NO_QK, need_dlsc=False):
     do, q, k, v = (_narrow_cols(t) for t in (do, q, k, v))
     b, h, nq, d = q.shape
@@ -260,18 +275,18 @@ def _backward(do, q, k, v, out, lse, thr, seed, slopes, table, mask, dense, scal
     prec = _precision(q.dtype)
     common = dict(IS_CAUSAL=is_causal, BIAS_KIND=bias_kind, MASK_KIND=mask_kind, HAS_TOPK=has_topk,
                   HAS_DROPOUT=dropout_p > 0.0, PRECISION=prec, BLOCK_D=block_d(d), BLOCK_DV=block_d(dv), **qk_meta)
-    thr_arg = thr if has_topk else lse
+    thr_arg = thr if has_topk else stats
     seed = seed.to(q.device)  # the forward's device seed (a no-op); a host seed tensor is copied over
     grids = launch_grids(b, h, hk, nq, nk, dict(dkdv=_blocks(cfg_kv), dq=_blocks(cfg)))
     with _device_guard(q.device):
         _attn_bwd_dkdv[grids["dkdv"]](
-            q, k, v, do, dk, dvv, lse, delta, thr_arg, *ptrs, *qk_ptrs, dksc if has_dsc else lse,
+            q, k, v, do, dk, dvv, stats, delta, thr_arg, *ptrs, *qk_ptrs, dksc if has_dsc else stats,
             *q.stride(), *k.stride(), *v.stride(), *do.stride(), *dk.stride(), *dvv.stride(), *scal,
             h, hk, nq, nk, d, dv, q_offset, k_prefix, scale, dropout_p, seed, *qk_scal, **common, **cfg_kv)
         _attn_bwd_dq[grids["dq"]](
-            q, k, v, do, dq, lse, delta, thr_arg, *ptrs, dslopes if need_dslopes else lse,
-            dtab if need_dtable else lse, ds if need_ds else lse, *qk_ptrs, dqsc if has_dsc else lse,
-            dlsc if need_dlsc else lse,
+            q, k, v, do, dq, stats, delta, thr_arg, *ptrs, dslopes if need_dslopes else stats,
+            dtab if need_dtable else stats, ds if need_ds else stats, *qk_ptrs, dqsc if has_dsc else stats,
+            dlsc if need_dlsc else stats,
             *q.stride(), *k.stride(), *v.stride(), *do.stride(), *dq.stride(), *scal,
             h, hk, nq, nk, d, dv, q_offset, k_prefix, scale, dropout_p, seed, *qk_scal,
             NEED_DSLOPE=need_dslopes, NEED_DTAB=need_dtable, NEED_DS=need_ds, NEED_DLSC=need_dlsc, **common, **cfg)
@@ -295,16 +310,12 @@ def attention_fwd(q: Tensor, k: Tensor, v: Tensor, slopes: Optional[Tensor], tab
     bias | dense: float or bool tensor broadcastable to (b,h,nq,nk); at most one of the three.
     mask: attn_mask, float or bool, broadcastable. topk 0: off. seed < 0: draw one on q's device
     with torch's generator (``_seed``: fresh per CUDA-graph replay); seed >= 0: reproducible.
-    QK features, applied in-kernel to the q/k tiles: groups > 0: grouped l2 norm; q_scale (h, d) and
-    k_scale (hk, d) fp32 per-dim scales (both or neither); rot_dim > 0: rotary with inv_freq
-    (rot_dim//2,) fp32, xpos (rot_dim//2,) fp32 when given, positions as in attention_common;
-    logit_scale: a 0-d fp32 learned QK-norm scale (then ``scale`` is 1 and q_scale/k_scale are
-    given): multiplied into q_scale in the kernels, its gradient formed apart (NEED_DLSC)."""
+    q_scale ... logit_scale: the QK features (``QKArgs``), applied in-kernel to the q/k tiles."""
     seed_t = _seed(seed if dropout_p > 0.0 else 0, q.device)
-    out, lse, thr = _forward(q, k, v, slopes, table, mask, dense, scale, is_causal, q_offset, k_prefix, topk,
-                             dropout_p, seed_t, (q_scale, k_scale, inv_freq, xpos, groups, rot_dim, max_half,
-                                                 xpos_base, interp, logit_scale))
-    return out, lse, thr, seed_t
+    out, stats, thr = _forward(q, k, v, slopes, table, mask, dense, scale, is_causal, q_offset, k_prefix, topk,
+                             dropout_p, seed_t, QKArgs(q_scale, k_scale, inv_freq, xpos, groups, rot_dim, max_half,
+                                                       xpos_base, interp, logit_scale))
+    return out, stats, thr, seed_t
 
 
 @attention_fwd.register_fake
@@ -314,13 +325,13 @@ def _(q, k, v, slopes, table, mask, dense, scale, is_causal, q_offset, k_prefix,
     b, h, nq, _ = q.shape
     nk = k.shape[2]
     out = q.new_empty(b, h, nq, v.shape[3])
-    lse = q.new_empty(b, h, 2, nq, dtype=torch.float32)
+    stats = q.new_empty(b, h, 2, nq, dtype=torch.float32)
     thr = q.new_empty(b, h, nq if 0 < topk < nk else 0, dtype=torch.float32)
-    return out, lse, thr, q.new_empty((), dtype=torch.int64)
+    return out, stats, thr, q.new_empty((), dtype=torch.int64)
 
 
 @torch.library.custom_op("xtk::attention_bwd", mutates_args=())
-def attention_bwd(do: Tensor, q: Tensor, k: Tensor, v: Tensor, out: Tensor, lse: Tensor, thr: Tensor,
+def attention_bwd(do: Tensor, q: Tensor, k: Tensor, v: Tensor, out: Tensor, stats: Tensor, thr: Tensor,
                   seed: Tensor, slopes: Optional[Tensor], table: Optional[Tensor], mask: Optional[Tensor],
                   dense: Optional[Tensor], scale: float, is_causal: bool, q_offset: int, k_prefix: int, topk: int,
                   dropout_p: float, need_dslopes: bool, need_dtable: bool,
@@ -334,14 +345,14 @@ def attention_bwd(do: Tensor, q: Tensor, k: Tensor, v: Tensor, out: Tensor, lse:
     fp32 | (0,)): the QK features are recomputed in-kernel and the gradients chained back to the
     raw q and k; the dim-scale gradients are those of the effective q scale (q_scale * logit_scale).
     seed: the forward's 0-d int64 seed tensor, read by the kernels on the device (no host sync)."""
-    return _backward(do, q, k, v, out, lse, thr, seed, slopes, table, mask, dense, scale, is_causal,
+    return _backward(do, q, k, v, out, stats, thr, seed, slopes, table, mask, dense, scale, is_causal,
                      q_offset, k_prefix, topk, dropout_p, need_dslopes, need_dtable, need_ds,
-                     (q_scale, k_scale, inv_freq, xpos, groups, rot_dim, max_half, xpos_base, interp, logit_scale),
+                     QKArgs(q_scale, k_scale, inv_freq, xpos, groups, rot_dim, max_half, xpos_base, interp, logit_scale),
                      need_dlsc)
 
 
 @attention_bwd.register_fake
-def _(do, q, k, v, out, lse, thr, seed, slopes, table, mask, dense, scale, is_causal, q_offset, k_prefix, topk,
+def _(do, q, k, v, out, stats, thr, seed, slopes, table, mask, dense, scale, is_causal, q_offset, k_prefix, topk,
       dropout_p, need_dslopes, need_dtable, need_ds, q_scale=None, k_scale=None, inv_freq=None, xpos=None, groups=0,
       rot_dim=0, max_half=0, xpos_base=1.0, interp=1.0, logit_scale=None, need_dlsc=False):
     b, h, nq, d = q.shape
@@ -356,14 +367,21 @@ def _(do, q, k, v, out, lse, thr, seed, slopes, table, mask, dense, scale, is_ca
             q.new_empty(() if need_dlsc else (0,), **f32))
 
 
+# the forward op's arguments, in order (checked against its schema below): the autograd rule reads
+# them, their needs_input_grad and its saved tensors by name
+_FWD_ARGS = ("q", "k", "v", "slopes", "table", "mask", "dense", "scale", "is_causal", "q_offset", "k_prefix", "topk",
+             "dropout_p", "seed") + QKArgs._fields
+_SAVED = ("q", "k", "v", "out", "stats", "thr", "seed_t", "slopes", "table", "mask", "dense", "q_scale", "k_scale",
+          "inv_freq", "xpos", "logit_scale")
+assert tuple(a.name for a in torch.ops.xtk.attention_fwd.default._schema.arguments) == _FWD_ARGS
+
+
 def _setup_context(ctx, inputs, output):
-    (q, k, v, slopes, table, mask, dense, scale, is_causal, q_offset, k_prefix, topk, dropout_p, seed,
-     q_scale, k_scale, inv_freq, xpos, groups, rot_dim, max_half, xpos_base, interp, logit_scale) = inputs
-    out, lse, thr, seed_t = output
-    ctx.save_for_backward(q, k, v, out, lse, thr, seed_t, slopes, table, mask, dense, q_scale, k_scale, inv_freq, xpos,
-                          logit_scale)
-    ctx.args = (scale, is_causal, q_offset, k_prefix, topk, dropout_p)
-    ctx.qk_args = (groups, rot_dim, max_half, xpos_base, interp)
+    args = dict(zip(_FWD_ARGS, inputs))
+    args["out"], args["stats"], args["thr"], args["seed_t"] = output
+    ctx.save_for_backward(*(args[n] for n in _SAVED))
+    ctx.args = {n: args[n] for n in ("scale", "is_causal", "q_offset", "k_prefix", "topk", "dropout_p")}
+    ctx.qk_ints = {n: args[n] for n in ("groups", "rot_dim", "max_half", "xpos_base", "interp")}
 
 
 def _reduce_to(grad: Tensor, like: Tensor) -> Tensor:
@@ -393,41 +411,43 @@ def _table_grad_from_ds(ds: Tensor, table: Tensor, q_offset: int, k_prefix: int)
 
 
 def _backward_rule(ctx, dout, dlse, dthr, dseed):
-    (q, k, v, out, lse, thr, seed_t, slopes, table, mask, dense, q_scale, k_scale, inv_freq, xpos,
-     logit_scale) = ctx.saved_tensors
-    scale, is_causal, q_offset, k_prefix, topk, dropout_p = ctx.args
-    need = ctx.needs_input_grad
-    need_dslopes = bool(need[3]) and slopes is not None
-    need_dtable = bool(need[4]) and table is not None
-    need_dmask = bool(need[5]) and mask is not None and mask.is_floating_point()
-    need_ddense = bool(need[6]) and dense is not None and dense.is_floating_point()
+    t = dict(zip(_SAVED, ctx.saved_tensors))
+    # needs_input_grad covers the arguments the call passed (the QK ones are defaulted): missing = False
+    need = dict.fromkeys(_FWD_ARGS, False) | dict(zip(_FWD_ARGS, ctx.needs_input_grad))
+    a = ctx.args
+    slopes, table, mask, dense, logit_scale = t["slopes"], t["table"], t["mask"], t["dense"], t["logit_scale"]
+    need_dslopes = bool(need["slopes"]) and slopes is not None
+    need_dtable = bool(need["table"]) and table is not None
+    need_dmask = bool(need["mask"]) and mask is not None and mask.is_floating_point()
+    need_ddense = bool(need["dense"]) and dense is not None and dense.is_floating_point()
     # the table gradient scatters dS by distance with atomics (unordered); in deterministic mode
     # take dS whole instead (O(b h nq nk) memory, that mode only) and sum its diagonals in torch
     det_table = need_dtable and torch.are_deterministic_algorithms_enabled()
-    need_dlsc = len(need) > 23 and bool(need[23]) and logit_scale is not None
+    need_dlsc = bool(need["logit_scale"]) and logit_scale is not None
     dq, dk, dv, dslopes, dtab, ds, dqsc, dksc, dlsc = attention_bwd(
-        dout, q, k, v, out, lse, thr, seed_t, slopes, table, mask, dense, scale, is_causal, q_offset, k_prefix,
-        topk, dropout_p, need_dslopes, need_dtable and not det_table, need_dmask or need_ddense or det_table,
-        q_scale, k_scale, inv_freq, xpos, *ctx.qk_args, logit_scale, need_dlsc)
+        dout, t["q"], t["k"], t["v"], t["out"], t["stats"], t["thr"], t["seed_t"], slopes, table, mask, dense,
+        a["scale"], a["is_causal"], a["q_offset"], a["k_prefix"], a["topk"], a["dropout_p"], need_dslopes,
+        need_dtable and not det_table, need_dmask or need_ddense or det_table,
+        t["q_scale"], t["k_scale"], t["inv_freq"], t["xpos"], **ctx.qk_ints, logit_scale=logit_scale,
+        need_dlsc=need_dlsc)
     if det_table:
-        dtab = _table_grad_from_ds(ds, table, q_offset, k_prefix)
+        dtab = _table_grad_from_ds(ds, table, a["q_offset"], a["k_prefix"])
     if need_dlsc:
         # dL/d(lambda) = sum dS * d(logit)/d(lambda) = (sum dS * logit) / lambda; at lambda = 0 (q' = 0,
         # the logits carry no trace of it) from the effective q scale's gradient instead
         nonzero = logit_scale != 0
-        dlsc = torch.where(nonzero, dlsc / torch.where(nonzero, logit_scale, 1.0), (dqsc * q_scale).sum())
+        dlsc = torch.where(nonzero, dlsc / torch.where(nonzero, logit_scale, 1.0), (dqsc * t["q_scale"]).sum())
     if logit_scale is not None:
         dqsc = dqsc * logit_scale  # the kernels' q scale is q_scale * logit_scale
-    return (dq, dk, dv,
-            dslopes.to(slopes.dtype) if need_dslopes else None,
-            dtab.to(table.dtype) if need_dtable else None,
-            _reduce_to(ds, mask) if need_dmask else None,
-            _reduce_to(ds, dense) if need_ddense else None,
-            None, None, None, None, None, None, None,
-            dqsc if q_scale is not None and need[14] else None,
-            dksc if k_scale is not None and need[15] else None,
-            None, None, None, None, None, None, None,
-            dlsc.to(logit_scale.dtype) if need_dlsc else None)
+    grads = dict(q=dq, k=dk, v=dv,
+                 slopes=dslopes.to(slopes.dtype) if need_dslopes else None,
+                 table=dtab.to(table.dtype) if need_dtable else None,
+                 mask=_reduce_to(ds, mask) if need_dmask else None,
+                 dense=_reduce_to(ds, dense) if need_ddense else None,
+                 q_scale=dqsc if t["q_scale"] is not None and need["q_scale"] else None,
+                 k_scale=dksc if t["k_scale"] is not None and need["k_scale"] else None,
+                 logit_scale=dlsc.to(logit_scale.dtype) if need_dlsc else None)
+    return tuple(grads.get(n) for n in _FWD_ARGS)
 
 
 attention_fwd.register_autograd(_backward_rule, setup_context=_setup_context)
@@ -445,126 +465,3 @@ def dropout_keep_mask(seed: Union[int, Tensor], b: int, h: int, nq: int, nk: int
             _dropout_mask_kernel[launch_grids(b, h, h, nq, nk, dict(mask=(32, 32)))["mask"]](
                 out, h, nq, nk, dropout_p, seed_t, BLOCK_M=32, BLOCK_N=32)
     return out.view(b, h, nq, nk).bool()
-
-
-# ----------------------------------------------------------------------------- the backend
-
-def _qk_args(inputs):
-    """QK-norm and rotary/xpos as arguments of the attention kernels (applied in-kernel to the q/k
-    tiles, positions computed there: no q'/k' tensor, no (n, d) cos/sin table); -> (qk, scale).
-
-    Dim scales go in as (h, d) / (hk, d) fp32 views built with differentiable torch ops, so their
-    gradients (computed in-kernel) reach the (h|hk, 1, d) parameters through autograd. A tensor
-    (learned) QK-norm scale goes in as ``logit_scale``: the op multiplies it into q's dim scale
-    (rotary is linear, so scaling q' scales the logits; the kernel scale becomes 1) and forms its
-    gradient from fp32 dS in the dq kernel."""
-    q, k = inputs.q, inputs.k
-    scale = inputs.scale
-    qn, rot = inputs.qk_norm, inputs.rotary
-    h, nq, d = q.shape[1], q.shape[2], q.shape[3]
-    hk, nk = k.shape[1], k.shape[2]
-    qs = ks = inv_freq = xpos = logit_scale = None
-    groups, rd, max_half, base, interp = 0, 0, 0, 1.0, 1.0
-    if qn is not None:
-        groups = qn.groups
-
-        def dim_scale(t, heads):
-            return None if t is None else t.expand(heads, 1, d).reshape(heads, d).float()
-
-        qs, ks = dim_scale(qn.q_dim_scale, h), dim_scale(qn.k_dim_scale, hk)
-        if isinstance(qn.scale, torch.Tensor):
-            logit_scale = qn.scale.float().reshape(())
-            scale = 1.0
-        else:
-            scale = float(qn.scale)
-        if qs is not None or ks is not None or logit_scale is not None:  # one switch for both: the missing one is all ones
-            qs = (qs if qs is not None else torch.ones(h, d, device=q.device)).contiguous()
-            ks = (ks if ks is not None else torch.ones(hk, d, device=q.device)).contiguous()
-    if rot is not None:
-        inv_freq = rot.inv_freq.float().contiguous()
-        xpos = rot.xpos_scale.float().contiguous() if rot.xpos_scale is not None else None
-        rd, base, interp = rot.dim, float(rot.xpos_scale_base), float(rot.interpolation_factor)
-        max_half = max(inputs.q_offset + nq, nk - inputs.k_prefix) // 2
-    if scale is None:
-        scale = d ** -0.5
-    return (qs, ks, inv_freq, xpos, groups, rd, max_half, base, interp, logit_scale), float(scale)
-
-
-def t5_distance_table(bias: T5, nq: int, nk: int, q_offset: int, k_prefix: int) -> Tensor:
-    """The T5 bias per signed distance ``p_i - p_j``, (2L-1, h) fp32, gathered from ``bias.table``
-    with the reference bucket function (so the table's gradient flows through the gather)."""
-    npos = nk - k_prefix
-    far = max(abs(q_offset + nq - 1), abs(q_offset - (npos - 1))) if npos > 0 and nq > 0 else 0
-    L = far + 1
-    dist = torch.arange(-(L - 1), L, device=bias.table.device)
-    bucket = t5_bucket(-dist, bias.num_buckets, bias.max_distance, bias.causal)
-    return (bias.table[bucket] * bias.scale).float()
-
-
-def _bias_args(inputs, h, nq, nk):
-    bias = inputs.bias
-    slopes = table = dense = None
-    if isinstance(bias, Alibi):
-        s = bias.slopes.float()
-        slopes = torch.cat([s, s.new_zeros(h - s.shape[0])]) if s.shape[0] < h else s
-    elif isinstance(bias, T5):
-        table = t5_distance_table(bias, nq, nk, inputs.q_offset, inputs.k_prefix)
-    elif isinstance(bias, DistanceTable):
-        table = bias.table.float().contiguous()
-    elif isinstance(bias, Dense):
-        dense = bias.tensor
-    return slopes, table, dense
-
-
-def run(inputs) -> Tensor:
-    q, k = inputs.q, inputs.k
-    qk, scale = _qk_args(inputs)
-    b, h, nq, _ = q.shape
-    nk = k.shape[2]
-    slopes, table, dense = _bias_args(inputs, h, nq, nk)
-    topk = _effective_topk(inputs, nk)
-    out = torch.ops.xtk.attention_fwd(q, k, inputs.v, slopes, table, inputs.attn_mask, dense, scale,
-                                      inputs.is_causal, inputs.q_offset, inputs.k_prefix, topk,
-                                      inputs.dropout_p, -1, *qk)[0]
-    return out
-
-
-def _effective_topk(inputs, nk: int) -> int:
-    """The top-k the kernels run: 0 (off) when unset or when it keeps every one of the nk keys."""
-    return inputs.topk if inputs.topk is not None and inputs.topk < nk else 0
-
-
-def reasons(inputs, forced: bool) -> list:
-    why = []
-    q = inputs.q
-    if inputs.hooks is not None:
-        why.append(f"hooks ({inputs.hooks.reason}) need the whole score matrix")
-    if q.device.type == "cpu":
-        if not (forced and interpreting()):
-            why.append("CPU tensors run only when backend='triton' is forced with TRITON_INTERPRET=1")
-    elif q.device.type != "cuda":
-        why.append(f"device {q.device.type} is not supported (cuda, or cpu under TRITON_INTERPRET=1)")
-    if q.dtype not in DTYPES:
-        why.append(f"dtype {q.dtype} is not supported (float16, bfloat16, float32)")
-    d, dv = q.shape[-1], inputs.v.shape[-1]
-    if d > MAX_HEAD_DIM or dv > MAX_HEAD_DIM:
-        why.append(f"head dim {max(d, dv)} > {MAX_HEAD_DIM}")
-    nk = inputs.k.shape[2]
-    topk = _effective_topk(inputs, nk)
-    if topk > MAX_TOPK:
-        why.append(f"topk {inputs.topk} > {MAX_TOPK} (the streaming threshold buffer)")
-    if q.device.type == "cuda" and q.dtype in DTYPES and max(d, dv) <= MAX_HEAD_DIM:
-        refused = tiles.refusal(_arch(q.device), d, dv, min(topk, MAX_TOPK),
-                                precision_of(_precision(q.dtype), q.element_size()))
-        if refused:
-            why.append(refused)
-    bias = inputs.bias
-    if isinstance(bias, Dense) and inputs.attn_mask is not None:
-        pass  # two dense slots: supported
-    for name, t in (("attn_mask", inputs.attn_mask), ("bias.tensor", bias.tensor if isinstance(bias, Dense) else None)):
-        if t is not None and t.dim() > 4:
-            why.append(f"{name}: more than 4 dims")
-    return why
-
-
-BACKEND = backends.Backend("triton", "attention", reasons, run)

@@ -54,6 +54,8 @@ import json
 import os
 import re
 
+from . import kinds
+
 CLASSES = ("plain", "posbias", "dense", "qk", "heavy")  # lightest first: spec_class picks the heaviest that applies
 KINDS = ("fwd", "thr", "thrwide", "dkdv", "dq")
 PRECISIONS = ("16bit", "tf32", "ieee")
@@ -67,8 +69,8 @@ _KEY = re.compile(r"^(fwd|thr|thrwide|dkdv|dq)/(plain|posbias|dense|qk|heavy)/(1
 _HERE = os.path.dirname(os.path.abspath(__file__))
 
 # the kernels' switch values (kernels/attention_common.py), repeated here so this module needs no triton
-_BIAS_POS = (1, 2)     # ALiBi, distance table
-_BIAS_DENSE = (3, 4)   # dense float bias, dense bool keep-mask
+_BIAS_POS = kinds.POSITIONAL_BIAS    # ALiBi, distance table
+_BIAS_DENSE = kinds.DENSE_BIAS       # dense float bias, dense bool keep-mask
 
 
 class TileConfigError(ValueError):

@@ -9,8 +9,10 @@ gradient, the rows that must hold NaN/inf and the rows left unspecified; every o
 finite and equal the reference computed with the poisoned entries zeroed (the 2x rule,
 tests/tolerance.py). One test per case runs every backend (eager, sdpa, triton: compiled on CUDA,
 the interpreter on CPU, see tests/conftest.py) and reports each backend's failures. Where the Triton
-kernels break the rule (kernels/ unchanged, issue 12), a case checks only their output
-(``triton="values"``) or leaves them out (``"none"``), with a comment naming what comes out.
+kernels break the rule (issue 12: masked NaN/inf rows of q, k reach dQ, dK as 0 x NaN inside the
+dS products, a masked NaN v makes delta = dO . O NaN, and the forward's NaN + -inf and 0 x NaN in an
+empty row: each fix spilled shipped tiles, see kernels/attention_bwd.py), a case checks only their
+output (``triton="values"``) or leaves them out (``"none"``), with a comment naming what comes out.
 """
 import os
 from dataclasses import dataclass, field
@@ -92,7 +94,7 @@ def case_q_inf_row_masked():
     read = rows(KROWS, (0, 0, [0, 1, 2, 4, 6]))
     return Case(q, k, v, dict(attn_mask=m, enable_gqa=True), {"q": [((0, 0, 2, 0), INF)]},
                 nan={"out": rows(QROWS, (0, 0, 2)), "q": rows(QROWS, (0, 0, 2)), "k": read, "v": read},
-                triton="values")  # Triton breaks the rule: dk, dv of the masked keys 3, 5 NaN
+                triton="values")  # Triton breaks the rule: dk of the masked keys 3, 5 NaN (0 x inf in dS^T @ Q)
 
 
 def case_k_nan_causal():
@@ -158,7 +160,7 @@ def case_v_nan_masked():
     nan_rows = rows(QROWS, (0, KV0, slice(1, None)))
     return [Case(q, k, v, dict(attn_mask=bool_mask(), enable_gqa=True), {"v": [((0, 0, 3, 1), NAN)]},
                  nan={"out": rows(QROWS, (0, KV0, slice(0, 4)))},
-                 triton="none"),  # Triton breaks the rule: row 4 NaN, dq and dk NaN
+                 triton="none"),  # Triton breaks the rule: row 4 NaN (0 x NaN), dq and dk NaN
             Case(q, k, v, dict(is_causal=True, q_offset=2, enable_gqa=True), {"v": [((0, 0, 3, 1), NAN)]},
                  nan={"out": nan_rows, "q": nan_rows, "k": rows(KROWS, (0, 0))},
                  free={"out": rows(QROWS, (0, KV0, 0)), "q": rows(QROWS, (0, KV0, 0))})]
@@ -191,8 +193,7 @@ def case_topk_nan():
     groups = rows(KROWS, (0, 0), (1, 1))
     return Case(q, k, v, dict(topk=2, scale=0.25, enable_gqa=True),
                 {"k": [((0, 0, 3), NAN)], "q": [((1, 2, 2), NAN)]},
-                nan={"out": nan_rows, "q": nan_rows}, free={"k": groups, "v": groups},
-                triton="none")  # Triton breaks the rule: top-k drops NaN logits, rows finite
+                nan={"out": nan_rows, "q": nan_rows}, free={"k": groups, "v": groups})
 
 
 CASES = {name[5:]: fn for name, fn in dict(globals()).items() if name.startswith("case_")}

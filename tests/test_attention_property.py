@@ -12,8 +12,9 @@ the reference computed on clean inputs (poison zeroed, pairs with a -inf logit m
 rule (tests/tolerance.py); the gradients' NaN/inf rows must be the eager reference's.
 
 CI-sized by default (derandomized, no deadline); ``XTK_LONG_PROPERTY=1`` runs a long search.
-The Triton kernels (the interpreter on CPU, slow) get a few examples, with gradients only on
-finite inputs and no draws where they break the rule (see tests/test_attention_nan.py).
+The Triton kernels (the interpreter on CPU, slow) get a few examples, fp32 only, with gradients
+only on finite inputs and no draws where their forward breaks the rule (see
+tests/test_attention_nan.py).
 """
 import os
 from dataclasses import dataclass
@@ -92,10 +93,10 @@ def configs(draw, triton=False):
         poison.append((name, at, feature, value))
     cfg = Cfg(b, h, hk, nq, nk, d, dtype, layouts, mask, draw(st.booleans()), causal, q_offset, k_prefix, bias,
               topk, tuple(poison), draw(st.integers(0, 2 ** 16)), draw(st.booleans()))
-    if triton:  # draws where the Triton kernels break the rule (tests/test_attention_nan.py names them)
+    if triton:  # draws where the Triton forward breaks the rule (tests/test_attention_nan.py names them)
         qk = any(p[0] in "qk" for p in cfg.poison)
         hide = cfg.mask == "float" or cfg.bias == "dense"  # -inf float entries: NaN + -inf is NaN there
-        if (qk and (hide or cfg.topk)) or (any(p[0] == "v" for p in cfg.poison) and _has_empty_rows(cfg)):
+        if (qk and hide) or (any(p[0] == "v" for p in cfg.poison) and _has_empty_rows(cfg)):
             cfg.poison = ()
     return cfg
 

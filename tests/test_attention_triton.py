@@ -26,6 +26,7 @@ if not CUDA and os.environ.get("TRITON_INTERPRET") != "1":
                 allow_module_level=True)
 
 from xtk.kernels import attention_op  # noqa: E402  (after the interpreter switch)
+from xtk.ops import attention_triton  # noqa: E402
 
 
 # ----------------------------------------------------------------------------- case builder
@@ -302,7 +303,7 @@ def test_qk_norm_and_rotary(variant, dtype, d, nq, nk):
         inp = _validate(q, k, v, attn_mask=None, dropout_p=p, is_causal=True, scale=None, enable_gqa=True,
                         bias=None, topk=None, qk_norm=a.get("qk_norm"), rotary=a.get("rotary"),
                         q_offset=a["q_offset"], k_prefix=2, hooks=None)
-        qk, scale = attention_op._qk_args(inp)
+        qk, scale = attention_triton._qk_args(inp)
         return torch.ops.xtk.attention_fwd(q, k, v, None, None, None, None, scale, True, a["q_offset"], 2, 0, p, 99,
                                            *qk)[0]
 
@@ -545,21 +546,21 @@ def test_reasons():
         return _validate(qq, kk, vv, **base)
 
     if not CUDA:
-        assert attention_op.reasons(inputs(), forced=True) == []
-        assert any("forced" in r for r in attention_op.reasons(inputs(), forced=False))
+        assert attention_triton.reasons(inputs(), forced=True) == []
+        assert any("forced" in r for r in attention_triton.reasons(inputs(), forced=False))
         old = os.environ["TRITON_INTERPRET"]
         os.environ["TRITON_INTERPRET"] = "0"
         try:
-            assert any("TRITON_INTERPRET" in r for r in attention_op.reasons(inputs(), forced=True))
+            assert any("TRITON_INTERPRET" in r for r in attention_triton.reasons(inputs(), forced=True))
         finally:
             os.environ["TRITON_INTERPRET"] = old
         # auto never picks triton for CPU tensors
         assert xtk.backends.pick("attention", inputs()).name != "triton"
-    assert any("hooks" in r for r in attention_op.reasons(inputs(hooks=ScoreHooks("talking heads")), True))
+    assert any("hooks" in r for r in attention_triton.reasons(inputs(hooks=ScoreHooks("talking heads")), True))
     qd = q.double()
-    assert any("dtype" in r for r in attention_op.reasons(inputs(q=qd, k=k.double(), v=v.double()), True))
+    assert any("dtype" in r for r in attention_triton.reasons(inputs(q=qd, k=k.double(), v=v.double()), True))
     big = torch.randn(1, 2, 4, 320)
-    assert any("head dim" in r for r in attention_op.reasons(inputs(q=big, k=big, v=big), True))
+    assert any("head dim" in r for r in attention_triton.reasons(inputs(q=big, k=big, v=big), True))
 
 
 def test_launcher_memory_is_linear_in_n():

@@ -21,9 +21,9 @@ from csrc.build import CXX_FLAGS  # noqa: E402
 
 try:
     _C = _ext.load()
-except ImportError as e:  # reported by tests/test_norm.py::test_extension_is_built
+except ImportError as e:  # reported by tests/test_rms_norm.py::test_extension_is_built
     _C = None
-needs_ext = pytest.mark.skipif(_C is None, reason="xtk._C not built (tests/test_norm.py::test_extension_is_built fails)")
+needs_ext = pytest.mark.skipif(_C is None, reason="xtk._C not built (tests/test_rms_norm.py::test_extension_is_built fails)")
 X86 = platform.machine() in ("x86_64", "AMD64", "i686")
 ACTS = ("gelu", "gelu_tanh", "silu", "relu", "relu_squared")
 EXACT_ACTS = ("relu", "relu_squared")  # no a*b+c to contract into an FMA: the copies agree bit for bit
@@ -122,12 +122,12 @@ def test_baseline_and_avx2_copies_agree(tmp_path):
 
 @needs_ext
 def test_baseline_copy_passes_the_extension_accuracy_tests():
-    """The 2x-rule tests of the extension (tests/test_norm.py, tests/test_glu.py) with the baseline copy
+    """The 2x-rule tests of the extension (tests/test_rms_norm.py, tests/test_glu.py) with the baseline copy
     forced: in-process they run the copy this CPU picks (AVX2 here)."""
     if _C.cpu_isa == "baseline":
         pytest.skip("this process already runs the baseline copy: the tests themselves cover it")
     r = subprocess.run([sys.executable, "-m", "pytest", "-q", "-p", "no:cacheprovider", "-k", "matches_reference",
-                        "tests/test_norm.py", "tests/test_glu.py"], cwd=ROOT, capture_output=True, text=True,
+                        "tests/test_rms_norm.py", "tests/test_glu.py"], cwd=ROOT, capture_output=True, text=True,
                        env=dict(os.environ, XTK_CPU_ISA="baseline"), timeout=600)
     assert r.returncode == 0 and " passed" in r.stdout, r.stdout[-4000:] + r.stderr[-2000:]
 

@@ -15,7 +15,7 @@ try:
     HAVE_EXT = True
 except ImportError:
     HAVE_EXT = False
-needs_ext = pytest.mark.skipif(not HAVE_EXT, reason="xtk._C not built (tests/test_norm.py::test_extension_is_built fails)")
+needs_ext = pytest.mark.skipif(not HAVE_EXT, reason="xtk._C not built (tests/test_rms_norm.py::test_extension_is_built fails)")
 
 DEVICES = ["cpu"] + (["cuda"] if torch.cuda.is_available() else [])
 DTYPES = [torch.float32, torch.float16, torch.bfloat16]

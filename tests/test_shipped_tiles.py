@@ -283,11 +283,21 @@ def test_malformed_override_names_file_and_key(tmp_path, monkeypatch, content, m
 # ----------------------------------------------------------------------------- packaging
 
 def _load_tiles_from(path):
-    """kernels/tiles.py of an installed tree, loaded as a standalone module (it needs only its json)."""
+    """kernels/tiles.py of an installed tree, loaded as a module of a stand-in package (it needs only
+    its json and kernels/kinds.py beside it)."""
     import importlib.util
-    spec = importlib.util.spec_from_file_location("installed_tiles", path)
-    mod = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(mod)
+    import sys
+    import types
+    pkg = types.ModuleType("installed_kernels")
+    pkg.__path__ = [os.path.dirname(path)]
+    sys.modules["installed_kernels"] = pkg
+    try:
+        spec = importlib.util.spec_from_file_location("installed_kernels.tiles", path)
+        mod = importlib.util.module_from_spec(spec)
+        spec.loader.exec_module(mod)
+    finally:
+        sys.modules.pop("installed_kernels", None)
+        sys.modules.pop("installed_kernels.kinds", None)
     return mod
 
 

@@ -5,7 +5,7 @@ from __future__ import annotations
 import torch
 
 from xtk.reference.tolerance import (FLOOR, attention_term_sums, judge_2x, max_err,  # noqa: F401
-                                     sum_floor)  # (the rule lives in the package)
+                                     rounding_floor, sum_floor)  # (the rule lives in the package)
 
 
 def assert_close_2x(kernel: torch.Tensor, eager: torch.Tensor, oracle: torch.Tensor, name: str = "out",
@@ -33,7 +33,8 @@ def check_against_oracle(fn_kernel, fn_eager, inputs: dict, dtype, grad_names=()
     ``inputs`` maps names to tensors (float ones are rounded/cast) or other values passed as is.
     Each fn is called as ``fn(**inputs)`` and returns one tensor. ``term_sums(grad_out, **fp64 inputs)
     -> {input name: sum |terms| of its gradient}`` names the gradients that are one sum over a whole
-    score matrix (``attention_sums``): they get ``sum_floor`` on top of the dtype floor."""
+    score matrix (``attention_sums``): they get ``sum_floor`` and ``rounding_floor`` on top of the
+    dtype floor."""
     def prepared(cast):
         out = {}
         for key, t in inputs.items():
@@ -59,5 +60,5 @@ def check_against_oracle(fn_kernel, fn_eager, inputs: dict, dtype, grad_names=()
     assert_close_2x(k_out, e_out, o_out, name, factor)
     for n in grad_names:
         assert k_g[n] is not None, f"d{n}: kernel gave no gradient"
-        floor = FLOOR[dtype] + sum_floor(sums[n], dtype) if n in sums else None
+        floor = FLOOR[dtype] + sum_floor(sums[n], dtype) + rounding_floor(o_g[n], dtype) if n in sums else None
         assert_close_2x(k_g[n], e_g[n], o_g[n], f"d{n}", factor, floor)

@@ -19,14 +19,16 @@ del _argv0
 from . import bias
 from .qk import QKNorm, Rotary
 from .ops.attention import attention
-from .ops.norm import rms_norm
+from .ops.rms_norm import rms_norm
 from .ops.glu import glu
 
 from . import backends as _backends
 
+# every backend (triton and the Triton kernels included, when installed) is imported now, so that
+# picking one inside torch.compile is a lookup: importing xtk costs the triton import
 _backends.preload()
 
-# model classes load on first use (importing xtk stays cheap)
+# model classes load on first use
 _LAZY = {
     "AttentionLayers": "xtk.models.layers",
     "Encoder": "xtk.models.layers",

@@ -43,13 +43,13 @@ def _versions() -> list[tuple[str, str]]:
 
 def _sample_inputs(device: str, dtype):
     """One small representative call per op, to ask each backend whether it would run it."""
-    from .ops import attention, glu, norm
+    from .ops import attention, glu, rms_norm
     from .bias import Alibi
     q = torch.zeros(1, 2, 4, 64, device=device, dtype=dtype)
     return {
         "attention": attention._validate(q, q, q, None, 0.0, True, None, False, Alibi(torch.ones(2, device=device)),
                                          None, None, None, None, 0, None),
-        "rms_norm": norm._validate(torch.zeros(4, 64, device=device, dtype=dtype), torch.ones(64, device=device, dtype=dtype), 1e-12, None),
+        "rms_norm": rms_norm._validate(torch.zeros(4, 64, device=device, dtype=dtype), torch.ones(64, device=device, dtype=dtype), 1e-12, None),
         "glu": glu._validate(torch.zeros(4, 64, device=device, dtype=dtype), "gelu", gated=True),
         "activation": glu._validate(torch.zeros(4, 64, device=device, dtype=dtype), "relu_squared", gated=False),
     }

@@ -40,13 +40,13 @@ class Backend:
 # op -> ordered list of (backend name, "module:attribute") tried by auto, first to last
 _LAZY: dict[str, list[tuple[str, str]]] = {
     "attention": [
-        ("triton", "xtk.kernels.attention_op:BACKEND"),
+        ("triton", "xtk.ops.attention_triton:BACKEND"),
         ("sdpa", "xtk.ops.attention_sdpa:BACKEND"),
         ("eager", "xtk.ops.attention:EAGER"),
     ],
     "rms_norm": [
         ("ext", "xtk.ops.ext_backends:RMS_NORM"),
-        ("eager", "xtk.ops.norm:EAGER"),
+        ("eager", "xtk.ops.rms_norm:EAGER"),
     ],
     "glu": [
         ("ext", "xtk.ops.ext_backends:GLU"),

@@ -1,5 +1,10 @@
 """Attention bias descriptors: O(n) or O(1) data that a kernel expands in-kernel.
 
+The descriptor is the interface: every backend and module asks it (its kernel kind, the
+tensor it owns, its value at a distance, its per-head data for ``h`` heads), none decodes
+its type. A new kind subclasses ``Bias`` here, adds its expansion to the kernels' logit
+helper (``kernels/attention_common._logits``) and its tests.
+
 Positions (SPEC §2): the first ``k_prefix`` keys carry no position and get no
 position bias; key ``j >= k_prefix`` sits at ``p_j = j - k_prefix``; query ``i`` at
 ``p_i = q_offset + i``. ``materialize`` builds the dense ``(h, nq, nk)`` (or
@@ -7,13 +12,19 @@ broadcastable) additive bias for the eager reference; kernels never call it.
 """
 from __future__ import annotations
 
+import dataclasses
 import math
 import numbers
 from dataclasses import dataclass
+from typing import ClassVar, NamedTuple, Optional
 
 import torch
 
-__all__ = ["Alibi", "T5", "DistanceTable", "Dense", "alibi_slopes", "t5_bucket", "t5_min_max_distance", "positions"]
+from .kernels import kinds
+from .ops import _check
+
+__all__ = ["Bias", "Alibi", "T5", "DistanceTable", "Dense", "KernelBias", "alibi_slopes", "t5_bucket",
+           "t5_min_max_distance", "positions", "farthest_distance"]
 
 
 def positions(nq: int, nk: int, q_offset: int, k_prefix: int, device) -> tuple[torch.Tensor, torch.Tensor]:
@@ -21,6 +32,15 @@ def positions(nq: int, nk: int, q_offset: int, k_prefix: int, device) -> tuple[t
     pi = torch.arange(nq, device=device) + q_offset
     pj = torch.arange(nk, device=device) - k_prefix
     return pi, pj
+
+
+def farthest_distance(nq: int, nk: int, q_offset: int, k_prefix: int) -> int:
+    """The largest ``|p_i - p_j|`` a call forms between a query and a positional key (0 without
+    queries or positional keys)."""
+    npos = nk - k_prefix
+    if npos <= 0 or nq <= 0:
+        return 0
+    return max(abs(q_offset + nq - 1), abs(q_offset - (npos - 1)))
 
 
 def _prefix_zero(bias: torch.Tensor, k_prefix: int) -> torch.Tensor:
@@ -94,24 +114,124 @@ def t5_bucket(rel: torch.Tensor, num_buckets: int, max_distance: int, causal: bo
     return ret + torch.where(is_small, n, large)
 
 
+class KernelBias(NamedTuple):
+    """A bias as the attention kernels take it: its ``kinds.BIAS_*`` and the one tensor they read.
+
+    slopes: ``(h,)`` fp32 (ALiBi, 0 for heads without a slope); table: ``(2L - 1, h)`` fp32, row
+    ``(p_i - p_j) + L - 1`` (T5 and DistanceTable); dense: the user's tensor, broadcastable to
+    ``(b, h, nq, nk)`` (float or bool). Gradients flow from these back to the descriptor's tensor."""
+
+    kind: int
+    slopes: Optional[torch.Tensor] = None
+    table: Optional[torch.Tensor] = None
+    dense: Optional[torch.Tensor] = None
+
+
+class Bias:
+    """Base of the bias descriptors. Each kind owns one tensor (``field`` names it, ``learned``
+    returns it: gradients flow to it) and answers what the backends ask:
+
+    - ``kernel_kind``: its ``kinds.BIAS_*`` switch, or None when no kernel expands it;
+    - ``validate(b, h, nq, nk, q_offset, k_prefix, device)``: raise, naming ``bias.<field>``;
+    - ``materialize(h, nq, nk, q_offset, k_prefix)``: the dense additive bias (or bool keep-mask)
+      broadcastable to ``(h, nq, nk)``, for the eager reference;
+    - ``positional`` kinds (the value depends on ``p_i - p_j`` only): ``at_distance(dist, h, dtype)``;
+    - ``dense`` kinds: the tensor is the bias itself (``(b, h, nq, nk)`` broadcastable);
+    - ``for_heads(h, perm)``: per-head data padded to ``h`` heads and permuted, once;
+    - ``kernel_args(h, nq, nk, q_offset, k_prefix)``: a ``KernelBias``.
+
+    A subclass of a kind below runs wherever that kind runs. A new kind subclasses ``Bias`` with
+    at least ``validate`` and ``materialize``: the eager backend runs it, and the other backends
+    say why they cannot (no kernel kind, neither positional nor dense) -- never a silent drop."""
+
+    name: ClassVar[str] = "custom"
+    field: ClassVar[str] = ""
+    positional: ClassVar[bool] = False
+    dense: ClassVar[bool] = False
+
+    @property
+    def learned(self) -> Optional[torch.Tensor]:
+        """The tensor this descriptor owns (slopes, table or dense tensor), or None."""
+        return getattr(self, self.field) if self.field else None
+
+    def with_learned(self, tensor: torch.Tensor) -> "Bias":
+        """The same descriptor around another tensor in place of ``learned`` (a view, a leaf, rows)."""
+        return dataclasses.replace(self, **{self.field: tensor})
+
+    @property
+    def kernel_kind(self) -> Optional[int]:
+        return None
+
+    def validate(self, b: int, h: int, nq: int, nk: int, q_offset: int, k_prefix: int, device) -> None:
+        raise NotImplementedError(f"{type(self).__name__}.validate")
+
+    def at_distance(self, dist: torch.Tensor, h: int, dtype: torch.dtype) -> torch.Tensor:
+        """``(h, *dist.shape)``: the bias of each head at the signed distances ``dist = p_i - p_j``
+        (integer tensor), computed in ``dtype``. Positional kinds only."""
+        raise NotImplementedError(f"{type(self).__name__} is not a positional bias")
+
+    def materialize(self, h: int, nq: int, nk: int, q_offset: int, k_prefix: int) -> torch.Tensor:
+        """``(h, nq, nk)`` in the dtype of ``learned``: ``at_distance`` of every (query, key) pair,
+        0 on the prefix keys (positional kinds; dense kinds override)."""
+        pi, pj = positions(nq, nk, q_offset, k_prefix, self.learned.device)
+        return _prefix_zero(self.at_distance(pi[:, None] - pj[None, :], h, self.learned.dtype), k_prefix)
+
+    def for_heads(self, h: int, perm: Optional[torch.Tensor] = None) -> "Bias":
+        """This bias for ``h`` heads, head ``i`` taking the data of head ``perm[i]`` (identity when
+        None). Kinds without per-head data return themselves."""
+        return self
+
+    def kernel_args(self, h: int, nq: int, nk: int, q_offset: int, k_prefix: int) -> KernelBias:
+        raise NotImplementedError(f"{type(self).__name__} has no attention kernel")
+
+    def _check_device(self, device) -> None:
+        t = self.learned
+        if t.device != device:
+            raise ValueError(f"bias.{self.field}: expected device {device} (q's), got {t.device}")
+
+
+def _take_heads(t: torch.Tensor, perm: Optional[torch.Tensor], dim: int) -> torch.Tensor:
+    return t if perm is None else t.index_select(dim, perm.to(t.device))
+
+
 @dataclass(frozen=True, eq=False)
-class Alibi:
+class Alibi(Bias):
     """ALiBi: bias ``-slopes[h] * |p_i - p_j|`` for heads ``h < len(slopes)``, 0 for the rest.
 
     slopes: ``(h_alibi,)`` float tensor (may require grad)."""
 
     slopes: torch.Tensor
+    name: ClassVar[str] = "alibi"
+    field: ClassVar[str] = "slopes"
+    positional: ClassVar[bool] = True
 
-    def materialize(self, h: int, nq: int, nk: int, q_offset: int, k_prefix: int) -> torch.Tensor:
-        pi, pj = positions(nq, nk, q_offset, k_prefix, self.slopes.device)
-        dist = (pi[:, None] - pj[None, :]).abs().to(self.slopes.dtype)
-        slopes = torch.zeros(h, dtype=self.slopes.dtype, device=self.slopes.device)
-        slopes = torch.cat([self.slopes, slopes[self.slopes.shape[0]:]])
-        return _prefix_zero(-slopes[:, None, None] * dist, k_prefix)
+    @property
+    def kernel_kind(self) -> int:
+        return kinds.BIAS_ALIBI
+
+    def validate(self, b, h, nq, nk, q_offset, k_prefix, device) -> None:
+        _check.tensor("bias.slopes", self.slopes, ndim=1)
+        if self.slopes.shape[0] > h:
+            raise ValueError(f"bias.slopes: expected at most {h} slopes (one per head), got {self.slopes.shape[0]}")
+        self._check_device(device)
+
+    def for_heads(self, h, perm=None) -> "Alibi":
+        """Slopes padded with zeros to ``h`` heads (in the slopes' dtype), then permuted."""
+        s = self.slopes
+        if s.shape[0] < h:
+            s = torch.cat([s, s.new_zeros(h - s.shape[0])])
+        return dataclasses.replace(self, slopes=_take_heads(s, perm, 0))
+
+    def at_distance(self, dist, h, dtype) -> torch.Tensor:
+        slopes = self.for_heads(h).slopes.to(dtype)
+        return -slopes.reshape(h, *(1,) * dist.dim()) * dist.abs().to(dtype)
+
+    def kernel_args(self, h, nq, nk, q_offset, k_prefix) -> KernelBias:
+        return KernelBias(kinds.BIAS_ALIBI, slopes=self.for_heads(h).slopes.float())
 
 
 @dataclass(frozen=True, eq=False)
-class T5:
+class T5(Bias):
     """T5 relative-position buckets: ``table[bucket(p_j - p_i), h] * scale``.
 
     table: ``(num_buckets, h)`` (may require grad). ``max_distance`` must exceed the exact-bucket
@@ -122,46 +242,115 @@ class T5:
     max_distance: int = 128
     causal: bool = False
     scale: float = 1.0
+    name: ClassVar[str] = "t5"
+    field: ClassVar[str] = "table"
+    positional: ClassVar[bool] = True
 
     def __post_init__(self):
         check_t5_range(self.num_buckets, self.max_distance, self.causal)
 
-    def materialize(self, h: int, nq: int, nk: int, q_offset: int, k_prefix: int) -> torch.Tensor:
-        pi, pj = positions(nq, nk, q_offset, k_prefix, self.table.device)
-        bucket = t5_bucket(pj[None, :] - pi[:, None], self.num_buckets, self.max_distance, self.causal)
-        bias = self.table[bucket].permute(2, 0, 1) * self.scale  # (h, nq, nk)
-        return _prefix_zero(bias, k_prefix)
+    @property
+    def kernel_kind(self) -> int:
+        return kinds.BIAS_TABLE
+
+    def validate(self, b, h, nq, nk, q_offset, k_prefix, device) -> None:
+        _check.tensor("bias.table", self.table, ndim=2)
+        if tuple(self.table.shape) != (self.num_buckets, h):
+            raise ValueError(f"bias.table: expected shape (num_buckets, heads) = {(self.num_buckets, h)}, "
+                             f"got {tuple(self.table.shape)}")
+        self._check_device(device)
+
+    def for_heads(self, h, perm=None) -> "T5":
+        return dataclasses.replace(self, table=_take_heads(self.table, perm, 1))
+
+    def at_distance(self, dist, h, dtype) -> torch.Tensor:
+        bucket = t5_bucket(-dist, self.num_buckets, self.max_distance, self.causal)
+        return self.table.to(dtype)[bucket].movedim(-1, 0) * self.scale
+
+    def kernel_args(self, h, nq, nk, q_offset, k_prefix) -> KernelBias:
+        """The T5 bias per signed distance of this call, ``(2L - 1, h)`` fp32, gathered from ``table``
+        with the reference bucket function (the table's gradient flows through the gather)."""
+        far = farthest_distance(nq, nk, q_offset, k_prefix)
+        dist = torch.arange(-far, far + 1, device=self.table.device)
+        return KernelBias(kinds.BIAS_TABLE, table=self.at_distance(dist, h, self.table.dtype).t().float().contiguous())
 
 
 @dataclass(frozen=True, eq=False)
-class DistanceTable:
+class DistanceTable(Bias):
     """Learned value per signed distance: ``table[(p_i - p_j) + (L - 1), h]``.
 
     table: ``(2L - 1, h)``; every distance in the call must satisfy ``|p_i - p_j| <= L - 1``."""
 
     table: torch.Tensor
+    name: ClassVar[str] = "dt"
+    field: ClassVar[str] = "table"
+    positional: ClassVar[bool] = True
 
     @property
     def max_distance(self) -> int:
         return (self.table.shape[0] + 1) // 2 - 1
 
-    def materialize(self, h: int, nq: int, nk: int, q_offset: int, k_prefix: int) -> torch.Tensor:
-        pi, pj = positions(nq, nk, q_offset, k_prefix, self.table.device)
+    @property
+    def kernel_kind(self) -> int:
+        return kinds.BIAS_TABLE
+
+    def validate(self, b, h, nq, nk, q_offset, k_prefix, device) -> None:
+        _check.tensor("bias.table", self.table, ndim=2)
+        if self.table.shape[0] % 2 == 0 or self.table.shape[1] != h:
+            raise ValueError(f"bias.table: expected shape (2L-1, {h}), got {tuple(self.table.shape)}")
+        far = farthest_distance(nq, nk, q_offset, k_prefix)
+        if far > self.max_distance:
+            raise ValueError(f"bias.table: covers distances up to {self.max_distance}, the call needs {far}")
+        self._check_device(device)
+
+    def for_heads(self, h, perm=None) -> "DistanceTable":
+        return dataclasses.replace(self, table=_take_heads(self.table, perm, 1))
+
+    def at_distance(self, dist, h, dtype) -> torch.Tensor:
+        """Distances beyond the table take its edge rows (callers zero or never read them: prefix
+        keys, the corners of a chunk's distance vector); ``materialize`` refuses them."""
         L = self.max_distance + 1
-        idx = (pi[:, None] - pj[None, :]) + (L - 1)
-        idx = idx.clamp(0, 2 * L - 2)  # prefix keys: any index, zeroed below
-        bias = self.table[idx].permute(2, 0, 1)
-        return _prefix_zero(bias, k_prefix)
+        return self.table.to(dtype)[(dist + (L - 1)).clamp(0, 2 * L - 2)].movedim(-1, 0)
+
+    def materialize(self, h, nq, nk, q_offset, k_prefix) -> torch.Tensor:
+        far = farthest_distance(nq, nk, q_offset, k_prefix)
+        if far > self.max_distance:
+            raise ValueError(f"bias.table: covers distances up to {self.max_distance}, the call needs {far}")
+        return super().materialize(h, nq, nk, q_offset, k_prefix)
+
+    def kernel_args(self, h, nq, nk, q_offset, k_prefix) -> KernelBias:
+        return KernelBias(kinds.BIAS_TABLE, table=self.table.float().contiguous())
 
 
 @dataclass(frozen=True, eq=False)
-class Dense:
+class Dense(Bias):
     """An additive float bias or boolean keep-mask (False = masked), broadcastable to (b, h, nq, nk)."""
 
     tensor: torch.Tensor
+    name: ClassVar[str] = "dense"
+    field: ClassVar[str] = "tensor"
+    dense: ClassVar[bool] = True
 
-    def materialize(self, h: int, nq: int, nk: int, q_offset: int, k_prefix: int) -> torch.Tensor:
+    @property
+    def kernel_kind(self) -> int:
+        return kinds.BIAS_DENSE_BOOL if self.tensor.dtype == torch.bool else kinds.BIAS_DENSE_FLOAT
+
+    def validate(self, b, h, nq, nk, q_offset, k_prefix, device) -> None:
+        _check.tensor("bias.tensor", self.tensor)
+        if not (self.tensor.dtype == torch.bool or self.tensor.is_floating_point()):
+            raise TypeError(f"bias.tensor: expected a bool or floating-point tensor, got dtype {self.tensor.dtype}")
+        _check.broadcastable("bias.tensor", self.tensor, (b, h, nq, nk))
+        self._check_device(device)
+
+    def for_heads(self, h, perm=None) -> "Dense":
+        """Permutes the head dim (-3) when the tensor has one of ``h`` entries."""
+        t = self.tensor
+        if perm is None or t.dim() < 3 or t.shape[-3] == 1:
+            return self
+        return dataclasses.replace(self, tensor=_take_heads(t, perm, t.dim() - 3))
+
+    def materialize(self, h, nq, nk, q_offset, k_prefix) -> torch.Tensor:
         return self.tensor
 
-
-BIAS_KINDS = (Alibi, T5, DistanceTable, Dense)
+    def kernel_args(self, h, nq, nk, q_offset, k_prefix) -> KernelBias:
+        return KernelBias(self.kernel_kind, dense=self.tensor)

@@ -11,14 +11,12 @@ data: bias tables, QK-norm scales, talking-heads weights) into xtk's order and t
 """
 from __future__ import annotations
 
-from dataclasses import replace
 from typing import Optional
 
 import torch
 import torch.nn.functional as F
 from torch import nn
 
-from .. import bias as xbias
 from ..ops.attention import attention as xattention
 from ..qk import QKNorm
 from ..reference.attention import ScoreHooks
@@ -66,18 +64,6 @@ def gqa_perm(heads: int, kv_heads: int) -> Optional[torch.Tensor]:
     return torch.tensor([(i % r) * kv_heads + i // r for i in range(heads)])
 
 
-def _permute_bias(b, perm, heads):
-    if perm is None or b is None:
-        return b
-    if isinstance(b, xbias.Alibi):
-        s = torch.zeros(heads, dtype=b.slopes.dtype, device=b.slopes.device)
-        s = torch.cat([b.slopes, s[b.slopes.shape[0]:]])
-        return xbias.Alibi(s[perm.to(s.device)])
-    if isinstance(b, (xbias.T5, xbias.DistanceTable)):
-        return replace(b, table=b.table[:, perm.to(b.table.device)])
-    return b
-
-
 class Attention(nn.Module):
     """Multi-head (self or cross) attention with x-transformers 2.31's kwargs and parameter names."""
 
@@ -88,23 +74,8 @@ class Attention(nn.Module):
                  pre_talking_heads=False, post_talking_heads=False, use_entmax15=False,
                  collab_heads=False, collab_compression=0.3, zero_init_output=False, flash=False):
         super().__init__()
-        if dim_head < 1:
-            raise ValueError(f"attn_dim_head: expected >= 1, got {dim_head}")
-        if heads < 1:
-            raise ValueError(f"heads: expected >= 1, got {heads}")
-        if kv_heads is not None and one_kv_head:
-            raise ValueError("attn_one_kv_head / attn_kv_heads: set one of them, not both")
-        kv_heads = 1 if one_kv_head else (heads if kv_heads is None else kv_heads)
-        if kv_heads < 1 or heads % kv_heads:
-            raise ValueError(f"attn_kv_heads: expected a divisor of heads ({heads}), got {kv_heads}")
-        if sparse_topk is not None and (not isinstance(sparse_topk, int) or sparse_topk < 1):
-            raise ValueError(f"attn_sparse_topk: expected an int >= 1, got {sparse_topk!r}")
-        if qk_norm and dim_head % qk_norm_groups:
-            raise ValueError(f"attn_qk_norm_groups: expected a divisor of dim_head ({dim_head}), got {qk_norm_groups}")
-        if not 0.0 <= dropout < 1.0:
-            raise ValueError(f"attn_dropout: expected a float in [0, 1), got {dropout}")
-        if collab_heads and (kv_heads != heads or qk_norm):
-            raise ValueError("attn_collab_heads: not combinable with attn_kv_heads/attn_one_kv_head or attn_qk_norm")
+        kv_heads = _checked_kv_heads(dim_head, heads, kv_heads, one_kv_head, sparse_topk, qk_norm, qk_norm_groups,
+                                     dropout, collab_heads)
         dim_kv = dim if dim_context is None else dim_context
         value_dim_head = dim_head if value_dim_head is None else value_dim_head
         dim_out = dim if dim_out is None else dim_out
@@ -115,9 +86,24 @@ class Attention(nn.Module):
         self.dropout = dropout
         self.sparse_topk = sparse_topk
         self.collab_heads = collab_heads
+        # parameters are created in a fixed order: seeded initialization and state_dict order depend on it
+        out_dim = self._init_projections(collab_compression, gate_values)
+        self._init_head_features(qk_norm, qk_norm_groups, qk_norm_scale, qk_norm_dim_scale, head_scale, num_mem_kv)
+        self._init_talking_heads(talking_heads, pre_talking_heads, post_talking_heads, use_entmax15)
+        self._init_output(out_dim, dim_out, on_attn, zero_init_output)
+        self.register_buffer("_perm", gqa_perm(heads, kv_heads), persistent=False)
+        # set by AttentionLayers: residual attention needs this layer's masked logits
+        self.record_pre_softmax = False
+        self.can_cache_kv = True
 
+    def _init_projections(self, collab_compression: float, gate_values: bool) -> int:
+        """``to_q`` (dim -> qk_dim), ``to_k`` (dim_kv -> qk_dim with collaborative heads, else
+        dim_head * kv_heads), ``to_v`` (dim_kv -> value_dim_head * kv_heads), ``collab_mixing``
+        ``(heads, qk_dim)`` with collaborative heads, ``to_v_gate`` (dim -> out_dim, zero-init) or
+        None. All linear maps without bias. -> out_dim = value_dim_head * heads."""
+        dim, dim_kv, heads, dim_head = self.dim, self.dim_kv, self.heads, self.dim_head
         qk_dim = dim_head * heads
-        if collab_heads:
+        if self.collab_heads:
             # collaborative heads (Cordonnier et al. 2020): one shared query/key projection of
             # `collab_compression * heads * dim_head` dims, each head re-weights its features
             qk_dim = max(1, int(collab_compression * qk_dim))
@@ -126,16 +112,22 @@ class Attention(nn.Module):
             self.to_k = nn.Linear(dim_kv, qk_dim, bias=False)
         else:
             self.to_q = nn.Linear(dim, qk_dim, bias=False)
-            self.to_k = nn.Linear(dim_kv, dim_head * kv_heads, bias=False)
+            self.to_k = nn.Linear(dim_kv, dim_head * self.kv_heads, bias=False)
         self.qk_dim = qk_dim
-        self.to_v = nn.Linear(dim_kv, value_dim_head * kv_heads, bias=False)
-        out_dim = value_dim_head * heads
-
+        self.to_v = nn.Linear(dim_kv, self.value_dim_head * self.kv_heads, bias=False)
+        out_dim = self.value_dim_head * heads
         self.to_v_gate = None
         if gate_values:
             self.to_v_gate = nn.Linear(dim, out_dim, bias=False)
             nn.init.zeros_(self.to_v_gate.weight)
+        return out_dim
 
+    def _init_head_features(self, qk_norm, qk_norm_groups, qk_norm_scale, qk_norm_dim_scale, head_scale, num_mem_kv):
+        """QK-norm settings (and its learned dim scales ``qk_norm_q_scale (heads, 1, dim_head)``,
+        ``qk_norm_k_scale (kv_heads, 1, dim_head)``, which make the logit scale ``dim_head ** -0.5``),
+        ``head_scale_params (1, heads, 1, 1)``, and the memory key/values ``mem_k
+        (kv_heads, num_mem_kv, dim_head)``, ``mem_v (kv_heads, num_mem_kv, value_dim_head)``."""
+        heads, kv_heads, dim_head = self.heads, self.kv_heads, self.dim_head
         self.qk_norm, self.qk_norm_groups, self.qk_norm_dim_scale = qk_norm, qk_norm_groups, qk_norm_dim_scale
         self.qk_norm_scale = qk_norm_scale
         if qk_norm and qk_norm_dim_scale:
@@ -151,10 +143,14 @@ class Attention(nn.Module):
         self.num_mem_kv = num_mem_kv
         if num_mem_kv > 0:
             self.mem_k = nn.Parameter(torch.randn(kv_heads, num_mem_kv, dim_head))
-            self.mem_v = nn.Parameter(torch.randn(kv_heads, num_mem_kv, value_dim_head))
+            self.mem_v = nn.Parameter(torch.randn(kv_heads, num_mem_kv, self.value_dim_head))
 
+    def _init_talking_heads(self, talking_heads, pre_talking_heads, post_talking_heads, use_entmax15):
+        """``attend.pre_softmax_talking_heads`` / ``attend.post_softmax_talking_heads``: 1x1 convs
+        ``heads -> heads`` without bias, identity-initialized (dirac), or None; and the entmax15 flag."""
         # talking heads: 2.31's pre (residual: s + W s) / post (p <- W p), and the original paper's
         # form (`attn_talking_heads`: s <- W s before softmax, p <- W p after), as 1x1 convs
+        heads = self.heads
         self.attend = nn.Module()
         self.talking_heads = talking_heads
         self.pre_talking_residual = pre_talking_heads and not talking_heads
@@ -165,8 +161,11 @@ class Attention(nn.Module):
                 nn.init.dirac_(m.weight)
         self.use_entmax15 = use_entmax15
 
+    def _init_output(self, out_dim: int, dim_out: int, on_attn: bool, zero_init_output: bool):
+        """``to_out``: ``out_dim -> dim_out`` linear without bias (``on_attn``: to ``2 dim_out`` then
+        GLU), or Identity for one head with matching dims; zero-initialized with ``zero_init_output``."""
         self.on_attn = on_attn
-        if heads > 1 or dim != dim_out or on_attn or out_dim != dim_out:   # (x-transformers crashes on the last case)
+        if self.heads > 1 or self.dim != dim_out or on_attn or out_dim != dim_out:   # (x-transformers crashes on the last case)
             self.to_out = nn.Sequential(nn.Linear(out_dim, dim_out * 2, bias=False), nn.GLU()) if on_attn \
                 else nn.Linear(out_dim, dim_out, bias=False)
         else:
@@ -175,11 +174,6 @@ class Attention(nn.Module):
             for m in self.to_out.modules():
                 if isinstance(m, nn.Linear):
                     nn.init.zeros_(m.weight)
-
-        self.register_buffer("_perm", gqa_perm(heads, kv_heads), persistent=False)
-        # set by AttentionLayers: residual attention needs this layer's masked logits
-        self.record_pre_softmax = False
-        self.can_cache_kv = True
 
     # -- introspection ------------------------------------------------------------------------
     @property
@@ -248,7 +242,43 @@ class Attention(nn.Module):
         ``Intermediates`` of the previous call; pia_pos_emb: ``FixedSinusoidalEmbedding``
         (position-infused attention, ``pos_offset`` = position of ``x[:, 0]``)."""
         b, n, _ = x.shape
-        h, hk, perm = self.heads, self.kv_heads, self._perm
+        h, perm = self.heads, self._perm
+        has_context = context is not None
+        q_input, k_input, v_input, mem_len = self._projection_inputs(x, context, mem, pia_pos_emb, pos_offset)
+        q, k, v, cached_kv = self._project_qkv(q_input, k_input, v_input, cache, has_context, mem_len)
+        nk_pos = k.shape[-2]   # keys that carry a position
+        key_mask = _key_padding_mask(mask, context_mask, mem_mask, has_context, b, nk_pos, mem_len, x.device)
+        k, v = self._prepend_mem_kv(k, v)
+        k_prefix = self.num_mem_kv
+        nk = k.shape[-2]
+        keep = self._keep_mask(key_mask, attn_mask, nk)
+
+        if perm is not None:
+            q = q[:, perm.to(q.device)]
+        bias = rel_pos.descriptor(nk - k_prefix).for_heads(h, perm) if rel_pos is not None else None
+        qk_norm, scale = self._qk_norm_and_scale(q.device)
+        if prev_attn is not None and perm is not None:
+            prev_attn = prev_attn[:, perm.to(prev_attn.device)]   # x-transformers' head order -> xtk's
+        hooks = self._hooks(prev_attn, self.record_pre_softmax, return_attn)
+        out = xattention(q, k, v, attn_mask=keep, dropout_p=self.dropout if self.training else 0.0,
+                         is_causal=self.causal and not has_context, scale=scale, enable_gqa=k.shape[1] != h, bias=bias,
+                         topk=self.sparse_topk, qk_norm=qk_norm, rotary=rotary if not has_context else None,
+                         q_offset=(nk - k_prefix) - n, k_prefix=k_prefix, hooks=hooks)
+        out, inv = self._merge_heads(out, x)
+        if mask is not None and cache is None and mask.shape[-1] == n:
+            out = out.masked_fill(~mask[..., None], 0.0)
+
+        if not return_intermediates:
+            return out
+        return out, self._intermediates(cached_kv, hooks, inv)
+
+    def _projection_inputs(self, x, context, mem, pia_pos_emb, pos_offset):
+        """The inputs of the q, k, v projections: x ``(b, n, dim)``, keys/values from ``context``
+        ``(b, m, dim_context)`` or x, after the memories ``mem (b, mem_len, dim)`` when given; with
+        position-infused attention (self attention only) the sinusoidal embedding, in x's dtype, is
+        added to q's input at ``pos_offset + i`` and to k's at ``pos_offset - mem_len + j``.
+        -> q_input, k_input, v_input, mem_len."""
+        n = x.shape[1]
         has_context = context is not None
         if has_context and context.shape[-1] != self.dim_kv:
             raise ValueError(f"context: expected last dim {self.dim_kv}, got shape {tuple(context.shape)}")
@@ -261,19 +291,26 @@ class Attention(nn.Module):
         if pia_pos_emb is not None and not has_context:
             q_input = q_input + pia_pos_emb(n, pos_offset, x.device).to(x.dtype)
             k_input = k_input + pia_pos_emb(k_input.shape[-2], pos_offset - mem_len, x.device).to(x.dtype)
+        return q_input, k_input, v_input, mem_len
 
-        cross_cached = has_context and cache is not None and cache.cached_kv is not None
+    def _project_qkv(self, q_input, k_input, v_input, cache: Optional[Intermediates], has_context: bool, mem_len: int):
+        """q ``(b, heads, n, dim_head)`` (collaborative heads: ``(b, heads, n, qk_dim)``, the shared
+        projection times each head's mixing), k ``(b, kv_heads, nk, dim_head)``, v ``(b, kv_heads,
+        nk, value_dim_head)``, and ``cached_kv``, this call's (k, v) without the memories.
+
+        Cache: cross attention reuses ``cache.cached_kv`` as k, v (the context is projected once);
+        self attention puts the cached keys/values between the memories and the new ones."""
         q = self.to_q(q_input)
         if self.collab_heads:
             q = q[:, None] * self.collab_mixing[None, :, None, :]   # (b, h, n, qk_dim)
         else:
-            q = self._split(q, h)
-        if cross_cached:
+            q = self._split(q, self.heads)
+        if has_context and cache is not None and cache.cached_kv is not None:
             k, v = cache.cached_kv
         else:
             k = self.to_k(k_input)
-            k = k[:, None] if self.collab_heads else self._split(k, hk)
-            v = self._split(self.to_v(v_input), hk)
+            k = k[:, None] if self.collab_heads else self._split(k, self.kv_heads)
+            v = self._split(self.to_v(v_input), self.kv_heads)
             if cache is not None and cache.cached_kv is not None:
                 ck, cv = cache.cached_kv
                 mk, k = k[..., :mem_len, :], k[..., mem_len:, :]
@@ -282,27 +319,26 @@ class Attention(nn.Module):
                 v = torch.cat((mv, cv, v), dim=-2)
         cached_kv = (k[..., mem_len:, :], v[..., mem_len:, :])
         if self.collab_heads:
-            k = k.expand(-1, h, -1, -1)
-        nk_pos = k.shape[-2]   # keys that carry a position
+            k = k.expand(-1, self.heads, -1, -1)
+        return q, k, v, cached_kv
 
-        # key padding mask (True = keep), memory key/values never masked
-        key_mask = context_mask if context_mask is not None else (None if has_context else mask)
-        if key_mask is not None:
-            key_mask = _check_mask("mask" if context_mask is None else "context_mask", key_mask, b, nk_pos - mem_len, nk_pos)
-            if key_mask.shape[-1] == nk_pos - mem_len and mem_len:
-                pre = mem_mask if mem_mask is not None else torch.ones(b, mem_len, dtype=torch.bool, device=x.device)
-                key_mask = torch.cat((pre, key_mask), dim=-1)
-        elif mem_mask is not None:
-            key_mask = torch.cat((mem_mask, torch.ones(b, nk_pos - mem_len, dtype=torch.bool, device=x.device)), dim=-1)
-
-        k_prefix = self.num_mem_kv
-        if k_prefix:
+    def _prepend_mem_kv(self, k, v):
+        """k ``(b, hk, nk, d)``, v ``(b, hk, nk, dv)`` with the learned memory key/values (``mem_k``,
+        ``mem_v`` in k's and v's dtypes) before them: the ``num_mem_kv`` position-less keys."""
+        if self.num_mem_kv:
+            b = k.shape[0]
             mk = self.mem_k[None].expand(b, -1, -1, -1).to(k.dtype)
             mv = self.mem_v[None].expand(b, -1, -1, -1).to(v.dtype)
             k = torch.cat((mk, k), dim=-2)
             v = torch.cat((mv, v), dim=-2)
-        nk = k.shape[-2]
+        return k, v
 
+    def _keep_mask(self, key_mask, attn_mask, nk: int):
+        """The bool keep-mask (True = attend) for ``xtk.attention``, broadcastable to
+        ``(b, heads, n, nk)`` in xtk's head order, or None: the key padding mask ``(b, nk -
+        num_mem_kv)`` and ``attn_mask`` (2-, 3- or 4-D, x-transformers' head order), both padded
+        with True over the memory key/values."""
+        k_prefix, perm = self.num_mem_kv, self._perm
         keep = None
         if key_mask is not None:
             keep = key_mask[:, None, None, :]
@@ -318,59 +354,93 @@ class Attention(nn.Module):
                 am = am[None]
             if am.shape[-1] == nk - k_prefix and k_prefix:
                 am = F.pad(am, (k_prefix, 0), value=True)
-            if perm is not None and am.shape[1] == h:
+            if perm is not None and am.shape[1] == self.heads:
                 am = am[:, perm.to(am.device)]
             keep = am if keep is None else keep & am
+        return keep
 
-        if perm is not None:
-            q = q[:, perm.to(q.device)]
-        bias = _permute_bias(rel_pos.descriptor(nk - k_prefix), perm, h) if rel_pos is not None else None
+    def _qk_norm_and_scale(self, device):
+        """-> (``xtk.QKNorm`` with the dim scales, q's in xtk's head order, and logit scale None)
+        under QK-norm, else (None, ``dim_head ** -0.5``)."""
+        if not self.qk_norm:
+            return None, self.scale
+        perm = self._perm
+        qs = ks = None
+        if self.qk_norm_dim_scale:
+            qs = self.qk_norm_q_scale if perm is None else self.qk_norm_q_scale[perm.to(device)]
+            ks = self.qk_norm_k_scale
+        return QKNorm(self.qk_norm_groups, self.qk_norm_scale, qs, ks), None
 
-        qk_norm = None
-        scale = self.scale
-        if self.qk_norm:
-            qs = ks = None
-            if self.qk_norm_dim_scale:
-                qs = self.qk_norm_q_scale if perm is None else self.qk_norm_q_scale[perm.to(q.device)]
-                ks = self.qk_norm_k_scale
-            qk_norm = QKNorm(self.qk_norm_groups, self.qk_norm_scale, qs, ks)
-            scale = None
-
-        record = self.record_pre_softmax
-        if prev_attn is not None and perm is not None:
-            prev_attn = prev_attn[:, perm.to(prev_attn.device)]   # x-transformers' head order -> xtk's
-        hooks = self._hooks(prev_attn, record, return_attn)
-        causal = self.causal and not has_context
-        out = xattention(q, k, v, attn_mask=keep, dropout_p=self.dropout if self.training else 0.0, is_causal=causal,
-                         scale=scale, enable_gqa=k.shape[1] != h, bias=bias, topk=self.sparse_topk, qk_norm=qk_norm,
-                         rotary=rotary if not has_context else None, q_offset=(nk - k_prefix) - n, k_prefix=k_prefix,
-                         hooks=hooks)
+    def _merge_heads(self, out, x):
+        """``xtk.attention``'s out ``(b, heads, n, value_dim_head)`` (xtk's head order) -> the layer's
+        output ``(b, n, dim_out)``: heads back in x-transformers' order, times ``head_scale_params``,
+        merged, gated by ``sigmoid(to_v_gate(x))``, through ``to_out``. -> (output, the inverse head
+        permutation or None)."""
+        b, n, _ = x.shape
         inv = None
         out = out.transpose(1, 2)   # (b, n, h, dv)
-        if perm is not None:        # back to x-transformers' head order, folded into the heads merge copy
-            inv = torch.argsort(perm).to(out.device)
+        if self._perm is not None:  # back to x-transformers' head order, folded into the heads merge copy
+            inv = torch.argsort(self._perm).to(out.device)
             out = out[:, :, inv]
         if self.head_scale:
             out = out * self.head_scale_params.transpose(1, 2)
-        out = out.reshape(b, n, h * self.value_dim_head)
+        out = out.reshape(b, n, self.heads * self.value_dim_head)
         if self.to_v_gate is not None:
             out = out * torch.sigmoid(self.to_v_gate(x))
-        out = self.to_out(out)
-        if mask is not None and cache is None and mask.shape[-1] == n:
-            out = out.masked_fill(~mask[..., None], 0.0)
+        return self.to_out(out), inv
 
-        if not return_intermediates:
-            return out
+    @staticmethod
+    def _intermediates(cached_kv, hooks: Optional[ScoreHooks], inv) -> Intermediates:
+        """This call's ``Intermediates``: ``cached_kv`` and the attention maps the hooks recorded
+        (``(b, heads, n, nk)``), in x-transformers' head order (``inv``: xtk's -> theirs, or None)."""
         inter = Intermediates(cached_kv=cached_kv)
         if hooks is not None:
-            # attention maps in x-transformers' head order
             s_pre = hooks.record.get("pre_softmax") if hooks.record is not None else None
             if s_pre is not None:
                 inter.pre_softmax_attn = s_pre[:, inv] if inv is not None else s_pre
             p = hooks._post_store.get("p")
             if p is not None:
                 inter.post_softmax_attn = p[:, inv] if inv is not None else p
-        return out, inter
+        return inter
+
+
+def _checked_kv_heads(dim_head, heads, kv_heads, one_kv_head, sparse_topk, qk_norm, qk_norm_groups, dropout,
+                      collab_heads) -> int:
+    """Checks ``Attention``'s settings (ValueError naming the x-transformers kwarg); -> the number
+    of key/value heads (1 with ``one_kv_head``, ``heads`` when ``kv_heads`` is None)."""
+    if dim_head < 1:
+        raise ValueError(f"attn_dim_head: expected >= 1, got {dim_head}")
+    if heads < 1:
+        raise ValueError(f"heads: expected >= 1, got {heads}")
+    if kv_heads is not None and one_kv_head:
+        raise ValueError("attn_one_kv_head / attn_kv_heads: set one of them, not both")
+    kv_heads = 1 if one_kv_head else (heads if kv_heads is None else kv_heads)
+    if kv_heads < 1 or heads % kv_heads:
+        raise ValueError(f"attn_kv_heads: expected a divisor of heads ({heads}), got {kv_heads}")
+    if sparse_topk is not None and (not isinstance(sparse_topk, int) or sparse_topk < 1):
+        raise ValueError(f"attn_sparse_topk: expected an int >= 1, got {sparse_topk!r}")
+    if qk_norm and dim_head % qk_norm_groups:
+        raise ValueError(f"attn_qk_norm_groups: expected a divisor of dim_head ({dim_head}), got {qk_norm_groups}")
+    if not 0.0 <= dropout < 1.0:
+        raise ValueError(f"attn_dropout: expected a float in [0, 1), got {dropout}")
+    if collab_heads and (kv_heads != heads or qk_norm):
+        raise ValueError("attn_collab_heads: not combinable with attn_kv_heads/attn_one_kv_head or attn_qk_norm")
+    return kv_heads
+
+
+def _key_padding_mask(mask, context_mask, mem_mask, has_context: bool, b: int, nk_pos: int, mem_len: int, device):
+    """The key padding mask (True = keep) ``(b, nk_pos)`` over the memories and the keys, or None:
+    ``context_mask`` (cross attention) or ``mask`` (self attention), ``(b, nk_pos - mem_len)`` or
+    already ``(b, nk_pos)``; the memories take ``mem_mask`` ``(b, mem_len)``, else are never masked."""
+    key_mask = context_mask if context_mask is not None else (None if has_context else mask)
+    if key_mask is not None:
+        key_mask = _check_mask("mask" if context_mask is None else "context_mask", key_mask, b, nk_pos - mem_len, nk_pos)
+        if key_mask.shape[-1] == nk_pos - mem_len and mem_len:
+            pre = mem_mask if mem_mask is not None else torch.ones(b, mem_len, dtype=torch.bool, device=device)
+            key_mask = torch.cat((pre, key_mask), dim=-1)
+    elif mem_mask is not None:
+        key_mask = torch.cat((mem_mask, torch.ones(b, nk_pos - mem_len, dtype=torch.bool, device=device)), dim=-1)
+    return key_mask
 
 
 def _check_mask(name, m, b, n_new, n_all):

@@ -11,7 +11,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from ..ops.norm import rms_norm
+from ..ops.rms_norm import rms_norm
 
 
 class RMSNorm(nn.Module):

@@ -6,13 +6,13 @@ bias descriptors, top-k, QK-norm, rotary/xpos and a query offset (SPEC §1, §2)
 """
 from __future__ import annotations
 
-from dataclasses import dataclass, replace
+from dataclasses import dataclass
 from typing import Any, Optional
 
 import torch
 
 from .. import backends
-from ..bias import Alibi, Dense, DistanceTable, T5
+from ..bias import Bias
 from ..qk import QKNorm, Rotary
 from ..reference import attention as reference
 from ..reference.attention import ScoreHooks
@@ -47,6 +47,8 @@ class AttentionInputs:
 
 def _validate(q, k, v, attn_mask, dropout_p, is_causal, scale, enable_gqa, bias, topk, qk_norm,
               rotary, q_offset, k_prefix, hooks) -> AttentionInputs:
+    """The arguments of ``attention`` checked (types, shapes, devices, ranges), as ``AttentionInputs``;
+    q ``(b, h, nq, d)``, k ``(b, hk, nk, d)``, v ``(b, hk, nk, dv)``."""
     for name, x in (("q", q), ("k", k), ("v", v)):
         _check.tensor(name, x, ndim=4)
         _check.floating(name, x)
@@ -82,28 +84,8 @@ def _validate(q, k, v, attn_mask, dropout_p, is_causal, scale, enable_gqa, bias,
     if topk is not None:
         topk = _check.integer("topk", topk, minimum=1)
     _validate_bias(bias, q, b, h, nq, nk, q_offset, k_prefix)
-    if qk_norm is not None:
-        if not isinstance(qk_norm, QKNorm):
-            raise TypeError(f"qk_norm: expected xtk.QKNorm or None, got {type(qk_norm).__name__}")
-        if scale is not None:
-            raise ValueError("scale: with qk_norm the logit scale is qk_norm.scale; pass scale=None")
-        g = _check.integer("qk_norm.groups", qk_norm.groups, minimum=1)
-        if d % g != 0:
-            raise ValueError(f"qk_norm.groups: expected a divisor of the head dim {d}, got {g}")
-        for name, t, heads in (("qk_norm.q_dim_scale", qk_norm.q_dim_scale, h), ("qk_norm.k_dim_scale", qk_norm.k_dim_scale, hk)):
-            if t is not None:
-                _check.tensor(name, t)
-                _check.broadcastable(name, t, (heads, 1, d))
-    if rotary is not None:
-        if not isinstance(rotary, Rotary):
-            raise TypeError(f"rotary: expected xtk.Rotary or None, got {type(rotary).__name__}")
-        rd = _check.integer("rotary.dim", rotary.dim, minimum=2)
-        if rd % 2 or rd > d:
-            raise ValueError(f"rotary.dim: expected an even number <= head dim {d}, got {rd}")
-        if tuple(rotary.inv_freq.shape) != (rd // 2,):
-            raise ValueError(f"rotary.inv_freq: expected shape {(rd // 2,)}, got {tuple(rotary.inv_freq.shape)}")
-        if rotary.xpos_scale is not None and tuple(rotary.xpos_scale.shape) != (rd // 2,):
-            raise ValueError(f"rotary.xpos_scale: expected shape {(rd // 2,)}, got {tuple(rotary.xpos_scale.shape)}")
+    _validate_qk_norm(qk_norm, scale, h, hk, d)
+    _validate_rotary(rotary, d)
     if hooks is not None and not isinstance(hooks, ScoreHooks):
         raise TypeError(f"hooks: expected xtk.reference.attention.ScoreHooks or None, got {type(hooks).__name__}")
     return AttentionInputs(q, k, v, attn_mask, float(dropout_p), bool(is_causal), scale, bias, topk,
@@ -111,39 +93,48 @@ def _validate(q, k, v, attn_mask, dropout_p, is_causal, scale, enable_gqa, bias,
 
 
 def _validate_bias(bias, q, b, h, nq, nk, q_offset, k_prefix) -> None:
+    """The descriptor checks itself (``xtk.bias.Bias.validate``); anything else is refused here."""
     if bias is None:
         return
-    if isinstance(bias, Alibi):
-        _check.tensor("bias.slopes", bias.slopes, ndim=1)
-        if bias.slopes.shape[0] > h:
-            raise ValueError(f"bias.slopes: expected at most {h} slopes (one per head), got {bias.slopes.shape[0]}")
-        tables = [("bias.slopes", bias.slopes)]
-    elif isinstance(bias, T5):
-        _check.tensor("bias.table", bias.table, ndim=2)
-        if tuple(bias.table.shape) != (bias.num_buckets, h):
-            raise ValueError(f"bias.table: expected shape (num_buckets, heads) = {(bias.num_buckets, h)}, got {tuple(bias.table.shape)}")
-        tables = [("bias.table", bias.table)]
-    elif isinstance(bias, DistanceTable):
-        _check.tensor("bias.table", bias.table, ndim=2)
-        rows = bias.table.shape[0]
-        if rows % 2 == 0 or bias.table.shape[1] != h:
-            raise ValueError(f"bias.table: expected shape (2L-1, {h}), got {tuple(bias.table.shape)}")
-        # the largest |p_i - p_j| the call forms (none without queries or positional keys)
-        far = max(abs(q_offset + nq - 1), abs(q_offset - (nk - k_prefix - 1))) if nk > k_prefix and nq > 0 else 0
-        if far > bias.max_distance:
-            raise ValueError(f"bias.table: covers distances up to {bias.max_distance}, the call needs {far}")
-        tables = [("bias.table", bias.table)]
-    elif isinstance(bias, Dense):
-        _check.tensor("bias.tensor", bias.tensor)
-        if not (bias.tensor.dtype == torch.bool or bias.tensor.is_floating_point()):
-            raise TypeError(f"bias.tensor: expected a bool or floating-point tensor, got dtype {bias.tensor.dtype}")
-        _check.broadcastable("bias.tensor", bias.tensor, (b, h, nq, nk))
-        tables = [("bias.tensor", bias.tensor)]
-    else:
-        raise TypeError(f"bias: expected xtk.bias.Alibi, T5, DistanceTable, Dense or None, got {type(bias).__name__}")
-    for name, t in tables:
-        if t.device != q.device:
-            raise ValueError(f"{name}: expected device {q.device} (q's), got {t.device}")
+    if not isinstance(bias, Bias):
+        raise TypeError(f"bias: expected xtk.bias.Alibi, T5, DistanceTable, Dense (or another xtk.bias.Bias) or None, "
+                        f"got {type(bias).__name__}")
+    bias.validate(b, h, nq, nk, q_offset, k_prefix, q.device)
+
+
+def _validate_qk_norm(qk_norm, scale, h: int, hk: int, d: int) -> None:
+    """``qk_norm``: None or an ``xtk.QKNorm`` whose groups divide the head dim ``d`` and whose dim
+    scales (tensors or None) broadcast to ``(h, 1, d)`` for q and ``(hk, 1, d)`` for k; with it
+    the logit scale is ``qk_norm.scale``, so ``scale`` must be None."""
+    if qk_norm is None:
+        return
+    if not isinstance(qk_norm, QKNorm):
+        raise TypeError(f"qk_norm: expected xtk.QKNorm or None, got {type(qk_norm).__name__}")
+    if scale is not None:
+        raise ValueError("scale: with qk_norm the logit scale is qk_norm.scale; pass scale=None")
+    g = _check.integer("qk_norm.groups", qk_norm.groups, minimum=1)
+    if d % g != 0:
+        raise ValueError(f"qk_norm.groups: expected a divisor of the head dim {d}, got {g}")
+    for name, t, heads in (("qk_norm.q_dim_scale", qk_norm.q_dim_scale, h), ("qk_norm.k_dim_scale", qk_norm.k_dim_scale, hk)):
+        if t is not None:
+            _check.tensor(name, t)
+            _check.broadcastable(name, t, (heads, 1, d))
+
+
+def _validate_rotary(rotary, d: int) -> None:
+    """``rotary``: None or an ``xtk.Rotary`` rotating an even ``rotary.dim <= d`` features, with
+    ``inv_freq`` and ``xpos_scale`` (when set) of shape ``(rotary.dim // 2,)``."""
+    if rotary is None:
+        return
+    if not isinstance(rotary, Rotary):
+        raise TypeError(f"rotary: expected xtk.Rotary or None, got {type(rotary).__name__}")
+    rd = _check.integer("rotary.dim", rotary.dim, minimum=2)
+    if rd % 2 or rd > d:
+        raise ValueError(f"rotary.dim: expected an even number <= head dim {d}, got {rd}")
+    if tuple(rotary.inv_freq.shape) != (rd // 2,):
+        raise ValueError(f"rotary.inv_freq: expected shape {(rd // 2,)}, got {tuple(rotary.inv_freq.shape)}")
+    if rotary.xpos_scale is not None and tuple(rotary.xpos_scale.shape) != (rd // 2,):
+        raise ValueError(f"rotary.xpos_scale: expected shape {(rd // 2,)}, got {tuple(rotary.xpos_scale.shape)}")
 
 
 def _eager_reasons(inputs, forced):
@@ -182,7 +173,8 @@ def attention(q=None, k=None, v=None, attn_mask=None, dropout_p=0.0, is_causal=F
     ``j - k_prefix``. ``attn_mask``: bool keep-mask or additive float, broadcastable to
     ``(b, h, nq, nk)``. ``bias``: ``xtk.bias.Alibi | T5 | DistanceTable | Dense``. ``topk``:
     keep per row the logits >= the k-th largest (ties kept). Rows with no key give zeros.
-    ``hooks`` (``ScoreHooks``): features that need the whole score matrix; always eager.
+    ``hooks`` (``ScoreHooks``): features that need the whole score matrix; only the eager backend
+    runs them (``auto`` picks it; a forced backend that cannot raises with its reasons).
     ``backend``: auto|eager|sdpa|triton|ext (``XTK_BACKEND`` applies when 'auto')."""
     q, k, v = _qkv_arguments(q, k, v, query, key, value)
     if all(isinstance(t, torch.Tensor) and t.dim() == 3 for t in (q, k, v)):
@@ -195,8 +187,8 @@ def attention(q=None, k=None, v=None, attn_mask=None, dropout_p=0.0, is_causal=F
         return out.squeeze(1)
     inputs = _validate(q, k, v, attn_mask, dropout_p, is_causal, scale, enable_gqa, bias, topk,
                        qk_norm, rotary, q_offset, k_prefix, hooks)
-    if hooks is not None:
+    chosen = backends.pick("attention", inputs, backend)
+    if hooks is not None and chosen is EAGER and backends.requested(backend) == "auto":
         backends.warn_once("hooks:" + hooks.reason,
                            f"xtk.attention: {hooks.reason} needs the whole attention matrix; these layers run the eager path")
-        return EAGER.run(inputs)
-    return backends.pick("attention", inputs, backend).run(inputs)
+    return chosen.run(inputs)

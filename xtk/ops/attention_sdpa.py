@@ -56,7 +56,7 @@ from typing import Optional
 import torch
 
 from .. import backends
-from ..bias import Alibi, Dense, DistanceTable, T5, t5_bucket
+from ..bias import Bias
 from ..reference import attention as reference
 from ..reference.attention import _rotate_qk, qk_norm_apply, split_scale
 
@@ -86,11 +86,10 @@ class _Plan:
     q_offset: int
     k_prefix: int
     topk: Optional[int]
-    bias_kind: Optional[str]       # "alibi" | "t5" | "dt" | "dense" | None
+    pos_bias: Optional[Bias]       # a positional bias descriptor: its at_distance fills the distance vector
+    dense_bias: bool               # the bias is a dense tensor (added like attn_mask)
     toeplitz: bool                 # a distance-vector piece (position bias and/or causal)
-    t5_buckets: Optional[torch.Tensor]
     dvals: Optional[torch.Tensor]  # the signed distances p_i - p_j covered, (nq + nk - 1,)
-    t5: Optional[T5]
     flash: bool
     gqa_native: bool
     chunk: int
@@ -106,6 +105,10 @@ def reasons(inputs, forced: bool) -> list:
         why.append(f"dropout_p={inputs.dropout_p}: attention dropout is not implemented here (the eager path draws it)")
     if inputs.q.dtype not in _DTYPES:
         why.append(f"dtype {inputs.q.dtype} not supported (have {', '.join(str(d) for d in _DTYPES)})")
+    bias = inputs.bias
+    if bias is not None and not (bias.positional or bias.dense):
+        why.append(f"bias {type(bias).__name__}: this backend expands positional (distance) and dense biases, "
+                   "and this kind is neither")
     if torch.compiler.is_compiling():
         why.append("inside torch.compile: the strided-view position masks and the custom autograd are not "
                    "traceable; the eager reference compiles")
@@ -133,16 +136,7 @@ def _flash_gqa_native() -> bool:
 # ----------------------------------------------------------------------------- plan and masks
 def _learned(inputs) -> list:
     """The tensors of attn_mask and bias a gradient may flow to (None where absent or boolean)."""
-    am = inputs.attn_mask
-    bias = inputs.bias
-    bt = None
-    if isinstance(bias, Alibi):
-        bt = bias.slopes
-    elif isinstance(bias, (T5, DistanceTable)):
-        bt = bias.table
-    elif isinstance(bias, Dense):
-        bt = bias.tensor
-    return [am, bt]
+    return [inputs.attn_mask, None if inputs.bias is None else inputs.bias.learned]
 
 
 def _make_plan(inputs, q, scale) -> _Plan:
@@ -150,22 +144,20 @@ def _make_plan(inputs, q, scale) -> _Plan:
     hk, nk, dv = inputs.k.shape[1], inputs.k.shape[2], inputs.v.shape[3]
     work = torch.promote_types(q.dtype, torch.float32)
     bias = inputs.bias
-    kind = {Alibi: "alibi", T5: "t5", DistanceTable: "dt", Dense: "dense"}.get(type(bias))
+    positional, dense_bias = bias is not None and bias.positional, bias is not None and bias.dense
     flash = (_FLASH is not None and not FORCE_MATH and q.device.type == "cpu" and q.dtype in _FLASH_DTYPES
              and dv == q.shape[3])
     # causal with top-left alignment and no bias: the kernel's own causal flag, one call. (Causal
     # ALiBi as a (1, h, 1, nk) mask s p_j, dropping the row constant -s p_i, would be as fast but
     # loses fp32 precision with the position: |s p_j| grows where the kept logits are.)
     native = (flash and inputs.is_causal and inputs.q_offset == 0 and inputs.k_prefix == 0 and inputs.topk is None
-              and inputs.attn_mask is None and kind is None)
-    toeplitz = (kind in ("alibi", "t5", "dt") or inputs.is_causal) and not native
-    dvals = t5b = None
+              and inputs.attn_mask is None and bias is None)
+    toeplitz = (positional or inputs.is_causal) and not native
+    dvals = None
     if toeplitz:
         dmin = inputs.q_offset - (nk - 1 - inputs.k_prefix)
         dvals = torch.arange(dmin, dmin + nq + nk - 1, device=q.device)
-        if kind == "t5":  # buckets of rel = p_j - p_i = -d, by the reference's own function
-            t5b = t5_bucket(-dvals, bias.num_buckets, bias.max_distance, bias.causal)
-    materialized = (inputs.topk is not None or inputs.attn_mask is not None or kind == "dense"
+    materialized = (inputs.topk is not None or inputs.attn_mask is not None or dense_bias
                     or (toeplitz and inputs.k_prefix > 0) or not flash)
     if materialized:
         chunk = max(16, MATERIALIZED_ELEMS // max(1, b * h * nk))
@@ -174,7 +166,7 @@ def _make_plan(inputs, q, scale) -> _Plan:
     else:
         chunk = nq
     return _Plan(b, h, hk, nq, nk, dv, scale, work, inputs.is_causal, inputs.q_offset, inputs.k_prefix,
-                 inputs.topk, kind, toeplitz, t5b, dvals, bias if kind == "t5" else None, flash,
+                 inputs.topk, bias if positional else None, dense_bias, toeplitz, dvals, flash,
                  flash and hk != h and _flash_gqa_native(), min(chunk, max(nq, 1)), native)
 
 
@@ -182,16 +174,8 @@ def _distance_vector(plan: _Plan, bt) -> torch.Tensor:
     """``(h|1, nq + nk - 1)``: the position bias (and causal -inf) per head at each distance ``d = p_i - p_j``."""
     d = plan.dvals
     w = plan.work
-    if plan.bias_kind == "alibi":
-        slopes = bt.to(w)
-        if slopes.shape[0] < plan.h:
-            slopes = torch.cat([slopes, slopes.new_zeros(plan.h - slopes.shape[0])])
-        vec = -slopes[:, None] * d.abs().to(w)[None, :]
-    elif plan.bias_kind == "t5":
-        vec = bt.to(w)[plan.t5_buckets].t() * plan.t5.scale
-    elif plan.bias_kind == "dt":
-        L = (bt.shape[0] + 1) // 2
-        vec = bt.to(w)[(d + (L - 1)).clamp(0, 2 * L - 2)].t()
+    if plan.pos_bias is not None:  # the descriptor's own values, with ``bt`` as its tensor
+        vec = plan.pos_bias.with_learned(bt).at_distance(d, plan.h, w)
     else:
         vec = torch.zeros(1, d.shape[0], dtype=w, device=d.device)
     if plan.causal:
@@ -242,11 +226,11 @@ def _chunk_mask(plan: _Plan, ts, rvec, i0: int, i1: int, nkc: int, scores=None, 
         if plan.k_prefix > 0:  # prefix keys: no position bias, never causally masked
             m = m.clone()
             m[..., : min(plan.k_prefix, nkc)] = 0.0
-    for t in (am, bt if plan.bias_kind == "dense" else None):  # the reference adds attn_mask, then bias
+    for t in (am, bt if plan.dense_bias else None):  # the reference adds attn_mask, then bias
         if t is not None:
             piece = _dense_piece(t, plan, i0, i1, nkc, rev)
             m = piece if m is None else m + piece
-    is_view = m is not None and plan.toeplitz and plan.k_prefix == 0 and am is None and plan.bias_kind != "dense"
+    is_view = m is not None and plan.toeplitz and plan.k_prefix == 0 and am is None and not plan.dense_bias
     if plan.topk is not None and plan.topk < nkc:
         s = scores()  # backward rebuilds the same s and reuses the forward's kth: same kept set
         if m is not None:
@@ -464,6 +448,59 @@ def _add_diagonal_sums(g: torch.Tensor, ds: torch.Tensor, off: int, scratch: Opt
         g[:, off + r0: off + r0 + width] += part
 
 
+def _backward_plan(plan: _Plan, need) -> _Plan:
+    """The plan of the backward: with a learned mask input (``need``) and the flash core, dS is
+    formed by the math core, whose ``(b, h, c, nkc)`` temporaries get their own budget of rows
+    per chunk (the rows of a chunk need not match the forward's: everything is per row); causal
+    chunks cut keys, so smaller ones skip more of the masked half. Else the plan unchanged."""
+    if any(need) and plan.flash:
+        rows = max(16, min(MATERIALIZED_ELEMS, LEARNED_BWD_ELEMS) // max(1, plan.b * plan.h * plan.nk))
+        plan = replace(plan, chunk=min(plan.chunk, rows, LEARNED_CAUSAL_CHUNK if plan.causal else rows))
+    return plan
+
+
+def _dense_accumulators(plan: _Plan, ts, need) -> list:
+    """``[(index in ts, 4-D view, float64 accumulator)]`` for the dense learned inputs whose
+    gradient ``need`` asks for: ``attn_mask`` (index 0) and a dense bias tensor (index 1). The
+    view is the tensor with leading 1s up to 4-D (its broadcast shape against ``(b, h, nq, nk)``);
+    the accumulator, float64 zeros of that shape."""
+    am, bt = ts
+    dense = []
+    for idx, t in ((0, am), (1, bt if plan.dense_bias else None)):
+        if need[idx] and t is not None:
+            t4 = t.reshape((1,) * (4 - t.dim()) + tuple(t.shape))
+            dense.append((idx, t4, torch.zeros(t4.shape, dtype=torch.float64, device=t.device)))
+    return dense
+
+
+def _accumulate_dense(dense: list, ds: torch.Tensor, rev: bool, i0: int, i1: int, nkc: int) -> None:
+    """Adds one chunk's ``dS`` (b, h, c = i1 - i0, nkc), in the loop's row order (reversed when
+    ``rev``), converted once to float64, into each accumulator of ``dense``
+    (``_dense_accumulators``): summed to the input's broadcast shape, at query rows i0:i1 and
+    keys 0:nkc (all of a broadcast dim of size 1)."""
+    if not dense:
+        return
+    c = i1 - i0
+    ds64 = ds.to(torch.float64)
+    for _, t4, acc in dense:
+        g = ds64.flip(2) if rev else ds64
+        rows = slice(i0, i1) if t4.shape[-2] != 1 else slice(None)
+        cols = slice(0, nkc) if t4.shape[-1] != 1 else slice(None)
+        size = (t4.shape[0], t4.shape[1], c if t4.shape[-2] != 1 else 1, nkc if t4.shape[-1] != 1 else 1)
+        acc[..., rows, cols] += g.sum_to_size(size)
+
+
+def _distance_vector_grad(plan: _Plan, bt: torch.Tensor, g_rvec: torch.Tensor) -> torch.Tensor:
+    """The gradient of the position bias's learned tensor ``bt`` (table or slopes), in ``bt``'s
+    dtype, from ``g_rvec`` (float64, ``(h|1, nq + nk - 1)``), the gradient of the reversed
+    distance vector: one small float64 autograd graph through ``_rvec``; distances whose entry is
+    infinite (causal -inf) pass no gradient."""
+    with torch.enable_grad():
+        leaf = bt.to(torch.float64).requires_grad_()
+        vec = _rvec(replace(plan, work=torch.float64), [None, leaf])
+        return torch.autograd.grad(vec, leaf, g_rvec.masked_fill(torch.isinf(vec), 0.0))[0].to(bt.dtype)
+
+
 def _backward(plan: _Plan, go, q, k, v, out, lseL, kthL, ts, need):
     """Gradients of q, k, v and of the learned mask inputs ``ts`` where ``need`` says so.
 
@@ -471,12 +508,7 @@ def _backward(plan: _Plan, go, q, k, v, out, lseL, kthL, ts, need):
     logits): summed along diagonals into the distance vector (Toeplitz pieces), or summed to a
     dense piece's broadcast shape; the distance vector's gradient then flows to the table or
     slopes through one small autograd graph."""
-    if any(need) and plan.flash:
-        # dS is formed by the math core: its (b, h, c, nkc) temporaries get their own budget
-        # (the rows of a chunk need not match the forward's: everything is per row)
-        # causal chunks cut keys, so smaller ones skip more of the masked half
-        rows = max(16, min(MATERIALIZED_ELEMS, LEARNED_BWD_ELEMS) // max(1, plan.b * plan.h * plan.nk))
-        plan = replace(plan, chunk=min(plan.chunk, rows, LEARNED_CAUSAL_CHUNK if plan.causal else rows))
+    plan = _backward_plan(plan, need)
     rev = plan.toeplitz
     w = plan.work
     qL, outL, goL = _flip(q, rev), _flip(out, rev), _flip(go, rev)
@@ -484,17 +516,12 @@ def _backward(plan: _Plan, go, q, k, v, out, lseL, kthL, ts, need):
     dk = torch.zeros(k.shape, dtype=w, device=k.device)
     dv = torch.zeros(v.shape, dtype=w, device=v.device)
     ts = [None if t is None else t.detach() for t in ts]
-    am, bt = ts
     rvec = _rvec(plan, ts)
     scratch, scratch64 = _Scratch(w, q.device), _Scratch(torch.float64, q.device)
     g_rvec = None
-    if need[1] and plan.toeplitz and plan.bias_kind in ("alibi", "t5", "dt"):
+    if need[1] and plan.pos_bias is not None:
         g_rvec = torch.zeros(rvec.shape, dtype=torch.float64, device=q.device)
-    dense = []  # (index in ts, 4-D view, float64 accumulator)
-    for idx, t in ((0, am), (1, bt if plan.bias_kind == "dense" else None)):
-        if need[idx] and t is not None:
-            t4 = t.reshape((1,) * (4 - t.dim()) + tuple(t.shape))
-            dense.append((idx, t4, torch.zeros(t4.shape, dtype=torch.float64, device=t.device)))
+    dense = _dense_accumulators(plan, ts, need)
     for i0, i1, nkc in _chunks(plan):
         c = i1 - i0
         qc, kc, vc = _rows(plan, qL, i0, i1, rev), k[:, :, :nkc], v[:, :, :nkc]
@@ -507,13 +534,7 @@ def _backward(plan: _Plan, go, q, k, v, out, lseL, kthL, ts, need):
         if g_rvec is not None or dense:
             pad = min(c, DIAG_ROWS) - 1 if g_rvec is not None else 0
             dqc, dkc, dvc, ds = _math_bwd(plan, gc, qc, kc, vc, oc, lc, m, pad, scratch)
-            ds64 = ds.to(torch.float64) if dense else None
-            for _, t4, acc in dense:
-                g = ds64.flip(2) if rev else ds64
-                rows = slice(i0, i1) if t4.shape[-2] != 1 else slice(None)
-                cols = slice(0, nkc) if t4.shape[-1] != 1 else slice(None)
-                size = (t4.shape[0], t4.shape[1], c if t4.shape[-2] != 1 else 1, nkc if t4.shape[-1] != 1 else 1)
-                acc[..., rows, cols] += g.sum_to_size(size)
+            _accumulate_dense(dense, ds, rev, i0, i1, nkc)
             if g_rvec is not None:
                 if plan.k_prefix > 0:  # prefix keys carry no position bias (dS is not needed after this)
                     ds[..., : plan.k_prefix] = 0.0
@@ -525,16 +546,10 @@ def _backward(plan: _Plan, go, q, k, v, out, lseL, kthL, ts, need):
         dv[:, :, :nkc] += dvc
     dts = [None, None]
     if g_rvec is not None:
-        with torch.enable_grad():
-            leaf = bt.to(torch.float64).requires_grad_()
-            vec = _rvec(replace(plan, work=torch.float64), [None, leaf])
-            dts[1] = torch.autograd.grad(vec, leaf, g_rvec.masked_fill(torch.isinf(vec), 0.0))[0].to(bt.dtype)
+        dts[1] = _distance_vector_grad(plan, ts[1], g_rvec)
     for idx, t4, acc in dense:
         dts[idx] = acc.reshape(ts[idx].shape).to(ts[idx].dtype)
     return _flip(dqL, rev).to(q.dtype), dk.to(k.dtype), dv.to(v.dtype), dts
-
-
-_BIAS_FIELD = {"alibi": "slopes", "t5": "table", "dt": "table", "dense": "tensor"}
 
 
 def _graph_backward(ctx, go, q, k, v, am, bt, create_graph=True):
@@ -549,7 +564,7 @@ def _graph_backward(ctx, go, q, k, v, am, bt, create_graph=True):
         # one view per input: the same tensor may come as q, k and v (self-attention on one x)
         # and must get each role's gradient, not the sum of all of them three times
         q, k, v, am, bt = (None if t is None else t.view_as(t) for t in (q, k, v, am, bt))
-        bias = ctx.bias if bt is None else replace(ctx.bias, **{_BIAS_FIELD[plan.bias_kind]: bt})
+        bias = ctx.bias if bt is None else ctx.bias.with_learned(bt)
         out = reference.attention(q, k, v, am, is_causal=plan.causal, scale=plan.scale, bias=bias,
                                   topk=plan.topk, q_offset=plan.q_offset, k_prefix=plan.k_prefix)
     tensors = (q, k, v, am, bt)
@@ -596,7 +611,7 @@ def _reference_rows(inputs, q, k, scale):
     bias, outs = inputs.bias, []
     for i0 in range(0, nq, c):
         i1 = min(nq, i0 + c)
-        rows_bias = replace(bias, tensor=_rows_of(bias.tensor, i0, i1)) if isinstance(bias, Dense) else bias
+        rows_bias = bias.with_learned(_rows_of(bias.learned, i0, i1)) if bias is not None and bias.dense else bias
         outs.append(reference.attention(q[:, :, i0:i1], k, inputs.v, _rows_of(inputs.attn_mask, i0, i1),
                                         is_causal=inputs.is_causal, scale=scale, bias=rows_bias, topk=inputs.topk,
                                         q_offset=inputs.q_offset + i0, k_prefix=inputs.k_prefix))

@@ -1,9 +1,18 @@
 """Eager reference attention (SPEC §2), step by step, materializing the (b, h, nq, nk) scores.
 
 Every step is differentiable, so the gradients of q, k, v and of every learned input
-(bias tables, ALiBi slopes, QK-norm scales, dense bias) come from autograd. Computes the
-logits, bias and softmax in ``promote(dtype, float32)``; run it on float64 inputs for the
-tolerance oracle of SPEC §4.
+(bias tables, ALiBi slopes, QK-norm scales, dense bias) come from autograd. Run it on float64
+inputs for the tolerance oracle of SPEC §4. Precision of each step, for inputs of dtype ``t``
+and ``work = promote(t, float32)``:
+
+- QK-norm: ``F.normalize`` and the dim scales in ``t``;
+- rotary/xpos: angles and xpos scales in fp64, rotation in ``work``, rounded once to ``t``
+  (``rotary_apply``);
+- logits: ``(q * two) @ k^T`` in ``t`` (torch's matmul: the products accumulate in at least fp32
+  and round to ``t``; ``two`` is the power-of-two part of the scale, exact), then converted to
+  ``work`` and times the rest of the scale (``split_scale``);
+- bias and masks added, top-k and softmax in ``work``;
+- the probabilities rounded to v's dtype, ``p @ v`` in it, the output in q's dtype.
 """
 from __future__ import annotations
 
@@ -59,18 +68,22 @@ def qk_norm_apply(x: torch.Tensor, groups: int, dim_scale: Optional[torch.Tensor
 def rotary_apply(x: torch.Tensor, pos: torch.Tensor, rot: Rotary, power: Optional[torch.Tensor]) -> torch.Tensor:
     """Rotate interleaved pairs of the first ``rot.dim`` features of ``x (..., n, d)`` at positions ``pos (n,)``.
 
-    ``power (n,)`` is the xpos exponent (already signed for q or k), or None."""
+    ``power (n,)`` is the xpos exponent (already signed for q or k), or None. Precision: the
+    angles and the xpos scales in fp64, rounded once to ``work = promote(x.dtype, fp32)``; the
+    rotation and scaling in ``work`` (as x-transformers, whose cos/sin stay fp32 at every input
+    dtype); the result rounded once to ``x.dtype``."""
     r = rot.dim
-    xr, rest = x[..., :r], x[..., r:]
+    work = torch.promote_types(x.dtype, torch.float32)
+    xr, rest = x[..., :r].to(work), x[..., r:]
     theta = pos.to(torch.float64)[:, None] * rot.inv_freq.to(torch.float64)[None, :] / rot.interpolation_factor
-    cos, sin = theta.cos().to(x.dtype), theta.sin().to(x.dtype)  # (n, r/2)
+    cos, sin = theta.cos().to(work), theta.sin().to(work)  # (n, r/2)
     x0, x1 = xr[..., 0::2], xr[..., 1::2]
     y0, y1 = x0 * cos - x1 * sin, x1 * cos + x0 * sin
     if power is not None:
         s = rot.xpos_scale.to(torch.float64)[None, :] ** power.to(torch.float64)[:, None]
-        s = s.to(x.dtype)
+        s = s.to(work)
         y0, y1 = y0 * s, y1 * s
-    y = torch.stack([y0, y1], dim=-1).flatten(-2)
+    y = torch.stack([y0, y1], dim=-1).flatten(-2).to(x.dtype)
     return torch.cat([y, rest], dim=-1)
 
 
@@ -114,32 +127,31 @@ def _logits(q, k, keep, two, rest, work):
     return s.index_put(live, product(*live))
 
 
-def attention(q, k, v, attn_mask=None, dropout_p=0.0, is_causal=False, scale=None, *,
-              bias=None, topk=None, qk_norm: Optional[QKNorm] = None, rotary: Optional[Rotary] = None,
-              q_offset=0, k_prefix=0, hooks: Optional[ScoreHooks] = None, dropout_mask=None):
-    """q ``(b, h, nq, d)``, k ``(b, hk, nk, d)``, v ``(b, hk, nk, dv)`` -> ``(b, h, nq, dv)``.
+def _qk_features(q, k, scale, qk_norm: Optional[QKNorm], rotary: Optional[Rotary], q_offset: int, k_prefix: int):
+    """Steps 2-3 on the kv heads, before GQA expansion: QK-norm, then rotary/xpos.
 
-    Inputs are assumed validated (``xtk.ops.attention`` does that). ``dropout_mask``, when
-    given, is the boolean keep-mask ``(b, h, nq, nk)`` to use instead of drawing one."""
-    b, h, nq, d = q.shape
-    hk, nk = k.shape[1], k.shape[2]
-    work = torch.promote_types(q.dtype, torch.float32)
-
-    # 2. QK-norm, 3. rotary (on the kv heads, before GQA expansion)
+    q ``(b, h, nq, d)``, k ``(b, hk, nk, d)`` -> q, k (same shapes and dtype ``t``) and the logit
+    scale (``qk_norm.scale`` under QK-norm, else ``scale`` unchanged, maybe None). Precision: the
+    normalization and dim scales in ``t``; rotary as ``rotary_apply`` (rounded once to ``t``)."""
     if qk_norm is not None:
         q = qk_norm_apply(q, qk_norm.groups, qk_norm.q_dim_scale)
         k = qk_norm_apply(k, qk_norm.groups, qk_norm.k_dim_scale)
         scale = qk_norm.scale
     if rotary is not None:
         q, k = _rotate_qk(q, k, rotary, q_offset, k_prefix)
+    return q, k, scale
 
-    # 1. GQA: query head i reads kv head i // (h // hk)
-    k = k.repeat_interleave(h // hk, dim=1)
-    v = v.repeat_interleave(h // hk, dim=1)
 
-    # 6. masks first (5. bias pieces: bool ones mask, float ones are added to the logits below;
-    # a -inf entry masks its pair, whatever the logit under it holds)
-    keep = torch.ones(1, 1, nq, nk, dtype=torch.bool, device=q.device)
+def _mask_pieces(attn_mask, bias, is_causal: bool, h: int, nq: int, nk: int, q_offset: int, k_prefix: int,
+                 device: torch.device):
+    """Steps 5-6: the masks and the bias pieces, before any logit exists.
+
+    -> ``keep``, bool broadcastable to ``(b, h, nq, nk)`` (True = the pair may attend), and
+    ``added``, the float pieces (``attn_mask`` and the bias, each materialized in its own dtype,
+    broadcastable to ``(b, h, nq, nk)``) to add to the logits. A bool piece only masks; a float
+    piece is added, and its -inf entries also mask their pair, whatever the logit under it holds.
+    ``is_causal`` masks key ``j`` (past the ``k_prefix`` memory keys) after query ``i``'s position."""
+    keep = torch.ones(1, 1, nq, nk, dtype=torch.bool, device=device)
     added = []
     for extra in (Dense(attn_mask) if attn_mask is not None else None, bias):
         if extra is None:
@@ -151,29 +163,48 @@ def attention(q, k, v, attn_mask=None, dropout_p=0.0, is_causal=False, scale=Non
             keep = keep & ~torch.isneginf(t)
             added.append(t)
     if is_causal:
-        pi, pj = positions(nq, nk, q_offset, k_prefix, q.device)
-        causal_masked = (pj[None, :] > pi[:, None]) & (torch.arange(nk, device=q.device) >= k_prefix)
+        pi, pj = positions(nq, nk, q_offset, k_prefix, device)
+        causal_masked = (pj[None, :] > pi[:, None]) & (torch.arange(nk, device=device) >= k_prefix)
         keep = keep & ~causal_masked
+    return keep, added
 
-    # 4. logits: q takes the power-of-two part of the scale before the product (q @ k^T alone
-    # overflows fp16's 65504 long before scale * q @ k^T does), the rest comes after
+
+def _biased_logits(q, k, keep, added: list, scale, hooks: Optional[ScoreHooks], work: torch.dtype):
+    """Step 4 and the bias: the scaled logits plus the float pieces, ``(b, h, nq, nk)`` in ``work``.
+
+    q ``(b, h, nq, d)`` and k ``(b, h, nk, d)`` (GQA already expanded), in ``t``. q takes the
+    power-of-two part of the scale before the product (``q @ k^T`` alone overflows fp16's 65504
+    long before ``scale * q @ k^T`` does), the rest comes after, in ``work`` (``split_scale``,
+    ``_logits``); ``scale`` None means ``d ** -0.5``. Then ``hooks.pre_bias``, then each piece of
+    ``added`` converted to ``work`` and added in order. -> the logits and ``keep`` narrowed by
+    the -inf logits (a -inf logit is masked; a NaN one is kept: it propagates)."""
     if scale is None:
-        scale = d ** -0.5
+        scale = q.shape[-1] ** -0.5
     two, rest = split_scale(scale)
     s = _logits(q, k, keep, two, rest, work)
     if hooks is not None and hooks.pre_bias is not None:
         s = hooks.pre_bias(s)
     for t in added:
         s = s + t.to(work)
-    keep = keep & ~torch.isneginf(s)  # a -inf logit is masked; a NaN one is kept: it propagates
+    return s, keep & ~torch.isneginf(s)
 
-    # 7. top-k: keep logits >= the k-th largest unmasked one (ties kept; a NaN one is never dropped)
-    if topk is not None and topk < nk:
-        kth = s.masked_fill(~keep, float("-inf")).topk(topk, dim=-1).values[..., -1:]
-        keep = keep & ~(s < kth)
 
-    # 8. softmax (rows with no key give zeros), dropout, weighted sum
-    keep = keep.expand(b, h, nq, nk)
+def _topk_keep(s: torch.Tensor, keep: torch.Tensor, topk: int) -> torch.Tensor:
+    """Step 7: ``keep`` narrowed to the logits ``s (b, h, nq, nk)`` >= each row's ``topk``-th
+    largest unmasked one (ties kept; a NaN logit is never dropped). Comparisons only, in ``s``'s dtype."""
+    kth = s.masked_fill(~keep, float("-inf")).topk(topk, dim=-1).values[..., -1:]
+    return keep & ~(s < kth)
+
+
+def _softmax_weighted_sum(s, keep, v, work: torch.dtype, out_dtype: torch.dtype, dropout_p: float, dropout_mask,
+                          hooks: Optional[ScoreHooks]) -> torch.Tensor:
+    """Step 8: softmax over the keys, dropout, then the weighted sum of v.
+
+    s ``(b, h, nq, nk)`` logits in ``work``, keep bool ``(b, h, nq, nk)``, v ``(b, h, nk, dv)``
+    (GQA expanded) -> ``(b, h, nq, dv)`` in ``out_dtype``. Softmax (or ``hooks.softmax``) and
+    dropout in ``work``; the probabilities rounded to v's dtype, ``p @ v`` in it. Rows with no
+    key give zeros. ``dropout_mask``: a bool keep-mask ``(b, h, nq, nk)`` to use instead of
+    drawing one."""
     row_empty = ~keep.any(dim=-1, keepdim=True)
     if hooks is not None and hooks.record is not None:
         hooks.record["pre_softmax"] = s.masked_fill(~keep, -torch.finfo(work).max)
@@ -191,4 +222,27 @@ def attention(q, k, v, attn_mask=None, dropout_p=0.0, is_causal=False, scale=Non
         p = hooks.post_softmax(p)
     # v is not masked: NaN/inf in a masked key's v still gives 0 x NaN = NaN (as SDPA), except in
     # rows with no key, which are 0
-    return (p.to(v.dtype) @ v).masked_fill(row_empty, 0.0).to(q.dtype)
+    return (p.to(v.dtype) @ v).masked_fill(row_empty, 0.0).to(out_dtype)
+
+
+def attention(q, k, v, attn_mask=None, dropout_p=0.0, is_causal=False, scale=None, *,
+              bias=None, topk=None, qk_norm: Optional[QKNorm] = None, rotary: Optional[Rotary] = None,
+              q_offset=0, k_prefix=0, hooks: Optional[ScoreHooks] = None, dropout_mask=None):
+    """q ``(b, h, nq, d)``, k ``(b, hk, nk, d)``, v ``(b, hk, nk, dv)`` -> ``(b, h, nq, dv)``.
+
+    Inputs are assumed validated (``xtk.ops.attention`` does that). ``dropout_mask``, when
+    given, is the boolean keep-mask ``(b, h, nq, nk)`` to use instead of drawing one. The steps
+    (and their precision) are listed in the module docstring."""
+    b, h, nq, _ = q.shape
+    hk, nk = k.shape[1], k.shape[2]
+    work = torch.promote_types(q.dtype, torch.float32)
+    q, k, scale = _qk_features(q, k, scale, qk_norm, rotary, q_offset, k_prefix)
+    # 1. GQA: query head i reads kv head i // (h // hk)
+    k = k.repeat_interleave(h // hk, dim=1)
+    v = v.repeat_interleave(h // hk, dim=1)
+    keep, added = _mask_pieces(attn_mask, bias, is_causal, h, nq, nk, q_offset, k_prefix, q.device)
+    s, keep = _biased_logits(q, k, keep, added, scale, hooks, work)
+    if topk is not None and topk < nk:
+        keep = _topk_keep(s, keep, topk)
+    keep = keep.expand(b, h, nq, nk)
+    return _softmax_weighted_sum(s, keep, v, work, q.dtype, dropout_p, dropout_mask, hooks)

@@ -7,7 +7,7 @@ from typing import Optional
 import torch
 
 from .. import backends
-from ..reference import norm as reference
+from ..reference import rms_norm as reference
 from . import _check
 
 

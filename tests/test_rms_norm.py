@@ -6,7 +6,7 @@ import pytest
 import torch
 
 import xtk
-from xtk.reference.norm import rms_norm as ref_rms_norm
+from xtk.reference.rms_norm import rms_norm as ref_rms_norm
 from tolerance import check_against_oracle
 
 from xtk import _ext
@@ -149,7 +149,7 @@ def test_torch_compile_fullgraph():
 @needs_ext
 def test_dispatch_and_errors():
     from xtk import backends
-    from xtk.ops import norm
+    from xtk.ops import rms_norm as norm
     x = torch.randn(2, 8)
     assert backends.pick("rms_norm", norm._validate(x, None, 1e-12, None)).name == "ext"
     xd = x.double()
