@@ -409,6 +409,38 @@ def attention_sweep():
     return out
 
 
+@case
+def attention_grads():
+    """Gradients of q, k, v, the bias descriptor's tensor and a float attn_mask, eager and sdpa: every
+    bias kind (ALiBi with fewer slopes than heads included) x no / bool / float mask x causal x GQA."""
+    import xtk
+    from xtk.bias import Alibi, Dense, DistanceTable, T5
+    out = {}
+    b, h, n, d = 2, 4, 9, 8
+    kinds = {"alibi": (Alibi, lambda: torch.tensor([0.5, 0.25, 0.125, 0.0625])),
+             "alibi3": (Alibi, lambda: torch.tensor([0.5, 0.25, 0.125])),
+             "t5": (T5, lambda: torch.randn(32, h)), "t5c": (lambda t: T5(t, 16, 20, True), lambda: torch.randn(16, h)),
+             "table": (DistanceTable, lambda: torch.randn(31, h)), "dense": (Dense, lambda: torch.randn(1, h, n, 12))}
+    for hk in (4, 2):
+        for bname, (make, init) in kinds.items():
+            for causal in (False, True):
+                for mname in ("nomask", "mask", "fmask"):
+                    for backend in ("eager", "sdpa"):
+                        torch.manual_seed(16)
+                        q, k, v = (torch.randn(b, heads, m, d, requires_grad=True)
+                                   for heads, m in ((h, n), (hk, 12), (hk, 12)))
+                        masks = {"nomask": None, "mask": torch.rand(b, 1, n, 12) > 0.25,
+                                 "fmask": torch.randn(b, 1, n, 12, requires_grad=True)}
+                        t = init().requires_grad_()
+                        mask = masks[mname]
+                        o = xtk.attention(q, k, v, attn_mask=mask, is_causal=causal, bias=make(t),
+                                          enable_gqa=hk != h, backend=backend, q_offset=3 if causal else 0)
+                        wrt = [q, k, v, t] + ([mask] if mname == "fmask" else [])
+                        grads = torch.autograd.grad((o * torch.linspace(-1, 1, o.numel()).view_as(o)).sum(), wrt)
+                        out[f"hk{hk}.{bname}.c{int(causal)}.{mname}.{backend}"] = [o.detach(), *grads]
+    return out
+
+
 # ------------------------------------------------------------------------------------ driver
 
 def run_all() -> dict:
