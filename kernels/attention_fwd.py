@@ -5,8 +5,8 @@ the backward as two numbers per row, the row max ``m`` and the row sum ``l`` (ST
 (b*h, 2, nq)): the backward's ``exp(s - m) / l`` is then as accurate as an eager softmax (a
 folded ``exp(s - (m + log l))`` loses ``|s - m| * eps`` more, which the ALiBi slope gradient
 amplifies). A row with no unmasked key stores output 0 (NaN when a masked key's v it skipped is
-NaN: 0 x NaN; a select on the output row spilled a posbias tile, 12 B) and ``m = +inf`` (so the recomputed P is 0 everywhere). GQA: query head ``h`` reads kv head
-``h // (H // HK)``.
+NaN: 0 x NaN; a select on the output row spilled a posbias tile, 12 B) and ``m = +inf`` (so the
+recomputed P is 0 everywhere). GQA: query head ``h`` reads kv head ``h // (H // HK)``.
 
 Top-k (HAS_TOPK): ``_attn_topk_threshold`` streams the key blocks, keeps the K2 (a power of two
 >= topk) largest logits of each row in a (BLOCK_M, K2) buffer merged tile by tile with

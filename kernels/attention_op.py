@@ -313,8 +313,8 @@ def attention_fwd(q: Tensor, k: Tensor, v: Tensor, slopes: Optional[Tensor], tab
     q_scale ... logit_scale: the QK features (``QKArgs``), applied in-kernel to the q/k tiles."""
     seed_t = _seed(seed if dropout_p > 0.0 else 0, q.device)
     out, stats, thr = _forward(q, k, v, slopes, table, mask, dense, scale, is_causal, q_offset, k_prefix, topk,
-                             dropout_p, seed_t, QKArgs(q_scale, k_scale, inv_freq, xpos, groups, rot_dim, max_half,
-                                                       xpos_base, interp, logit_scale))
+                               dropout_p, seed_t, QKArgs(q_scale, k_scale, inv_freq, xpos, groups, rot_dim, max_half,
+                                                         xpos_base, interp, logit_scale))
     return out, stats, thr, seed_t
 
 

@@ -59,8 +59,6 @@ def test_subclass_of_a_kind_runs_as_that_kind(kind, backend):
 class Hump(Bias):
     """A user's new kind with only what the eager path needs: +1 on the diagonal p_i = p_j."""
 
-    name = "hump"
-
     def validate(self, b, h, nq, nk, q_offset, k_prefix, device):
         pass
 

@@ -115,13 +115,13 @@ def t5_bucket(rel: torch.Tensor, num_buckets: int, max_distance: int, causal: bo
 
 
 class KernelBias(NamedTuple):
-    """A bias as the attention kernels take it: its ``kinds.BIAS_*`` and the one tensor they read.
+    """A bias as the attention kernels take it: the one tensor they read (its slot gives the kernel's
+    ``kinds.BIAS_*``, as ``Bias.kernel_kind`` says).
 
     slopes: ``(h,)`` fp32 (ALiBi, 0 for heads without a slope); table: ``(2L - 1, h)`` fp32, row
     ``(p_i - p_j) + L - 1`` (T5 and DistanceTable); dense: the user's tensor, broadcastable to
     ``(b, h, nq, nk)`` (float or bool). Gradients flow from these back to the descriptor's tensor."""
 
-    kind: int
     slopes: Optional[torch.Tensor] = None
     table: Optional[torch.Tensor] = None
     dense: Optional[torch.Tensor] = None
@@ -144,7 +144,6 @@ class Bias:
     at least ``validate`` and ``materialize``: the eager backend runs it, and the other backends
     say why they cannot (no kernel kind, neither positional nor dense) -- never a silent drop."""
 
-    name: ClassVar[str] = "custom"
     field: ClassVar[str] = ""
     positional: ClassVar[bool] = False
     dense: ClassVar[bool] = False
@@ -201,7 +200,6 @@ class Alibi(Bias):
     slopes: ``(h_alibi,)`` float tensor (may require grad)."""
 
     slopes: torch.Tensor
-    name: ClassVar[str] = "alibi"
     field: ClassVar[str] = "slopes"
     positional: ClassVar[bool] = True
 
@@ -227,7 +225,7 @@ class Alibi(Bias):
         return -slopes.reshape(h, *(1,) * dist.dim()) * dist.abs().to(dtype)
 
     def kernel_args(self, h, nq, nk, q_offset, k_prefix) -> KernelBias:
-        return KernelBias(kinds.BIAS_ALIBI, slopes=self.for_heads(h).slopes.float())
+        return KernelBias(slopes=self.for_heads(h).slopes.float())
 
 
 @dataclass(frozen=True, eq=False)
@@ -242,7 +240,6 @@ class T5(Bias):
     max_distance: int = 128
     causal: bool = False
     scale: float = 1.0
-    name: ClassVar[str] = "t5"
     field: ClassVar[str] = "table"
     positional: ClassVar[bool] = True
 
@@ -272,7 +269,7 @@ class T5(Bias):
         with the reference bucket function (the table's gradient flows through the gather)."""
         far = farthest_distance(nq, nk, q_offset, k_prefix)
         dist = torch.arange(-far, far + 1, device=self.table.device)
-        return KernelBias(kinds.BIAS_TABLE, table=self.at_distance(dist, h, self.table.dtype).t().float().contiguous())
+        return KernelBias(table=self.at_distance(dist, h, self.table.dtype).t().float().contiguous())
 
 
 @dataclass(frozen=True, eq=False)
@@ -282,7 +279,6 @@ class DistanceTable(Bias):
     table: ``(2L - 1, h)``; every distance in the call must satisfy ``|p_i - p_j| <= L - 1``."""
 
     table: torch.Tensor
-    name: ClassVar[str] = "dt"
     field: ClassVar[str] = "table"
     positional: ClassVar[bool] = True
 
@@ -298,10 +294,14 @@ class DistanceTable(Bias):
         _check.tensor("bias.table", self.table, ndim=2)
         if self.table.shape[0] % 2 == 0 or self.table.shape[1] != h:
             raise ValueError(f"bias.table: expected shape (2L-1, {h}), got {tuple(self.table.shape)}")
+        self._check_covers(nq, nk, q_offset, k_prefix)
+        self._check_device(device)
+
+    def _check_covers(self, nq, nk, q_offset, k_prefix) -> None:
+        """Raise unless the table holds every distance the call forms."""
         far = farthest_distance(nq, nk, q_offset, k_prefix)
         if far > self.max_distance:
             raise ValueError(f"bias.table: covers distances up to {self.max_distance}, the call needs {far}")
-        self._check_device(device)
 
     def for_heads(self, h, perm=None) -> "DistanceTable":
         return dataclasses.replace(self, table=_take_heads(self.table, perm, 1))
@@ -313,13 +313,11 @@ class DistanceTable(Bias):
         return self.table.to(dtype)[(dist + (L - 1)).clamp(0, 2 * L - 2)].movedim(-1, 0)
 
     def materialize(self, h, nq, nk, q_offset, k_prefix) -> torch.Tensor:
-        far = farthest_distance(nq, nk, q_offset, k_prefix)
-        if far > self.max_distance:
-            raise ValueError(f"bias.table: covers distances up to {self.max_distance}, the call needs {far}")
+        self._check_covers(nq, nk, q_offset, k_prefix)
         return super().materialize(h, nq, nk, q_offset, k_prefix)
 
     def kernel_args(self, h, nq, nk, q_offset, k_prefix) -> KernelBias:
-        return KernelBias(kinds.BIAS_TABLE, table=self.table.float().contiguous())
+        return KernelBias(table=self.table.float().contiguous())
 
 
 @dataclass(frozen=True, eq=False)
@@ -327,7 +325,6 @@ class Dense(Bias):
     """An additive float bias or boolean keep-mask (False = masked), broadcastable to (b, h, nq, nk)."""
 
     tensor: torch.Tensor
-    name: ClassVar[str] = "dense"
     field: ClassVar[str] = "tensor"
     dense: ClassVar[bool] = True
 
@@ -353,4 +350,4 @@ class Dense(Bias):
         return self.tensor
 
     def kernel_args(self, h, nq, nk, q_offset, k_prefix) -> KernelBias:
-        return KernelBias(self.kernel_kind, dense=self.tensor)
+        return KernelBias(dense=self.tensor)

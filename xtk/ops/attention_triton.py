@@ -67,7 +67,7 @@ def run(inputs) -> Tensor:
     nk = k.shape[2]
     slopes = table = dense = None
     if inputs.bias is not None:
-        _, slopes, table, dense = inputs.bias.kernel_args(h, nq, nk, inputs.q_offset, inputs.k_prefix)
+        slopes, table, dense = inputs.bias.kernel_args(h, nq, nk, inputs.q_offset, inputs.k_prefix)
     out = torch.ops.xtk.attention_fwd(q, k, inputs.v, slopes, table, inputs.attn_mask, dense, scale,
                                       inputs.is_causal, inputs.q_offset, inputs.k_prefix, _effective_topk(inputs, nk),
                                       inputs.dropout_p, -1, *qk)[0]
