@@ -40,6 +40,8 @@ def parse(argv):
     p.add_argument("--budget-s", type=float, default=None,
                    help="stop timing/tuning past this many seconds from start (default 330, quick 200)")
     p.add_argument("--no-tune", action="store_true", help="skip the tile tuning phase")
+    p.add_argument("--tune", default=None, metavar="CLASSES[@DIMS]",
+                   help="tune these classes (optionally class:feature) at these head dims, e.g. 'posbias:t5,qk@128'")
     p.add_argument("--warm-shard", default=None, help=argparse.SUPPRESS)  # internal: compile shard I/N
     return p.parse_args(argv)
 
@@ -54,7 +56,7 @@ class Plan:
         self.arch = 90 if self.dry else _arch()
         self.cases = gc_cases.cases(args.quick, self.dry)
         self.cells = speed.cells(args.quick, self.dry)
-        self.tune = [] if args.no_tune else speed.tune_cells(args.quick, self.dry, self.arch)
+        self.tune = [] if args.no_tune else speed.tune_cells(args.quick, self.dry, self.arch, args.tune)
 
     def warm_jobs(self):
         """(what, item) of every compile: kernel cases, xtk/flex speed cells, tuning candidates."""

@@ -27,7 +27,7 @@ XTK_FEATURES = ["none", "alibi", "t5", "dtable", "topk8", "qknorm_rotary"]
 SDPA_BACKENDS = {"sdpa-flash": "FLASH_ATTENTION", "sdpa-efficient": "EFFICIENT_ATTENTION", "sdpa-cudnn": "CUDNN_ATTENTION"}
 FLEX_FEATURES = ["none", "alibi", "t5", "dtable"]
 # the specialization class each tuning feature stands for
-TUNE_FEATURES = {"plain": "none", "posbias": "alibi", "qk": "qknorm_rotary", "heavy": "topk8"}
+TUNE_FEATURES = {"plain": "none", "posbias": "alibi", "qk": "qknorm_rotary", "heavy": "topk8"}  # cls -> feature
 
 
 def shapes(quick: bool, dry: bool):
@@ -142,23 +142,47 @@ CANDIDATES = {
 }
 
 
-def tune_cells(quick: bool, dry: bool, arch: int) -> list[tuple]:
-    """(cls, kind, d, tile) for every candidate; quick: the first 6 of plain and posbias at d128."""
-    classes = ["plain", "posbias"] if quick or dry else list(TUNE_FEATURES)
+def tune_cells(quick: bool, dry: bool, arch: int, spec: Optional[str] = None) -> list[tuple]:
+    """(cls, kind, d, tile, feature) for every candidate tile, the shipped one included.
+
+    Default: quick, the first 6 of plain and posbias at d128; otherwise every class of
+    ``TUNE_FEATURES`` at d64 and d128. ``spec`` ("posbias:t5,qk@128"): the classes to tune, each
+    optionally with the feature that stands for it, then ``@`` and the head dims."""
+    classes = {c: TUNE_FEATURES[c] for c in (["plain", "posbias"] if quick or dry else TUNE_FEATURES)}
+    dims = (32,) if dry else (128,) if quick else (64, 128)
+    if spec:
+        names, _, dim_text = spec.partition("@")
+        classes = dict((c.split(":") + [TUNE_FEATURES.get(c)])[:2] for c in names.split(","))
+        unknown = [c for c, f in classes.items() if c not in TUNE_FEATURES or f not in ba.FEATURES]
+        if unknown:
+            raise ValueError(f"--tune {spec!r}: expected classes from {sorted(TUNE_FEATURES)}, each optionally "
+                             f"':<feature>' from {ba.FEATURES}; got {unknown}")
+        dims = tuple(int(x) for x in dim_text.split(",")) if dim_text else dims
     out = []
-    for d in ((32,) if dry else (128,) if quick else (64, 128)):
-        for cls in classes:
+    for d in dims:
+        for cls, feature in classes.items():
             for kind in ("fwd", "dkdv", "dq"):
-                cands = CANDIDATES[kind]
-                out += [(cls, kind, d, t) for t in (cands[:1] if dry else cands[:6] if quick else cands)]
+                cands = CANDIDATES[kind][:1] if dry else CANDIDATES[kind][:6] if quick and not spec else CANDIDATES[kind]
+                shipped = _shipped_tile(arch, kind, cls, d)
+                cands = cands + ([shipped] if shipped and shipped not in cands and not dry else [])
+                out += [(cls, kind, d, t, feature) for t in cands]
     return out
 
 
+def _shipped_tile(arch: int, kind: str, cls: str, d: int) -> Optional[tuple]:
+    """The tile the launcher ships for one 16-bit key (None where the table has none)."""
+    from xtk.kernels import tiles
+    try:
+        return tuple(tiles.lookup(kind, arch, d, "16bit", cls)[1])
+    except Exception:
+        return None
+
+
 def tune_call(cell, dtype, device, dry: bool):
-    cls, kind, d, tile = cell
+    cls, kind, d, tile, feature = cell
     shape = (1, 2, 32, d) if dry else (4, 16, 4096, d)
     mode = "fwd" if kind == "fwd" else "fwd+bwd"
-    call, _ = ba.make_call("xtk", TUNE_FEATURES[cls], shape, False, mode, dtype, device)
+    call, _ = ba.make_call("xtk", feature, shape, False, mode, dtype, device)
 
     def run():
         with override_tile(kind, tile):
@@ -167,10 +191,10 @@ def tune_call(cell, dtype, device, dry: bool):
 
 
 def time_tune(cell, dtype, device, dry: bool) -> dict:
-    cls, kind, d, tile = cell
-    r = Result("tune", cls, "xtk", kind, dict(d=d, tile=list(tile)))
+    cls, kind, d, tile, feature = cell
+    r = Result("tune", cls, "xtk", kind, dict(d=d, tile=list(tile), feature=feature))
     measure(r, lambda: tune_call(cell, dtype, device, dry), device)
-    return dict(cls=cls, kind=kind, d=d, tile=list(tile), ms=r.ms, status=r.status)
+    return dict(cls=cls, kind=kind, d=d, tile=list(tile), feature=feature, ms=r.ms, status=r.status)
 
 
 def winners(rows: list[dict], arch: int, source: str) -> dict:

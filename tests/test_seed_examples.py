@@ -711,7 +711,12 @@ def test_s004_01_xtransformer_oldest_signature():
 # outputs and input gradients must match (fp32).
 
 import pytest  # noqa: E402
-import x_transformers as xt  # noqa: E402
+
+try:  # the oracle: CI installs it (.ci/run); the GPU image has none, and the examples above still run there
+    import x_transformers as xt  # noqa: E402
+except ImportError:
+    xt = None
+requires_xt = pytest.mark.skipif(xt is None, reason="x_transformers is not installed (the oracle of this test)")
 
 import xtk  # noqa: E402
 
@@ -721,6 +726,7 @@ def _load(ours, ref):
     return ours.eval(), ref.eval()
 
 
+@requires_xt
 @pytest.mark.parametrize("kw", [
     dict(num_classes=10),
     dict(),                                                      # pooled embedding, no head
@@ -741,6 +747,7 @@ def test_parity_vit(kw):
     torch.testing.assert_close(ours(img, return_embeddings=True), ref(img, return_embeddings=True), rtol=1e-4, atol=1e-4)
 
 
+@requires_xt
 @pytest.mark.parametrize("kw", [
     dict(dim_in=5, dim_out=7),
     dict(dim_in=5, dim_out=3, num_memory_tokens=2, post_emb_norm=True),
@@ -768,6 +775,7 @@ def test_parity_continuous(kw):
         torch.testing.assert_close(attn[1], ref_attn[1], rtol=1e-4, atol=1e-5)
 
 
+@requires_xt
 def test_parity_continuous_autoregressive_loss():
     torch.manual_seed(0)
     layers = dict(dim=DIM, depth=2, heads=2, rotary_pos_emb=True)
@@ -786,6 +794,7 @@ def test_parity_continuous_autoregressive_loss():
         torch.testing.assert_close(a, b, rtol=1e-4, atol=1e-5)
 
 
+@requires_xt
 @pytest.mark.parametrize("kw", [
     dict(tie_token_emb=True),
     dict(enc_num_memory_tokens=3, dec_rotary_pos_emb=True, enc_attn_kv_heads=1, enc_heads=4),
@@ -883,6 +892,7 @@ def test_xtransformer_errors():
         model(src, src, mask=src > -1, src_mask=src > -1)
 
 
+@requires_xt
 def test_parity_continuous_xl_memories():
     torch.manual_seed(0)
     kw = dict(dim_in=4, dim_out=4, max_seq_len=0)
@@ -907,6 +917,7 @@ def test_parity_continuous_xl_memories():
             torch.testing.assert_close(m3[0][:, :10], m2[0][:, 2:])  # m2 holds 12 positions, m3 keeps 16
 
 
+@requires_xt
 def test_parity_xtransformer_older_signatures():
     # the oldest signature builds the same modules as the enc_/dec_ form: x-transformers 2.31 weights
     # load, and its logits are the 2.31 decoder's logits; the 000 README's tgt_mask is the decoder mask

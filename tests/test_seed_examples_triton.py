@@ -2,8 +2,8 @@
 
 Each test runs one example of tests/test_seed_examples.py (the README's own statements, sizes
 shrunk; its checks: shapes, finite values, a loss that backpropagates) with every attention call
-sent to the Triton kernels -- compiled on CUDA, through the interpreter on CPU (conftest sets
-``TRITON_INTERPRET=1``) -- and asserts the kernels ran (forward and backward launches counted).
+sent to the Triton kernels -- compiled on CUDA (the example built under ``torch.device("cuda")``),
+through the interpreter on CPU (conftest sets ``TRITON_INTERPRET=1``) -- and asserts the kernels ran (forward and backward launches counted).
 Layers that need the whole score matrix (talking heads, residual attention) are left out: they run
 eager by design.
 """
@@ -19,6 +19,8 @@ if not torch.cuda.is_available() and os.environ.get("TRITON_INTERPRET") != "1":
                 allow_module_level=True)
 
 from xtk.kernels import attention_op  # noqa: E402  (after the interpreter switch)
+
+DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
 
 EXAMPLES = [
     "s002_01_full_encoder_decoder", "s002_02_decoder_only_gpt_like", "s002_04_encoder_only_bert_like",
@@ -50,7 +52,8 @@ def test_seed_example_runs_on_triton(name, monkeypatch, one_thread):
     monkeypatch.setattr(attention_op, "_forward", fwd)
     monkeypatch.setattr(attention_op, "_backward", bwd)
     monkeypatch.setenv("XTK_BACKEND", "triton")
-    getattr(seeds, "test_" + name)()
+    with torch.device(DEVICE):  # the example's modules and tensors: the compiled kernels take CUDA tensors only
+        getattr(seeds, "test_" + name)()
     assert calls["fwd"] > 0, "no attention call reached the Triton kernels"
     if name in TRAINS:  # the example backpropagates a loss: the gradients came from the kernels too
         assert calls["bwd"] > 0, "no attention gradient came from the Triton kernels"
