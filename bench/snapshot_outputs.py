@@ -387,7 +387,7 @@ def attention_sweep():
                 for causal in (False, True):
                     for mname, mask in (("nomask", None), ("mask", keep)):
                         extra = dict(q_offset=nk - n) if causal and nk > n else {}
-                        for backend in ("eager", "sdpa"):
+                        for backend in ("eager", "chunked"):
                             key = f"hk{hk}.nk{nk}.{bname}.c{int(causal)}.{mname}.{backend}"
                             try:
                                 out[key] = xtk.attention(q, k, v, attn_mask=mask, is_causal=causal, bias=bias,
@@ -401,7 +401,7 @@ def attention_sweep():
              "xpos": dict(rotary=Rotary(d, rotary_inv_freq(d), xpos_scale=xpos_scale(d)), is_causal=True, q_offset=5),
              "prefix_alibi": dict(k_prefix=2, bias=Alibi(torch.tensor([0.5, 0.25, 0.1, 0.05])), q_offset=0)}
     for fname, kw in feats.items():
-        for backend in ("eager", "sdpa"):
+        for backend in ("eager", "chunked"):
             try:
                 out[f"feat.{fname}.{backend}"] = xtk.attention(q, k, v, enable_gqa=True, backend=backend, **kw)
             except (RuntimeError, ValueError) as e:
@@ -411,7 +411,7 @@ def attention_sweep():
 
 @case
 def attention_grads():
-    """Gradients of q, k, v, the bias descriptor's tensor and a float attn_mask, eager and sdpa: every
+    """Gradients of q, k, v, the bias descriptor's tensor and a float attn_mask, eager and chunked: every
     bias kind (ALiBi with fewer slopes than heads included) x no / bool / float mask x causal x GQA."""
     import xtk
     from xtk.bias import Alibi, Dense, DistanceTable, T5
@@ -425,7 +425,7 @@ def attention_grads():
         for bname, (make, init) in kinds.items():
             for causal in (False, True):
                 for mname in ("nomask", "mask", "fmask"):
-                    for backend in ("eager", "sdpa"):
+                    for backend in ("eager", "chunked"):
                         torch.manual_seed(16)
                         q, k, v = (torch.randn(b, heads, m, d, requires_grad=True)
                                    for heads, m in ((h, n), (hk, 12), (hk, 12)))

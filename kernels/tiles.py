@@ -146,7 +146,7 @@ def table_arch(arch: int) -> int:
             f"xtk's Triton attention has no tile table for sm_{arch}: supported are "
             f"{', '.join(f'sm_{a}' for a in SUPPORTED_ARCHS)} (below sm_80 the tensor-core paths are "
             f"missing; sm_100/sm_120 were never compiled or timed). Use another backend "
-            f"(xtk.attention(..., backend='sdpa'))")
+            f"(xtk.attention(..., backend='chunked'))")
     return 90 if arch >= 90 else 80
 
 
@@ -251,7 +251,7 @@ def lookup(kind: str, arch: int, bd: int, precision: str, cls: str) -> tuple[str
                     raise UnsupportedConfig(
                         f"sm_{arch}: no Triton attention tile for {k} fits {SMEM_LIMIT[arch] // 1024} KB of shared "
                         f"memory per block; use 16-bit inputs, top-k <= {THR_K2}, or another backend "
-                        f"(xtk.attention(..., backend='sdpa'))")
+                        f"(xtk.attention(..., backend='chunked'))")
                 return k, t[k]
     raise TileConfigError(f"sm_{arch}: no entry for {key(kind, cls, precision, bd)} nor any heavier class")
 

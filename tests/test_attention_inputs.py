@@ -1,5 +1,5 @@
 """Issue 12's accepted-bad-input and crash items for ``xtk.attention`` and its bias descriptors:
-fp16 logits that overflow only before scaling (eager), double backward through the sdpa backend's
+fp16 logits that overflow only before scaling (eager), double backward through the chunked backend's
 learned biases, DistanceTable with no queries, T5's ``max_distance`` bound (checked against
 x-transformers), and SDPA's ``query``/``key``/``value`` keyword names."""
 import math
@@ -21,13 +21,13 @@ def test_eager_fp16_logits_that_fit_after_scaling_do_not_overflow():
     k = (torch.rand(1, 1, 6, 64) * 40 + 20).half()
     v = torch.randn(1, 1, 6, 64).half()
     want = F.scaled_dot_product_attention(q.double(), k.double(), v.double())
-    for backend in ("eager", "sdpa"):
+    for backend in ("eager", "chunked"):
         out = xtk.attention(q, k, v, backend=backend)
         assert torch.isfinite(out).all(), backend
         assert (out.double() - want).abs().max() < 1e-2, backend
-    # with a mask and top-k (the sdpa backend's top-k threshold uses the reference's logits)
+    # with a mask and top-k (the chunked backend's top-k threshold uses the reference's logits)
     keep = torch.tensor([True, True, False, True, True, True])
-    for backend in ("eager", "sdpa"):
+    for backend in ("eager", "chunked"):
         out = xtk.attention(q, k, v, keep, topk=3, backend=backend)
         assert torch.isfinite(out).all(), backend
 
@@ -70,7 +70,7 @@ def test_split_scale(scale):
     assert float(t_two) == two and float(t_rest) == rest
 
 
-# ----------------------------------------------------------------------------- double backward (sdpa)
+# ----------------------------------------------------------------------------- double backward (chunked)
 def _bias(kind, h, nq, nk, g):
     if kind == "none":
         return None, None
@@ -90,8 +90,8 @@ def _bias(kind, h, nq, nk, g):
 
 
 @pytest.mark.parametrize("kind", ["alibi", "t5", "dt", "dense", "none"])
-def test_sdpa_double_backward(kind):
-    """create_graph=True through the sdpa backend with a learned bias (the issue: a RuntimeError from
+def test_chunked_double_backward(kind):
+    """create_graph=True through the chunked backend with a learned bias (the issue: a RuntimeError from
     inside xtk): the first-order gradients equal the ordinary backward's, the second-order ones
     the eager backend's, and gradgradcheck passes."""
     g = torch.Generator().manual_seed(3)
@@ -108,20 +108,20 @@ def test_sdpa_double_backward(kind):
                                  bias=make(t[0]) if t else None)
         return call
 
-    plain = torch.autograd.grad(f("sdpa")(*leaves).square().sum(), leaves)
+    plain = torch.autograd.grad(f("chunked")(*leaves).square().sum(), leaves)
     results = {}
-    for backend in ("sdpa", "eager"):
+    for backend in ("chunked", "eager"):
         first = torch.autograd.grad(f(backend)(*leaves).square().sum(), leaves, create_graph=True)
         penalty = sum(x.square().sum() for x in first)
         results[backend] = (first, torch.autograd.grad(penalty, leaves))
-    for a, p in zip(results["sdpa"][0], plain):
+    for a, p in zip(results["chunked"][0], plain):
         torch.testing.assert_close(a, p, rtol=1e-10, atol=1e-12)
-    for a, e in zip(results["sdpa"][1], results["eager"][1]):
+    for a, e in zip(results["chunked"][1], results["eager"][1]):
         torch.testing.assert_close(a, e, rtol=1e-9, atol=1e-11)
-    assert torch.autograd.gradgradcheck(f("sdpa"), tuple(leaves))
+    assert torch.autograd.gradgradcheck(f("chunked"), tuple(leaves))
 
 
-def test_sdpa_double_backward_through_the_t5_module():
+def test_chunked_double_backward_through_the_t5_module():
     """A gradient penalty through a model's T5 module (its embedding table a Parameter) on the
     default CPU backend, bottom-right aligned as the models call it (what the issue hit)."""
     from xtk.modules.positional import RelativePositionBias
@@ -142,7 +142,7 @@ def test_sdpa_double_backward_through_the_t5_module():
 
 
 # ----------------------------------------------------------------------------- DistanceTable, no queries
-@pytest.mark.parametrize("backend", ["eager", "sdpa", "triton"])
+@pytest.mark.parametrize("backend", ["eager", "chunked", "triton"])
 @pytest.mark.parametrize("rows,q_offset,nk", [(1, 0, 1), (3, 5, 4), (9, 0, 5)])
 def test_distance_table_with_no_queries(backend, rows, q_offset, nk):
     """nq = 0 forms no distance: no coverage error, an empty output and zero table gradient."""
@@ -213,11 +213,11 @@ def test_t5_bound_matches_x_transformers(num_buckets, causal):
 
 
 # ----------------------------------------------------------------------------- SDPA's keyword names
-def test_sdpa_keyword_names():
+def test_chunked_keyword_names():
     torch.manual_seed(0)
     q, k, v = (torch.randn(1, 2, 5, 8) for _ in range(3))
     want = F.scaled_dot_product_attention(q, k, v, is_causal=True)
-    for backend in ("eager", "sdpa"):
+    for backend in ("eager", "chunked"):
         got = [xtk.attention(query=q, key=k, value=v, is_causal=True, backend=backend),
                xtk.attention(q=q, k=k, v=v, is_causal=True, backend=backend),
                xtk.attention(q, key=k, value=v, is_causal=True, backend=backend),

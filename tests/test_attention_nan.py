@@ -7,7 +7,7 @@ a fully masked row gives zeros. Each case poisons some rows of q, k or v (GQA, 4
 heads on 2 kv heads: query heads 0 and 1 read kv head 0) and states, for the output and each
 gradient, the rows that must hold NaN/inf and the rows left unspecified; every other row must be
 finite and equal the reference computed with the poisoned entries zeroed (the 2x rule,
-tests/tolerance.py). One test per case runs every backend (eager, sdpa, triton: compiled on CUDA,
+tests/tolerance.py). One test per case runs every backend (eager, chunked, triton: compiled on CUDA,
 the interpreter on CPU, see tests/conftest.py) and reports each backend's failures. Where the Triton
 kernels break the rule (issue 12: masked NaN/inf rows of q, k reach dQ, dK as 0 x NaN inside the
 dS products, a masked NaN v makes delta = dO . O NaN, and the forward's NaN + -inf and 0 x NaN in an
@@ -21,7 +21,7 @@ import pytest
 import torch
 
 import xtk
-from xtk.ops import attention_sdpa
+from xtk.ops import attention_chunked
 from xtk.reference.attention import attention as reference
 
 from tolerance import assert_close_2x
@@ -167,7 +167,7 @@ def case_v_nan_masked():
 
 
 def case_q_nan_rows_chunked():
-    """Longer rows, split in chunks by the sdpa backend (its budget cut to 16 query rows, see
+    """Longer rows, split in chunks by the chunked backend (its budget cut to 16 query rows, see
     test_nan_rule), causal bottom-right with a dense bias and key padding: NaN q rows 3 (head 0)
     and 30 (head 1) are NaN, with their dq and the dk, dv of keys 0-34 they read; the NaN padded
     key 40 changes nothing."""
@@ -267,7 +267,7 @@ def check_case(case, backend):
 
 
 def backends_for(case):
-    out = ["eager", "sdpa"]
+    out = ["eager", "chunked"]
     if TRITON and case.triton != "none":
         out.append("triton")
     return out
@@ -275,7 +275,7 @@ def backends_for(case):
 
 @pytest.mark.parametrize("name", list(CASES))
 def test_nan_rule(name, monkeypatch):
-    monkeypatch.setattr(attention_sdpa, "MATERIALIZED_ELEMS", 1)  # sdpa: chunks of 16 query rows
+    monkeypatch.setattr(attention_chunked, "MATERIALIZED_ELEMS", 1)  # chunked: chunks of 16 query rows
     torch.manual_seed(0)
     cases = CASES[name]()
     errors = []

@@ -27,7 +27,7 @@ from hypothesis import HealthCheck, given, settings, strategies as st
 
 import xtk
 from xtk.bias import Alibi, Dense, DistanceTable, T5, alibi_slopes, positions, t5_min_max_distance
-from xtk.ops import attention_sdpa
+from xtk.ops import attention_chunked
 from xtk.reference.attention import attention as reference
 from xtk.reference.tolerance import attention_term_sums
 
@@ -65,7 +65,7 @@ class Cfg:
     topk: Optional[int]
     poison: tuple             # of (name, (b, head, row), feature or None, value)
     seed: int
-    chunked: bool = False     # sdpa: chunks of 16 query rows (its smallest), NaN fallback included
+    chunked: bool = False     # chunked: chunks of 16 query rows (its smallest), NaN fallback included
 
 
 @st.composite
@@ -332,9 +332,9 @@ def check(cfg, backends, grads=True):
 @_settings(examples=100, long_examples=2000)
 @given(cfg=configs())
 def test_backends_follow_the_nan_rule(cfg):
-    budget = 1 if cfg.chunked else attention_sdpa.MATERIALIZED_ELEMS
-    with mock.patch.object(attention_sdpa, "MATERIALIZED_ELEMS", budget):
-        check(cfg, ["eager", "sdpa"])
+    budget = 1 if cfg.chunked else attention_chunked.MATERIALIZED_ELEMS
+    with mock.patch.object(attention_chunked, "MATERIALIZED_ELEMS", budget):
+        check(cfg, ["eager", "chunked"])
 
 
 @pytest.mark.skipif(not TRITON, reason="no CUDA and TRITON_INTERPRET is not 1 (tests/conftest.py sets it)")

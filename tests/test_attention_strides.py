@@ -3,7 +3,7 @@
 q, k, v, masks and dense biases come as transposed, ``[..., ::2]``-sliced, expanded (stride 0),
 ``(b, n, h, d)``-permuted and channels-last views of leaf tensors; values and gradients (to the
 leaves) are judged by the 2x rule against the eager reference run on contiguous copies of the same
-views. ``eager`` and ``sdpa`` (its fused-kernel and math cores) run every case; ``triton`` joins on
+views. ``eager`` and ``chunked`` (its fused-kernel and math cores) run every case; ``triton`` joins on
 tiny shapes where it can run (compiled on a GPU; the interpreter on CPU, which tests/conftest.py
 switches on with ``TRITON_INTERPRET=1``)."""
 import os
@@ -15,7 +15,7 @@ import torch
 import xtk
 from xtk import backends
 from xtk.bias import Alibi, Dense, alibi_slopes
-from xtk.ops import attention_sdpa
+from xtk.ops import attention_chunked
 
 from tolerance import attention_term_sums, check_against_oracle
 
@@ -69,8 +69,8 @@ class Case:
 
 CONFIGS = {
     "plain": dict(),
-    "causal_alibi_gqa": dict(hk=2, alibi=True, causal=True),  # sdpa: Toeplitz masks, learned-bias backward
-    "native_causal": dict(causal=True),                       # sdpa: the fused kernel's own causal flag
+    "causal_alibi_gqa": dict(hk=2, alibi=True, causal=True),  # chunked: Toeplitz masks, learned-bias backward
+    "native_causal": dict(causal=True),                       # chunked: the fused kernel's own causal flag
 }
 
 
@@ -156,20 +156,20 @@ WHICH = {"q": ("q",), "k": ("k",), "v": ("v",), "qkv": ("q", "k", "v")}
 @pytest.mark.parametrize("config", list(CONFIGS))
 @pytest.mark.parametrize("which", list(WHICH))
 @pytest.mark.parametrize("layout", list(LAYOUTS))
-@pytest.mark.parametrize("backend", ["eager", "sdpa", "sdpa-math-core"])
+@pytest.mark.parametrize("backend", ["eager", "chunked", "chunked-math-core"])
 def test_qkv_layouts(backend, layout, which, config, monkeypatch):
-    monkeypatch.setattr(attention_sdpa, "FORCE_MATH", backend == "sdpa-math-core")
-    monkeypatch.setattr(attention_sdpa, "CAUSAL_CHUNK", 8)  # several chunks: views sliced by rows
+    monkeypatch.setattr(attention_chunked, "FORCE_MATH", backend == "chunked-math-core")
+    monkeypatch.setattr(attention_chunked, "CAUSAL_CHUNK", 8)  # several chunks: views sliced by rows
     case = Case({n: layout for n in WHICH[which]}, **CONFIGS[config])
     check(case, backend.split("-")[0])
 
 
 @pytest.mark.parametrize("mask", list(MASKS))
-@pytest.mark.parametrize("backend", ["eager", "sdpa", "sdpa-math-core"])
+@pytest.mark.parametrize("backend", ["eager", "chunked", "chunked-math-core"])
 def test_mask_and_bias_layouts(backend, mask, monkeypatch):
     """Non-contiguous masks and dense biases (q, k, v as a model's (b, n, h, d) views), causal."""
-    monkeypatch.setattr(attention_sdpa, "FORCE_MATH", backend == "sdpa-math-core")
-    monkeypatch.setattr(attention_sdpa, "MATERIALIZED_ELEMS", 1)  # chunked masks: 16 query rows per chunk
+    monkeypatch.setattr(attention_chunked, "FORCE_MATH", backend == "chunked-math-core")
+    monkeypatch.setattr(attention_chunked, "MATERIALIZED_ELEMS", 1)  # chunked masks: 16 query rows per chunk
     case = Case({n: "bnhd" for n in "qkv"}, hk=2, causal=True, mask=mask, nq=37, nk=41)
     check(case, backend.split("-")[0])
 
@@ -195,18 +195,18 @@ def test_issue_repro_transposed_k_and_sliced():
     torch.manual_seed(0)
     q, k, v = torch.randn(3, 2, 2, 6, 8).unbind(0)
     kT = k.transpose(-1, -2).contiguous().transpose(-1, -2)
-    for backend in ("eager", "sdpa"):
+    for backend in ("eager", "chunked"):
         torch.testing.assert_close(xtk.attention(q, kT, v, backend=backend), F.scaled_dot_product_attention(q, k, v))
         wide = torch.randn(3, 2, 2, 6, 16).unbind(0)
         sl = [t[..., ::2] for t in wide]
         torch.testing.assert_close(xtk.attention(*sl, backend=backend), F.scaled_dot_product_attention(*sl))
 
 
-def test_sdpa_copies_only_rows_with_a_last_dim_stride():
-    """The sdpa backend hands the fused kernel q, k, v with unit last-dim stride, copying only those
+def test_chunked_copies_only_rows_with_a_last_dim_stride():
+    """The chunked backend hands the fused kernel q, k, v with unit last-dim stride, copying only those
     that lack it: a (b, n, h, d) view goes through as is."""
     seen = []
-    real = attention_sdpa._FLASH
+    real = attention_chunked._FLASH
 
     def spy(q, k, v, *args, **kw):
         seen.append((q.data_ptr(), k.data_ptr(), v.data_ptr(), q.stride(-1), k.stride(-1), v.stride(-1)))
@@ -214,10 +214,10 @@ def test_sdpa_copies_only_rows_with_a_last_dim_stride():
     q, k, v = (torch.randn(1, 7, 2, 8).transpose(1, 2) for _ in range(3))
     kT = torch.randn(1, 2, 8, 7).transpose(-1, -2)
     try:
-        attention_sdpa._FLASH = spy
-        xtk.attention(q, kT, v, backend="sdpa")
+        attention_chunked._FLASH = spy
+        xtk.attention(q, kT, v, backend="chunked")
     finally:
-        attention_sdpa._FLASH = real
+        attention_chunked._FLASH = real
     assert seen, "the fused kernel was not called"
     qp, kp, vp, *strides = seen[0]
     assert strides == [1, 1, 1]

@@ -2,10 +2,10 @@
 cannot run raises with its reasons while ``auto`` moves on -- never a silent drop.
 
 Three silent failures this file pins (each failed on the code before the descriptor interface):
-- a subclass of ``xtk.bias.Alibi`` (and of the other kinds) passed validation, but the ``sdpa``
+- a subclass of ``xtk.bias.Alibi`` (and of the other kinds) passed validation, but the ``chunked``
   backend looked its kind up by exact ``type()`` and ran attention with no bias at all;
 - the Triton adapter's ``isinstance`` chain ended without an ``else``: an unknown kind ran unbiased;
-- ``backend="triton"`` (or ``"sdpa"``) together with ``hooks`` silently ran eager.
+- ``backend="triton"`` (or ``"chunked"``) together with ``hooks`` silently ran eager.
 """
 import dataclasses
 import os
@@ -20,7 +20,7 @@ from xtk.reference.attention import ScoreHooks
 
 TRITON = torch.cuda.is_available() or os.environ.get("TRITON_INTERPRET") == "1"
 DEV = "cuda" if torch.cuda.is_available() else "cpu"
-BACKENDS = ["eager", "sdpa"] + (["triton"] if TRITON else [])
+BACKENDS = ["eager", "chunked"] + (["triton"] if TRITON else [])
 B, H, NQ, NK, D = 2, 4, 5, 7, 16
 
 
@@ -98,9 +98,9 @@ def test_a_duck_typed_descriptor_is_refused(backend):
 def _pairs():
     """(backend, feature name, call kwargs) for every backend that cannot run a feature."""
     hooks = ScoreHooks("talking heads", pre_bias=lambda s: s)
-    pairs = [(b, "hooks", dict(hooks=hooks)) for b in ("sdpa", "triton")]
-    pairs += [(b, "custom bias kind", dict(bias=Hump())) for b in ("sdpa", "triton")]
-    pairs += [("sdpa", "dropout", dict(dropout_p=0.1)),
+    pairs = [(b, "hooks", dict(hooks=hooks)) for b in ("chunked", "triton")]
+    pairs += [(b, "custom bias kind", dict(bias=Hump())) for b in ("chunked", "triton")]
+    pairs += [("chunked", "dropout", dict(dropout_p=0.1)),
               ("triton", "float64", dict(dtype=torch.float64)),
               ("triton", "head dim 320", dict(d=320)),
               ("triton", "top-k 200", dict(topk=200, nk=256))]
@@ -132,3 +132,16 @@ def test_hooks_go_through_pick():
     seen.clear()
     xtk.attention(q, k, v, hooks=hooks, backend="eager")
     assert seen
+
+
+def test_the_old_backend_name_says_what_it_became(monkeypatch):
+    """'sdpa' named xtk's chunked CPU backend, easy to mistake for torch's SDPA: the name is refused
+    with the new one, as a call argument and in XTK_BACKEND."""
+    q = torch.randn(1, 2, 4, 8)
+    with pytest.raises(ValueError, match="backend: expected one of .* got 'sdpa': .* now called 'chunked'"):
+        xtk.attention(q, q, q, backend="sdpa")
+    monkeypatch.setenv("XTK_BACKEND", "sdpa")
+    with pytest.raises(ValueError, match="XTK_BACKEND: .* now called 'chunked'"):
+        xtk.attention(q, q, q)
+    monkeypatch.setenv("XTK_BACKEND", "chunked")
+    assert torch.equal(xtk.attention(q, q, q), xtk.attention(q, q, q, backend="chunked"))

@@ -19,7 +19,7 @@ import torch
 
 log = logging.getLogger("xtk")
 
-BACKEND_NAMES = ("auto", "eager", "sdpa", "triton", "ext")
+BACKEND_NAMES = ("auto", "eager", "chunked", "triton", "ext")
 
 
 @dataclass(frozen=True)
@@ -41,7 +41,7 @@ class Backend:
 _LAZY: dict[str, list[tuple[str, str]]] = {
     "attention": [
         ("triton", "xtk.ops.attention_triton:BACKEND"),
-        ("sdpa", "xtk.ops.attention_sdpa:BACKEND"),
+        ("chunked", "xtk.ops.attention_chunked:BACKEND"),
         ("eager", "xtk.ops.attention:EAGER"),
     ],
     "rms_norm": [
@@ -88,15 +88,24 @@ def names(op: str) -> list[str]:
     return [n for n, _ in _LAZY[op]]
 
 
+# names that were backends once -> what to say instead of "expected one of"
+_RENAMED = {"sdpa": "the backend 'sdpa' is now called 'chunked' (torch's fused CPU attention kernel fed query chunk "
+                    "by query chunk; it never was torch.nn.functional.scaled_dot_product_attention itself)"}
+
+
+def _check_name(what: str, name: str) -> None:
+    if name not in BACKEND_NAMES:
+        hint = f": {_RENAMED[name]}" if name in _RENAMED else ""
+        raise ValueError(f"{what}: expected one of {BACKEND_NAMES}, got {name!r}{hint}")
+
+
 def requested(backend: str) -> str:
     """The backend asked for: the call's ``backend`` unless it is 'auto', else ``XTK_BACKEND``."""
-    if backend not in BACKEND_NAMES:
-        raise ValueError(f"backend: expected one of {BACKEND_NAMES}, got {backend!r}")
+    _check_name("backend", backend)
     if backend != "auto":
         return backend
     env = os.environ.get("XTK_BACKEND", "auto").strip() or "auto"
-    if env not in BACKEND_NAMES:
-        raise ValueError(f"XTK_BACKEND: expected one of {BACKEND_NAMES}, got {env!r}")
+    _check_name("XTK_BACKEND", env)
     return env
 
 

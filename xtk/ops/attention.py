@@ -175,7 +175,7 @@ def attention(q=None, k=None, v=None, attn_mask=None, dropout_p=0.0, is_causal=F
     keep per row the logits >= the k-th largest (ties kept). Rows with no key give zeros.
     ``hooks`` (``ScoreHooks``): features that need the whole score matrix; only the eager backend
     runs them (``auto`` picks it; a forced backend that cannot raises with its reasons).
-    ``backend``: auto|eager|sdpa|triton|ext (``XTK_BACKEND`` applies when 'auto')."""
+    ``backend``: auto|eager|chunked|triton|ext (``XTK_BACKEND`` applies when 'auto')."""
     q, k, v = _qkv_arguments(q, k, v, query, key, value)
     if all(isinstance(t, torch.Tensor) and t.dim() == 3 for t in (q, k, v)):
         # SDPA's (N, L, E) form: one head per batch entry

@@ -1,4 +1,4 @@
-"""The ``sdpa`` attention backend against the eager reference (SPEC §4's 2x rule), values and
+"""The ``chunked`` attention backend against the eager reference (SPEC §4's 2x rule), values and
 gradients, over every bias kind, causal, q_offset, k_prefix, GQA, masks, fully masked rows,
 odd lengths, nq != nk, QK-norm, rotary/xpos, top-k (exact logits), fp32/bf16, both cores."""
 import itertools
@@ -9,7 +9,7 @@ import torch
 import xtk
 from xtk import backends
 from xtk.bias import Alibi, Dense, DistanceTable, T5, alibi_slopes
-from xtk.ops import attention_sdpa
+from xtk.ops import attention_chunked
 from xtk.qk import QKNorm, Rotary, rotary_inv_freq, xpos_scale
 
 from tolerance import check_against_oracle
@@ -20,9 +20,9 @@ H, D = 4, 16
 def set_core(monkeypatch, name):
     """Many chunks per call (16 query rows) so that chunk seams and key cutting are exercised;
     'math-core' runs the plain chunk core used off CPU instead of the fused kernel."""
-    monkeypatch.setattr(attention_sdpa, "CAUSAL_CHUNK", 16)
-    monkeypatch.setattr(attention_sdpa, "MATERIALIZED_ELEMS", 1)
-    monkeypatch.setattr(attention_sdpa, "FORCE_MATH", name == "math-core")
+    monkeypatch.setattr(attention_chunked, "CAUSAL_CHUNK", 16)
+    monkeypatch.setattr(attention_chunked, "MATERIALIZED_ELEMS", 1)
+    monkeypatch.setattr(attention_chunked, "FORCE_MATH", name == "math-core")
 
 
 @pytest.fixture(params=["small-chunks", "math-core"])
@@ -88,7 +88,7 @@ def run_case(kind, causal, shape, dtype, hk, pad, g):
                                  q_offset=off, k_prefix=prefix, backend=backend)
         return call
 
-    check_against_oracle(fn("sdpa"), fn("eager"), inputs, dtype, grad_names=grads)
+    check_against_oracle(fn("chunked"), fn("eager"), inputs, dtype, grad_names=grads)
 
 
 def _case_id(i):
@@ -123,12 +123,12 @@ def test_float_attn_mask_gets_gradient_and_fully_masked_batch(core):
     def fn(backend):
         return lambda q, k, v, mask, slopes: xtk.attention(q, k, v, mask, is_causal=True, bias=Alibi(slopes),
                                                            q_offset=nk - nq, backend=backend)
-    check_against_oracle(fn("sdpa"), fn("eager"), inputs, torch.float32, grad_names=["q", "k", "v", "slopes"])
+    check_against_oracle(fn("chunked"), fn("eager"), inputs, torch.float32, grad_names=["q", "k", "v", "slopes"])
     # the float mask's own gradient (-inf entries excluded: both sides give 0 there)
     m1 = mask.clone().requires_grad_()
     m2 = mask.clone().requires_grad_()
     q, k, v = inputs["q"], inputs["k"], inputs["v"]
-    xtk.attention(q, k, v, m1, backend="sdpa").sum().backward()
+    xtk.attention(q, k, v, m1, backend="chunked").sum().backward()
     xtk.attention(q, k, v, m2, backend="eager").sum().backward()
     torch.testing.assert_close(m1.grad, m2.grad, atol=1e-5, rtol=1e-4)
 
@@ -157,14 +157,14 @@ def test_qk_norm_and_rotary(dtype, groups, dim_scales, xpos, core):
                                  qk_norm=norm, rotary=rot, q_offset=nk - prefix - nq, k_prefix=prefix,
                                  backend=backend)
         return call
-    check_against_oracle(fn("sdpa"), fn("eager"), inputs, dtype, grad_names=grads)
+    check_against_oracle(fn("chunked"), fn("eager"), inputs, dtype, grad_names=grads)
 
 
 def test_learned_qk_norm_scale_gets_gradient():
     g = torch.Generator().manual_seed(3)
     q, k, v = (torch.randn(1, H, 20, D, generator=g) for _ in range(3))
     out = []
-    for backend in ("sdpa", "eager"):
+    for backend in ("chunked", "eager"):
         s = torch.tensor(7.0, requires_grad=True)
         xtk.attention(q, k, v, is_causal=True, qk_norm=QKNorm(scale=s), backend=backend).square().sum().backward()
         out.append(s.grad)
@@ -185,7 +185,7 @@ def test_topk_exact_logits(topk, causal, kind, core):
     if kind == "alibi":
         table = torch.tensor([0.5, 0.25, 0.125])
     outs, grads = [], []
-    for backend in ("sdpa", "eager"):
+    for backend in ("chunked", "eager"):
         qq, kk, vv = (t.clone().double().requires_grad_() for t in (q, k, v))
         o = xtk.attention(qq, kk, vv, is_causal=causal, scale=0.25, enable_gqa=True, bias=factory(table),
                           topk=topk, q_offset=nk - nq, backend=backend)
@@ -197,17 +197,17 @@ def test_topk_exact_logits(topk, causal, kind, core):
         torch.testing.assert_close(a, e, atol=1e-10, rtol=1e-10)
 
 
-def test_auto_picks_sdpa_on_cpu_and_reasons():
+def test_auto_picks_chunked_on_cpu_and_reasons():
     q = torch.randn(1, 2, 4, 8)
     inputs = xtk.ops.attention._validate(q, q, q, None, 0.0, True, None, False, None, None, None, None, None, 0, None)
-    assert attention_sdpa.reasons(inputs, False) == []
+    assert attention_chunked.reasons(inputs, False) == []
     drop = xtk.ops.attention._validate(q, q, q, None, 0.1, True, None, False, None, None, None, None, None, 0, None)
-    why = attention_sdpa.reasons(drop, False)
+    why = attention_chunked.reasons(drop, False)
     assert why and "dropout" in why[0]
     with pytest.raises(RuntimeError, match="dropout"):
-        xtk.attention(q, q, q, dropout_p=0.1, backend="sdpa")
+        xtk.attention(q, q, q, dropout_p=0.1, backend="chunked")
     if backends.load("attention", "triton") is not None and backends.reasons("attention", "triton", inputs, False):
-        assert backends.pick("attention", inputs).name == "sdpa"
+        assert backends.pick("attention", inputs).name == "chunked"
 
 
 def test_backward_keeps_no_quadratic_state():
@@ -221,7 +221,7 @@ def test_backward_keeps_no_quadratic_state():
         saved.append(t.numel())
         return t
     with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
-        out = xtk.attention(q, k, v, is_causal=True, bias=Alibi(slopes), backend="sdpa")
+        out = xtk.attention(q, k, v, is_causal=True, bias=Alibi(slopes), backend="chunked")
     assert max(saved) <= h * n * d, f"a saved tensor has {max(saved)} elements (quadratic: {h * n * n})"
     out.sum().backward()
     assert slopes.grad is not None and torch.isfinite(slopes.grad).all()
@@ -241,29 +241,29 @@ def test_native_causal_path(dtype, nq, nk, hk, kind):
         return lambda q, k, v: xtk.attention(q, k, v, is_causal=True, enable_gqa=hk != H,
                                              bias=Alibi(slopes) if kind == "alibi" else None, backend=backend)
     q = torch.zeros(2, H, nq, D)
-    plan = attention_sdpa._make_plan(xtk.ops.attention._validate(
+    plan = attention_chunked._make_plan(xtk.ops.attention._validate(
         q, inputs["k"], inputs["v"], None, 0.0, True, None, hk != H, Alibi(slopes) if kind == "alibi" else None,
         None, None, None, None, 0, None), q, D ** -0.5)
     assert plan.native_causal and not plan.toeplitz and plan.chunk == nq
-    check_against_oracle(fn("sdpa"), fn("eager"), inputs, dtype, grad_names=["q", "k", "v"])
+    check_against_oracle(fn("chunked"), fn("eager"), inputs, dtype, grad_names=["q", "k", "v"])
 
 
 def test_learned_bias_backward_chunks_are_bounded(monkeypatch):
     """Non-causal T5 with a learned table: the forward is one kernel call over all rows, the
     backward's math core still works chunk by chunk (here 16 rows), and gives the same gradients."""
-    monkeypatch.setattr(attention_sdpa, "MATERIALIZED_ELEMS", 1)
+    monkeypatch.setattr(attention_chunked, "MATERIALIZED_ELEMS", 1)
     seen = []
-    original = attention_sdpa._math_bwd
+    original = attention_chunked._math_bwd
 
     def spy(plan, go, qc, *rest):
         seen.append(qc.shape[2])
         return original(plan, go, qc, *rest)
-    monkeypatch.setattr(attention_sdpa, "_math_bwd", spy)
+    monkeypatch.setattr(attention_chunked, "_math_bwd", spy)
     g = torch.Generator().manual_seed(5)
     inputs = dict(q=torch.randn(1, H, 70, D, generator=g), k=torch.randn(1, H, 70, D, generator=g),
                   v=torch.randn(1, H, 70, D, generator=g), table=torch.randn(32, H, generator=g))
 
     def fn(backend):
         return lambda q, k, v, table: xtk.attention(q, k, v, bias=T5(table), backend=backend)
-    check_against_oracle(fn("sdpa"), fn("eager"), inputs, torch.float32, grad_names=["q", "k", "v", "table"])
+    check_against_oracle(fn("chunked"), fn("eager"), inputs, torch.float32, grad_names=["q", "k", "v", "table"])
     assert seen and max(seen) == 16

@@ -1,4 +1,4 @@
-"""The ``sdpa`` attention backend: exactly the reference's math (SPEC §2), fast and memory-bounded.
+"""The ``chunked`` attention backend: exactly the reference's math (SPEC §2), fast and memory-bounded.
 
 Where the reference materializes the ``(b, h, nq, nk)`` scores, bias and masks, this backend
 feeds torch's fused CPU attention kernel (``aten::_scaled_dot_product_flash_attention_for_cpu``,
@@ -690,4 +690,4 @@ def run(inputs):
     return out
 
 
-BACKEND = backends.Backend("sdpa", "attention", reasons, run)
+BACKEND = backends.Backend("chunked", "attention", reasons, run)
