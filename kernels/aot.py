@@ -47,7 +47,7 @@ _DIV16_STRIDES = {"sqb", "sqh", "sqm", "skb", "skh", "skn", "svb", "svh", "svn",
                   "sdob", "sdoh", "sdom", "sdqb", "sdqh", "sdqm", "sdkb", "sdkh", "sdkn", "sdvb", "sdvh", "sdvn"}
 _TY = {"float16": "fp16", "bfloat16": "bf16", "float32": "fp32"}
 _SWITCHES = ("IS_CAUSAL", "BIAS_KIND", "MASK_KIND", "HAS_TOPK", "HAS_DROPOUT", "NEED_DSLOPE", "NEED_DTAB", "NEED_DS",
-             "NEED_DLSC", "HAS_NORM", "GROUPS", "HAS_DSCALE", "HAS_ROT", "HAS_XPOS")
+             "NEED_DLSC", "HAS_NORM", "GROUPS", "HAS_DSCALE", "HAS_ROT", "HAS_XPOS", "GQA_REPEAT")
 
 
 def _kernel(kind):
@@ -314,7 +314,8 @@ def _ci_set() -> list[dict]:
              dict(BIAS_KIND=kinds.BIAS_DENSE_FLOAT, NEED_DS=1), dict(NEED_DLSC=1, **_QK_ALL)]
     grid = list(itertools.product(ARCHS, DIMS))
     precs = ("16bit", "tf32", "ieee")
-    for i, sw in enumerate(single + grads):
+    # GQA_REPEAT last: a switch inserted earlier moves the others' (kind, arch, dim, precision) rotation
+    for i, sw in enumerate(single + grads + [dict(IS_CAUSAL=1, GQA_REPEAT=1)]):
         for j, (cc, d) in enumerate(grid):
             if (i + j) % 2:
                 continue  # each switch at two head dims on both archs

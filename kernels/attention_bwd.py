@@ -40,7 +40,7 @@ def _attn_bwd_dkdv(
         IS_CAUSAL: tl.constexpr, BIAS_KIND: tl.constexpr, MASK_KIND: tl.constexpr, HAS_TOPK: tl.constexpr,
         HAS_DROPOUT: tl.constexpr, PRECISION: tl.constexpr,
         HAS_NORM: tl.constexpr, GROUPS: tl.constexpr, HAS_DSCALE: tl.constexpr, HAS_ROT: tl.constexpr,
-        HAS_XPOS: tl.constexpr,
+        HAS_XPOS: tl.constexpr, GQA_REPEAT: tl.constexpr,
         BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_DV: tl.constexpr):
     n_kblocks = tl.cdiv(NK, BLOCK_N)
     pid_n, off_bhk = _fold(n_kblocks)
@@ -64,7 +64,10 @@ def _attn_bwd_dkdv(
     dv = tl.zeros([BLOCK_N, BLOCK_DV], tl.float32)
     start_q = _causal_query_start(start_n, BLOCK_M, q_offset, k_prefix, IS_CAUSAL)
     for g in range(0, group):
-        off_h = off_hk * group + g
+        if GQA_REPEAT:  # x-transformers' order: query head h reads kv head h % HK
+            off_h = g * HK + off_hk
+        else:  # SDPA's: query head h reads kv head h // group
+            off_h = off_hk * group + g
         off_bh = off_b * H + off_h
         q_base = Q + off_b.to(tl.int64) * sqb + off_h.to(tl.int64) * sqh
         do_base = DO + off_b.to(tl.int64) * sdob + off_h.to(tl.int64) * sdoh
@@ -150,10 +153,10 @@ def _attn_bwd_dq(
         IS_CAUSAL: tl.constexpr, BIAS_KIND: tl.constexpr, MASK_KIND: tl.constexpr, HAS_TOPK: tl.constexpr,
         HAS_DROPOUT: tl.constexpr, PRECISION: tl.constexpr,
         HAS_NORM: tl.constexpr, GROUPS: tl.constexpr, HAS_DSCALE: tl.constexpr, HAS_ROT: tl.constexpr,
-        HAS_XPOS: tl.constexpr,
+        HAS_XPOS: tl.constexpr, GQA_REPEAT: tl.constexpr,
         NEED_DSLOPE: tl.constexpr, NEED_DTAB: tl.constexpr, NEED_DS: tl.constexpr, NEED_DLSC: tl.constexpr,
         BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_DV: tl.constexpr):
-    pid_m, off_bh, off_b, off_h, off_hk, start_m = _query_program(H, HK, NQ, BLOCK_M)
+    pid_m, off_bh, off_b, off_h, off_hk, start_m = _query_program(H, HK, NQ, BLOCK_M, GQA_REPEAT)
     n_mblocks = tl.cdiv(NQ, BLOCK_M)
     offs_m = start_m + tl.arange(0, BLOCK_M)
     offs_n0 = tl.arange(0, BLOCK_N)

@@ -18,6 +18,8 @@ Switches (``tl.constexpr``):
   dense additive float, dense boolean keep-mask (tile loads with broadcast strides).
 - MASK_KIND (``kinds.MASK_*``): the ``attn_mask`` slot: none, additive float, boolean keep-mask.
 - IS_CAUSAL: ``p_j > p_i`` masked for positional keys.
+- GQA_REPEAT: query head ``h`` reads kv head ``h % HK`` (x-transformers' order) instead of
+  ``h // (H // HK)`` (SDPA's); the dK/dV kernel walks a kv head's query heads in the same order.
 - QK features (SPEC §2 steps 2-3), applied to the q tile once per program and to every k tile as
   it is loaded (``_load_q`` / ``_load_kt``), from positions -- no q'/k' tensor exists:
   HAS_NORM (grouped l2 norm, GROUPS groups), HAS_DSCALE (per-dim scales, (h, d) for q and
@@ -59,12 +61,17 @@ def _fold(n_blocks):
 
 
 @triton.jit
-def _query_program(H, HK, NQ, BLOCK_M: tl.constexpr):
+def _query_program(H, HK, NQ, BLOCK_M: tl.constexpr, GQA_REPEAT: tl.constexpr):
     """A program over (query block, batch * head): (pid_m, off_bh, off_b, off_h, off_hk, start_m);
-    GQA: query head ``h`` reads kv head ``h // (H // HK)``."""
+    GQA: query head ``h`` reads kv head ``h // (H // HK)`` (SDPA's order), or ``h % HK`` with
+    GQA_REPEAT (x-transformers' ``(r kvh)`` order)."""
     pid_m, off_bh = _fold(tl.cdiv(NQ, BLOCK_M))
     off_h = off_bh % H
-    return pid_m, off_bh, off_bh // H, off_h, off_h // (H // HK), pid_m * BLOCK_M
+    if GQA_REPEAT:
+        off_hk = off_h % HK
+    else:
+        off_hk = off_h // (H // HK)
+    return pid_m, off_bh, off_bh // H, off_h, off_hk, pid_m * BLOCK_M
 
 
 @triton.jit

@@ -6,7 +6,7 @@ the backward as two numbers per row, the row max ``m`` and the row sum ``l`` (ST
 folded ``exp(s - (m + log l))`` loses ``|s - m| * eps`` more, which the ALiBi slope gradient
 amplifies). A row with no unmasked key stores output 0 (NaN when a masked key's v it skipped is
 NaN: 0 x NaN; a select on the output row spilled a posbias tile, 12 B) and ``m = +inf`` (so the
-recomputed P is 0 everywhere). GQA: query head ``h`` reads kv head ``h // (H // HK)``.
+recomputed P is 0 everywhere). GQA: query head ``h`` reads kv head ``h // (H // HK)``, or ``h % HK`` under GQA_REPEAT.
 
 Top-k (HAS_TOPK): ``_attn_topk_threshold`` streams the key blocks, keeps the K2 (a power of two
 >= topk) largest logits of each row in a (BLOCK_M, K2) buffer merged tile by tile with
@@ -29,9 +29,9 @@ def _attn_topk_threshold(
         H, HK, NQ, NK, D, q_offset, k_prefix, sm_scale, TOPK, R, max_half, xpos_base, interp,
         IS_CAUSAL: tl.constexpr, BIAS_KIND: tl.constexpr, MASK_KIND: tl.constexpr, PRECISION: tl.constexpr,
         HAS_NORM: tl.constexpr, GROUPS: tl.constexpr, HAS_DSCALE: tl.constexpr, HAS_ROT: tl.constexpr,
-        HAS_XPOS: tl.constexpr,
+        HAS_XPOS: tl.constexpr, GQA_REPEAT: tl.constexpr,
         K2: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr):
-    pid_m, off_bh, off_b, off_h, off_hk, start_m = _query_program(H, HK, NQ, BLOCK_M)
+    pid_m, off_bh, off_b, off_h, off_hk, start_m = _query_program(H, HK, NQ, BLOCK_M, GQA_REPEAT)
     offs_m = start_m + tl.arange(0, BLOCK_M)
     offs_n0 = tl.arange(0, BLOCK_N)
     offs_d = tl.arange(0, BLOCK_D)
@@ -72,9 +72,9 @@ def _attn_fwd(
         IS_CAUSAL: tl.constexpr, BIAS_KIND: tl.constexpr, MASK_KIND: tl.constexpr, HAS_TOPK: tl.constexpr,
         HAS_DROPOUT: tl.constexpr, PRECISION: tl.constexpr,
         HAS_NORM: tl.constexpr, GROUPS: tl.constexpr, HAS_DSCALE: tl.constexpr, HAS_ROT: tl.constexpr,
-        HAS_XPOS: tl.constexpr,
+        HAS_XPOS: tl.constexpr, GQA_REPEAT: tl.constexpr,
         BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_DV: tl.constexpr):
-    pid_m, off_bh, off_b, off_h, off_hk, start_m = _query_program(H, HK, NQ, BLOCK_M)
+    pid_m, off_bh, off_b, off_h, off_hk, start_m = _query_program(H, HK, NQ, BLOCK_M, GQA_REPEAT)
     offs_m = start_m + tl.arange(0, BLOCK_M)
     offs_n0 = tl.arange(0, BLOCK_N)
     offs_d = tl.arange(0, BLOCK_D)

@@ -202,7 +202,7 @@ def _dsc_sums(dqsc, dksc, has_dsc):
 
 
 def _forward(q, k, v, slopes, table, mask, dense, scale, is_causal, q_offset, k_prefix, topk, dropout_p, seed,
-             qk=NO_QK):
+             qk=NO_QK, gqa_repeat=False):
     q, k, v = (_narrow_cols(t) for t in (q, k, v))
     b, h, nq, d = q.shape
     hk, nk, dv = k.shape[1], k.shape[2], v.shape[3]
@@ -227,21 +227,22 @@ def _forward(q, k, v, slopes, table, mask, dense, scale, is_causal, q_offset, k_
                 q, k, thr, *ptrs, *qk_ptrs, *q.stride(), *k.stride(), *scal,
                 h, hk, nq, nk, d, q_offset, k_prefix, scale, topk, *qk_scal,
                 IS_CAUSAL=is_causal, BIAS_KIND=bias_kind, MASK_KIND=mask_kind, PRECISION=prec, **qk_meta,
-                K2=triton.next_power_of_2(topk), BLOCK_D=block_d(d), **cfg_thr)
+                GQA_REPEAT=gqa_repeat, K2=triton.next_power_of_2(topk), BLOCK_D=block_d(d), **cfg_thr)
     with _device_guard(q.device):
         _attn_fwd[launch_grids(b, h, hk, nq, nk, dict(fwd=(bm, bn)))["fwd"]](
             q, k, v, out, stats, thr if has_topk else stats, *ptrs, *qk_ptrs,
             *q.stride(), *k.stride(), *v.stride(), *out.stride(), *scal,
             h, hk, nq, nk, d, dv, q_offset, k_prefix, scale, dropout_p, seed, *qk_scal,
             IS_CAUSAL=is_causal, BIAS_KIND=bias_kind, MASK_KIND=mask_kind, HAS_TOPK=has_topk,
-            HAS_DROPOUT=dropout_p > 0.0, PRECISION=prec, **qk_meta,
+            HAS_DROPOUT=dropout_p > 0.0, PRECISION=prec, **qk_meta, GQA_REPEAT=gqa_repeat,
             BLOCK_M=bm, BLOCK_N=bn, BLOCK_D=block_d(d), BLOCK_DV=block_d(dv),
             num_warps=cfg["num_warps"], num_stages=cfg["num_stages"])
     return out, stats, thr
 
 
 def _backward(do, q, k, v, out, stats, thr, seed, slopes, table, mask, dense, scale, is_causal, q_offset,
-              k_prefix, topk, dropout_p, need_dslopes, need_dtable, need_ds, qk=NO_QK, need_dlsc=False):
+              k_prefix, topk, dropout_p, need_dslopes, need_dtable, need_ds, qk=NO_QK, need_dlsc=False,
+              gqa_repeat=False):
     do, q, k, v = (_narrow_cols(t) for t in (do, q, k, v))
     b, h, nq, d = q.shape
     hk, nk, dv = k.shape[1], k.shape[2], v.shape[3]
@@ -274,7 +275,8 @@ def _backward(do, q, k, v, out, stats, thr, seed, slopes, table, mask, dense, sc
     ptrs, scal, bias_kind, mask_kind = _slots(q, slopes, table, mask, dense, b, h, nq, nk)
     prec = _precision(q.dtype)
     common = dict(IS_CAUSAL=is_causal, BIAS_KIND=bias_kind, MASK_KIND=mask_kind, HAS_TOPK=has_topk,
-                  HAS_DROPOUT=dropout_p > 0.0, PRECISION=prec, BLOCK_D=block_d(d), BLOCK_DV=block_d(dv), **qk_meta)
+                  HAS_DROPOUT=dropout_p > 0.0, PRECISION=prec, BLOCK_D=block_d(d), BLOCK_DV=block_d(dv), **qk_meta,
+                  GQA_REPEAT=gqa_repeat)
     thr_arg = thr if has_topk else stats
     seed = seed.to(q.device)  # the forward's device seed (a no-op); a host seed tensor is copied over
     grids = launch_grids(b, h, hk, nq, nk, dict(dkdv=_blocks(cfg_kv), dq=_blocks(cfg)))
@@ -302,7 +304,7 @@ def attention_fwd(q: Tensor, k: Tensor, v: Tensor, slopes: Optional[Tensor], tab
                   k_prefix: int, topk: int, dropout_p: float, seed: int, q_scale: Optional[Tensor] = None, k_scale: Optional[Tensor] = None,
                   inv_freq: Optional[Tensor] = None, xpos: Optional[Tensor] = None, groups: int = 0, rot_dim: int = 0,
                   max_half: int = 0, xpos_base: float = 1.0, interp: float = 1.0,
-                  logit_scale: Optional[Tensor] = None) -> tuple[Tensor, Tensor, Tensor, Tensor]:
+                  logit_scale: Optional[Tensor] = None, gqa_repeat: bool = False) -> tuple[Tensor, Tensor, Tensor, Tensor]:
     """-> (out (b,h,nq,dv), softmax stats (b,h,2,nq) fp32 (row max, row sum), top-k threshold (b,h,nq|0) fp32,
     the dropout seed used (int64 0-d, on q's device; 0 without dropout)).
 
@@ -310,18 +312,19 @@ def attention_fwd(q: Tensor, k: Tensor, v: Tensor, slopes: Optional[Tensor], tab
     bias | dense: float or bool tensor broadcastable to (b,h,nq,nk); at most one of the three.
     mask: attn_mask, float or bool, broadcastable. topk 0: off. seed < 0: draw one on q's device
     with torch's generator (``_seed``: fresh per CUDA-graph replay); seed >= 0: reproducible.
-    q_scale ... logit_scale: the QK features (``QKArgs``), applied in-kernel to the q/k tiles."""
+    q_scale ... logit_scale: the QK features (``QKArgs``), applied in-kernel to the q/k tiles.
+    gqa_repeat: query head i reads kv head i % hk (x-transformers' order) instead of i // (h / hk)."""
     seed_t = _seed(seed if dropout_p > 0.0 else 0, q.device)
     out, stats, thr = _forward(q, k, v, slopes, table, mask, dense, scale, is_causal, q_offset, k_prefix, topk,
                                dropout_p, seed_t, QKArgs(q_scale, k_scale, inv_freq, xpos, groups, rot_dim, max_half,
-                                                         xpos_base, interp, logit_scale))
+                                                         xpos_base, interp, logit_scale), gqa_repeat)
     return out, stats, thr, seed_t
 
 
 @attention_fwd.register_fake
 def _(q, k, v, slopes, table, mask, dense, scale, is_causal, q_offset, k_prefix, topk, dropout_p, seed, q_scale=None,
       k_scale=None, inv_freq=None, xpos=None, groups=0, rot_dim=0, max_half=0, xpos_base=1.0, interp=1.0,
-      logit_scale=None):
+      logit_scale=None, gqa_repeat=False):
     b, h, nq, _ = q.shape
     nk = k.shape[2]
     out = q.new_empty(b, h, nq, v.shape[3])
@@ -338,7 +341,7 @@ def attention_bwd(do: Tensor, q: Tensor, k: Tensor, v: Tensor, out: Tensor, stat
                   need_ds: bool, q_scale: Optional[Tensor] = None, k_scale: Optional[Tensor] = None,
                   inv_freq: Optional[Tensor] = None, xpos: Optional[Tensor] = None, groups: int = 0, rot_dim: int = 0,
                   max_half: int = 0, xpos_base: float = 1.0, interp: float = 1.0,
-                  logit_scale: Optional[Tensor] = None, need_dlsc: bool = False,
+                  logit_scale: Optional[Tensor] = None, need_dlsc: bool = False, gqa_repeat: bool = False,
                   ) -> tuple[Tensor, Tensor, Tensor, Tensor, Tensor, Tensor, Tensor, Tensor, Tensor]:
     """-> (dq, dk, dv, dslopes (h,)|(0,), dtable like table|(0,), dS (b,h,nq,nk) fp32 | (0,),
     d q_scale (h, d) fp32 | (0,), d k_scale (hk, d) fp32 | (0,), sum of dS * (q'.k') * scale 0-d
@@ -348,13 +351,13 @@ def attention_bwd(do: Tensor, q: Tensor, k: Tensor, v: Tensor, out: Tensor, stat
     return _backward(do, q, k, v, out, stats, thr, seed, slopes, table, mask, dense, scale, is_causal,
                      q_offset, k_prefix, topk, dropout_p, need_dslopes, need_dtable, need_ds,
                      QKArgs(q_scale, k_scale, inv_freq, xpos, groups, rot_dim, max_half, xpos_base, interp, logit_scale),
-                     need_dlsc)
+                     need_dlsc, gqa_repeat)
 
 
 @attention_bwd.register_fake
 def _(do, q, k, v, out, stats, thr, seed, slopes, table, mask, dense, scale, is_causal, q_offset, k_prefix, topk,
       dropout_p, need_dslopes, need_dtable, need_ds, q_scale=None, k_scale=None, inv_freq=None, xpos=None, groups=0,
-      rot_dim=0, max_half=0, xpos_base=1.0, interp=1.0, logit_scale=None, need_dlsc=False):
+      rot_dim=0, max_half=0, xpos_base=1.0, interp=1.0, logit_scale=None, need_dlsc=False, gqa_repeat=False):
     b, h, nq, d = q.shape
     hk, nk = k.shape[1], k.shape[2]
     f32 = dict(dtype=torch.float32)
@@ -370,7 +373,7 @@ def _(do, q, k, v, out, stats, thr, seed, slopes, table, mask, dense, scale, is_
 # the forward op's arguments, in order (checked against its schema below): the autograd rule reads
 # them, their needs_input_grad and its saved tensors by name
 _FWD_ARGS = ("q", "k", "v", "slopes", "table", "mask", "dense", "scale", "is_causal", "q_offset", "k_prefix", "topk",
-             "dropout_p", "seed") + QKArgs._fields
+             "dropout_p", "seed") + QKArgs._fields + ("gqa_repeat",)
 _SAVED = ("q", "k", "v", "out", "stats", "thr", "seed_t", "slopes", "table", "mask", "dense", "q_scale", "k_scale",
           "inv_freq", "xpos", "logit_scale")
 assert tuple(a.name for a in torch.ops.xtk.attention_fwd.default._schema.arguments) == _FWD_ARGS
@@ -380,7 +383,8 @@ def _setup_context(ctx, inputs, output):
     args = dict(zip(_FWD_ARGS, inputs))
     args["out"], args["stats"], args["thr"], args["seed_t"] = output
     ctx.save_for_backward(*(args[n] for n in _SAVED))
-    ctx.args = {n: args[n] for n in ("scale", "is_causal", "q_offset", "k_prefix", "topk", "dropout_p")}
+    ctx.args = {n: args.get(n, False) for n in ("scale", "is_causal", "q_offset", "k_prefix", "topk", "dropout_p",
+                                                "gqa_repeat")}  # gqa_repeat: absent when the call defaulted it
     ctx.qk_ints = {n: args[n] for n in ("groups", "rot_dim", "max_half", "xpos_base", "interp")}
 
 
@@ -429,7 +433,7 @@ def _backward_rule(ctx, dout, dlse, dthr, dseed):
         a["scale"], a["is_causal"], a["q_offset"], a["k_prefix"], a["topk"], a["dropout_p"], need_dslopes,
         need_dtable and not det_table, need_dmask or need_ddense or det_table,
         t["q_scale"], t["k_scale"], t["inv_freq"], t["xpos"], **ctx.qk_ints, logit_scale=logit_scale,
-        need_dlsc=need_dlsc)
+        need_dlsc=need_dlsc, gqa_repeat=a["gqa_repeat"])
     if det_table:
         dtab = _table_grad_from_ds(ds, table, a["q_offset"], a["k_prefix"])
     if need_dlsc:

@@ -8,7 +8,7 @@ import torch
 import xtk
 from model_helpers import perturb as _perturb
 from xtk.models.intermediates import LayerIntermediates
-from xtk.modules.attention import Attention, entmax15, gqa_perm
+from xtk.modules.attention import Attention, entmax15
 from xtk.modules.positional import FixedSinusoidalEmbedding
 
 BASE = dict(dim=16, depth=2, heads=4, attn_dim_head=8)
@@ -223,14 +223,6 @@ def test_old_names_and_aliases():
     assert a.rel_pos is not None and a.layers[0][1].to_v_gate is not None
     b = xtk.Decoder(dim=16, depth=1, heads=2, attn_dim_head=8, attn_qk_norm=True, qk_norm_dim_scale=True)
     assert b.layers[0][1].qk_norm_dim_scale
-
-
-def test_gqa_permutation_reproduces_modulo_order():
-    perm = gqa_perm(8, 2)
-    # xtk head i reads kv head i // 4; it holds x-transformers head perm[i], which reads kv head perm[i] % 2
-    assert [p % 2 for p in perm.tolist()] == [i // 4 for i in range(8)]
-    assert sorted(perm.tolist()) == list(range(8))
-    assert gqa_perm(8, 1) is None and gqa_perm(8, 8) is None
 
 
 def test_full_matrix_introspection():

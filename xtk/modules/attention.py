@@ -5,9 +5,9 @@ Position bias goes in as descriptors (``xtk.bias.*``), QK-norm as ``xtk.QKNorm``
 need the whole score matrix (talking heads, residual attention, entmax15) pass ``ScoreHooks`` and
 say so in ``full_matrix_reason``.
 
-GQA head order (SPEC §2.1): x-transformers' query head ``h`` reads kv head ``h % hk``;
-``xtk.attention`` reads ``h // (H / hk)``. The module permutes the query heads (and all per-head
-data: bias tables, QK-norm scales, talking-heads weights) into xtk's order and the output back.
+GQA head order (SPEC §2.1): x-transformers' query head ``h`` reads kv head ``h % hk``; the module
+calls ``xtk.attention`` with ``gqa_order='repeat'``, so every head and every per-head input (bias
+tables, QK-norm scales, talking-heads weights, attention maps) stays in x-transformers' order.
 """
 from __future__ import annotations
 
@@ -56,14 +56,6 @@ def entmax15(x: torch.Tensor) -> torch.Tensor:
     return _Entmax15.apply(x)
 
 
-def gqa_perm(heads: int, kv_heads: int) -> Optional[torch.Tensor]:
-    """xtk head ``i`` <- x-transformers head ``perm[i]`` (None when no permutation is needed)."""
-    if kv_heads in (1, heads):
-        return None
-    r = heads // kv_heads
-    return torch.tensor([(i % r) * kv_heads + i // r for i in range(heads)])
-
-
 class Attention(nn.Module):
     """Multi-head (self or cross) attention with x-transformers 2.31's kwargs and parameter names."""
 
@@ -91,7 +83,6 @@ class Attention(nn.Module):
         self._init_head_features(qk_norm, qk_norm_groups, qk_norm_scale, qk_norm_dim_scale, head_scale, num_mem_kv)
         self._init_talking_heads(talking_heads, pre_talking_heads, post_talking_heads, use_entmax15)
         self._init_output(out_dim, dim_out, on_attn, zero_init_output)
-        self.register_buffer("_perm", gqa_perm(heads, kv_heads), persistent=False)
         # set by AttentionLayers: residual attention needs this layer's masked logits
         self.record_pre_softmax = False
         self.can_cache_kv = True
@@ -193,15 +184,13 @@ class Attention(nn.Module):
         b, n, _ = t.shape
         return t.view(b, n, heads, -1).transpose(1, 2)
 
-    def _mix_heads(self, conv, perm):
-        w = conv.weight[:, :, 0, 0]
-        if perm is not None:
-            w = w[perm][:, perm]
-        return w
+    @staticmethod
+    def _mix_heads(conv):
+        return None if conv is None else conv.weight[:, :, 0, 0]
 
     def _hooks(self, prev_attn, record, want_post):
-        pre_w = self._mix_heads(self.attend.pre_softmax_talking_heads, self._perm) if self.attend.pre_softmax_talking_heads is not None else None
-        post_w = self._mix_heads(self.attend.post_softmax_talking_heads, self._perm) if self.attend.post_softmax_talking_heads is not None else None
+        pre_w = self._mix_heads(self.attend.pre_softmax_talking_heads)
+        post_w = self._mix_heads(self.attend.post_softmax_talking_heads)
         if pre_w is None and post_w is None and prev_attn is None and not record and not want_post and not self.use_entmax15:
             return None
         residual_pre = self.pre_talking_residual
@@ -242,7 +231,7 @@ class Attention(nn.Module):
         ``Intermediates`` of the previous call; pia_pos_emb: ``FixedSinusoidalEmbedding``
         (position-infused attention, ``pos_offset`` = position of ``x[:, 0]``)."""
         b, n, _ = x.shape
-        h, perm = self.heads, self._perm
+        h = self.heads
         has_context = context is not None
         q_input, k_input, v_input, mem_len = self._projection_inputs(x, context, mem, pia_pos_emb, pos_offset)
         q, k, v, cached_kv = self._project_qkv(q_input, k_input, v_input, cache, has_context, mem_len)
@@ -253,24 +242,20 @@ class Attention(nn.Module):
         nk = k.shape[-2]
         keep = self._keep_mask(key_mask, attn_mask, nk)
 
-        if perm is not None:
-            q = q[:, perm.to(q.device)]
-        bias = rel_pos.descriptor(nk - k_prefix).for_heads(h, perm) if rel_pos is not None else None
-        qk_norm, scale = self._qk_norm_and_scale(q.device)
-        if prev_attn is not None and perm is not None:
-            prev_attn = prev_attn[:, perm.to(prev_attn.device)]   # x-transformers' head order -> xtk's
+        bias = rel_pos.descriptor(nk - k_prefix).for_heads(h) if rel_pos is not None else None
+        qk_norm, scale = self._qk_norm_and_scale()
         hooks = self._hooks(prev_attn, self.record_pre_softmax, return_attn)
         out = xattention(q, k, v, attn_mask=keep, dropout_p=self.dropout if self.training else 0.0,
                          is_causal=self.causal and not has_context, scale=scale, enable_gqa=k.shape[1] != h, bias=bias,
                          topk=self.sparse_topk, qk_norm=qk_norm, rotary=rotary if not has_context else None,
-                         q_offset=(nk - k_prefix) - n, k_prefix=k_prefix, hooks=hooks)
-        out, inv = self._merge_heads(out, x)
+                         q_offset=(nk - k_prefix) - n, k_prefix=k_prefix, hooks=hooks, gqa_order="repeat")
+        out = self._merge_heads(out, x)
         if mask is not None and cache is None and mask.shape[-1] == n:
             out = out.masked_fill(~mask[..., None], 0.0)
 
         if not return_intermediates:
             return out
-        return out, self._intermediates(cached_kv, hooks, inv)
+        return out, self._intermediates(cached_kv, hooks)
 
     def _projection_inputs(self, x, context, mem, pia_pos_emb, pos_offset):
         """The inputs of the q, k, v projections: x ``(b, n, dim)``, keys/values from ``context``
@@ -335,10 +320,9 @@ class Attention(nn.Module):
 
     def _keep_mask(self, key_mask, attn_mask, nk: int):
         """The bool keep-mask (True = attend) for ``xtk.attention``, broadcastable to
-        ``(b, heads, n, nk)`` in xtk's head order, or None: the key padding mask ``(b, nk -
-        num_mem_kv)`` and ``attn_mask`` (2-, 3- or 4-D, x-transformers' head order), both padded
-        with True over the memory key/values."""
-        k_prefix, perm = self.num_mem_kv, self._perm
+        ``(b, heads, n, nk)``, or None: the key padding mask ``(b, nk - num_mem_kv)`` and
+        ``attn_mask`` (2-, 3- or 4-D), both padded with True over the memory key/values."""
+        k_prefix = self.num_mem_kv
         keep = None
         if key_mask is not None:
             keep = key_mask[:, None, None, :]
@@ -354,53 +338,44 @@ class Attention(nn.Module):
                 am = am[None]
             if am.shape[-1] == nk - k_prefix and k_prefix:
                 am = F.pad(am, (k_prefix, 0), value=True)
-            if perm is not None and am.shape[1] == self.heads:
-                am = am[:, perm.to(am.device)]
             keep = am if keep is None else keep & am
         return keep
 
-    def _qk_norm_and_scale(self, device):
-        """-> (``xtk.QKNorm`` with the dim scales, q's in xtk's head order, and logit scale None)
-        under QK-norm, else (None, ``dim_head ** -0.5``)."""
+    def _qk_norm_and_scale(self):
+        """-> (``xtk.QKNorm`` with the dim scales, and logit scale None) under QK-norm, else (None,
+        ``dim_head ** -0.5``)."""
         if not self.qk_norm:
             return None, self.scale
-        perm = self._perm
         qs = ks = None
         if self.qk_norm_dim_scale:
-            qs = self.qk_norm_q_scale if perm is None else self.qk_norm_q_scale[perm.to(device)]
-            ks = self.qk_norm_k_scale
+            qs, ks = self.qk_norm_q_scale, self.qk_norm_k_scale
         return QKNorm(self.qk_norm_groups, self.qk_norm_scale, qs, ks), None
 
     def _merge_heads(self, out, x):
-        """``xtk.attention``'s out ``(b, heads, n, value_dim_head)`` (xtk's head order) -> the layer's
-        output ``(b, n, dim_out)``: heads back in x-transformers' order, times ``head_scale_params``,
-        merged, gated by ``sigmoid(to_v_gate(x))``, through ``to_out``. -> (output, the inverse head
-        permutation or None)."""
+        """``xtk.attention``'s out ``(b, heads, n, value_dim_head)`` -> the layer's output ``(b, n,
+        dim_out)``: times ``head_scale_params``, heads merged, gated by ``sigmoid(to_v_gate(x))``,
+        through ``to_out``."""
         b, n, _ = x.shape
-        inv = None
         out = out.transpose(1, 2)   # (b, n, h, dv)
-        if self._perm is not None:  # back to x-transformers' head order, folded into the heads merge copy
-            inv = torch.argsort(self._perm).to(out.device)
-            out = out[:, :, inv]
         if self.head_scale:
             out = out * self.head_scale_params.transpose(1, 2)
         out = out.reshape(b, n, self.heads * self.value_dim_head)
         if self.to_v_gate is not None:
             out = out * torch.sigmoid(self.to_v_gate(x))
-        return self.to_out(out), inv
+        return self.to_out(out)
 
     @staticmethod
-    def _intermediates(cached_kv, hooks: Optional[ScoreHooks], inv) -> Intermediates:
+    def _intermediates(cached_kv, hooks: Optional[ScoreHooks]) -> Intermediates:
         """This call's ``Intermediates``: ``cached_kv`` and the attention maps the hooks recorded
-        (``(b, heads, n, nk)``), in x-transformers' head order (``inv``: xtk's -> theirs, or None)."""
+        (``(b, heads, n, nk)``)."""
         inter = Intermediates(cached_kv=cached_kv)
         if hooks is not None:
             s_pre = hooks.record.get("pre_softmax") if hooks.record is not None else None
             if s_pre is not None:
-                inter.pre_softmax_attn = s_pre[:, inv] if inv is not None else s_pre
+                inter.pre_softmax_attn = s_pre
             p = hooks._post_store.get("p")
             if p is not None:
-                inter.post_softmax_attn = p[:, inv] if inv is not None else p
+                inter.post_softmax_attn = p
         return inter
 
 

@@ -6,6 +6,7 @@ bias descriptors, top-k, QK-norm, rotary/xpos and a query offset (SPEC §1, §2)
 """
 from __future__ import annotations
 
+import dataclasses
 from dataclasses import dataclass
 from typing import Any, Optional
 
@@ -37,16 +38,48 @@ class AttentionInputs:
     q_offset: int
     k_prefix: int
     hooks: Optional[ScoreHooks]
+    gqa_order: str = "interleave"
+
+    @property
+    def gqa_repeat(self) -> bool:
+        """Query head i reads kv head i % hk (x-transformers' order): GQA with ``gqa_order='repeat'``."""
+        return self.gqa_order == "repeat" and self.k.shape[1] not in (1, self.q.shape[1])  # MQA: one order
 
     def kwargs(self) -> dict:
         """Everything but q, k, v, as keyword arguments of the reference."""
         return dict(attn_mask=self.attn_mask, dropout_p=self.dropout_p, is_causal=self.is_causal,
                     scale=self.scale, bias=self.bias, topk=self.topk, qk_norm=self.qk_norm,
-                    rotary=self.rotary, q_offset=self.q_offset, k_prefix=self.k_prefix, hooks=self.hooks)
+                    rotary=self.rotary, q_offset=self.q_offset, k_prefix=self.k_prefix, hooks=self.hooks,
+                    gqa_order=self.gqa_order)
+
+
+GQA_ORDERS = ("interleave", "repeat")
+
+
+def in_interleave_order(inputs: AttentionInputs) -> tuple[AttentionInputs, Optional[torch.Tensor]]:
+    """``inputs`` with the query heads (and every per-head input: bias, attn_mask, q dim scale)
+    permuted from ``gqa_order='repeat'`` into SDPA's order, and the permutation that takes the
+    result back (``out[:, inverse]``); ``(inputs, None)`` when nothing is to permute. For a backend
+    without the repeat order of its own; the copies are O(h n d) (q, out) plus per-head inputs."""
+    if not inputs.gqa_repeat:
+        return inputs, None
+    h, hk = inputs.q.shape[1], inputs.k.shape[1]
+    group = h // hk
+    # interleave position j = kv * group + r holds repeat-order head r * hk + kv
+    perm = torch.tensor([(j % group) * hk + j // group for j in range(h)], device=inputs.q.device)
+    mask, qn = inputs.attn_mask, inputs.qk_norm
+    if mask is not None and mask.dim() >= 3 and mask.shape[-3] == h:
+        mask = mask.index_select(mask.dim() - 3, perm)
+    if qn is not None and qn.q_dim_scale is not None and qn.q_dim_scale.shape[0] == h:
+        qn = dataclasses.replace(qn, q_dim_scale=qn.q_dim_scale.index_select(0, perm))
+    bias = inputs.bias.for_heads(h, perm) if inputs.bias is not None else None
+    permuted = dataclasses.replace(inputs, q=inputs.q.index_select(1, perm), attn_mask=mask, qk_norm=qn, bias=bias,
+                                   gqa_order="interleave")
+    return permuted, torch.argsort(perm)
 
 
 def _validate(q, k, v, attn_mask, dropout_p, is_causal, scale, enable_gqa, bias, topk, qk_norm,
-              rotary, q_offset, k_prefix, hooks) -> AttentionInputs:
+              rotary, q_offset, k_prefix, hooks, gqa_order="interleave") -> AttentionInputs:
     """The arguments of ``attention`` checked (types, shapes, devices, ranges), as ``AttentionInputs``;
     q ``(b, h, nq, d)``, k ``(b, hk, nk, d)``, v ``(b, hk, nk, dv)``."""
     for name, x in (("q", q), ("k", k), ("v", v)):
@@ -64,6 +97,9 @@ def _validate(q, k, v, attn_mask, dropout_p, is_causal, scale, enable_gqa, bias,
         raise ValueError(f"v: expected (heads, length) = {(hk, nk)} (k's), got {tuple(v.shape[1:3])}")
     if h % hk != 0:
         raise ValueError(f"k: query heads ({h}) must be divisible by key/value heads, got {hk} kv heads")
+    if gqa_order not in GQA_ORDERS:
+        raise ValueError(f"gqa_order: expected 'interleave' (query head i reads kv head i // (h / hk), SDPA's) or "
+                         f"'repeat' (kv head i % hk, x-transformers'), got {gqa_order!r}")
     if hk != h and not enable_gqa:
         raise ValueError(f"enable_gqa: q has {h} heads and k/v have {hk}; pass enable_gqa=True for grouped-query attention")
     if attn_mask is not None:
@@ -89,7 +125,7 @@ def _validate(q, k, v, attn_mask, dropout_p, is_causal, scale, enable_gqa, bias,
     if hooks is not None and not isinstance(hooks, ScoreHooks):
         raise TypeError(f"hooks: expected xtk.reference.attention.ScoreHooks or None, got {type(hooks).__name__}")
     return AttentionInputs(q, k, v, attn_mask, float(dropout_p), bool(is_causal), scale, bias, topk,
-                           qk_norm, rotary, q_offset, k_prefix, hooks)
+                           qk_norm, rotary, q_offset, k_prefix, hooks, gqa_order)
 
 
 def _validate_bias(bias, q, b, h, nq, nk, q_offset, k_prefix) -> None:
@@ -162,7 +198,7 @@ def _qkv_arguments(q, k, v, query, key, value):
 
 def attention(q=None, k=None, v=None, attn_mask=None, dropout_p=0.0, is_causal=False, scale=None, enable_gqa=False,
               *, query=None, key=None, value=None, bias=None, topk=None, qk_norm=None, rotary=None, q_offset=None,
-              k_prefix=0, backend="auto", hooks=None):
+              k_prefix=0, backend="auto", hooks=None, gqa_order="interleave"):
     """Scaled dot-product attention with in-kernel bias, top-k, QK-norm and rotary/xpos.
 
     q ``(b, h, nq, d)``, k ``(b, hk, nk, d)``, v ``(b, hk, nk, dv)``, any strides -> ``(b, h, nq, dv)``
@@ -173,6 +209,8 @@ def attention(q=None, k=None, v=None, attn_mask=None, dropout_p=0.0, is_causal=F
     ``j - k_prefix``. ``attn_mask``: bool keep-mask or additive float, broadcastable to
     ``(b, h, nq, nk)``. ``bias``: ``xtk.bias.Alibi | T5 | DistanceTable | Dense``. ``topk``:
     keep per row the logits >= the k-th largest (ties kept). Rows with no key give zeros.
+    ``gqa_order`` (with ``enable_gqa``): 'interleave' -- query head ``i`` reads kv head
+    ``i // (h / hk)``, SDPA's -- or 'repeat' -- ``i % hk``, x-transformers' ``(r kvh)`` order.
     ``hooks`` (``ScoreHooks``): features that need the whole score matrix; only the eager backend
     runs them (``auto`` picks it; a forced backend that cannot raises with its reasons).
     ``backend``: auto|eager|chunked|triton|ext (``XTK_BACKEND`` applies when 'auto')."""
@@ -183,10 +221,10 @@ def attention(q=None, k=None, v=None, attn_mask=None, dropout_p=0.0, is_causal=F
             attn_mask = attn_mask.unsqueeze(1)
         out = attention(q.unsqueeze(1), k.unsqueeze(1), v.unsqueeze(1), attn_mask, dropout_p, is_causal, scale,
                         enable_gqa, bias=bias, topk=topk, qk_norm=qk_norm, rotary=rotary, q_offset=q_offset,
-                        k_prefix=k_prefix, backend=backend, hooks=hooks)
+                        k_prefix=k_prefix, backend=backend, hooks=hooks, gqa_order=gqa_order)
         return out.squeeze(1)
     inputs = _validate(q, k, v, attn_mask, dropout_p, is_causal, scale, enable_gqa, bias, topk,
-                       qk_norm, rotary, q_offset, k_prefix, hooks)
+                       qk_norm, rotary, q_offset, k_prefix, hooks, gqa_order)
     chosen = backends.pick("attention", inputs, backend)
     if hooks is not None and chosen is EAGER and backends.requested(backend) == "auto":
         backends.warn_once("hooks:" + hooks.reason,

@@ -15,7 +15,8 @@ bigger than one chunk and, for the position biases, usually not materialized at 
 * Prefix keys (``k_prefix``), ``attn_mask``/``Dense`` pieces and top-k make the chunk's mask
   materialized (one ``(b|1, h|1, c, nkc)`` tensor per chunk, never the whole matrix).
 * QK-norm and rotary/xpos are applied to q and k up front (O(n d)); GQA is passed through to
-  the kernel without repeating k/v.
+  the kernel without repeating k/v (``gqa_order='repeat'``: the query heads and per-head inputs are
+  permuted into SDPA's order first and the output back, ``in_interleave_order``).
 
 Gradients: a custom ``autograd.Function`` saves only q, k, v, the output, the log-sum-exp and
 (top-k) the per-row threshold. Backward rebuilds each chunk's mask and calls the fused
@@ -58,6 +59,7 @@ import torch
 from .. import backends
 from ..bias import Bias
 from ..reference import attention as reference
+from .attention import in_interleave_order
 from ..reference.attention import _rotate_qk, qk_norm_apply, split_scale
 
 _FLASH = getattr(torch.ops.aten, "_scaled_dot_product_flash_attention_for_cpu", None)
@@ -671,6 +673,12 @@ def _unit_last_stride(x: torch.Tensor) -> torch.Tensor:
 
 
 def run(inputs):
+    inputs, back = in_interleave_order(inputs)  # gqa_order='repeat': the fused kernel knows SDPA's order only
+    out = _run(inputs)
+    return out if back is None else out.index_select(1, back)
+
+
+def _run(inputs):
     q, k, scale = _prepare(inputs)
     v = inputs.v
     b, h, nq, _ = q.shape

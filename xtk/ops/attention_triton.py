@@ -70,7 +70,7 @@ def run(inputs) -> Tensor:
         slopes, table, dense = inputs.bias.kernel_args(h, nq, nk, inputs.q_offset, inputs.k_prefix)
     out = torch.ops.xtk.attention_fwd(q, k, inputs.v, slopes, table, inputs.attn_mask, dense, scale,
                                       inputs.is_causal, inputs.q_offset, inputs.k_prefix, _effective_topk(inputs, nk),
-                                      inputs.dropout_p, -1, *qk)[0]
+                                      inputs.dropout_p, -1, *qk, inputs.gqa_repeat)[0]
     return out
 
 

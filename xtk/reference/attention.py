@@ -227,7 +227,8 @@ def _softmax_weighted_sum(s, keep, v, work: torch.dtype, out_dtype: torch.dtype,
 
 def attention(q, k, v, attn_mask=None, dropout_p=0.0, is_causal=False, scale=None, *,
               bias=None, topk=None, qk_norm: Optional[QKNorm] = None, rotary: Optional[Rotary] = None,
-              q_offset=0, k_prefix=0, hooks: Optional[ScoreHooks] = None, dropout_mask=None):
+              q_offset=0, k_prefix=0, hooks: Optional[ScoreHooks] = None, dropout_mask=None,
+              gqa_order: str = "interleave"):
     """q ``(b, h, nq, d)``, k ``(b, hk, nk, d)``, v ``(b, hk, nk, dv)`` -> ``(b, h, nq, dv)``.
 
     Inputs are assumed validated (``xtk.ops.attention`` does that). ``dropout_mask``, when
@@ -237,9 +238,12 @@ def attention(q, k, v, attn_mask=None, dropout_p=0.0, is_causal=False, scale=Non
     hk, nk = k.shape[1], k.shape[2]
     work = torch.promote_types(q.dtype, torch.float32)
     q, k, scale = _qk_features(q, k, scale, qk_norm, rotary, q_offset, k_prefix)
-    # 1. GQA: query head i reads kv head i // (h // hk)
-    k = k.repeat_interleave(h // hk, dim=1)
-    v = v.repeat_interleave(h // hk, dim=1)
+    # 1. GQA: query head i reads kv head i // (h // hk) ('interleave', SDPA's), or i % hk ('repeat',
+    # x-transformers' (r kvh) order)
+    if gqa_order == "repeat":
+        k, v = k.repeat(1, h // hk, 1, 1), v.repeat(1, h // hk, 1, 1)
+    else:
+        k, v = k.repeat_interleave(h // hk, dim=1), v.repeat_interleave(h // hk, dim=1)
     keep, added = _mask_pieces(attn_mask, bias, is_causal, h, nq, nk, q_offset, k_prefix, q.device)
     s, keep = _biased_logits(q, k, keep, added, scale, hooks, work)
     if topk is not None and topk < nk:
