@@ -1,8 +1,8 @@
 """How thin are the 2x rule's margins? Runs pytest with every ``judge_2x`` verdict recorded and
 prints the worst ratios kernel error / limit (1.0 is the limit: 0.9 passes with 10% to spare).
 
-    python tests/report_margins.py tests/test_attention_triton.py [more pytest arguments]
-    python tests/report_margins.py tests/test_attention_triton.py --top 30 --csv margins.csv
+    python tests/report_margins.py tests/test_attention_sweep.py [more pytest arguments]
+    python tests/report_margins.py tests/test_attention_sweep.py --top 30 --csv margins.csv
 
 The ratios of the gradients that get ``sum_floor`` (one sum over a whole score matrix) are also
 shown against the old rule, without that floor, to show what the floor buys.

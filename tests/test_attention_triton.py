@@ -3,20 +3,22 @@
 Runs the real kernels: compiled on a CUDA machine, through the Triton interpreter on CPU
 (tests/conftest.py sets TRITON_INTERPRET=1 before triton is imported when no CUDA is present).
 Every forward and every gradient is judged by the 2x rule against an fp64 oracle
-(tests/tolerance.py). ``XTK_FULL_TESTS=1`` adds the heavy sweep.
+(tests/tolerance.py). The sweep over switches, shapes, dtypes and head dims runs every backend
+from tests/test_attention_sweep.py; here: what only the Triton backend has (top-k limit, rotary at
+far positions, dropout, opcheck, compile, deterministic mode, reasons, memory, the models).
 """
-import itertools
 import os
 
 import pytest
 import torch
 
 import xtk
-from xtk.bias import Alibi, Dense, DistanceTable, T5, alibi_slopes
+from xtk.bias import Alibi, T5, alibi_slopes
 from xtk.qk import QKNorm, Rotary, rotary_inv_freq, xpos_scale
 from xtk.reference.attention import ScoreHooks, attention as reference
 
-from tolerance import assert_close_2x, attention_sums, check_against_oracle
+from tolerance import attention_sums, check_against_oracle
+from test_attention_sweep import check_qk, make_case, run_check
 
 CUDA = torch.cuda.is_available()
 DEV = "cuda" if CUDA else "cpu"
@@ -29,209 +31,7 @@ from xtk.kernels import attention_op  # noqa: E402  (after the interpreter switc
 from xtk.ops import attention_triton  # noqa: E402
 
 
-# ----------------------------------------------------------------------------- case builder
-
-def make_case(feature, b=2, h=4, hk=2, nq=17, nk=17, d=16, dv=None, dtype=torch.float32):
-    """inputs dict (tensors + plain values) and the attention kwargs builder for one feature set.
-
-    ``feature``: '+'-joined names; returns (inputs, grad_names, kw_fn) with kw_fn(**inputs) -> kwargs."""
-    dv = dv or d
-    feats = set(feature.split("+")) - {"none"}
-    if "gqa8to2" in feats:
-        h, hk = 8, 2
-    if "gqa8to1" in feats:
-        h, hk = 8, 1
-    if "mha" in feats:
-        hk = h
-    inputs = dict(q=torch.randn(b, h, nq, d, device=DEV), k=torch.randn(b, hk, nk, d, device=DEV),
-                  v=torch.randn(b, hk, nk, dv, device=DEV))
-    grads = ["q", "k", "v"]
-    static = dict(is_causal="causal" in feats, enable_gqa=hk != h)
-    if "offset" in feats:
-        static["q_offset"] = 3
-    if "negoffset" in feats:
-        static["q_offset"] = -4  # the first rows see no positional key under causal
-    if "prefix" in feats:
-        static["k_prefix"] = min(2, nk)
-    if "alibi" in feats:
-        inputs["slopes"] = torch.tensor(alibi_slopes(h - 1), device=DEV)  # the last head gets none
-        grads.append("slopes")
-    if "t5" in feats:
-        inputs["t5table"] = torch.randn(32, h, device=DEV)
-        grads.append("t5table")
-    if "table" in feats:
-        L = nq + nk + 8
-        inputs["dtable"] = torch.randn(2 * L - 1, h, device=DEV)
-        grads.append("dtable")
-    if "dense" in feats:
-        inputs["dense"] = torch.randn(1, h, nq, nk, device=DEV)
-        grads.append("dense")
-    if "densebool" in feats:
-        inputs["densebool"] = torch.rand(b, 1, nq, nk, device=DEV) > 0.3
-    if "keypad" in feats:
-        m = torch.rand(b, 1, 1, nk, device=DEV) > 0.3
-        m[-1] = False  # a fully padded batch: every row of it is empty -> zeros, zero grads
-        inputs["keypad"] = m
-    if "maskbool" in feats:
-        m = torch.rand(b, 1, nq, nk, device=DEV) > 0.4
-        m[:, :, nq // 2] = False  # a fully masked row
-        inputs["maskbool"] = m
-    if "maskfloat" in feats:
-        m = torch.randn(b, 1, nq, nk, device=DEV)
-        m[0, 0, 0] = float("-inf")  # a row emptied by -inf
-        inputs["maskfloat"] = m
-    if "strided" in feats:  # q/k/v as views of a (b, n, h, d) layout, as a model's heads split gives
-        for name in ("q", "k", "v"):
-            t = inputs[name]
-            inputs[name] = t.transpose(1, 2).contiguous().transpose(1, 2)
-    if "scale" in feats:
-        static["scale"] = 0.3
-
-    def kw_fn(**kw):
-        out = dict(static)
-        if "slopes" in kw:
-            out["bias"] = Alibi(kw["slopes"])
-        if "t5table" in kw:
-            out["bias"] = T5(kw["t5table"], num_buckets=32, max_distance=64, causal="causal" in feats, scale=0.5)
-        if "dtable" in kw:
-            out["bias"] = DistanceTable(kw["dtable"])
-        if "dense" in kw:
-            out["bias"] = Dense(kw["dense"])
-        if "densebool" in kw:
-            out["bias"] = Dense(kw["densebool"])
-        if "keypad" in kw:
-            out["attn_mask"] = kw["keypad"]
-        if "maskbool" in kw:
-            out["attn_mask"] = kw["maskbool"]
-        if "maskfloat" in kw:
-            out["attn_mask"] = kw["maskfloat"]
-        return out
-
-    return inputs, grads, kw_fn
-
-
-def run_check(feature, dtype=torch.float32, **shape):
-    inputs, grads, kw_fn = make_case(feature, **shape)
-
-    def kernel(q, k, v, **kw):
-        return xtk.attention(q, k, v, backend="triton", **kw_fn(**kw))
-
-    def reference_kwargs(**kw):
-        kwargs = kw_fn(**kw)
-        kwargs.pop("enable_gqa")
-        return kwargs
-
-    def eager(q, k, v, **kw):
-        return reference(q, k, v, **reference_kwargs(**kw))
-
-    table = next((n for n in ("slopes", "t5table", "dtable") if n in grads), None)  # sums over all logits
-    check_against_oracle(kernel, eager, inputs, dtype, grad_names=grads,
-                         term_sums=attention_sums(reference_kwargs, bias=table))
-
-
-SINGLE = ["none", "causal", "causal+offset", "causal+negoffset", "prefix", "causal+prefix+offset", "alibi",
-          "t5", "table", "dense", "densebool", "keypad", "maskbool", "maskfloat", "gqa8to2", "gqa8to1", "mha", "strided",
-          "scale"]
-SHAPES = [(1, 1), (17, 17), (65, 33)]
-LONG = ["none", "causal+prefix+offset", "t5", "table", "keypad", "gqa8to1"]  # also at (17, 130)
-
-
-@pytest.mark.parametrize("feature,nq,nk", [(f, nq, nk) for f in SINGLE for nq, nk in SHAPES]
-                         + [(f, 17, 130) for f in LONG])
-def test_switch_alone_fp32(feature, nq, nk):
-    run_check(feature, nq=nq, nk=nk, b=1 if nq * nk > 300 else 2)
-
-
-COMBOS = [
-    "causal+offset+prefix+alibi+keypad+gqa8to2",
-    "causal+negoffset+t5+maskfloat",
-    "causal+offset+prefix+table+gqa8to1+strided",
-    "dense+keypad+causal",
-    "maskbool+alibi+prefix",
-    "densebool+maskfloat+causal",
-]
-
-
-@pytest.mark.parametrize("feature,nq,nk", [(f, 40, 65) for f in COMBOS] + [(f, 33, 130) for f in COMBOS[:3]])
-def test_combinations_fp32(feature, nq, nk):
-    run_check(feature, nq=nq, nk=nk, b=1)
-
-
-@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16])
-@pytest.mark.parametrize("feature", ["causal+offset+prefix+alibi+keypad+gqa8to2", "t5+causal", "table+maskfloat",
-                                     "dense+keypad", "none"])
-def test_half_dtypes(feature, dtype):
-    run_check(feature, dtype=dtype, nq=33, nk=65, b=1)
-
-
-@pytest.mark.parametrize("d,dv", [(32, 32), (64, 64), (24, 40), (96, 96)])
-def test_head_dims(d, dv):
-    run_check("causal+alibi", d=d, dv=dv, nq=17, nk=33, b=1, h=2, hk=1)
-
-
-if FULL:  # the heavy sweep exists only with XTK_FULL_TESTS=1 (hours in the interpreter, minutes on a GPU)
-    @pytest.mark.parametrize("dtype", [torch.float32, torch.float16, torch.bfloat16])
-    @pytest.mark.parametrize("feature", SINGLE + COMBOS)
-    @pytest.mark.parametrize("nq,nk", [(1, 1), (17, 17), (65, 33), (130, 130), (1, 130), (130, 1)])
-    @pytest.mark.parametrize("d", [16, 64, 128])
-    def test_full_sweep(feature, dtype, nq, nk, d):
-        run_check(feature, dtype=dtype, nq=nq, nk=nk, d=d, b=1)
-
-
-def test_empty_rows_give_zero_output_and_grads():
-    q, k, v = (torch.randn(2, 2, 9, 16, device=DEV, requires_grad=True) for _ in range(3))
-    mask = torch.ones(2, 1, 1, 9, dtype=torch.bool, device=DEV)
-    mask[1] = False
-    out = xtk.attention(q, k, v, mask, backend="triton")
-    assert torch.equal(out[1], torch.zeros_like(out[1]))
-    out.sum().backward()
-    for t in (q, k, v):
-        assert torch.equal(t.grad[1], torch.zeros_like(t.grad[1]))
-    # causal with rows before every positional key
-    out = xtk.attention(q, k, v, is_causal=True, q_offset=-3, backend="triton")
-    assert torch.equal(out[:, :, :3], torch.zeros_like(out[:, :, :3]))
-    assert out[:, :, 3:].abs().sum() > 0
-
-
 # ----------------------------------------------------------------------------- top-k
-
-def exact_inputs(b, h, hk, nq, nk, d):
-    """Small integers: every logit (scale 1/4) and its sums are exact in fp32, with many ties."""
-    q = torch.randint(-2, 3, (b, h, nq, d), device=DEV).float()
-    k = torch.randint(-2, 3, (b, hk, nk, d), device=DEV).float()
-    v = torch.randn(b, hk, nk, d, device=DEV)
-    return q, k, v
-
-
-@pytest.mark.parametrize("topk,extra", [(1, {}), (3, dict(is_causal=True, q_offset=2)),
-                                        (5, dict(bias="alibi", k_prefix=2)), (8, dict(mask=True))])
-def test_topk_exact_kept_set(topk, extra):
-    b, h, hk, nq, nk, d = 1, 2, 1, 19, 40, 16
-    q, k, v = exact_inputs(b, h, hk, nq, nk, d)
-    k[..., 5, :] = k[..., 6, :]  # constructed ties
-    k[..., 20, :] = k[..., 6, :]
-    kw = dict(scale=0.25, topk=topk)
-    extra = dict(extra)
-    if extra.pop("bias", None):
-        kw["bias"] = Alibi(torch.tensor([0.25, 0.5], device=DEV))
-    if extra.pop("mask", None):
-        m = torch.rand(b, 1, nq, nk, device=DEV) > 0.5
-        m[..., 0, :] = False  # an empty row
-        m[..., 1, :] = False
-        m[..., 1, :3] = True  # a row with fewer unmasked keys than topk: keep them all
-        kw["attn_mask"] = m
-    kw.update(extra)
-    qs, ks, vs = (t.clone().requires_grad_() for t in (q, k, v))
-    got = xtk.attention(qs, ks, vs, enable_gqa=True, backend="triton", **kw)
-    qo, ko, vo = (t.double().requires_grad_() for t in (q, k, v))
-    want = reference(qo, ko, vo, **kw)
-    assert (got.double() - want).abs().max().item() < 1e-5
-    g = torch.randn_like(want)
-    got.backward(g.float())
-    want.backward(g)
-    for a, w in ((qs, qo), (ks, ko), (vs, vo)):
-        assert (a.grad.double() - w.grad).abs().max().item() < 1e-4
-
 
 def test_topk_beyond_limit_is_refused():
     q, k, v = (torch.randn(1, 1, 4, 16, device=DEV) for _ in range(3))
@@ -242,84 +42,11 @@ def test_topk_beyond_limit_is_refused():
 
 
 # ----------------------------------------------------------------------------- QK-norm, rotary
+# (the QK-norm / rotary sweep over backends: tests/test_attention_sweep.py)
 
-QK_VARIANTS = ["qknorm", "qknorm_dimscale", "rotary", "xpos", "qknorm+rotary", "qknorm_learnedscale+xpos",
-               "qknorm_qdimscale", "qknorm_dimscale_learnedscale+xpos", "qknorm+rotary+alibi+keypad+gqa8to1",
-               "qknorm_dimscale+xpos+dropout"]
-
-
-@pytest.mark.parametrize("variant,dtype,d,nq,nk", [(v, torch.float32, 16, 17, 33) for v in QK_VARIANTS]
-                         + [("qknorm_dimscale+xpos", torch.float32, 32, 65, 40),
-                            ("qknorm_dimscale+xpos", torch.float32, 24, 9, 70),
-                            ("qknorm_dimscale+xpos", torch.bfloat16, 16, 33, 17),
-                            ("qknorm_dimscale_learnedscale+xpos", torch.float16, 16, 33, 17),
-                            ("qknorm_dimscale_learnedscale+xpos", torch.bfloat16, 16, 33, 17),
-                            ("qknorm+rotary", torch.float16, 16, 17, 33)])
-def test_qk_norm_and_rotary(variant, dtype, d, nq, nk):
-    """QK-norm (groups, dim scales, learned scale) and rotary/xpos, applied in-kernel to the q/k
-    tiles, forward and backward (gradients to q, k and the scales) against the eager reference."""
-    h, hk = (8, 1) if "gqa8to1" in variant else (4, 2)
-    inputs = dict(q=torch.randn(1, h, nq, d, device=DEV), k=torch.randn(1, hk, nk, d, device=DEV),
-                  v=torch.randn(1, hk, nk, d, device=DEV))
-    grads = ["q", "k", "v"]
-    if "dimscale" in variant:
-        inputs["qs"] = torch.rand(h, 1, d, device=DEV) + 0.5
-        grads.append("qs")
-        if "qdimscale" not in variant:
-            inputs["ks"] = torch.rand(hk, 1, d, device=DEV) + 0.5
-            grads.append("ks")
-    if "learnedscale" in variant:
-        inputs["scale"] = torch.tensor(4.0, device=DEV)
-        grads.append("scale")
-    if "alibi" in variant:
-        inputs["slopes"] = torch.tensor(alibi_slopes(h), device=DEV)
-        grads.append("slopes")
-    if "keypad" in variant:
-        inputs["keypad"] = torch.rand(1, 1, 1, nk, device=DEV) > 0.3
-    p = 0.25 if "dropout" in variant else 0.0
-    keep = attention_op.dropout_keep_mask(99, 1, h, nq, nk, p, DEV) if p else None
-    rd = 8 if d % 16 == 0 else 12
-
-    def kw(qs=None, ks=None, scale=None, slopes=None, keypad=None):
-        out = dict(enable_gqa=True, is_causal=True, q_offset=nk - 2 - nq, k_prefix=2)
-        if slopes is not None:
-            out["bias"] = Alibi(slopes)
-        if keypad is not None:
-            out["attn_mask"] = keypad
-        if "qknorm" in variant:
-            fixed = d ** -0.5 if qs is not None else 10.0
-            out["qk_norm"] = QKNorm(groups=2, scale=fixed if scale is None else scale, q_dim_scale=qs, k_dim_scale=ks)
-        if "rotary" in variant or "xpos" in variant:
-            out["rotary"] = Rotary(rd, rotary_inv_freq(rd, device=DEV),
-                                   xpos_scale=xpos_scale(rd, device=DEV) if "xpos" in variant else None)
-        return out
-
-    def kernel(q, k, v, **extra):
-        a = kw(**extra)
-        if not p:
-            return xtk.attention(q, k, v, backend="triton", **a)
-        # dropout through the op (fixed seed) with the QK arguments the backend builds
-        from xtk.ops.attention import _validate
-        inp = _validate(q, k, v, attn_mask=None, dropout_p=p, is_causal=True, scale=None, enable_gqa=True,
-                        bias=None, topk=None, qk_norm=a.get("qk_norm"), rotary=a.get("rotary"),
-                        q_offset=a["q_offset"], k_prefix=2, hooks=None)
-        qk, scale = attention_triton._qk_args(inp)
-        return torch.ops.xtk.attention_fwd(q, k, v, None, None, None, None, scale, True, a["q_offset"], 2, 0, p, 99,
-                                           *qk)[0]
-
-    def reference_kwargs(**extra):
-        a = kw(**extra)
-        a.pop("enable_gqa")
-        if p:
-            a.update(dropout_p=p, dropout_mask=keep)
-        return a
-
-    def eager(q, k, v, **extra):
-        return reference(q, k, v, **reference_kwargs(**extra))
-
-    # the slopes' and the learned scale's gradients are sums over every logit (sum_floor)
-    check_against_oracle(kernel, eager, inputs, dtype, grad_names=grads,
-                         term_sums=attention_sums(reference_kwargs, bias="slopes", scale="scale"))
+def test_qk_norm_with_dropout():
+    """In-kernel dropout with QK-norm dim scales and xpos: the reference fed the kernel's keep-mask."""
+    check_qk("triton", "qknorm_dimscale+xpos+dropout", torch.float32, 16, 17, 33)
 
 
 @pytest.mark.parametrize("interp", [1.0, 3.0])
@@ -519,7 +246,7 @@ def test_deterministic_mode_bit_identical_grads():
             assert torch.equal(a, b)
         # the T5 / distance-table gradient: atomics normally, whole dS + diagonal sums here
         for feature in ("causal+offset+prefix+t5", "negoffset+table+gqa8to2"):
-            run_check(feature, nq=40, nk=33, b=2)
+            run_check("triton", feature, nq=40, nk=33, b=2)
             grads = []
             for _ in range(2):
                 torch.manual_seed(4)
