@@ -19,6 +19,7 @@ del _argv0
 from . import bias
 from .qk import QKNorm, Rotary
 from .ops.attention import attention
+from .ops.attention_kvcache import attention_with_kvcache
 from .ops.rms_norm import rms_norm
 from .ops.glu import glu
 
@@ -43,7 +44,7 @@ _LAZY = {
     "load_x_transformers_weights": "xtk.models.loader",
 }
 
-__all__ = ["attention", "bias", "QKNorm", "Rotary", "rms_norm", "glu", *_LAZY]
+__all__ = ["attention", "attention_with_kvcache", "bias", "QKNorm", "Rotary", "rms_norm", "glu", *_LAZY]
 
 
 def __getattr__(name):

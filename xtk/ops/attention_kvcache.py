@@ -1,0 +1,202 @@
+"""``xtk.attention_with_kvcache``: attention of 1-16 new query rows per sequence over a KV cache.
+
+The serving entry point (issue 14): keys and values come from a contiguous cache ``(B, hk, n_max, d)``
+or a paged one ``(num_pages, hk, page_size, d)`` addressed by a block table, with per-sequence
+lengths. This module holds the semantics, every input check and the cache writes; the attention
+itself runs per sequence through ``xtk.attention`` on the gathered keys (any backend, every bias
+kind but Dense, top-k, QK-norm, rotary/xpos, memory key/values). That path reads ``cache_seqlens``
+on the host (one synchronisation per call) and loops over the sequences in Python: it is the
+reference semantics and the CPU path, not yet the split-KV decode kernel.
+
+Positions: the first ``k_prefix`` cached keys of every sequence are memory key/values (no
+position); cached key ``j >= k_prefix`` sits at ``j - k_prefix``; query ``i`` of sequence ``b`` sits
+at ``cache_seqlens[b] - k_prefix + i``. With new ``k``/``v`` they are written at cache slots
+``cache_seqlens[b] + i`` first (in place, raw keys: QK-norm and rotary are applied when attending)
+and query ``i`` attends, under ``is_causal``, the cached keys and the new ones up to its own
+position; without them it attends all ``cache_seqlens[b]`` cached keys.
+"""
+from __future__ import annotations
+
+from typing import Optional
+
+import torch
+
+from ..bias import Dense
+from . import _check
+from .attention import GQA_ORDERS, attention
+
+MAX_QUERY_ROWS = 16
+
+
+def attention_with_kvcache(q, k_cache, v_cache, k=None, v=None, *, cache_seqlens, block_table=None,
+                           cache_batch_idx=None, is_causal=True, scale=None, bias=None, topk=None, qk_norm=None,
+                           rotary=None, k_prefix=0, num_splits=0, return_lse=False, gqa_order="interleave",
+                           backend="auto"):
+    """q ``(b, h, nq, d)`` with ``1 <= nq <= 16``; k_cache ``(B, hk, n_max, d)`` and v_cache ``(B, hk,
+    n_max, dv)``, or paged ``(num_pages, hk, page_size, d|dv)`` with ``block_table`` ``(b, max_pages)``
+    int32 (page size a multiple of 16); new ``k`` ``(b, hk, nq, d)``, ``v`` ``(b, hk, nq, dv)`` or
+    neither; ``cache_seqlens`` ``(b,)`` int32 (or an int for all); ``cache_batch_idx`` ``(b,)`` int32:
+    the contiguous cache row of each sequence (default ``b``). -> ``(b, h, nq, dv)`` in q's dtype.
+    ``bias``, ``topk``, ``qk_norm``, ``rotary``, ``scale``, ``gqa_order``, ``backend`` as in
+    ``xtk.attention`` (GQA follows from the head counts). ``num_splits`` (>= 0) is the decode
+    kernel's split-KV count, unused by this path. The cache is checked whole before anything is
+    written: a call that would overflow it raises and leaves it as it was."""
+    layout = _check_inputs(q, k_cache, v_cache, k, v, block_table, cache_batch_idx, bias, k_prefix, num_splits,
+                           return_lse, gqa_order)
+    seqlens = _seqlens(cache_seqlens, q, k_prefix, layout, k is not None)
+    if k is not None:
+        _write_new(k_cache, v_cache, k, v, seqlens, layout)
+    outs = []
+    for b, start in enumerate(seqlens):
+        nk = start + (q.shape[2] if k is not None else 0)
+        kb, vb = _gather(k_cache, layout, b, nk), _gather(v_cache, layout, b, nk)
+        outs.append(attention(q[b:b + 1], kb, vb, is_causal=is_causal, scale=scale, enable_gqa=kb.shape[1] != q.shape[1],
+                              bias=bias, topk=topk, qk_norm=qk_norm, rotary=rotary, q_offset=start - k_prefix,
+                              k_prefix=k_prefix, gqa_order=gqa_order, backend=backend))
+    return torch.cat(outs, 0) if outs else q.new_zeros(0, q.shape[1], q.shape[2], v_cache.shape[-1])
+
+
+class _Layout:
+    """Where sequence ``b``'s cached keys live: ``rows[b]`` of a contiguous cache, or the pages
+    ``table[b]`` of a paged one (``page`` slots each, ``num_pages`` in the pool); ``capacity`` slots
+    per sequence."""
+
+    def __init__(self, paged: bool, rows: Optional[list], table: Optional[list], page: int, capacity: int,
+                 num_pages: int = 0):
+        self.paged, self.rows, self.table, self.page, self.capacity = paged, rows, table, page, capacity
+        self.num_pages = num_pages
+
+
+def _check_inputs(q, k_cache, v_cache, k, v, block_table, cache_batch_idx, bias, k_prefix, num_splits, return_lse,
+                  gqa_order) -> _Layout:
+    """Every argument but cache_seqlens checked (the argument named, what was expected, what came)."""
+    _check.tensor("q", q, ndim=4)
+    _check.floating("q", q)
+    b, h, nq, d = q.shape
+    if not 1 <= nq <= MAX_QUERY_ROWS:
+        raise ValueError(f"q: expected 1 to {MAX_QUERY_ROWS} query rows per sequence (decode), got {nq}; "
+                         f"longer prompts go through xtk.attention")
+    for name, t in (("k_cache", k_cache), ("v_cache", v_cache)):
+        _check.tensor(name, t, ndim=4)
+        _check.same(name, t, "q", q)
+    hk = k_cache.shape[1]
+    if k_cache.shape[3] != d:
+        raise ValueError(f"k_cache: expected head dim {d} (q's), got shape {tuple(k_cache.shape)}")
+    if tuple(v_cache.shape[:3]) != tuple(k_cache.shape[:3]):
+        raise ValueError(f"v_cache: expected its first three dims {tuple(k_cache.shape[:3])} (k_cache's), "
+                         f"got shape {tuple(v_cache.shape)}")
+    if h % hk:
+        raise ValueError(f"k_cache: query heads ({h}) must be divisible by its kv heads, got {hk}")
+    _check_new_kv(k, v, b, hk, nq, d, v_cache.shape[3], q)
+    if bias is not None and isinstance(bias, Dense):
+        raise NotImplementedError("bias: a Dense bias is not supported by attention_with_kvcache yet (its key "
+                                  "length differs per sequence); position biases (Alibi, T5, DistanceTable) are")
+    if return_lse:
+        raise NotImplementedError("return_lse: not supported by attention_with_kvcache yet")
+    _check.integer("k_prefix", k_prefix, minimum=0)
+    _check.integer("num_splits", num_splits, minimum=0)
+    if gqa_order not in GQA_ORDERS:
+        raise ValueError(f"gqa_order: expected one of {GQA_ORDERS}, got {gqa_order!r}")
+    if block_table is not None:
+        if cache_batch_idx is not None:
+            raise ValueError("cache_batch_idx: not used with a paged cache (block_table names each sequence's pages)")
+        return _paged_layout(block_table, k_cache, b, q)
+    return _contiguous_layout(cache_batch_idx, k_cache, b, q, k is not None)
+
+
+def _check_new_kv(k, v, b, hk, nq, d, dv, q) -> None:
+    if (k is None) != (v is None):
+        raise ValueError(f"k, v: give both new keys and values or neither, got k {'None' if k is None else 'a tensor'} "
+                         f"and v {'None' if v is None else 'a tensor'}")
+    if k is None:
+        return
+    for name, t, want in (("k", k, (b, hk, nq, d)), ("v", v, (b, hk, nq, dv))):
+        _check.tensor(name, t, ndim=4)
+        _check.same(name, t, "q", q)
+        if tuple(t.shape) != want:
+            raise ValueError(f"{name}: expected shape {want} (batch, kv heads, query rows, head dim), got {tuple(t.shape)}")
+
+
+def _index_tensor(name: str, t, shape, q) -> list:
+    """An int32 tensor of ``shape`` on q's device, read to the host."""
+    _check.tensor(name, t, ndim=len(shape))
+    if t.dtype != torch.int32:
+        raise TypeError(f"{name}: expected an int32 tensor, got dtype {t.dtype}")
+    if t.device != q.device:
+        raise ValueError(f"{name}: expected device {q.device} (q's), got {t.device}")
+    if any(s is not None and s != n for s, n in zip(shape, t.shape)):
+        raise ValueError(f"{name}: expected shape {tuple('*' if s is None else s for s in shape)}, got {tuple(t.shape)}")
+    return t.tolist()
+
+
+def _paged_layout(block_table, k_cache, b, q) -> _Layout:
+    num_pages, page = k_cache.shape[0], k_cache.shape[2]
+    if page % 16:
+        raise ValueError(f"k_cache: expected a page size (dim 2 of a paged cache) that is a multiple of 16, got {page}")
+    table = _index_tensor("block_table", block_table, (b, None), q)
+    return _Layout(True, None, table, page, page * block_table.shape[1], num_pages)
+
+
+def _contiguous_layout(cache_batch_idx, k_cache, b, q, writes: bool) -> _Layout:
+    rows = list(range(b)) if cache_batch_idx is None else _index_tensor("cache_batch_idx", cache_batch_idx, (b,), q)
+    bad = [r for r in rows if not 0 <= r < k_cache.shape[0]]
+    if bad:
+        raise ValueError(f"cache_batch_idx: expected rows in [0, {k_cache.shape[0]}) of k_cache, got {bad}")
+    if writes and len(set(rows)) != len(rows):
+        raise ValueError(f"cache_batch_idx: two sequences would write the same cache row, got {rows}")
+    return _Layout(False, rows, None, 0, k_cache.shape[2])
+
+
+def _seqlens(cache_seqlens, q, k_prefix: int, layout: _Layout, writes: bool) -> list:
+    """``cache_seqlens`` as a host list, every sequence checked against the cache (and its pages) it
+    will read and write."""
+    b, nq = q.shape[0], q.shape[2]
+    if isinstance(cache_seqlens, int) and not isinstance(cache_seqlens, bool):
+        seqlens = [cache_seqlens] * b
+    else:
+        seqlens = _index_tensor("cache_seqlens", cache_seqlens, (b,), q)
+    new = nq if writes else 0
+    for i, s in enumerate(seqlens):
+        if s < k_prefix:
+            raise ValueError(f"cache_seqlens: sequence {i} holds {s} keys, fewer than the k_prefix = {k_prefix} "
+                             f"memory key/values every sequence starts with")
+        if s + new > layout.capacity:
+            what = f"{layout.capacity} slots" + (" (its block_table row)" if layout.paged else "")
+            raise ValueError(f"cache_seqlens: sequence {i} would hold {s + new} keys ({s} cached + {new} new), more "
+                             f"than the cache's {what}; nothing was written")
+        if layout.paged:
+            _check_pages(layout, i, s + new)
+    return seqlens
+
+
+def _check_pages(layout: _Layout, i: int, n: int) -> None:
+    used = layout.table[i][:-(-n // layout.page)] if n else []
+    bad = [p for p in used if not 0 <= p < layout.num_pages]
+    if bad:
+        raise ValueError(f"block_table: sequence {i} names pages {bad} outside the page pool [0, {layout.num_pages})")
+
+
+def _write_new(k_cache, v_cache, k, v, seqlens: list, layout: _Layout) -> None:
+    """The new keys/values into the cache, sequence ``b``'s at slots ``seqlens[b] + i`` (in place)."""
+    nq = k.shape[2]
+    for b, s in enumerate(seqlens):
+        slots = torch.arange(s, s + nq)
+        if layout.paged:
+            pages = torch.tensor(layout.table[b], device=k_cache.device)[(slots // layout.page).to(k_cache.device)]
+            within = (slots % layout.page).to(k_cache.device)
+            k_cache[pages, :, within] = k[b].transpose(0, 1)
+            v_cache[pages, :, within] = v[b].transpose(0, 1)
+        else:
+            k_cache[layout.rows[b], :, s:s + nq] = k[b]
+            v_cache[layout.rows[b], :, s:s + nq] = v[b]
+
+
+def _gather(cache, layout: _Layout, b: int, n: int) -> torch.Tensor:
+    """Sequence ``b``'s first ``n`` cached entries as ``(1, hk, n, d)`` (a view for a contiguous cache)."""
+    if not layout.paged:
+        return cache[layout.rows[b], :, :n][None]
+    pages = layout.table[b][:-(-n // layout.page)] if n else []
+    if not pages:
+        return cache.new_zeros(1, cache.shape[1], 0, cache.shape[3])
+    held = cache[torch.tensor(pages, device=cache.device)]  # (pages, hk, page, d)
+    return held.transpose(0, 1).reshape(cache.shape[1], -1, cache.shape[3])[None, :, :n]
