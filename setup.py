@@ -25,13 +25,14 @@ def _version() -> str:
 
 
 install_requires = ["torch>=2.4", "triton>=3.0; platform_system == 'Linux' and platform_machine == 'x86_64'", "tqdm"]
-test_requires = ["pytest", "pytest-benchmark", "hypothesis", "x-transformers==2.31.10"]
+test_requires = ["pytest", "pytest-benchmark", "hypothesis", "x-transformers==2.31.10", "transformers>=5.17,<6"]
 
 setup(
     name="xtk",
     version=_version(),
     description="Fused GPU kernels for x-transformers features behind a torch module API",
-    packages=["xtk", "xtk.ops", "xtk.reference", "xtk.modules", "xtk.models", "xtk.kernels", "xtk.bench"],
+    packages=["xtk", "xtk.ops", "xtk.reference", "xtk.modules", "xtk.models", "xtk.integrations", "xtk.kernels",
+              "xtk.bench"],
     package_dir={"xtk": "xtk", "xtk.kernels": "kernels", "xtk.bench": "bench"},
     package_data={"xtk.kernels": ["tiles_sm*.json"]},  # the tile tables kernels/tiles.py reads
     python_requires=">=3.10",

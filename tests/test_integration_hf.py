@@ -1,0 +1,83 @@
+"""Hugging Face transformers with ``attn_implementation="xtk"`` against the same model with "eager".
+
+Tiny configs built with ``from_config`` (nothing is downloaded), the same weights everywhere; fp32
+logits and every parameter gradient by the 2x rule (xtk vs "eager", both fp32) against the model in
+fp64 -- run with "sdpa" there: "eager" takes its softmax in fp32, where fp64's masked-out minimum
+becomes -inf and a fully padded row NaN -- with and without left padding (padded positions carry no
+loss); greedy ``generate()`` with transformers' own cache gives the same tokens.
+"""
+import copy
+
+import pytest
+import torch
+
+transformers = pytest.importorskip("transformers")
+import xtk.integrations.hf  # noqa: E402,F401  (registers "xtk")
+
+from tolerance import assert_close_2x  # noqa: E402
+
+SMALL = dict(vocab_size=97, hidden_size=64, intermediate_size=96, num_hidden_layers=2, num_attention_heads=4,
+             max_position_embeddings=64)
+FAMILIES = {
+    "llama": lambda: transformers.LlamaConfig(num_key_value_heads=2, **SMALL),
+    "mistral": lambda: transformers.MistralConfig(num_key_value_heads=2, sliding_window=None, **SMALL),
+    "qwen2": lambda: transformers.Qwen2Config(num_key_value_heads=1, **SMALL),
+    "gpt_neox": lambda: transformers.GPTNeoXConfig(rotary_pct=0.5, **SMALL),
+}
+
+
+def _models(family):
+    torch.manual_seed(0)
+    cfg = FAMILIES[family]()
+    eager = transformers.AutoModelForCausalLM.from_config(cfg, attn_implementation="eager").eval()
+    ours = copy.deepcopy(eager)
+    ours.set_attn_implementation("xtk")
+    oracle = copy.deepcopy(eager).double()
+    oracle.set_attn_implementation("sdpa")
+    return ours, eager, oracle
+
+
+def _batch(padded: bool):
+    g = torch.Generator().manual_seed(1)
+    ids = torch.randint(0, 97, (2, 11), generator=g)
+    mask = torch.ones(2, 11, dtype=torch.long)
+    if padded:
+        mask[1, :4] = 0  # left padding of the second sequence
+    return ids, mask
+
+
+def _run(model, ids, mask):
+    model.zero_grad()
+    logits = model(input_ids=ids, attention_mask=mask).logits
+    keep = mask.bool()[..., None]
+    torch.where(keep, logits.double(), 0.0).square().mean().backward()  # padded positions carry no loss
+    return torch.where(keep, logits.detach(), 0.0), {n: p.grad for n, p in model.named_parameters()}
+
+
+@pytest.mark.parametrize("padded", [False, True])
+@pytest.mark.parametrize("family", list(FAMILIES))
+def test_xtk_attention_equals_eager(family, padded):
+    ours, eager, oracle = _models(family)
+    assert ours.config._attn_implementation == "xtk"
+    ids, mask = _batch(padded)
+    runs = [_run(m, ids, mask) for m in (ours, eager, oracle)]
+    assert_close_2x(*(r[0] for r in runs), "logits")
+    for name in runs[0][1]:
+        assert_close_2x(*(r[1][name] for r in runs), f"grad of {name}")
+
+
+@pytest.mark.parametrize("family", ["llama", "qwen2"])
+def test_greedy_generation_gives_the_same_tokens(family):
+    ours, eager, _ = _models(family)
+    ids, mask = _batch(True)
+    kw = dict(attention_mask=mask, max_new_tokens=6, do_sample=False, pad_token_id=0)
+    assert torch.equal(ours.generate(ids, **kw), eager.generate(ids, **kw))
+
+
+def test_softcap_and_attention_weights_are_refused_by_name():
+    from xtk.integrations.hf import xtk_attention_forward
+    q = torch.randn(1, 2, 3, 8)
+    with pytest.raises(ValueError, match="softcap: attn_implementation='xtk' has no logit soft-capping"):
+        xtk_attention_forward(torch.nn.Module(), q, q, q, None, softcap=30.0)
+    with pytest.raises(ValueError, match="output_attentions: attn_implementation='xtk' never forms"):
+        xtk_attention_forward(torch.nn.Module(), q, q, q, None, output_attentions=True)

@@ -1,0 +1,1 @@
+"""Integrations with libraries whose models xtk runs in place (``xtk.integrations.hf``: Hugging Face transformers)."""

@@ -1,0 +1,62 @@
+"""Hugging Face transformers: ``attn_implementation="xtk"``, the library's supported way.
+
+``import xtk.integrations.hf`` registers ``"xtk"`` with transformers' ``AttentionInterface`` (the
+attention function) and ``AttentionMaskInterface`` (its masks are SDPA's: a bool keep-mask, or None
+where causal alone describes it), so that::
+
+    model = AutoModelForCausalLM.from_config(cfg, attn_implementation="xtk")
+    model.set_attn_implementation("xtk")
+
+run ``xtk.attention`` in every model family whose attention goes through that registry (Llama,
+Mistral, Qwen2/3, Gemma, Phi-3, GPT-NeoX, ...). What the function receives and what it does with it:
+q ``(b, h, q_len, d)``, k/v ``(b, hk, kv_len, d)`` (GQA: ``enable_gqa``, transformers' repeat order is
+SDPA's), the mask (bool keep-mask or additive float; None with ``q_len > 1`` means causal, as in
+SDPA's function), ``scaling``, ``dropout``, a ``position_bias`` ``(b|1, h, q_len, kv_len)`` as a dense
+float bias (its gradient flows). Refused by name: ``softcap`` (logit soft-capping is not in the
+kernels) and ``output_attentions`` (the weights are never formed). A sliding window arrives as the
+mask the mask interface builds. Tested with transformers 5.17 to 5.x.
+"""
+from __future__ import annotations
+
+from typing import Optional
+
+import torch
+
+from ..bias import Dense
+from ..ops.attention import attention
+
+NAME = "xtk"
+
+
+def xtk_attention_forward(module: torch.nn.Module, query: torch.Tensor, key: torch.Tensor, value: torch.Tensor,
+                          attention_mask: Optional[torch.Tensor], dropout: float = 0.0, scaling: Optional[float] = None,
+                          is_causal: Optional[bool] = None, position_bias: Optional[torch.Tensor] = None,
+                          **kwargs) -> tuple[torch.Tensor, None]:
+    """transformers' attention-function signature -> (attention output ``(b, q_len, h, dv)``, None)."""
+    if kwargs.get("softcap") is not None:
+        raise ValueError(f"softcap: attn_implementation='xtk' has no logit soft-capping (got softcap="
+                         f"{kwargs['softcap']}); use attn_implementation='eager' for this model")
+    if kwargs.get("output_attentions", False):
+        raise ValueError("output_attentions: attn_implementation='xtk' never forms the attention weights; "
+                         "use attn_implementation='eager' to get them")
+    q_len = query.shape[2]
+    is_causal = is_causal if is_causal is not None else getattr(module, "is_causal", True)
+    is_causal = bool(q_len > 1 and attention_mask is None and is_causal)
+    if is_causal and key.shape[2] > q_len:  # prefill into an empty static cache: the rest are empty slots
+        key, value = key[:, :, :q_len], value[:, :, :q_len]
+        position_bias = position_bias[..., :q_len] if position_bias is not None else None
+    out = attention(query, key, value, attn_mask=attention_mask, dropout_p=dropout, is_causal=is_causal, scale=scaling,
+                    enable_gqa=key.shape[1] != query.shape[1],
+                    bias=Dense(position_bias) if position_bias is not None else None)
+    return out.transpose(1, 2).contiguous(), None
+
+
+def register() -> None:
+    """Register ``"xtk"`` with transformers' attention and mask interfaces (idempotent)."""
+    from transformers import AttentionInterface
+    from transformers.masking_utils import AttentionMaskInterface, sdpa_mask
+    AttentionInterface.register(NAME, xtk_attention_forward)
+    AttentionMaskInterface.register(NAME, sdpa_mask)
+
+
+register()
