@@ -40,3 +40,15 @@ def integer(name: str, value, minimum=None) -> int:
     if minimum is not None and value < minimum:
         raise ValueError(f"{name}: expected an int >= {minimum}, got {value}")
     return value
+
+
+def int32_list(name: str, t, shape, device) -> list:
+    """An int32 index tensor of ``shape`` (None: any size there) on ``device``, read to the host."""
+    tensor(name, t, ndim=len(shape))
+    if t.dtype != torch.int32:
+        raise TypeError(f"{name}: expected an int32 tensor, got dtype {t.dtype}")
+    if t.device != device:
+        raise ValueError(f"{name}: expected device {device} (q's), got {t.device}")
+    if any(s is not None and s != n for s, n in zip(shape, t.shape)):
+        raise ValueError(f"{name}: expected shape {tuple('*' if s is None else s for s in shape)}, got {tuple(t.shape)}")
+    return t.tolist()

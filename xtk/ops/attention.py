@@ -56,6 +56,12 @@ class AttentionInputs:
 GQA_ORDERS = ("interleave", "repeat")
 
 
+def check_gqa_order(gqa_order) -> None:
+    if gqa_order not in GQA_ORDERS:
+        raise ValueError(f"gqa_order: expected 'interleave' (query head i reads kv head i // (h / hk), SDPA's) or "
+                         f"'repeat' (kv head i % hk, x-transformers'), got {gqa_order!r}")
+
+
 def in_interleave_order(inputs: AttentionInputs) -> tuple[AttentionInputs, Optional[torch.Tensor]]:
     """``inputs`` with the query heads (and every per-head input: bias, attn_mask, q dim scale)
     permuted from ``gqa_order='repeat'`` into SDPA's order, and the permutation that takes the
@@ -97,9 +103,7 @@ def _validate(q, k, v, attn_mask, dropout_p, is_causal, scale, enable_gqa, bias,
         raise ValueError(f"v: expected (heads, length) = {(hk, nk)} (k's), got {tuple(v.shape[1:3])}")
     if h % hk != 0:
         raise ValueError(f"k: query heads ({h}) must be divisible by key/value heads, got {hk} kv heads")
-    if gqa_order not in GQA_ORDERS:
-        raise ValueError(f"gqa_order: expected 'interleave' (query head i reads kv head i // (h / hk), SDPA's) or "
-                         f"'repeat' (kv head i % hk, x-transformers'), got {gqa_order!r}")
+    check_gqa_order(gqa_order)
     if hk != h and not enable_gqa:
         raise ValueError(f"enable_gqa: q has {h} heads and k/v have {hk}; pass enable_gqa=True for grouped-query attention")
     if attn_mask is not None:

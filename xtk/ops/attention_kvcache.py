@@ -23,7 +23,7 @@ import torch
 
 from ..bias import Dense
 from . import _check
-from .attention import GQA_ORDERS, attention
+from .attention import attention, check_gqa_order
 
 MAX_QUERY_ROWS = 16
 
@@ -66,6 +66,10 @@ class _Layout:
         self.paged, self.rows, self.table, self.page, self.capacity = paged, rows, table, page, capacity
         self.num_pages = num_pages
 
+    def pages(self, b: int, n: int) -> list:
+        """The pages of a paged cache that hold sequence ``b``'s first ``n`` slots."""
+        return self.table[b][:-(-n // self.page)] if n else []
+
 
 def _check_inputs(q, k_cache, v_cache, k, v, block_table, cache_batch_idx, bias, k_prefix, num_splits, return_lse,
                   gqa_order) -> _Layout:
@@ -95,8 +99,7 @@ def _check_inputs(q, k_cache, v_cache, k, v, block_table, cache_batch_idx, bias,
         raise NotImplementedError("return_lse: not supported by attention_with_kvcache yet")
     _check.integer("k_prefix", k_prefix, minimum=0)
     _check.integer("num_splits", num_splits, minimum=0)
-    if gqa_order not in GQA_ORDERS:
-        raise ValueError(f"gqa_order: expected one of {GQA_ORDERS}, got {gqa_order!r}")
+    check_gqa_order(gqa_order)
     if block_table is not None:
         if cache_batch_idx is not None:
             raise ValueError("cache_batch_idx: not used with a paged cache (block_table names each sequence's pages)")
@@ -117,28 +120,16 @@ def _check_new_kv(k, v, b, hk, nq, d, dv, q) -> None:
             raise ValueError(f"{name}: expected shape {want} (batch, kv heads, query rows, head dim), got {tuple(t.shape)}")
 
 
-def _index_tensor(name: str, t, shape, q) -> list:
-    """An int32 tensor of ``shape`` on q's device, read to the host."""
-    _check.tensor(name, t, ndim=len(shape))
-    if t.dtype != torch.int32:
-        raise TypeError(f"{name}: expected an int32 tensor, got dtype {t.dtype}")
-    if t.device != q.device:
-        raise ValueError(f"{name}: expected device {q.device} (q's), got {t.device}")
-    if any(s is not None and s != n for s, n in zip(shape, t.shape)):
-        raise ValueError(f"{name}: expected shape {tuple('*' if s is None else s for s in shape)}, got {tuple(t.shape)}")
-    return t.tolist()
-
-
 def _paged_layout(block_table, k_cache, b, q) -> _Layout:
     num_pages, page = k_cache.shape[0], k_cache.shape[2]
     if page % 16:
         raise ValueError(f"k_cache: expected a page size (dim 2 of a paged cache) that is a multiple of 16, got {page}")
-    table = _index_tensor("block_table", block_table, (b, None), q)
+    table = _check.int32_list("block_table", block_table, (b, None), q.device)
     return _Layout(True, None, table, page, page * block_table.shape[1], num_pages)
 
 
 def _contiguous_layout(cache_batch_idx, k_cache, b, q, writes: bool) -> _Layout:
-    rows = list(range(b)) if cache_batch_idx is None else _index_tensor("cache_batch_idx", cache_batch_idx, (b,), q)
+    rows = list(range(b)) if cache_batch_idx is None else _check.int32_list("cache_batch_idx", cache_batch_idx, (b,), q.device)
     bad = [r for r in rows if not 0 <= r < k_cache.shape[0]]
     if bad:
         raise ValueError(f"cache_batch_idx: expected rows in [0, {k_cache.shape[0]}) of k_cache, got {bad}")
@@ -154,7 +145,7 @@ def _seqlens(cache_seqlens, q, k_prefix: int, layout: _Layout, writes: bool) -> 
     if isinstance(cache_seqlens, int) and not isinstance(cache_seqlens, bool):
         seqlens = [cache_seqlens] * b
     else:
-        seqlens = _index_tensor("cache_seqlens", cache_seqlens, (b,), q)
+        seqlens = _check.int32_list("cache_seqlens", cache_seqlens, (b,), q.device)
     new = nq if writes else 0
     for i, s in enumerate(seqlens):
         if s < k_prefix:
@@ -170,8 +161,7 @@ def _seqlens(cache_seqlens, q, k_prefix: int, layout: _Layout, writes: bool) -> 
 
 
 def _check_pages(layout: _Layout, i: int, n: int) -> None:
-    used = layout.table[i][:-(-n // layout.page)] if n else []
-    bad = [p for p in used if not 0 <= p < layout.num_pages]
+    bad = [p for p in layout.pages(i, n) if not 0 <= p < layout.num_pages]
     if bad:
         raise ValueError(f"block_table: sequence {i} names pages {bad} outside the page pool [0, {layout.num_pages})")
 
@@ -195,7 +185,7 @@ def _gather(cache, layout: _Layout, b: int, n: int) -> torch.Tensor:
     """Sequence ``b``'s first ``n`` cached entries as ``(1, hk, n, d)`` (a view for a contiguous cache)."""
     if not layout.paged:
         return cache[layout.rows[b], :, :n][None]
-    pages = layout.table[b][:-(-n // layout.page)] if n else []
+    pages = layout.pages(b, n)
     if not pages:
         return cache.new_zeros(1, cache.shape[1], 0, cache.shape[3])
     held = cache[torch.tensor(pages, device=cache.device)]  # (pages, hk, page, d)

@@ -69,14 +69,9 @@ def _check_packed(q, k, v, bias) -> None:
 
 def _offsets(name: str, cu, q, max_name: str, max_len) -> list:
     """``cu`` (int32, (B + 1,), from 0, non-decreasing) as a host list; every sequence within ``max_len``."""
-    _check.tensor(name, cu, ndim=1)
-    if cu.dtype != torch.int32:
-        raise TypeError(f"{name}: expected an int32 tensor, got dtype {cu.dtype}")
-    if cu.device != q.device:
-        raise ValueError(f"{name}: expected device {q.device} (q's), got {cu.device}")
-    if cu.numel() < 1:
+    ends = _check.int32_list(name, cu, (None,), q.device)
+    if not ends:
         raise ValueError(f"{name}: expected at least one entry (0), got an empty tensor")
-    ends = cu.tolist()
     lengths = [b - a for a, b in zip(ends, ends[1:])]
     if ends[0] != 0 or any(n < 0 for n in lengths):
         raise ValueError(f"{name}: expected offsets starting at 0 and never decreasing, got {ends}")
