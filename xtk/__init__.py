@@ -21,6 +21,7 @@ from .qk import QKNorm, Rotary
 from .ops.attention import attention
 from .ops.attention_kvcache import attention_with_kvcache
 from .ops.attention_varlen import attention_varlen
+from .kv_cache import KVCache, PagedKVCache
 from .ops.rms_norm import rms_norm
 from .ops.glu import glu
 
@@ -45,7 +46,7 @@ _LAZY = {
     "load_x_transformers_weights": "xtk.models.loader",
 }
 
-__all__ = ["attention", "attention_with_kvcache", "attention_varlen", "bias", "QKNorm", "Rotary", "rms_norm", "glu", *_LAZY]
+__all__ = ["attention", "attention_with_kvcache", "attention_varlen", "KVCache", "PagedKVCache", "bias", "QKNorm", "Rotary", "rms_norm", "glu", *_LAZY]
 
 
 def __getattr__(name):

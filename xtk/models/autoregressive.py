@@ -207,6 +207,16 @@ def sliding_window(seq, mask, cache, max_seq_len, cache_outside):
     return seq[:, -max_seq_len:], mask, trimmed_or_none(cache, max_seq_len - 1, cache_outside)
 
 
+def preallocate(cache, steps_left: int):
+    """The cache of the next decoding step: after the prompt step an xtk ``KVCache`` moves into
+    preallocated stores with room for ``steps_left`` more positions (each later step writes its
+    keys in place, ``xtk.models.cache.extend_kv``); a cache already preallocated, or of another
+    type, or with nothing left to decode, as it is."""
+    if not isinstance(cache, KVCache) or steps_left <= 0 or cache.is_preallocated():
+        return cache
+    return cache.preallocated(cache.kv_length + steps_left)
+
+
 def decode(net: nn.Module, out: torch.Tensor, steps: int, *, next_from: Callable, mask=None, kwargs: dict,
            max_seq_len=None, cache_kv=True, before_step: Optional[Callable] = None, done: Optional[Callable] = None):
     """The decoding loop of both autoregressive wrappers: ``steps`` times, ``net`` on the window of
@@ -216,14 +226,14 @@ def decode(net: nn.Module, out: torch.Tensor, steps: int, *, next_from: Callable
     step, ``done(out)`` True stops early. Returns ``(out (b, n + steps, ...), the last cache)``."""
     can_cache, cache_outside = cache_flags(net, cache_kv)
     cache = None
-    for _ in range(steps):
+    for step in range(steps):
         x, step_mask, cache = sliding_window(out, mask, cache, max_seq_len, cache_outside)
         if before_step is not None:
             before_step(out.shape[1])
         if step_mask is not None:
             kwargs["mask"] = step_mask
         net_out, new_cache = net(x, return_intermediates=True, cache=cache, **kwargs)
-        cache = new_cache if can_cache else None
+        cache = preallocate(new_cache, steps - step - 1) if can_cache else None
         out = torch.cat((out, next_from(x, net_out)), dim=1)
         if mask is not None:
             mask = F.pad(mask, (0, 1), value=True)
@@ -519,7 +529,7 @@ class AutoregressiveWrapper(nn.Module):
         for i in range(seq_len):
             x, _, cache = sliding_window(out, None, cache, max_seq_len, cache_outside)
             logits, new_cache = self.net(x, return_intermediates=True, cache=cache, **kwargs)
-            cache = new_cache if can_cache and isinstance(new_cache, KVCache) else None
+            cache = preallocate(new_cache, seq_len - i - 1) if can_cache and isinstance(new_cache, KVCache) else None
             samples, cand_scores = candidates(logits[:, -1], scores)         # (B, k) each
             k = samples.shape[-1]
             out = torch.cat((out.repeat_interleave(k, dim=0), samples.reshape(-1, 1)), dim=-1)  # (B*k, n+1)

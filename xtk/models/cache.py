@@ -24,17 +24,21 @@ from copy import copy
 from dataclasses import dataclass, replace
 from typing import Optional
 
+import torch
 from torch import Tensor
 
-__all__ = ["KVCache", "trimmed_or_none"]
+from ..kv_cache import KVCache as Store
+
+__all__ = ["KVCache", "StoredKV", "extend_kv", "trimmed_or_none"]
 
 
 @dataclass(kw_only=True)
 class KVCache:
     """The keys and values an ``AttentionLayers`` stack has computed so far, per attention layer.
 
-    Layout (this implementation grows by concatenation: xtk's ``Attention`` returns the cached
-    keys/values of a layer with the new positions appended):
+    Layout (xtk's ``Attention`` returns the cached keys/values of a layer with the new positions
+    appended, through ``extend_kv``: concatenated, or written in place into a preallocated store
+    once ``preallocated`` has made one; the decoding loops do that after the prompt):
 
     ``attn_intermediates[l].cached_kv`` = ``(k, v)`` of attention layer ``l``, in layer order, its
     ``layer_type`` 'a' (self attention) or 'c' (cross attention):
@@ -100,7 +104,7 @@ class KVCache:
         self-attention keys: such a cache cannot continue a shorter window (drop it)."""
         layers = self._self_attention_layers()
         for inter in layers:
-            inter.cached_kv = type(inter.cached_kv)(t[..., -keep:, :] for t in inter.cached_kv)
+            inter.cached_kv = _map_kv(inter.cached_kv, lambda t: t[..., -keep:, :])
         return bool(layers)
 
     def index(self, rows: Tensor) -> None:
@@ -108,7 +112,23 @@ class KVCache:
         attention), in place: row ``i`` becomes old row ``rows[i]`` (``rows``: ``(b_new,)`` int)."""
         for inter in self.attn_intermediates or []:
             if inter.cached_kv is not None:
-                inter.cached_kv = type(inter.cached_kv)(t[rows] for t in inter.cached_kv)
+                inter.cached_kv = _map_kv(inter.cached_kv, lambda t: t[rows])
+
+    def is_preallocated(self) -> bool:
+        """Whether the self-attention keys/values sit in preallocated stores (``StoredKV``)."""
+        return any(isinstance(i.cached_kv, StoredKV) for i in self._self_attention_layers())
+
+    def preallocated(self, capacity: int) -> "KVCache":
+        """A copy whose self-attention keys/values sit in preallocated stores of ``capacity``
+        positions (``StoredKV``), so that the next steps write their keys in place instead of
+        concatenating (O(n) memory traffic over a generation instead of O(n^2)); the values are
+        those of ``self``, which is left as it was."""
+        out = copy(self)
+        for inter in out._self_attention_layers():
+            k, v = inter.cached_kv
+            if k.shape[:3] == v.shape[:3]:   # not collaborative heads (one key head, kv_heads value heads)
+                inter.cached_kv = StoredKV.holding(k, v, max(capacity, k.shape[-2]))
+        return out
 
     def __copy__(self):
         """A copy whose per-layer entries are copies too, so that ``trim`` / ``index`` on one
@@ -117,6 +137,71 @@ class KVCache:
         if self.attn_intermediates is not None:
             out.attn_intermediates = [copy(i) for i in self.attn_intermediates]
         return out
+
+
+class StoredKV(tuple):
+    """A self-attention layer's cached ``(k, v)``: views ``(b, hk, length, d|dv)`` of positions
+    ``[0, length)`` of ``store``, a one-layer ``xtk.KVCache`` with room for more positions. A tuple,
+    so that it reads as the plain ``(k, v)`` it holds."""
+
+    def __new__(cls, store, length: int):
+        self = super().__new__(cls, (store.k[0, :, :, :length], store.v[0, :, :, :length]))
+        self.store, self.length = store, length
+        return self
+
+    @classmethod
+    def holding(cls, k: Tensor, v: Tensor, capacity: int) -> "StoredKV":
+        """A new store of ``capacity >= n`` positions holding k ``(b, hk, n, d)`` and v (copied)."""
+        b, hk, n, d = k.shape
+        store = Store(layers=1, batch=b, kv_heads=hk, max_len=capacity, dim_head=d, dim_value=v.shape[-1],
+                      dtype=k.dtype, device=k.device)
+        store.write(0, 0, k, v)
+        store.advance(n)
+        return cls(store, n)
+
+    def can_extend(self, k: Tensor, v: Tensor) -> bool:
+        """Whether k, v ``(b, hk, n, d|dv)`` can be written in place after this entry: it is the
+        store's newest (no later step wrote after it, so a branch never overwrites another), there
+        is room, the dtypes match, and no gradient would flow through the in-place write."""
+        store = self.store
+        return (store.lengths[0] == self.length and self.length + k.shape[-2] <= store.max_len
+                and k.dtype == store.k.dtype and v.dtype == store.v.dtype and _no_grad_flow(k, v))
+
+
+def extend_kv(cached, k: Tensor, v: Tensor) -> tuple:
+    """A self-attention layer's cached ``(k, v)`` followed by this step's k ``(b, hk, n, d)`` and v
+    -> ``(k_all, v_all, entry to cache)``. Into the preallocated store in place when ``cached`` is a
+    ``StoredKV`` that can take them; a ``StoredKV`` without room moves to a store twice as long;
+    a plain tuple is concatenated (``torch.cat``)."""
+    if isinstance(cached, StoredKV):
+        n = k.shape[-2]
+        if cached.can_extend(k, v):
+            cached.store.write(0, cached.length, k, v)
+            cached.store.advance(n)
+            entry = StoredKV(cached.store, cached.length + n)
+            return entry[0], entry[1], entry
+        if k.dtype == cached[0].dtype and v.dtype == cached[1].dtype and _no_grad_flow(k, v):
+            entry = StoredKV.holding(torch.cat((cached[0], k), -2), torch.cat((cached[1], v), -2),
+                                     2 * (cached.length + n))
+            return entry[0], entry[1], entry
+    ck, cv = cached
+    k_all, v_all = torch.cat((ck, k), dim=-2), torch.cat((cv, v), dim=-2)
+    return k_all, v_all, (k_all, v_all)
+
+
+def _no_grad_flow(k: Tensor, v: Tensor) -> bool:
+    """Whether no gradient would flow through writing k, v into a store (an in-place write into a
+    tensor autograd saved would fail in backward): grad mode off, or neither requires grad."""
+    return not (torch.is_grad_enabled() and (k.requires_grad or v.requires_grad))
+
+
+def _map_kv(cached, fn):
+    """``(fn(k), fn(v))`` of a cached entry; a ``StoredKV`` stays one, in a new store of the same
+    capacity (``trim`` / ``index`` never change a store another cache may still read).
+    Entries whose keys and values have different head counts (collaborative heads) stay tuples."""
+    if isinstance(cached, StoredKV):
+        return StoredKV.holding(fn(cached[0]), fn(cached[1]), cached.store.max_len)
+    return type(cached)(fn(t) for t in cached)
 
 
 def trimmed_or_none(cache, keep: int, can_trim: bool) -> Optional[KVCache]:

@@ -20,6 +20,7 @@ from torch import nn
 from ..ops.attention import attention as xattention
 from ..qk import QKNorm
 from ..reference.attention import ScoreHooks
+from ..models.cache import extend_kv
 from ..models.intermediates import Intermediates
 
 
@@ -284,7 +285,8 @@ class Attention(nn.Module):
         nk, value_dim_head)``, and ``cached_kv``, this call's (k, v) without the memories.
 
         Cache: cross attention reuses ``cache.cached_kv`` as k, v (the context is projected once);
-        self attention puts the cached keys/values between the memories and the new ones."""
+        self attention puts the cached keys/values between the memories and the new ones
+        (``xtk.models.cache.extend_kv``: in place into a preallocated store when there is one)."""
         q = self.to_q(q_input)
         if self.collab_heads:
             q = q[:, None] * self.collab_mixing[None, :, None, :]   # (b, h, n, qk_dim)
@@ -297,15 +299,17 @@ class Attention(nn.Module):
             k = k[:, None] if self.collab_heads else self._split(k, self.kv_heads)
             v = self._split(self.to_v(v_input), self.kv_heads)
             if cache is not None and cache.cached_kv is not None:
-                ck, cv = cache.cached_kv
-                mk, k = k[..., :mem_len, :], k[..., mem_len:, :]
-                mv, v = v[..., :mem_len, :], v[..., mem_len:, :]
-                k = torch.cat((mk, ck, k), dim=-2)
-                v = torch.cat((mv, cv, v), dim=-2)
+                mk, mv = k[..., :mem_len, :], v[..., :mem_len, :]
+                k, v, cached_kv = extend_kv(cache.cached_kv, k[..., mem_len:, :], v[..., mem_len:, :])
+                if mem_len:
+                    k, v = torch.cat((mk, k), dim=-2), torch.cat((mv, v), dim=-2)
+                return q, self._collab_expand(k), v, cached_kv
         cached_kv = (k[..., mem_len:, :], v[..., mem_len:, :])
-        if self.collab_heads:
-            k = k.expand(-1, self.heads, -1, -1)
-        return q, k, v, cached_kv
+        return q, self._collab_expand(k), v, cached_kv
+
+    def _collab_expand(self, k):
+        """k ``(b, 1, nk, qk_dim)`` of collaborative heads as a view for every head; else k."""
+        return k.expand(-1, self.heads, -1, -1) if self.collab_heads else k
 
     def _prepend_mem_kv(self, k, v):
         """k ``(b, hk, nk, d)``, v ``(b, hk, nk, dv)`` with the learned memory key/values (``mem_k``,
