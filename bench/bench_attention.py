@@ -100,42 +100,44 @@ def _dense_bias(kw, h, n, causal, dtype):
     return m
 
 
-def _flex_fn(kw, h, n, causal, device):
-    """(compiled flex_attention callable(q, k, v, scale), reason-if-unavailable)."""
+def _flex_fn(kw, h, n, causal, device, nk=None, q_offset=0, enable_gqa=False):
+    """(compiled flex_attention callable(q, k, v, scale), reason-if-unavailable): ``n`` query rows at
+    positions ``q_offset + i`` over ``nk`` (default ``n``) keys at positions ``j``."""
     try:
         from torch.nn.attention.flex_attention import create_block_mask, flex_attention
     except Exception as e:
         return None, f"torch has no flex_attention ({type(e).__name__})"
     if kw.get("topk") is not None:
         return None, "top-k has no score_mod form"
+    nk = n if nk is None else nk
     bias = kw.get("bias")
     if isinstance(bias, Alibi):
         slopes = torch.cat([bias.slopes, bias.slopes.new_zeros(h - bias.slopes.shape[0])])
 
         def score_mod(score, b, hh, qi, kj):
-            return score - slopes[hh] * (qi - kj).abs()
+            return score - slopes[hh] * (qi + q_offset - kj).abs()
     elif isinstance(bias, (T5, DistanceTable)):
-        # per-head vector over the signed distance qi - kj, looked up per score
-        dist = torch.arange(-(n - 1), n, device=device)
+        # per-head vector over the signed distance (qi + q_offset) - kj, looked up per score
+        dist = torch.arange(-(nk - 1), n + q_offset, device=device)
         if isinstance(bias, T5):
             from xtk.bias import t5_bucket
             vec = bias.table[t5_bucket(-dist, bias.num_buckets, bias.max_distance, bias.causal)] * bias.scale
         else:
             L = (bias.table.shape[0] + 1) // 2
             vec = bias.table[dist + L - 1]
-        vec = vec.t().contiguous()  # (h, 2n - 1)
+        vec = vec.t().contiguous()  # (h, n + q_offset + nk - 1)
 
         def score_mod(score, b, hh, qi, kj):
-            return score + vec[hh, qi - kj + (n - 1)]
+            return score + vec[hh, qi + q_offset - kj + (nk - 1)]
     else:
         score_mod = None
     block_mask = None
     if causal:
-        block_mask = create_block_mask(lambda b, hh, qi, kj: qi >= kj, None, None, n, n, device=device)
+        block_mask = create_block_mask(lambda b, hh, qi, kj: qi + q_offset >= kj, None, None, n, nk, device=device)
     compiled = torch.compile(flex_attention, dynamic=False)
 
     def call(q, k, v, scale):
-        return compiled(q, k, v, score_mod=score_mod, block_mask=block_mask, scale=scale)
+        return compiled(q, k, v, score_mod=score_mod, block_mask=block_mask, scale=scale, enable_gqa=enable_gqa)
     return call, None
 
 

@@ -2,7 +2,10 @@
 ``dim=512, depth=12, heads=8, num_tokens=20000, max_seq_len=1024``) with ALiBi, T5 relative
 bias, dynamic position bias, or none; a training step (forward, next-token cross entropy,
 backward) and KV-cached generation in tokens/s; xtk's auto backends vs ``XTK_BACKEND=eager``
-on the same model and inputs. The quick sweep uses depth 2, shorter sequences.
+on the same model and inputs. The quick sweep uses depth 2, shorter sequences. Generation also
+runs as ``xtk-cat``: xtk with the cache grown by ``torch.cat`` every step (the decoding loop's
+preallocation, ``xtk.models.autoregressive.preallocate``, switched off): what the preallocated
+cache saves.
 
 The model classes are written alongside this suite: until ``xtk.TransformerWrapper``,
 ``xtk.Decoder`` and ``xtk.AutoregressiveWrapper`` import, every row is skipped with the reason.
@@ -17,7 +20,7 @@ import torch.nn.functional as F
 
 from .common import Result, measure
 
-IMPLS = ["xtk", "eager"]
+IMPLS = ["xtk", "eager", "xtk-cat"]
 CASES = {"none": {}, "alibi": {"alibi_pos_bias": True}, "t5": {"rel_pos_bias": True},
          "dynamic": {"dynamic_pos_bias": True}}
 MODES = ["step", "generate"]
@@ -61,6 +64,24 @@ def classes():
         return f"xtk model classes not importable yet ({type(e).__name__}: {e})"
 
 
+def impls_for(mode: str, impls=None) -> list:
+    """The implementations a mode runs: ``xtk-cat`` only generates."""
+    return [i for i in (impls or IMPLS) if not (i == "xtk-cat" and mode != "generate")]
+
+
+@contextlib.contextmanager
+def concatenated_cache(on: bool):
+    """With ``on``, the decoding loop keeps its cache as ``torch.cat`` grows it (no preallocation)."""
+    from xtk.models import autoregressive
+    keep = autoregressive.preallocate
+    if on:
+        autoregressive.preallocate = lambda cache, steps_left: cache
+    try:
+        yield
+    finally:
+        autoregressive.preallocate = keep
+
+
 @contextlib.contextmanager
 def backend_env(impl: str):
     old = os.environ.get("XTK_BACKEND")
@@ -101,7 +122,7 @@ def make_call(impl, case, mode, cfg, device, dtype, model, AR):
     prompt = torch.randint(0, cfg["vocab"], (cfg["batch"], cfg["prompt"]), generator=g).to(device)
 
     def gen():
-        with backend_env(impl), torch.no_grad():
+        with backend_env(impl), concatenated_cache(impl == "xtk-cat"), torch.no_grad():
             return wrapper.generate(prompt, cfg["gen"], cache_kv=True)
     return gen
 
@@ -115,7 +136,7 @@ def run(device: str, full: bool, dtype, impls=None, modes=None, cases=None, prog
         if not isinstance(why, str):
             model, AR = build(case, cfg, device, dtype)
         for mode in modes or MODES:
-            for impl in impls or IMPLS:
+            for impl in impls_for(mode, impls):
                 params = dict(cfg, dim=512, heads=8, dtype=str(dtype).replace("torch.", ""))
                 tokens = cfg["batch"] * (cfg["seq"] if mode == "step" else cfg["gen"])
                 r = Result("model", case, impl, mode, params, tokens=tokens)
@@ -131,4 +152,4 @@ def run(device: str, full: bool, dtype, impls=None, modes=None, cases=None, prog
 
 
 def count(device: str, full: bool, impls=None, modes=None, cases=None) -> int:
-    return len(cases or CASES) * len(modes or MODES) * len(impls or IMPLS)
+    return len(cases or CASES) * sum(len(impls_for(m, impls)) for m in modes or MODES)

@@ -5,6 +5,7 @@
     python -m xtk bench --json r.json --markdown r.md --plot r.png
     python -m xtk bench --save                   # all three into bench/results/<device-slug>/
     python -m xtk bench --op model --model-shape depth=2,seq=1024,vocab=256   # a model size of your choice
+    python -m xtk bench --op decode --op varlen  # serving: a decode step over a KV cache, packed batches
 """
 from __future__ import annotations
 
@@ -15,12 +16,16 @@ from collections import OrderedDict
 
 import torch
 
-from . import bench_attention, bench_glu, bench_model, bench_norm
+from . import bench_attention, bench_decode, bench_glu, bench_model, bench_norm, bench_varlen
 from .common import Result, device_slug, dump_json, environment, fmt
 
-OPS = OrderedDict(attention=bench_attention, rms_norm=bench_norm, glu=bench_glu, model=bench_model)
+OPS = OrderedDict(attention=bench_attention, rms_norm=bench_norm, glu=bench_glu, model=bench_model,
+                  decode=bench_decode, varlen=bench_varlen)
 BASELINES = {"attention": ["eager", "sdpa", "sdpa-nobias", "flex"], "rms_norm": ["eager", "F.rms_norm"],
-             "glu": ["eager", "torch"], "model": ["eager"]}
+             "glu": ["eager", "torch"], "model": ["eager", "xtk-cat"], "decode": ["sdpa", "flex", "xtk-paged"],
+             "varlen": ["sdpa-padded"]}
+METRIC = {"attention": "TFLOP/s", "rms_norm": "GB/s", "glu": "GB/s", "model": "tok/s", "decode": "GB/s",
+          "varlen": "TFLOP/s"}
 RESULTS_DIR = os.path.join(os.path.dirname(os.path.abspath(__file__)), "results")
 
 
@@ -72,6 +77,10 @@ def _shape(r: Result) -> str:
         return f"{p['tokens']}x{p['dim']}"
     if r.op == "glu":
         return f"{p['tokens']}x{2 * p['inner']}"
+    if r.op == "decode":
+        return f"b{p['b']} h{p['h']}/{p['hk']} n{p['n']} d{p['d']}"
+    if r.op == "varlen":
+        return f"{len(p['lens'])} seqs T{sum(p['lens'])} h{p['h']} d{p['d']}"
     vocab = p.get("vocab", bench_model.VOCAB)
     return (f"depth{p['depth']} b{p['batch']} " + (f"n{p['seq']}" if r.mode == "step" else f"prompt{p['prompt']}+{p['gen']}")
             + ("" if vocab == bench_model.VOCAB else f" v{vocab}"))
@@ -100,7 +109,7 @@ def summarize(results: list[Result]) -> list[tuple[list[str], list[list[str]]]]:
         groups = OrderedDict()
         for r in rs:
             groups.setdefault((r.case, _shape(r), r.mode), {})[r.impl] = r
-        metric = {"attention": "TFLOP/s", "rms_norm": "GB/s", "glu": "GB/s", "model": "tok/s"}[op]
+        metric = METRIC[op]
         base = [b for b in BASELINES[op] if b in impls]
         header = ["case", "shape", "mode"] + [f"{i} ms" for i in impls] + [f"xtk {metric}", "xtk MB", "eager MB"] + [f"x{b}" for b in base]
         rows = []

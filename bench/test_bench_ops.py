@@ -4,7 +4,7 @@ runs them once each (``.ci/run``: ``pytest bench --benchmark-disable``)."""
 import pytest
 import torch
 
-from xtk.bench import bench_attention, bench_glu, bench_model, bench_norm
+from xtk.bench import bench_attention, bench_decode, bench_glu, bench_model, bench_norm, bench_varlen
 
 ATT_SHAPE = (1, 2, 128, 32)
 pytestmark = pytest.mark.benchmark(max_time=0.05, min_rounds=3)  # CI-sized: ~0.1 s per benchmark
@@ -32,10 +32,50 @@ def test_glu(benchmark, impl):
     benchmark(bench_glu.make_call(impl, "gelu", (256, 256), "fwd+bwd", torch.float32, "cpu"))
 
 
-@pytest.mark.parametrize("impl", bench_model.IMPLS)
+@pytest.mark.parametrize("impl", bench_model.impls_for("step"))
 def test_model_step(benchmark, impl):
     TW, Dec, AR = bench_model.classes()
     torch.manual_seed(0)
     cfg = dict(batch=1, seq=32, prompt=4, gen=4, vocab=256)
     model = TW(num_tokens=cfg["vocab"], max_seq_len=1024, attn_layers=Dec(dim=64, depth=1, heads=4, alibi_pos_bias=True))
     benchmark(bench_model.make_call(impl, "alibi", "step", cfg, "cpu", torch.float32, model, AR))
+
+
+@pytest.mark.parametrize("impl", bench_model.impls_for("generate"))
+def test_model_generate(benchmark, impl):
+    TW, Dec, AR = bench_model.classes()
+    torch.manual_seed(0)
+    cfg = dict(batch=1, seq=32, prompt=4, gen=4, vocab=256)
+    model = TW(num_tokens=cfg["vocab"], max_seq_len=1024, attn_layers=Dec(dim=64, depth=1, heads=4, alibi_pos_bias=True))
+    benchmark(bench_model.make_call(impl, "alibi", "generate", cfg, "cpu", torch.float32, model, AR))
+
+
+@pytest.mark.parametrize("impl", bench_decode.IMPLS)
+@pytest.mark.parametrize("case", bench_decode.CASES)
+def test_decode(benchmark, impl, case):
+    call, why = bench_decode.make_call(impl, case, (2, 4, 2, 100, 16), torch.float32, "cpu")
+    if call is None:
+        assert impl == "flex", why
+        return
+    benchmark(call)
+
+
+@pytest.mark.parametrize("impl", bench_varlen.IMPLS)
+@pytest.mark.parametrize("case", bench_varlen.CASES)
+@pytest.mark.parametrize("mode", bench_varlen.MODES)
+def test_varlen(benchmark, impl, case, mode):
+    call, _ = bench_varlen.make_call(impl, case, ((20, 3, 41), 2, 16), mode, torch.float32, "cpu")
+    benchmark(call)
+
+
+def test_serving_baselines_compute_what_xtk_computes():
+    """The decode and varlen baselines are the same function as xtk's rows (outputs compared)."""
+    import xtk
+    for case in bench_decode.CASES:
+        outs = [bench_decode.make_call(i, case, (2, 4, 2, 100, 16), torch.float32, "cpu")[0]() for i in ("xtk", "xtk-paged", "sdpa")]
+        torch.testing.assert_close(outs[1], outs[0], atol=1e-5, rtol=1e-5)
+        torch.testing.assert_close(outs[2], outs[0], atol=1e-5, rtol=1e-5)
+    for case in bench_varlen.CASES:
+        outs = [bench_varlen.make_call(i, case, ((20, 3, 41), 2, 16), "fwd", torch.float32, "cpu")[0]() for i in bench_varlen.IMPLS]
+        torch.testing.assert_close(outs[1], outs[0], atol=1e-5, rtol=1e-5)
+    assert xtk.attention_varlen is not None
