@@ -138,6 +138,7 @@ class Bias:
     - ``positional`` kinds (the value depends on ``p_i - p_j`` only): ``at_distance(dist, h, dtype)``;
     - ``dense`` kinds: the tensor is the bias itself (``(b, h, nq, nk)`` broadcastable);
     - ``for_heads(h, perm)``: per-head data padded to ``h`` heads and permuted, once;
+    - ``for_shard(h, head_offset)``: the heads ``[head_offset, head_offset + h)`` of a larger model;
     - ``kernel_args(h, nq, nk, q_offset, k_prefix)``: a ``KernelBias``.
 
     A subclass of a kind below runs wherever that kind runs. A new kind subclasses ``Bias`` with
@@ -179,6 +180,22 @@ class Bias:
         """This bias for ``h`` heads, head ``i`` taking the data of head ``perm[i]`` (identity when
         None). Kinds without per-head data return themselves."""
         return self
+
+    def for_shard(self, h: int, head_offset: int) -> "Bias":
+        """This bias for the ``h`` query heads ``[head_offset, head_offset + h)`` of a model with more
+        heads (tensor parallelism: per-head data indexes the global head, so a shard computes what the
+        unsharded model computes for its heads). Kinds holding a column per head check they hold
+        enough (``heads_held``); ALiBi pads with zero slopes as ``for_heads`` does."""
+        held = self.heads_held()
+        if held is not None and held < head_offset + h:
+            raise ValueError(f"bias.{self.field}: holds {held} heads, fewer than head_offset + heads = "
+                             f"{head_offset} + {h}")
+        perm = torch.arange(head_offset, head_offset + h, device=self.learned.device)
+        return self.for_heads(head_offset + h, perm)
+
+    def heads_held(self) -> Optional[int]:
+        """How many heads the per-head data covers (None: any count, padded or broadcast)."""
+        return None
 
     def kernel_args(self, h: int, nq: int, nk: int, q_offset: int, k_prefix: int) -> KernelBias:
         raise NotImplementedError(f"{type(self).__name__} has no attention kernel")
@@ -260,6 +277,9 @@ class T5(Bias):
     def for_heads(self, h, perm=None) -> "T5":
         return dataclasses.replace(self, table=_take_heads(self.table, perm, 1))
 
+    def heads_held(self) -> int:
+        return self.table.shape[1]
+
     def at_distance(self, dist, h, dtype) -> torch.Tensor:
         bucket = t5_bucket(-dist, self.num_buckets, self.max_distance, self.causal)
         return self.table.to(dtype)[bucket].movedim(-1, 0) * self.scale
@@ -306,6 +326,9 @@ class DistanceTable(Bias):
     def for_heads(self, h, perm=None) -> "DistanceTable":
         return dataclasses.replace(self, table=_take_heads(self.table, perm, 1))
 
+    def heads_held(self) -> int:
+        return self.table.shape[1]
+
     def at_distance(self, dist, h, dtype) -> torch.Tensor:
         """Distances beyond the table take its edge rows (callers zero or never read them: prefix
         keys, the corners of a chunk's distance vector); ``materialize`` refuses them."""
@@ -345,6 +368,16 @@ class Dense(Bias):
         if perm is None or t.dim() < 3 or t.shape[-3] == 1:
             return self
         return dataclasses.replace(self, tensor=_take_heads(t, perm, t.dim() - 3))
+
+    def for_shard(self, h, head_offset) -> "Dense":
+        """Heads ``[head_offset, head_offset + h)`` of the head dim (-3) when the tensor has one."""
+        t = self.tensor
+        if t.dim() < 3 or t.shape[-3] == 1:
+            return self
+        if t.shape[-3] < head_offset + h:
+            raise ValueError(f"bias.tensor: holds {t.shape[-3]} heads (dim -3), fewer than head_offset + heads "
+                             f"= {head_offset} + {h}")
+        return dataclasses.replace(self, tensor=t.narrow(t.dim() - 3, head_offset, h))
 
     def materialize(self, h, nq, nk, q_offset, k_prefix) -> torch.Tensor:
         return self.tensor

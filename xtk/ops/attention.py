@@ -202,7 +202,7 @@ def _qkv_arguments(q, k, v, query, key, value):
 
 def attention(q=None, k=None, v=None, attn_mask=None, dropout_p=0.0, is_causal=False, scale=None, enable_gqa=False,
               *, query=None, key=None, value=None, bias=None, topk=None, qk_norm=None, rotary=None, q_offset=None,
-              k_prefix=0, backend="auto", hooks=None, gqa_order="interleave"):
+              k_prefix=0, backend="auto", hooks=None, gqa_order="interleave", head_offset=None):
     """Scaled dot-product attention with in-kernel bias, top-k, QK-norm and rotary/xpos.
 
     q ``(b, h, nq, d)``, k ``(b, hk, nk, d)``, v ``(b, hk, nk, dv)``, any strides -> ``(b, h, nq, dv)``
@@ -217,16 +217,24 @@ def attention(q=None, k=None, v=None, attn_mask=None, dropout_p=0.0, is_causal=F
     ``i // (h / hk)``, SDPA's -- or 'repeat' -- ``i % hk``, x-transformers' ``(r kvh)`` order.
     ``hooks`` (``ScoreHooks``): features that need the whole score matrix; only the eager backend
     runs them (``auto`` picks it; a forced backend that cannot raises with its reasons).
-    ``backend``: auto|eager|chunked|triton|ext (``XTK_BACKEND`` applies when 'auto')."""
+    ``backend``: auto|eager|chunked|triton|ext (``XTK_BACKEND`` applies when 'auto').
+    ``head_offset`` (None: q holds all the heads): q's heads are heads ``[head_offset, head_offset +
+    h)`` of a model with more (a tensor-parallel shard; 0 for the first): ``bias`` holds the whole model's per-head data (ALiBi slopes, T5 /
+    distance tables, a dense bias's head dim) and is indexed by the global head (``Bias.for_shard``);
+    QK-norm's per-head scales are the shard's own, as its projections are."""
     q, k, v = _qkv_arguments(q, k, v, query, key, value)
+    if head_offset is not None:
+        head_offset = _check.integer("head_offset", head_offset, minimum=0)
     if all(isinstance(t, torch.Tensor) and t.dim() == 3 for t in (q, k, v)):
         # SDPA's (N, L, E) form: one head per batch entry
         if isinstance(attn_mask, torch.Tensor) and attn_mask.dim() == 3:
             attn_mask = attn_mask.unsqueeze(1)
         out = attention(q.unsqueeze(1), k.unsqueeze(1), v.unsqueeze(1), attn_mask, dropout_p, is_causal, scale,
                         enable_gqa, bias=bias, topk=topk, qk_norm=qk_norm, rotary=rotary, q_offset=q_offset,
-                        k_prefix=k_prefix, backend=backend, hooks=hooks, gqa_order=gqa_order)
+                        k_prefix=k_prefix, backend=backend, hooks=hooks, gqa_order=gqa_order, head_offset=head_offset)
         return out.squeeze(1)
+    if isinstance(bias, Bias) and head_offset is not None and isinstance(q, torch.Tensor) and q.dim() == 4:
+        bias = bias.for_shard(q.shape[1], head_offset)
     inputs = _validate(q, k, v, attn_mask, dropout_p, is_causal, scale, enable_gqa, bias, topk,
                        qk_norm, rotary, q_offset, k_prefix, hooks, gqa_order)
     chosen = backends.pick("attention", inputs, backend)
