@@ -2,7 +2,9 @@
 ``dim=512, depth=12, heads=8, num_tokens=20000, max_seq_len=1024``) with ALiBi, T5 relative
 bias, dynamic position bias, or none; a training step (forward, next-token cross entropy,
 backward) and KV-cached generation in tokens/s; xtk's auto backends vs ``XTK_BACKEND=eager``
-on the same model and inputs. The quick sweep uses depth 2, shorter sequences. Generation also
+on the same model and inputs, and x-transformers itself (2.31.x, what xtk replaces; the same weights,
+loaded into xtk's model; skipped, saying how to install it, when absent). The implementations of
+a row are timed interleaved. The quick sweep uses depth 2, shorter sequences. Generation also
 runs as ``xtk-cat``: xtk with the cache grown by ``torch.cat`` every step (the decoding loop's
 preallocation, ``xtk.models.autoregressive.preallocate``, switched off): what the preallocated
 cache saves.
@@ -18,9 +20,9 @@ import os
 import torch
 import torch.nn.functional as F
 
-from .common import Result, measure
+from .common import BusyLoad, Result, measure_interleaved
 
-IMPLS = ["xtk", "eager", "xtk-cat"]
+IMPLS = ["xtk", "eager", "xtk-cat", "x-transformers"]
 CASES = {"none": {}, "alibi": {"alibi_pos_bias": True}, "t5": {"rel_pos_bias": True},
          "dynamic": {"dynamic_pos_bias": True}}
 MODES = ["step", "generate"]
@@ -95,16 +97,41 @@ def backend_env(impl: str):
             os.environ["XTK_BACKEND"] = old
 
 
+def x_transformers_classes():
+    """x-transformers' (TransformerWrapper, Decoder, AutoregressiveWrapper), or why not."""
+    try:
+        import x_transformers as xt
+        return xt.TransformerWrapper, xt.Decoder, xt.AutoregressiveWrapper
+    except Exception as e:  # noqa: BLE001
+        return (f"x-transformers not installed ({type(e).__name__}); pip install x-transformers==2.31.10 "
+                f"for this column")
+
+
 def build(case: str, cfg: dict, device: str, dtype):
+    """-> (xtk model, xtk's AutoregressiveWrapper, (x-transformers model, its wrapper) or why not).
+    With x-transformers installed both models hold the same weights: x-transformers' model is
+    built (seed 0) and its state_dict loaded into xtk's (``xtk.load_x_transformers_weights``)."""
     TW, Dec, AR = classes()
+    kwargs = dict(num_tokens=cfg["vocab"], max_seq_len=max(1024, cfg["seq"], cfg["prompt"] + cfg["gen"]))
+    layers = dict(dim=512, depth=cfg["depth"], heads=8, **CASES[case])
     torch.manual_seed(0)
-    model = TW(num_tokens=cfg["vocab"], max_seq_len=max(1024, cfg["seq"], cfg["prompt"] + cfg["gen"]),
-               attn_layers=Dec(dim=512, depth=cfg["depth"], heads=8, **CASES[case]))
-    return model.to(device=device, dtype=dtype), AR
+    model = TW(attn_layers=Dec(**layers), **kwargs)
+    xt = x_transformers_classes()
+    if not isinstance(xt, str):
+        import xtk
+        torch.manual_seed(0)
+        xt_model = xt[0](attn_layers=xt[1](**layers), **kwargs)
+        xtk.load_x_transformers_weights(model, xt_model.state_dict())
+        xt = (xt_model.to(device=device, dtype=dtype), xt[2])
+    return model.to(device=device, dtype=dtype), AR, xt
 
 
-def make_call(impl, case, mode, cfg, device, dtype, model, AR):
+def make_call(impl, case, mode, cfg, device, dtype, model, AR, xt=None):
+    """The timed callable of one (impl, mode): a training step (forward, cross entropy, backward) or
+    a KV-cached generation. ``impl`` 'x-transformers' runs ``xt`` = (its model, its wrapper)."""
     g = torch.Generator().manual_seed(0)
+    if impl == "x-transformers":
+        model, AR = xt
     if mode == "step":
         model.train()
         x = torch.randint(0, cfg["vocab"], (cfg["batch"], cfg["seq"] + 1), generator=g).to(device)
@@ -127,29 +154,51 @@ def make_call(impl, case, mode, cfg, device, dtype, model, AR):
     return gen
 
 
-def run(device: str, full: bool, dtype, impls=None, modes=None, cases=None, progress=None, shape=None):
+def run(device: str, full: bool, dtype, impls=None, modes=None, cases=None, progress=None, shape=None, busy=0):
+    """One ``Result`` per (case, mode, impl); the implementations of one (case, mode) are timed
+    interleaved (``measure_interleaved``), so that a noisy machine slows all alike. ``busy`` > 0:
+    every row again with that many competing processes (``BusyLoad``), its case named ``<case>
+    busy<N>``."""
     results = []
     cfg = config(device, full, shape)
     why = classes()
     for case in cases or CASES:
-        model = AR = None
+        model = AR = xt = None
         if not isinstance(why, str):
-            model, AR = build(case, cfg, device, dtype)
+            model, AR, xt = build(case, cfg, device, dtype)
         for mode in modes or MODES:
-            for impl in impls_for(mode, impls):
-                params = dict(cfg, dim=512, heads=8, dtype=str(dtype).replace("torch.", ""))
-                tokens = cfg["batch"] * (cfg["seq"] if mode == "step" else cfg["gen"])
-                r = Result("model", case, impl, mode, params, tokens=tokens)
-                if isinstance(why, str):
-                    r.status = "skipped: " + why
-                else:
-                    measure(r, lambda: make_call(impl, case, mode, cfg, device, dtype, model, AR), device, quick=not full)
-                results.append(r)
+            for load in [0] + ([busy] if busy else []):
+                rows = _rows(case, mode, cfg, dtype, impls, load)
+                with BusyLoad(load):
+                    _measure_rows(rows, why, xt, lambda impl: make_call(impl, case, mode, cfg, device, dtype, model, AR, xt),
+                                  device, full)
+                results += [r for r, _ in rows]
                 if progress:
-                    progress()
-        del model
+                    for _ in rows:
+                        progress()
+        del model, xt
     return results
 
 
-def count(device: str, full: bool, impls=None, modes=None, cases=None) -> int:
-    return len(cases or CASES) * sum(len(impls_for(m, impls)) for m in modes or MODES)
+def _rows(case, mode, cfg, dtype, impls, load) -> list:
+    """[(Result, impl)] of one (case, mode) under ``load`` competing processes."""
+    params = dict(cfg, dim=512, heads=8, dtype=str(dtype).replace("torch.", ""), busy=load)
+    tokens = cfg["batch"] * (cfg["seq"] if mode == "step" else cfg["gen"])
+    name = case + (f" busy{load}" if load else "")
+    return [(Result("model", name, impl, mode, dict(params), tokens=tokens), impl) for impl in impls_for(mode, impls)]
+
+
+def _measure_rows(rows, why, xt, make, device, full) -> None:
+    todo = []
+    for r, impl in rows:
+        if isinstance(why, str):
+            r.status = "skipped: " + why
+        elif impl == "x-transformers" and isinstance(xt, str):
+            r.status = "skipped: " + xt
+        else:
+            todo.append((r, lambda impl=impl: make(impl)))
+    measure_interleaved(todo, device, quick=not full)
+
+
+def count(device: str, full: bool, impls=None, modes=None, cases=None, busy=0) -> int:
+    return len(cases or CASES) * sum(len(impls_for(m, impls)) for m in modes or MODES) * (2 if busy else 1)

@@ -6,6 +6,7 @@
     python -m xtk bench --save                   # all three into bench/results/<device-slug>/
     python -m xtk bench --op model --model-shape depth=2,seq=1024,vocab=256   # a model size of your choice
     python -m xtk bench --op decode --op varlen  # serving: a decode step over a KV cache, packed batches
+    python -m xtk bench --op model --busy 2      # model rows quiet and beside 2 busy processes
 """
 from __future__ import annotations
 
@@ -22,7 +23,7 @@ from .common import Result, device_slug, dump_json, environment, fmt
 OPS = OrderedDict(attention=bench_attention, rms_norm=bench_norm, glu=bench_glu, model=bench_model,
                   decode=bench_decode, varlen=bench_varlen)
 BASELINES = {"attention": ["eager", "sdpa", "sdpa-nobias", "flex"], "rms_norm": ["eager", "F.rms_norm"],
-             "glu": ["eager", "torch"], "model": ["eager", "xtk-cat"], "decode": ["sdpa", "flex", "xtk-paged"],
+             "glu": ["eager", "torch"], "model": ["eager", "xtk-cat", "x-transformers"], "decode": ["sdpa", "flex", "xtk-paged"],
              "varlen": ["sdpa-padded"]}
 METRIC = {"attention": "TFLOP/s", "rms_norm": "GB/s", "glu": "GB/s", "model": "tok/s", "decode": "GB/s",
           "varlen": "TFLOP/s"}
@@ -52,6 +53,8 @@ def parse(argv):
                    help="write LABEL.json, LABEL.md and LABEL.png under DIR/<device-slug>/ (default DIR: bench/results)")
     p.add_argument("--label", help="file name for --save (default: quick, full, or shapes with --shape)")
     p.add_argument("--threads", type=int, help="torch.set_num_threads (CPU); default: torch's choice")
+    p.add_argument("--busy", type=int, default=0, metavar="N",
+                   help="model rows again with N competing busy processes (one core each, stopped after the row)")
     p.add_argument("--no-progress", action="store_true")
     return p.parse_args(argv)
 
@@ -274,8 +277,12 @@ def main(argv=None) -> int:
     if "model" in ops and isinstance(why, str):
         print(f"model: skipped: {why}", file=sys.stderr)
         notes.append(f"model rows skipped: {why}")
-    total = sum(bench_attention.count(device, args.full, features, shapes=shapes) if op == "attention" else OPS[op].count(device, args.full)
-                for op in ops)
+    if args.busy < 0:
+        print(f"--busy: expected a number of processes >= 0, got {args.busy}", file=sys.stderr)
+        return 2
+    counts = {"attention": lambda: bench_attention.count(device, args.full, features, shapes=shapes),
+              "model": lambda: bench_model.count(device, args.full, busy=args.busy)}
+    total = sum(counts.get(op, lambda: OPS[op].count(device, args.full))() for op in ops)
     print(f"xtk bench on {env['device_name']} ({device}, {str(dtype).replace('torch.', '')}, torch {env['torch']}, "
           f"{env['threads']} threads), {'full' if args.full else 'quick'} sweep: {total} cells", file=sys.stderr)
     bar, tick = _progress(total, not args.no_progress)
@@ -285,7 +292,7 @@ def main(argv=None) -> int:
             if op == "attention":
                 results += bench_attention.run(device, args.full, dtype, features=features, progress=tick, shapes=shapes)
             elif op == "model":
-                results += bench_model.run(device, args.full, dtype, progress=tick, shape=model_shape)
+                results += bench_model.run(device, args.full, dtype, progress=tick, shape=model_shape, busy=args.busy)
             else:
                 results += OPS[op].run(device, args.full, dtype, progress=tick)
     finally:

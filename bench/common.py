@@ -255,6 +255,93 @@ def measure(result: Result, make: Callable[[], Callable[[], object]], device: st
     return result
 
 
+def measure_interleaved(cells: list, device: str, quick: bool = True) -> None:
+    """Fill each ``Result`` of ``cells`` = ``[(result, make)]`` as ``measure`` does, but with the
+    samples taken round-robin (one call of each callable per round, after one warm-up and one
+    peak-memory call each), so that load that comes and goes slows every implementation alike and
+    their ratio holds; each callable's median is kept. A callable that fails drops out."""
+    live = []
+    for r, make in cells:
+        fn = _first_calls(r, make, device)
+        if fn is not None:
+            live.append((r, fn))
+    samples = {id(r): [] for r, _ in live}
+    min_reps, min_time = (3, 0.3) if quick else (7, 2.0)
+    t_end = time.perf_counter() + min_time
+    rounds = 0
+    while live and (rounds < min_reps or (time.perf_counter() < t_end and rounds < 50)):
+        for r, fn in list(live):
+            try:
+                t0 = time.perf_counter()
+                fn()
+                _sync(device)
+                samples[id(r)].append((time.perf_counter() - t0) * 1e3)
+            except Exception as e:  # noqa: BLE001
+                r.status, r.ms = _failure(e), None
+                live.remove((r, fn))
+        rounds += 1
+    for r, _ in live:
+        r.ms = statistics.median(samples[id(r)])
+    gc.collect()
+
+
+def _first_calls(r: Result, make, device: str):
+    """The callable ``make()`` gives, after a warm-up call and a call under ``PeakMemory`` (into
+    ``r.peak_mb``); None, with ``r.status`` set, when either fails."""
+    try:
+        fn = make()
+        fn()
+        _sync(device)
+        with PeakMemory(device) as mem:
+            fn()
+            _sync(device)
+        r.peak_mb = mem.mb
+        return fn
+    except Exception as e:  # noqa: BLE001
+        r.status, r.ms = _failure(e), None
+        return None
+
+
+def _failure(e: BaseException) -> str:
+    return "OOM" if is_oom(e) else f"error: {type(e).__name__}: {str(e).splitlines()[0][:160]}"
+
+
+def _busy_loop(seconds: float) -> None:
+    """One competing process: 1-thread float32 matmuls until killed or ``seconds`` have passed."""
+    torch.set_num_threads(1)
+    a = torch.randn(256, 256)
+    end = time.time() + seconds
+    while time.time() < end:
+        a = torch.tanh(a @ a)
+
+
+class BusyLoad:
+    """Context manager: ``n`` competing processes (``_busy_loop``, one busy core each) while the
+    block runs, stopped when it ends and at most ``max_seconds`` after they start either way: the
+    'busy machine' rows (data-loader workers, a second job). ``n`` 0: nothing."""
+
+    def __init__(self, n: int, max_seconds: float = 900.0):
+        self.n, self.max_seconds, self.procs = n, max_seconds, []
+
+    def __enter__(self):
+        if self.n:
+            import multiprocessing as mp
+            ctx = mp.get_context("spawn")
+            self.procs = [ctx.Process(target=_busy_loop, args=(self.max_seconds,), daemon=True) for _ in range(self.n)]
+            for p in self.procs:
+                p.start()
+            time.sleep(1.0)   # let them start spinning
+        return self
+
+    def __exit__(self, *exc):
+        for p in self.procs:
+            p.terminate()
+        for p in self.procs:
+            p.join(timeout=10)
+        self.procs = []
+        return False
+
+
 def timed_step(fwd: Callable[[], torch.Tensor], grad: bool, leaves=(), go=None) -> Callable[[], object]:
     """The call a benchmark times: ``fwd()`` under ``no_grad`` (forward), or with ``grad`` the
     ``leaves``' gradients cleared, then ``fwd().backward(go)`` (forward+backward)."""

@@ -32,22 +32,46 @@ def test_glu(benchmark, impl):
     benchmark(bench_glu.make_call(impl, "gelu", (256, 256), "fwd+bwd", torch.float32, "cpu"))
 
 
-@pytest.mark.parametrize("impl", bench_model.impls_for("step"))
-def test_model_step(benchmark, impl):
+def _small_models():
+    """A tiny xtk model and (x-transformers' model with the same weights, its wrapper) or why not."""
     TW, Dec, AR = bench_model.classes()
+    kw = dict(num_tokens=256, max_seq_len=1024)
     torch.manual_seed(0)
-    cfg = dict(batch=1, seq=32, prompt=4, gen=4, vocab=256)
-    model = TW(num_tokens=cfg["vocab"], max_seq_len=1024, attn_layers=Dec(dim=64, depth=1, heads=4, alibi_pos_bias=True))
-    benchmark(bench_model.make_call(impl, "alibi", "step", cfg, "cpu", torch.float32, model, AR))
+    model = TW(attn_layers=Dec(dim=64, depth=1, heads=4, alibi_pos_bias=True), **kw)
+    xt = bench_model.x_transformers_classes()
+    if not isinstance(xt, str):
+        import xtk
+        xt_model = xt[0](attn_layers=xt[1](dim=64, depth=1, heads=4, alibi_pos_bias=True), **kw)
+        xtk.load_x_transformers_weights(model, xt_model.state_dict())
+        xt = (xt_model, xt[2])
+    return model, AR, xt
 
 
-@pytest.mark.parametrize("impl", bench_model.impls_for("generate"))
-def test_model_generate(benchmark, impl):
-    TW, Dec, AR = bench_model.classes()
-    torch.manual_seed(0)
+@pytest.mark.parametrize("mode", bench_model.MODES)
+@pytest.mark.parametrize("impl", bench_model.IMPLS)
+def test_model(benchmark, impl, mode):
+    if impl not in bench_model.impls_for(mode):
+        return
+    model, AR, xt = _small_models()
+    if impl == "x-transformers" and isinstance(xt, str):
+        pytest.skip(xt)
     cfg = dict(batch=1, seq=32, prompt=4, gen=4, vocab=256)
-    model = TW(num_tokens=cfg["vocab"], max_seq_len=1024, attn_layers=Dec(dim=64, depth=1, heads=4, alibi_pos_bias=True))
-    benchmark(bench_model.make_call(impl, "alibi", "generate", cfg, "cpu", torch.float32, model, AR))
+    benchmark(bench_model.make_call(impl, "alibi", mode, cfg, "cpu", torch.float32, model, AR, xt))
+
+
+def test_model_rows_interleaved_and_busy():
+    """bench_model.run's row logic on a tiny model: every impl measured, busy rows named."""
+    from xtk.bench.common import BusyLoad, Result, measure_interleaved
+    rows = [(Result("model", "c", i, "step"), lambda: (lambda: torch.ones(8).sum())) for i in ("a", "b")]
+    with BusyLoad(1, max_seconds=30) as load:
+        assert len(load.procs) == 1 and load.procs[0].is_alive()
+        measure_interleaved(rows, "cpu")
+    assert not load.procs
+    assert all(r.status == "ok" and r.ms > 0 for r, _ in rows)
+    bad = [(Result("model", "c", "x", "step"), lambda: (lambda: 1 / 0))]
+    measure_interleaved(bad, "cpu")
+    assert bad[0][0].status.startswith("error: ZeroDivisionError")
+    assert bench_model.count("cpu", False, busy=2) == 2 * bench_model.count("cpu", False)
 
 
 @pytest.mark.parametrize("impl", bench_decode.IMPLS)
