@@ -1,6 +1,6 @@
 """A whole model: TransformerWrapper + Decoder (the seeds' GPT-like 512-dim config:
 ``dim=512, depth=12, heads=8, num_tokens=20000, max_seq_len=1024``) with ALiBi, T5 relative
-bias, dynamic position bias, or none; a training step (forward, next-token cross entropy,
+bias, dynamic position bias, rotary+xpos, QK-norm, top-k (8), or none; a training step (forward, next-token cross entropy,
 backward) and KV-cached generation in tokens/s; xtk's auto backends vs ``XTK_BACKEND=eager``
 on the same model and inputs, and x-transformers itself (2.31.x, what xtk replaces; the same weights,
 loaded into xtk's model; skipped, saying how to install it, when absent). The implementations of
@@ -24,12 +24,13 @@ from .common import BusyLoad, Result, measure_interleaved
 
 IMPLS = ["xtk", "eager", "xtk-cat", "x-transformers"]
 CASES = {"none": {}, "alibi": {"alibi_pos_bias": True}, "t5": {"rel_pos_bias": True},
-         "dynamic": {"dynamic_pos_bias": True}}
+         "dynamic": {"dynamic_pos_bias": True}, "rotary_xpos": {"rotary_pos_emb": True, "rotary_xpos": True},
+         "qknorm": {"attn_qk_norm": True}, "topk": {"attn_sparse_topk": 8}}
 MODES = ["step", "generate"]
 
 
 VOCAB = 20000
-SHAPE_KEYS = ("depth", "batch", "seq", "prompt", "gen", "vocab")
+SHAPE_KEYS = ("depth", "batch", "seq", "prompt", "gen", "vocab", "dim")
 
 
 def config(device: str, full: bool, override: dict | None = None) -> dict:
@@ -40,7 +41,7 @@ def config(device: str, full: bool, override: dict | None = None) -> dict:
         cfg = dict(depth=12, batch=4, seq=1024, prompt=64, gen=128)
     else:
         cfg = dict(depth=2, batch=1, seq=128, prompt=8, gen=16)
-    cfg["vocab"] = VOCAB
+    cfg["vocab"], cfg["dim"] = VOCAB, 512
     cfg.update(override or {})
     return cfg
 
@@ -113,7 +114,7 @@ def build(case: str, cfg: dict, device: str, dtype):
     built (seed 0) and its state_dict loaded into xtk's (``xtk.load_x_transformers_weights``)."""
     TW, Dec, AR = classes()
     kwargs = dict(num_tokens=cfg["vocab"], max_seq_len=max(1024, cfg["seq"], cfg["prompt"] + cfg["gen"]))
-    layers = dict(dim=512, depth=cfg["depth"], heads=8, **CASES[case])
+    layers = dict(dim=cfg["dim"], depth=cfg["depth"], heads=8, **CASES[case])
     torch.manual_seed(0)
     model = TW(attn_layers=Dec(**layers), **kwargs)
     xt = x_transformers_classes()
@@ -182,7 +183,7 @@ def run(device: str, full: bool, dtype, impls=None, modes=None, cases=None, prog
 
 def _rows(case, mode, cfg, dtype, impls, load) -> list:
     """[(Result, impl)] of one (case, mode) under ``load`` competing processes."""
-    params = dict(cfg, dim=512, heads=8, dtype=str(dtype).replace("torch.", ""), busy=load)
+    params = dict(cfg, heads=8, dtype=str(dtype).replace("torch.", ""), busy=load)
     tokens = cfg["batch"] * (cfg["seq"] if mode == "step" else cfg["gen"])
     name = case + (f" busy{load}" if load else "")
     return [(Result("model", name, impl, mode, dict(params), tokens=tokens), impl) for impl in impls_for(mode, impls)]

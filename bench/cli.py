@@ -85,7 +85,7 @@ def _shape(r: Result) -> str:
     if r.op == "varlen":
         return f"{len(p['lens'])} seqs T{sum(p['lens'])} h{p['h']} d{p['d']}"
     vocab = p.get("vocab", bench_model.VOCAB)
-    return (f"depth{p['depth']} b{p['batch']} " + (f"n{p['seq']}" if r.mode == "step" else f"prompt{p['prompt']}+{p['gen']}")
+    return (f"d{p['dim']} depth{p['depth']} b{p['batch']} " + (f"n{p['seq']}" if r.mode == "step" else f"prompt{p['prompt']}+{p['gen']}")
             + ("" if vocab == bench_model.VOCAB else f" v{vocab}"))
 
 
