@@ -1,0 +1,240 @@
+"""``xtk.patch`` / ``xtk.unpatch`` on x-transformers objects, in place (issue 15, item 1).
+
+For every loader-parity config (``test_loader.CASES``): the x-transformers model (fp32, eval) is run
+unpatched, patched and as an fp64 copy (the oracle); the patched outputs and every parameter
+gradient must be within the 2x rule (SPEC §4: error against the oracle at most twice the unpatched
+fp32 model's, plus the fp32 floor). The same Parameter objects stay in the model, an optimizer built
+before the patch moves them, the report names what was swapped and kept, and ``xtk.unpatch`` gives
+outputs bit-identical to before the patch."""
+import pytest
+import torch
+
+X = pytest.importorskip("x_transformers")
+
+import xtk  # noqa: E402
+from model_helpers import perturb  # noqa: E402
+from test_loader import BASE, CASES  # noqa: E402  (the loader-parity configs, reused as they are)
+from tolerance import judge_2x  # noqa: E402
+
+pytestmark = pytest.mark.usefixtures("one_thread")
+
+# configs whose attention xtk cannot run exactly: patch keeps it, and says why
+KEPT_ATTENTION = {"residual_attn": "residual attention", "talking_heads_pre_post": "talking heads",
+                  "gqa_talking_residual_alibi": "talking heads"}
+
+
+def _build(name, seed=0):
+    case = dict(CASES[name])
+    layers_cls = case.pop("layers_cls", "Decoder")
+    wrap_kw = dict(num_tokens=23, max_seq_len=16, **case.pop("wrap_kw", {}))
+    layer_kw = {k: v for k, v in {**BASE, **case}.items() if v is not None}
+    torch.manual_seed(seed)
+    model = X.TransformerWrapper(attn_layers=getattr(X, layers_cls)(**layer_kw), **wrap_kw).eval()
+    return perturb(model, seed)
+
+
+def _oracle(name):
+    """The same model in fp64 (built again: a deepcopy would keep x-transformers' tied-embedding
+    closure pointing at the fp32 weight). x-transformers' dynamic position bias feeds its MLP an fp32 ``arange`` (fp64
+    models fail there): the copy casts that input to the MLP's dtype (small integers, or their
+    fp32 log, the same numbers the fp32 models see)."""
+    ref = _build(name).double()
+    for m in ref.modules():
+        if isinstance(m, X.x_transformers.DynamicPositionBias):
+            first = m.mlp[0][0]
+            first.register_forward_pre_hook(lambda mod, args: tuple(t.to(mod.weight.dtype) for t in args))
+    return ref
+
+
+def _run(model, x, kw):
+    """-> (output, {name: gradient}) of the loss test_loader uses."""
+    model.zero_grad(set_to_none=True)
+    out = model(x, **kw)
+    (out.square().mean() + out[:, :3].mean()).backward()
+    return out.detach(), {n: p.grad for n, p in model.named_parameters()}
+
+
+def _assert_2x(patched, unpatched, oracle, what):
+    (po, pg), (uo, ug), (oo, og) = patched, unpatched, oracle
+    verdict = judge_2x(po, uo, oo, f"{what} output")
+    assert verdict["ok"], verdict["why"]
+    for n, g in og.items():
+        if ug[n] is None and pg[n] is None and g is None:
+            continue
+        assert (pg[n] is None) == (ug[n] is None), f"{what}: gradient of {n} is {pg[n]} patched, {ug[n]} unpatched"
+        verdict = judge_2x(pg[n], ug[n], g, f"{what} d{n}")
+        assert verdict["ok"], verdict["why"]
+
+
+def _attention_paths(model):
+    return {p for p, m in model.named_modules() if isinstance(m, X.x_transformers.Attention)}
+
+
+@pytest.mark.parametrize("name", list(CASES))
+def test_patch_in_place_matches_unpatched(name):
+    model = _build(name)
+    oracle = _oracle(name)
+    x = torch.randint(0, 23, (2, 10))
+    mask = torch.ones(2, 10, dtype=torch.bool)
+    mask[0, -3:] = False
+    calls = [({}, "no mask"), ({"mask": mask}, "mask")]
+    unpatched = [_run(model, x, kw) for kw, _ in calls]
+    reference = [_run(oracle, x, kw) for kw, _ in calls]
+    params = list(model.parameters())
+    ids = [id(p) for p in params]
+    opt = torch.optim.SGD(params, lr=0.1)   # built before the patch
+
+    report = xtk.patch(model)
+    swapped = {p for p, _ in report.swapped}
+    kept = dict(report.kept)
+    attn = _attention_paths(model)
+    if name in KEPT_ATTENTION:
+        assert attn <= set(kept) and all(KEPT_ATTENTION[name] in kept[p] for p in attn), str(report)
+    else:
+        assert attn <= swapped, str(report)
+    assert [id(p) for p in model.parameters()] == ids
+
+    for (kw, what), u, o in zip(calls, unpatched, reference):
+        _assert_2x(_run(model, x, kw), u, o, f"{name} ({what})")
+
+    xtk.unpatch(model)
+    for (kw, _), (u_out, _) in zip(calls, unpatched):
+        assert torch.equal(model(x, **kw).detach(), u_out), f"{name}: unpatched output is not bit-identical"
+
+    xtk.patch(model)   # again after unpatch; then train one step on the patched model
+    _run(model, x, {})
+    before = [p.detach().clone() for p in params]
+    opt.step()
+    assert [id(p) for p in model.parameters()] == ids
+    for n, b, p in zip([n for n, _ in model.named_parameters()], before, params):
+        moved = not torch.equal(b, p.detach())
+        if p.grad is None:
+            assert not moved, n
+        elif (0.1 * p.grad).abs().max() > 1e-6 * (1 + b.abs().max()):   # a step larger than fp32 rounding
+            assert moved, f"{name}: {n} did not move"
+    xtk.unpatch(model)
+
+
+def test_report_lists_swaps_and_keeps_with_reasons():
+    model = _build("gqa_talking_residual_alibi")
+    report = xtk.patch(model)
+    why = dict(report.kept)
+    for path in _attention_paths(model):
+        assert "talking heads" in why[path] and "residual attention" in why[path]
+    assert all("LayerNorm: xtk has no op" in why[p] for p in ("attn_layers.final_norm", "attn_layers.layers.0.0.0"))
+    text = str(report)
+    assert text.startswith("xtk patch of TransformerWrapper:") and "kept    attn_layers.layers.0.1: attention:" in text
+    xtk.unpatch(model)
+
+    report = xtk.patch(_build("rmsnorm"))
+    assert ("attn_layers.final_norm", "RMSNorm: xtk.rms_norm") in report.swapped
+    report = xtk.patch(_build("ff_swish_glu"))
+    assert ("attn_layers.layers.1.1.ff.0", "GLU: xtk.glu (silu)") in report.swapped
+    report = xtk.patch(_build("t5_topk_mem_kv"))
+    assert dict(report.swapped)["attn_layers.layers.0.1"] == \
+        "attention: xtk.attention (T5 relative position in-kernel (the module's own tensors), causal, 2 memory key/values, top-4)"
+
+
+def test_patch_logs_the_report(caplog):
+    with caplog.at_level("INFO", logger="xtk.patch"):
+        xtk.patch(_build("residual_attn"))
+    assert any("modules swapped" in r.getMessage() for r in caplog.records)
+    assert any(r.levelname == "WARNING" and "residual attention" in r.getMessage() for r in caplog.records)
+
+
+def test_unsupported_models_raise_naming_the_class():
+    with pytest.raises(TypeError, match="Linear"):
+        xtk.patch(torch.nn.Linear(4, 4))
+    mine = xtk.TransformerWrapper(num_tokens=20, max_seq_len=8, attn_layers=xtk.Decoder(dim=16, depth=1, heads=2))
+    with pytest.raises(TypeError, match="TransformerWrapper is not an x-transformers model"):
+        xtk.patch(mine)
+    with pytest.raises(TypeError, match="list"):
+        xtk.patch([1])
+    with pytest.raises(ValueError, match="backend"):
+        xtk.patch(_build("basic"), backend="cuda")
+
+
+def test_patch_twice_raises_and_unpatch_needs_a_patch():
+    model = _build("alibi")
+    xtk.patch(model)
+    with pytest.raises(ValueError, match="already patched"):
+        xtk.patch(model)
+    with pytest.raises(ValueError, match="already patched"):
+        xtk.patch(model.attn_layers)   # a part of a patched model too
+    xtk.unpatch(model)
+    with pytest.raises(ValueError, match="nothing in this TransformerWrapper is patched"):
+        xtk.unpatch(model)
+
+
+def _close_and_restored(model, run):
+    """Patched ``run(model)`` within 1e-5 of unpatched (these tests check the wiring; the 2x rule is
+    checked above), and bit-identical after unpatch."""
+    before = run(model)
+    report = xtk.patch(model)
+    assert report.swapped and not [k for k in report.kept if k[1].startswith("attention")], str(report)
+    assert (run(model) - before).abs().max() < 1e-5
+    xtk.unpatch(model)
+    assert torch.equal(run(model), before)
+    return report
+
+
+def test_wrappers_xtransformer_vit_and_bare_layers():
+    torch.manual_seed(0)
+    xt = perturb(X.XTransformer(dim=16, enc_num_tokens=20, enc_depth=1, enc_heads=2, enc_max_seq_len=12,
+                                dec_num_tokens=20, dec_depth=1, dec_heads=2, dec_max_seq_len=12,
+                                enc_alibi_pos_bias=True, dec_rel_pos_bias=True).eval())
+    src, tgt = torch.randint(0, 20, (2, 9)), torch.randint(0, 20, (2, 7))
+    src_mask = torch.ones(2, 9, dtype=torch.bool)
+    src_mask[1, 6:] = False
+    report = _close_and_restored(xt, lambda m: m(src, tgt, mask=src_mask).detach())
+    assert any(p.endswith("layers.1.1") and "cross-attention" in w for p, w in report.swapped)   # cross attention swapped too
+
+    vit = perturb(X.ViTransformerWrapper(image_size=16, patch_size=4, num_classes=5,
+                                         attn_layers=X.Encoder(dim=16, depth=2, heads=2, use_rmsnorm=True)).eval())
+    img = torch.randn(2, 3, 16, 16)
+    _close_and_restored(vit, lambda m: m(img).detach())
+
+    enc = perturb(X.Encoder(dim=16, depth=2, heads=4, attn_kv_heads=2, dynamic_pos_bias=True).eval())
+    h = torch.randn(2, 7, 16)
+    _close_and_restored(enc, lambda m: m(h).detach())
+
+    ar = X.AutoregressiveWrapper(_build("rotary_xpos"))
+    seq = torch.randint(0, 23, (2, 12))
+    _close_and_restored(ar, lambda m: m(seq).detach())
+
+
+def test_kv_cache_generation_and_transformer_xl_memories():
+    ar = X.AutoregressiveWrapper(_build("gqa_t5_mem_kv"))
+    prompt = torch.randint(0, 23, (2, 4))
+    greedy = dict(seq_len=8, filter_logits_fn="top_k", filter_kwargs=dict(k=1), cache_kv=True)
+    want = ar.generate(prompt, **greedy)
+    xtk.patch(ar)
+    assert torch.equal(ar.generate(prompt, **greedy), want)
+    xtk.unpatch(ar)
+
+    torch.manual_seed(1)
+    xl = perturb(X.TransformerWrapper(num_tokens=20, max_seq_len=8, max_mem_len=6, attn_layers=X.Decoder(
+        dim=16, depth=2, heads=4, attn_dim_head=8, dynamic_pos_bias=True, attn_num_mem_kv=2)).eval())
+    segs = torch.randint(0, 20, (3, 2, 5))
+
+    def run(m):
+        mems, outs = None, []
+        for seg in segs:
+            out, mems = m(seg, mems=mems, return_mems=True)
+            outs.append(out.detach())
+        return torch.cat(outs, 1)
+
+    _close_and_restored(xl, run)
+
+
+def test_per_call_features_run_the_original_path():
+    """A call that passes something xtk does not run (here ``attn_delta``) takes x-transformers' path
+    for that call: same numbers as unpatched."""
+    model = _build("alibi")
+    attn = model.attn_layers.layers[0][1]
+    h = torch.randn(2, 6, 16)
+    delta = torch.rand(2, 4, 6, 6) * 0.01
+    want = attn(h, attn_delta=delta, rel_pos=model.attn_layers.rel_pos)
+    xtk.patch(model)
+    assert torch.equal(attn(h, attn_delta=delta, rel_pos=model.attn_layers.rel_pos), want)
+    xtk.unpatch(model)
