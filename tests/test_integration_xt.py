@@ -238,3 +238,52 @@ def test_per_call_features_run_the_original_path():
     xtk.patch(model)
     assert torch.equal(attn(h, attn_delta=delta, rel_pos=model.attn_layers.rel_pos), want)
     xtk.unpatch(model)
+
+
+def test_rotary_in_kernel_at_standard_positions_else_by_x_transformers():
+    """Rotary/xpos runs in-kernel when x-transformers derives the positions itself; a call with custom
+    ``pos`` keeps x-transformers' rotation of q/k (the kernel's positions would be another function)."""
+    model = _build("rotary_xpos")
+    report = xtk.patch(model)
+    assert "rotary/xpos in-kernel" in dict(report.swapped)["attn_layers.layers.0.1"]
+    xtk.unpatch(model)
+    x = torch.randint(0, 23, (2, 10))
+    pos = torch.arange(10) * 2 + 1
+    want, want_std = model(x, pos=pos).detach(), model(x).detach()
+    assert (want - want_std).abs().max() > 1e-2   # the custom positions matter
+    xtk.patch(model)
+    assert (model(x, pos=pos).detach() - want).abs().max() < 1e-5
+    assert (model(x).detach() - want_std).abs().max() < 1e-5
+    xtk.unpatch(model)
+
+
+@pytest.mark.parametrize("case", [dict(rotary_xpos=True, rotary_xpos_scale_base=64, attn_kv_heads=2),
+                                  dict(rotary_pos_emb=True, attn_qk_norm=True, attn_num_mem_kv=2)])
+def test_rotary_kv_cache_generation(case):
+    torch.manual_seed(0)
+    ar = X.AutoregressiveWrapper(perturb(X.TransformerWrapper(num_tokens=23, max_seq_len=16, attn_layers=X.Decoder(
+        **{**BASE, **case})).eval()))
+    prompt = torch.randint(0, 23, (2, 4))
+    greedy = dict(seq_len=8, filter_logits_fn="top_k", filter_kwargs=dict(k=1), cache_kv=True)
+    want = ar.generate(prompt, **greedy)
+    xtk.patch(ar)
+    assert torch.equal(ar.generate(prompt, **greedy), want)
+    xtk.unpatch(ar)
+
+
+@pytest.mark.parametrize("shift_mem_down,pos_kw", [(0, dict(rotary_xpos=True)), (1, dict(rel_pos_bias=True)),
+                                                    (0, dict(alibi_pos_bias=True, attn_kv_heads=2))])
+def test_transformer_xl_memories(shift_mem_down, pos_kw):
+    torch.manual_seed(1)
+    xl = perturb(X.TransformerWrapper(num_tokens=20, max_seq_len=8, max_mem_len=6, shift_mem_down=shift_mem_down,
+                                      attn_layers=X.Decoder(dim=16, depth=2, heads=4, attn_dim_head=8, **pos_kw)).eval())
+    segs = torch.randint(0, 20, (3, 2, 5))
+
+    def run(m):
+        mems, outs = None, []
+        for seg in segs:
+            out, mems = m(seg, mems=mems, return_mems=True)
+            outs.append(out.detach())
+        return torch.cat(outs, 1)
+
+    _close_and_restored(xl, run)

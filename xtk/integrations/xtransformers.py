@@ -16,11 +16,16 @@ they were:
   ``AttentionLayers`` as an in-kernel descriptor built each call from that module's own parameters
   (ALiBi: its slopes; T5: its ``relative_attention_bias`` table gathered per signed distance with
   x-transformers' own bucket function; dynamic position bias: the table its MLP gives for the
-  call's distances), so gradients land in the original parameters. ``Attention`` gets a thin
-  ``forward`` that hands the relative-position module to its ``Attend`` instead of letting
-  x-transformers expand it into an ``(h, n, n)`` bias. Projections, QK-norm, rotary/xpos, value
-  gates and everything around the score part stay x-transformers' own code, on q/k/v before and
-  on the output after the kernel.
+  call's distances), so gradients land in the original parameters; rotary/xpos in-kernel as
+  ``xtk.Rotary`` from the layers' ``RotaryEmbedding`` buffers when x-transformers derives the
+  positions itself (its positions are then the kernel's: queries last, memory key/values without
+  position; a call given ``pos`` / ``rotary_pos_emb`` / ``context_pos``, cross-attention, partial
+  or decoupled rope keep x-transformers' rotation of q/k). ``Attention`` gets a thin ``forward``
+  that hands these modules to its ``Attend`` instead of letting x-transformers expand the bias into
+  ``(h, n, n)`` and rotate q/k; ``AttentionLayers`` with rotary one that notes whether the call
+  gave custom positions. Projections, QK-norm (x-transformers caches the normalized keys, so it
+  stays there), value gates and everything around the score part stay x-transformers' own code,
+  on q/k/v before and on the output after the kernel.
 - ``RMSNorm``, ``ScaleNorm``, ``SimpleRMSNorm``: ``xtk.rms_norm`` with ``g + unit_offset``.
 - ``GLU`` feed-forward input (gelu, gelu tanh, silu, relu, relu squared gates): ``xtk.glu`` on its
   own projection.
@@ -35,6 +40,7 @@ from __future__ import annotations
 import inspect
 import types
 from functools import partial
+from typing import NamedTuple, Optional
 
 import torch
 from torch import nn
@@ -44,6 +50,7 @@ from ..bias import Alibi, Dense, DistanceTable
 from ..ops.attention import attention as xattention
 from ..ops.glu import glu as xglu
 from ..ops.rms_norm import rms_norm as xrms_norm
+from ..qk import Rotary
 from .report import PatchReport
 
 __all__ = ["patch", "unpatch"]
@@ -52,6 +59,7 @@ _ORIGINAL = "_xtk_original_forward"   # on each patched module: its instance for
 _CLASS = "class"                      # there was none: the class's forward runs again after unpatch
 _BACKEND = "_xtk_backend"
 _CALL = "_xtk_call"                   # on a patched Attend, during one Attention call: what to run
+_POSITIONS = "_xtk_standard_positions"  # on a patched AttentionLayers, during a call without custom positions
 _ROOT = "_xtk_patched_root"           # on the model xtk.patch was given (even when nothing was swapped)
 
 
@@ -66,8 +74,14 @@ def _xt():
 
 
 # --------------------------------------------------------------------------- attention
-_ALLOWED_CALL = object()   # _CALL value: run xtk, no relative-position module in this call
 _FALLBACK = object()       # _CALL value: this call has a feature xtk does not run: the original path
+
+
+class _Call(NamedTuple):
+    """_CALL value: what the patched ``Attention`` hands its ``Attend`` for one call (the modules,
+    not their expansions)."""
+    rel_pos: Optional[nn.Module] = None   # an x-transformers relative-position module
+    rotary: Optional[nn.Module] = None    # the layers' RotaryEmbedding, when the kernel applies it
 
 
 def _attend_reasons(attend, xt, attend_mod) -> list[str]:
@@ -136,7 +150,7 @@ def _descriptor(rel_pos, L: int):
 def _attend_forward(self, q, k, v, mask=None, attn_bias=None, prev_attn=None, attn_delta=None, row_mask=None,
                     flash_pack_seq_kwargs=None, causal=None):
     """A patched ``Attend.forward``: x-transformers' arguments, ``xtk.attention`` inside."""
-    call = self.__dict__.get(_CALL, _ALLOWED_CALL)
+    call = self.__dict__.get(_CALL, _Call())
     if call is _FALLBACK or prev_attn is not None or attn_delta is not None or flash_pack_seq_kwargs is not None:
         return _original(self)(q, k, v, mask=mask, attn_bias=attn_bias, prev_attn=prev_attn, attn_delta=attn_delta,
                                row_mask=row_mask, flash_pack_seq_kwargs=flash_pack_seq_kwargs, causal=causal)
@@ -148,23 +162,32 @@ def _attend_forward(self, q, k, v, mask=None, attn_bias=None, prev_attn=None, at
     if mask is not None and mask.ndim == 2:
         mask = mask[:, None, None, :]
     bias = None
-    if call is not _ALLOWED_CALL:
-        bias = _descriptor(call, L)
+    if call.rel_pos is not None:
+        bias = _descriptor(call.rel_pos, L)
     elif attn_bias is not None:
         bias = Dense(attn_bias)
     scale = self.scale if self.scale is not None else q.shape[-1] ** -0.5
     out = xattention(q, k, v, attn_mask=mask, dropout_p=self.dropout if self.training else 0.0, is_causal=bool(causal),
                      scale=float(scale), enable_gqa=k.shape[1] != q.shape[1], bias=bias,
-                     topk=_topk_of(self, attend_mod), q_offset=L - n, k_prefix=k_prefix, gqa_order="repeat",
+                     topk=_topk_of(self, attend_mod), rotary=_rotary(call.rotary), q_offset=L - n, k_prefix=k_prefix, gqa_order="repeat",
                      backend=self.__dict__[_BACKEND])
     return out, attend_mod.Intermediates()
 
 
+def _rotary(module) -> Optional[Rotary]:
+    """x-transformers' ``RotaryEmbedding`` as ``xtk.Rotary`` (its own buffers), or None."""
+    if module is None:
+        return None
+    return Rotary(2 * module.inv_freq.shape[0], module.inv_freq, xpos_scale=module.scale,
+                  xpos_scale_base=getattr(module, "scale_base", 512), interpolation_factor=module.interpolation_factor)
+
+
 def _attention_forward(self, *args, **kwargs):
-    """A patched ``Attention.forward``: hands ``rel_pos`` to the patched ``Attend`` (as a descriptor
-    built there) instead of x-transformers' dense bias; calls with a feature xtk does not run
-    (``prev_attn``, ``attn_delta``, ``additional_key_values``, custom ALiBi positions) run the
-    original path whole."""
+    """A patched ``Attention.forward``: hands ``rel_pos`` (and, at the standard positions, the rotary
+    module) to the patched ``Attend``, which builds their in-kernel forms, instead of letting
+    x-transformers expand the bias to ``(h, n, n)`` and rotate q/k. Calls with a feature xtk does
+    not run (``prev_attn``, ``attn_delta``, ``additional_key_values``, custom ALiBi positions) run
+    the original path whole."""
     bound = self._xtk_signature.bind(*args, **kwargs)
     a = bound.arguments
     rel_pos = a.get("rel_pos")
@@ -177,13 +200,39 @@ def _attention_forward(self, *args, **kwargs):
         backends.warn_once(f"xtk.patch:{id(self)}:{per_call}",
                            f"xtk.patch: an Attention called with {', '.join(per_call)} runs x-transformers' own path")
         attend.__dict__[_CALL] = _FALLBACK
-    elif rel_pos is not None:
-        attend.__dict__[_CALL] = rel_pos
+    else:
+        rotary = None
+        owner = self.__dict__.get("_xtk_owner")
+        if a.get("rotary_pos_emb") is not None and self.__dict__.get("_xtk_fuse_rotary") and a.get("context") is None \
+                and owner is not None and owner.__dict__.get(_POSITIONS, False):
+            rotary = owner.rotary_pos_emb   # the positions x-transformers derived are the kernel's (module docstring)
+            a["rotary_pos_emb"] = None
+        attend.__dict__[_CALL] = _Call(rel_pos, rotary)
         a["rel_pos"] = None
     try:
         return _original(self)(*bound.args, **bound.kwargs)
     finally:
         attend.__dict__.pop(_CALL, None)
+
+
+_CUSTOM_POSITIONS = ("pos", "rotary_pos_emb", "context_pos", "polar_pos_emb")
+
+
+def _layers_forward(self, *args, **kwargs):
+    """A patched ``AttentionLayers.forward`` (layers with rotary): marks the call whose rotary
+    positions x-transformers derives itself (no ``pos`` / ``rotary_pos_emb`` / ``context_pos`` given),
+    so that its attentions may apply rotary in-kernel; otherwise x-transformers rotates q/k as before."""
+    bound = self._xtk_signature.bind(*args, **kwargs)
+    standard = all(bound.arguments.get(n) is None for n in _CUSTOM_POSITIONS)
+    previous = self.__dict__.get(_POSITIONS)
+    self.__dict__[_POSITIONS] = standard
+    try:
+        return _original(self)(*bound.args, **bound.kwargs)
+    finally:
+        if previous is None:
+            self.__dict__.pop(_POSITIONS, None)
+        else:
+            self.__dict__[_POSITIONS] = previous
 
 
 # --------------------------------------------------------------------------- norms, GLU
@@ -271,7 +320,22 @@ def _attention_reasons(attn, layers, layer_type, xt, attend_mod) -> list[str]:
     return why
 
 
-def _attention_summary(attn, layers, layer_type, xt, attend_mod) -> str:
+def _signature(method) -> inspect.Signature:
+    """The signature of an unbound method, without ``self``."""
+    sig = inspect.signature(method)
+    return sig.replace(parameters=list(sig.parameters.values())[1:])
+
+
+def _fuses_rotary(attn, layers, layer_type, xt) -> bool:
+    """Whether the kernel applies this self-attention's rotary/xpos (else x-transformers rotates q/k
+    before it, as unpatched): the layers' plain ``RotaryEmbedding`` on every head, no decoupled
+    (multi-latent) rope sub-heads, no polar embedding after it."""
+    return (layers is not None and layer_type == "a" and type(layers.rotary_pos_emb) is xt.RotaryEmbedding
+            and attn.rotate_num_heads == attn.heads and getattr(attn, "to_rotateable_k", None) is None
+            and getattr(layers, "polar_pos_emb", None) is None)
+
+
+def _attention_summary(attn, layers, layer_type, xt, attend_mod, fuse_rotary) -> str:
     attend = attn.attend
     parts = []
     rel_pos = layers.rel_pos if layers is not None and layer_type == "a" else None
@@ -286,7 +350,10 @@ def _attention_summary(attn, layers, layer_type, xt, attend_mod) -> str:
     topk = _topk_of(attend, attend_mod)
     if topk is not None:
         parts.append(f"top-{topk}")
-    around = [w for w, on in (("QK-norm", attn.qk_norm), ("rotary/xpos", layers is not None and layers.rotary_pos_emb is not None))
+    if fuse_rotary:
+        parts.append("rotary/xpos in-kernel")
+    around = [w for w, on in (("QK-norm", attn.qk_norm),
+                              ("rotary/xpos", not fuse_rotary and layers is not None and layers.rotary_pos_emb is not None))
               if on]
     if layer_type == "c":
         parts.insert(0, "cross-attention")
@@ -321,8 +388,7 @@ def patch(model: nn.Module, *, backend: str = "auto") -> PatchReport:
 
     report = PatchReport(type(model).__name__)
     owners = _attention_owners(model, xt)
-    sig = inspect.signature(xt.Attention.forward)
-    sig = sig.replace(parameters=list(sig.parameters.values())[1:])   # without self
+    sig = _signature(xt.Attention.forward)
     for path, m in model.named_modules():
         if type(m) is xt.Attention:
             layers, layer_type = owners.get(id(m), (None, "a"))
@@ -330,9 +396,12 @@ def patch(model: nn.Module, *, backend: str = "auto") -> PatchReport:
             if why:
                 report.keep(path, "attention: " + "; ".join(why))
                 continue
+            fuse_rotary = _fuses_rotary(m, layers, layer_type, xt)
             _install(m.attend, _attend_forward, backend, _xtk_k_prefix=m.num_mem_kv)
-            _install(m, _attention_forward, backend, _xtk_signature=sig)
-            report.swap(path, _attention_summary(m, layers, layer_type, xt, attend_mod))
+            _install(m, _attention_forward, backend, _xtk_signature=sig, _xtk_owner=layers, _xtk_fuse_rotary=fuse_rotary)
+            if fuse_rotary and not _is_patched(layers):
+                _install(layers, _layers_forward, backend, _xtk_signature=_signature(xt.AttentionLayers.forward))
+            report.swap(path, _attention_summary(m, layers, layer_type, xt, attend_mod, fuse_rotary))
         elif isinstance(m, xt.Attention):
             report.keep(path, f"attention: {type(m).__name__}, a subclass of x-transformers' Attention (its forward may differ)")
         elif _norm_kind(m, xt):
