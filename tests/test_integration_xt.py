@@ -6,6 +6,8 @@ gradient must be within the 2x rule (SPEC §4: error against the oracle at most 
 fp32 model's, plus the fp32 floor). The same Parameter objects stay in the model, an optimizer built
 before the patch moves them, the report names what was swapped and kept, and ``xtk.unpatch`` gives
 outputs bit-identical to before the patch."""
+import copy
+
 import pytest
 import torch
 
@@ -287,3 +289,49 @@ def test_transformer_xl_memories(shift_mem_down, pos_kw):
         return torch.cat(outs, 1)
 
     _close_and_restored(xl, run)
+
+
+def test_masks_left_padding_and_glu_mult_bias():
+    """``attn_mask`` (2- and 4-D), ``seq_start_pos`` (left padding: equal outside the padded query
+    positions, where xtk gives zeros and x-transformers an average, SPEC §2.8), GLU ``mult_bias``."""
+    torch.manual_seed(0)
+    model = perturb(X.TransformerWrapper(num_tokens=23, max_seq_len=16, attn_layers=X.Decoder(
+        **BASE, alibi_pos_bias=True, attn_kv_heads=2, ff_glu=True, ff_glu_mult_bias=True)).eval())
+    x = torch.randint(0, 23, (2, 10))
+    g = torch.Generator().manual_seed(0)
+    masks = [(torch.rand(10, 10, generator=g) > 0.3) | torch.eye(10, dtype=torch.bool),
+             (torch.rand(2, 4, 10, 10, generator=g) > 0.3) | torch.eye(10, dtype=torch.bool)]
+    ssp = torch.tensor([0, 3])
+    want = [model(x, attn_mask=m).detach() for m in masks] + [model(x, seq_start_pos=ssp).detach()]
+    report = xtk.patch(model)
+    assert ("attn_layers.layers.1.1.ff.0", "GLU: xtk.glu (gelu)") in report.swapped
+    got = [model(x, attn_mask=m).detach() for m in masks] + [model(x, seq_start_pos=ssp).detach()]
+    for w, o in zip(want[:2], got[:2]):
+        assert (w - o).abs().max() < 1e-5
+    assert (want[2][0] - got[2][0]).abs().max() < 1e-5 and (want[2][1, 3:] - got[2][1, 3:]).abs().max() < 1e-5
+    xtk.unpatch(model)
+
+
+def test_state_dict_deepcopy_and_bare_attention():
+    model = _build("t5_topk_mem_kv")
+    keys = list(model.state_dict())
+    x = torch.randint(0, 23, (2, 10))
+    want = model(x).detach()
+    xtk.patch(model)
+    assert list(model.state_dict()) == keys
+    twin = copy.deepcopy(model)   # the copy is patched on its own objects
+    with torch.no_grad():
+        model.attn_layers.rel_pos.relative_attention_bias.weight.add_(1.0)
+    assert (twin(x).detach() - want).abs().max() < 1e-5
+    xtk.unpatch(twin)
+    assert torch.equal(twin(x), want)
+
+    attn = X.x_transformers.Attention(dim=16, heads=4, dim_head=8, causal=True, kv_heads=2).eval()
+    h = torch.randn(2, 6, 16)
+    alibi = X.x_transformers.AlibiPositionalBias(heads=4)
+    before = attn(h, rel_pos=alibi).detach()
+    report = xtk.patch(attn)
+    assert [p for p, _ in report.swapped] == [""]
+    assert (attn(h, rel_pos=alibi).detach() - before).abs().max() < 1e-5
+    xtk.unpatch(attn)
+    assert torch.equal(attn(h, rel_pos=alibi), before)

@@ -34,6 +34,12 @@ What xtk cannot run exactly stays on its original path and is listed in the repo
 reason (talking heads, residual attention, other attention functions, ...). Like x-transformers'
 ``flash=True``, a swapped attention does not form the attention matrix: its intermediates carry
 no ``pre_softmax_attn`` / ``post_softmax_attn`` (``return_attn=True`` needs ``xtk.unpatch``).
+Two differences of xtk's attention (SPEC §2.8), by design: a query with no key left to attend to
+(a left-padded position under ``seq_start_pos``: padding before it, causality after) outputs zeros
+where x-transformers averages over the masked keys -- a padding position, which no other
+position reads; attention dropout in training draws its keep-mask in-kernel (same rate, another
+random stream than ``nn.Dropout``). The patched forwards pass per-call state through the module
+(not thread-safe: one forward at a time per model object, as for training).
 """
 from __future__ import annotations
 
@@ -195,6 +201,8 @@ def _attention_forward(self, *args, **kwargs):
                 if a.get(name) is not None]
     if rel_pos is not None and a.get("pos") is not None:
         per_call.append("pos (custom ALiBi positions)")
+    if rel_pos is not None and _rel_pos_kind(rel_pos, _xt()[0]) is None:
+        per_call.append(f"rel_pos {type(rel_pos).__name__} (no xtk bias descriptor)")
     attend = self.attend
     if per_call:
         backends.warn_once(f"xtk.patch:{id(self)}:{per_call}",
