@@ -335,3 +335,39 @@ def test_state_dict_deepcopy_and_bare_attention():
     assert (attn(h, rel_pos=alibi).detach() - before).abs().max() < 1e-5
     xtk.unpatch(attn)
     assert torch.equal(attn(h, rel_pos=alibi), before)
+
+
+@pytest.mark.parametrize("kw,why", [
+    (dict(attn_softclamp_logits=True), "logit soft-clamping"),
+    (dict(attn_head_learned_sink=True), "learned attention sink"),
+    (dict(attn_add_zero_kv=True), "zero key/value"),
+    (dict(attn_l2_distance=True), "l2-distance"),
+    (dict(attn_sigmoid=True), "attention function sigmoid"),
+    (dict(attn_cog_signed=True), "signed (cog)"),
+    (dict(attn_use_cope=True), "CoPE"),
+    (dict(attn_selective=True), "selective"),
+    (dict(attn_sparse_topk=3, attn_sparse_topk_straight_through=True), "attention function sparse_topk_attn"),
+    (dict(attn_data_dependent_alibi=True), "data-dependent ALiBi"),
+    (dict(attn_pre_scale_post_talking_heads=True), "talking heads"),
+    (dict(alibi_pos_bias=True, rotary_pos_emb=True), "ALiBi with rotary"),
+])
+def test_unsupported_attention_is_kept_and_reported(kw, why):
+    """Kept attention runs x-transformers' own code: with LayerNorm (kept too) the patched model is
+    bit-identical to the unpatched one."""
+    torch.manual_seed(0)
+    model = perturb(X.TransformerWrapper(num_tokens=23, max_seq_len=16, attn_layers=X.Decoder(**BASE, **kw)).eval())
+    x = torch.randint(0, 23, (2, 10))
+    want = model(x)
+    report = xtk.patch(model)
+    kept = dict(report.kept)
+    assert all(why in kept[p] for p in _attention_paths(model)), str(report)
+    assert torch.equal(model(x), want)
+    xtk.unpatch(model)
+
+
+def test_glu_without_an_xtk_activation_is_kept():
+    torch.manual_seed(0)
+    model = perturb(X.TransformerWrapper(num_tokens=23, max_seq_len=16, attn_layers=X.Decoder(
+        **BASE, ff_glu=True, ff_custom_activation=torch.nn.Tanh())).eval())
+    report = xtk.patch(model)
+    assert "GLU gate activation Tanh" in dict(report.kept)["attn_layers.layers.1.1.ff.0"]

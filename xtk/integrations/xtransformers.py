@@ -173,10 +173,10 @@ def _attend_forward(self, q, k, v, mask=None, attn_bias=None, prev_attn=None, at
     elif attn_bias is not None:
         bias = Dense(attn_bias)
     scale = self.scale if self.scale is not None else q.shape[-1] ** -0.5
-    out = xattention(q, k, v, attn_mask=mask, dropout_p=self.dropout if self.training else 0.0, is_causal=bool(causal),
-                     scale=float(scale), enable_gqa=k.shape[1] != q.shape[1], bias=bias,
-                     topk=_topk_of(self, attend_mod), rotary=_rotary(call.rotary), q_offset=L - n, k_prefix=k_prefix, gqa_order="repeat",
-                     backend=self.__dict__[_BACKEND])
+    out = xattention(q, k, v, attn_mask=mask, dropout_p=self.dropout if self.training else 0.0,
+                     is_causal=bool(causal), scale=float(scale), enable_gqa=k.shape[1] != q.shape[1], bias=bias,
+                     topk=_topk_of(self, attend_mod), rotary=_rotary(call.rotary), q_offset=L - n,
+                     k_prefix=k_prefix, gqa_order="repeat", backend=self.__dict__[_BACKEND])
     return out, attend_mod.Intermediates()
 
 
@@ -360,9 +360,8 @@ def _attention_summary(attn, layers, layer_type, xt, attend_mod, fuse_rotary) ->
         parts.append(f"top-{topk}")
     if fuse_rotary:
         parts.append("rotary/xpos in-kernel")
-    around = [w for w, on in (("QK-norm", attn.qk_norm),
-                              ("rotary/xpos", not fuse_rotary and layers is not None and layers.rotary_pos_emb is not None))
-              if on]
+    rotary_outside = not fuse_rotary and layers is not None and layers.rotary_pos_emb is not None
+    around = [w for w, on in (("QK-norm", attn.qk_norm), ("rotary/xpos", rotary_outside)) if on]
     if layer_type == "c":
         parts.insert(0, "cross-attention")
     text = "attention: xtk.attention" + (f" ({', '.join(parts)})" if parts else "")
@@ -389,8 +388,9 @@ def patch(model: nn.Module, *, backend: str = "auto") -> PatchReport:
         raise TypeError(f"xtk.patch: expected an x-transformers model (an nn.Module), got {type(model).__name__}")
     xt, attend_mod = _xt()
     if not any(isinstance(m, (xt.AttentionLayers, xt.Attention)) for m in model.modules()):
-        raise TypeError(f"xtk.patch: {type(model).__name__} is not an x-transformers model (expected TransformerWrapper, "
-                        f"XTransformer, Encoder/Decoder/AttentionLayers, ViTransformerWrapper or a module holding one)")
+        raise TypeError(f"xtk.patch: {type(model).__name__} is not an x-transformers model (expected "
+                        f"TransformerWrapper, XTransformer, Encoder/Decoder/AttentionLayers, ViTransformerWrapper "
+                        f"or a module holding one)")
     if any(_is_patched(m) for m in model.modules()):
         raise ValueError(f"xtk.patch: this {type(model).__name__} is already patched; call xtk.unpatch(model) first")
 
@@ -406,12 +406,14 @@ def patch(model: nn.Module, *, backend: str = "auto") -> PatchReport:
                 continue
             fuse_rotary = _fuses_rotary(m, layers, layer_type, xt)
             _install(m.attend, _attend_forward, backend, _xtk_k_prefix=m.num_mem_kv)
-            _install(m, _attention_forward, backend, _xtk_signature=sig, _xtk_owner=layers, _xtk_fuse_rotary=fuse_rotary)
+            _install(m, _attention_forward, backend, _xtk_signature=sig, _xtk_owner=layers,
+                     _xtk_fuse_rotary=fuse_rotary)
             if fuse_rotary and not _is_patched(layers):
                 _install(layers, _layers_forward, backend, _xtk_signature=_signature(xt.AttentionLayers.forward))
             report.swap(path, _attention_summary(m, layers, layer_type, xt, attend_mod, fuse_rotary))
         elif isinstance(m, xt.Attention):
-            report.keep(path, f"attention: {type(m).__name__}, a subclass of x-transformers' Attention (its forward may differ)")
+            report.keep(path, f"attention: {type(m).__name__}, a subclass of x-transformers' Attention "
+                              f"(its forward may differ)")
         elif _norm_kind(m, xt):
             _install(m, _rms_norm_forward, backend)
             report.swap(path, f"{_norm_kind(m, xt)}: xtk.rms_norm")
@@ -420,7 +422,8 @@ def patch(model: nn.Module, *, backend: str = "auto") -> PatchReport:
         elif type(m) is xt.GLU:
             act = _glu_activation(m.act, xt)
             if act is None or m.up_softclamp_value is not None:
-                what = "soft-clamped GLU" if m.up_softclamp_value is not None else f"GLU gate activation {_fn_name(m.act)}"
+                what = ("soft-clamped GLU" if m.up_softclamp_value is not None
+                        else f"GLU gate activation {_fn_name(m.act)}")
                 report.keep(path, f"feed-forward: {what} (xtk.glu has gelu, gelu_tanh, silu, relu, relu_squared)")
                 continue
             _install(m, _glu_forward, backend, _xtk_activation=act)
