@@ -7,6 +7,7 @@ fp32 model's, plus the fp32 floor). The same Parameter objects stay in the model
 before the patch moves them, the report names what was swapped and kept, and ``xtk.unpatch`` gives
 outputs bit-identical to before the patch."""
 import copy
+import os
 
 import pytest
 import torch
@@ -154,6 +155,18 @@ def test_unsupported_models_raise_naming_the_class():
         xtk.patch([1])
     with pytest.raises(ValueError, match="backend"):
         xtk.patch(_build("basic"), backend="cuda")
+
+
+def test_backend_is_forced_where_the_op_has_it():
+    """'chunked' (attention only) forces attention; RMSNorm and GLU, which have no such backend, pick auto."""
+    torch.manual_seed(0)
+    model = perturb(X.TransformerWrapper(num_tokens=23, max_seq_len=16, attn_layers=X.Decoder(
+        **BASE, use_rmsnorm=True, ff_glu=True)).eval())
+    x = torch.randint(0, 23, (2, 10))
+    want = model(x).detach()
+    xtk.patch(model, backend="chunked")
+    assert (model(x).detach() - want).abs().max() < 1e-5
+    xtk.unpatch(model)
 
 
 def test_patch_twice_raises_and_unpatch_needs_a_patch():
@@ -371,3 +384,21 @@ def test_glu_without_an_xtk_activation_is_kept():
         **BASE, ff_glu=True, ff_custom_activation=torch.nn.Tanh())).eval())
     report = xtk.patch(model)
     assert "GLU gate activation Tanh" in dict(report.kept)["attn_layers.layers.1.1.ff.0"]
+
+
+@pytest.mark.skipif(not torch.cuda.is_available() and os.environ.get("TRITON_INTERPRET") != "1",
+                    reason="no CUDA and TRITON_INTERPRET is not 1 (tests/conftest.py sets it unless overridden)")
+@pytest.mark.parametrize("name", ["alibi_gqa_3_heads", "gqa_t5_topk_mem_kv", "rotary_xpos", "dynamic_pos_bias_log_norm"])
+def test_patch_with_the_triton_kernels(name):
+    """``backend="triton"``: the Triton kernels (the interpreter on CPU) run the in-kernel ALiBi,
+    T5 / distance tables, top-k, memory key/values, GQA order and rotary/xpos of a patched model,
+    outputs and every gradient by the 2x rule (norms and GLU: auto, they have no Triton backend)."""
+    dev = "cuda" if torch.cuda.is_available() else "cpu"
+    model, oracle = _build(name).to(dev), _oracle(name).to(dev)
+    x = torch.randint(0, 23, (2, 10), device=dev)
+    mask = torch.ones(2, 10, dtype=torch.bool, device=dev)
+    mask[0, -3:] = False
+    unpatched, reference = _run(model, x, {"mask": mask}), _run(oracle, x, {"mask": mask})
+    xtk.patch(model, backend="triton")
+    _assert_2x(_run(model, x, {"mask": mask}), unpatched, reference, f"{name} (triton)")
+    xtk.unpatch(model)

@@ -271,10 +271,15 @@ def _original(module):
     return type(module).forward.__get__(module) if prev is _CLASS else prev
 
 
-def _install(module, forward, backend: str, **attrs) -> None:
+def _op_backend(op: str, backend: str) -> str:
+    """``patch``'s ``backend`` for ``op``: forced where the op has it, else 'auto' (as ``XTK_BACKEND``)."""
+    return backend if backend == "auto" or backend in backends.names(op) else "auto"
+
+
+def _install(module, forward, op: str, backend: str, **attrs) -> None:
     d = module.__dict__
     d[_ORIGINAL] = d.get("forward", _CLASS)
-    d[_BACKEND] = backend
+    d[_BACKEND] = _op_backend(op, backend)
     for name, value in attrs.items():
         d[name] = value
     d["forward"] = types.MethodType(forward, module)
@@ -380,8 +385,9 @@ _KEPT_NORMS = ("LayerNorm", "AdaptiveLayerNorm", "AdaptiveRMSNorm", "MultiheadRM
 
 def patch(model: nn.Module, *, backend: str = "auto") -> PatchReport:
     """Swap, in place, the parts of an x-transformers model that xtk runs exactly (see the module
-    docstring); -> the ``PatchReport`` (also logged, logger ``xtk.patch``). ``backend`` is passed to
-    every xtk op (``XTK_BACKEND`` applies when 'auto'). A model already patched raises ValueError
+    docstring); -> the ``PatchReport`` (also logged, logger ``xtk.patch``). ``backend`` is forced on
+    every xtk op that has it ('triton': attention; 'ext': norms and GLU), the others pick 'auto', as
+    with ``XTK_BACKEND`` (which applies when 'auto'). A model already patched raises ValueError
     (``xtk.unpatch`` it first); a model without x-transformers attention layers raises TypeError."""
     backends.requested(backend)   # raises on an unknown name, before anything is touched
     if not isinstance(model, nn.Module):
@@ -405,17 +411,18 @@ def patch(model: nn.Module, *, backend: str = "auto") -> PatchReport:
                 report.keep(path, "attention: " + "; ".join(why))
                 continue
             fuse_rotary = _fuses_rotary(m, layers, layer_type, xt)
-            _install(m.attend, _attend_forward, backend, _xtk_k_prefix=m.num_mem_kv)
-            _install(m, _attention_forward, backend, _xtk_signature=sig, _xtk_owner=layers,
+            _install(m.attend, _attend_forward, "attention", backend, _xtk_k_prefix=m.num_mem_kv)
+            _install(m, _attention_forward, "attention", backend, _xtk_signature=sig, _xtk_owner=layers,
                      _xtk_fuse_rotary=fuse_rotary)
             if fuse_rotary and not _is_patched(layers):
-                _install(layers, _layers_forward, backend, _xtk_signature=_signature(xt.AttentionLayers.forward))
+                _install(layers, _layers_forward, "attention", backend,
+                         _xtk_signature=_signature(xt.AttentionLayers.forward))
             report.swap(path, _attention_summary(m, layers, layer_type, xt, attend_mod, fuse_rotary))
         elif isinstance(m, xt.Attention):
             report.keep(path, f"attention: {type(m).__name__}, a subclass of x-transformers' Attention "
                               f"(its forward may differ)")
         elif _norm_kind(m, xt):
-            _install(m, _rms_norm_forward, backend)
+            _install(m, _rms_norm_forward, "rms_norm", backend)
             report.swap(path, f"{_norm_kind(m, xt)}: xtk.rms_norm")
         elif type(m).__name__ in _KEPT_NORMS and type(m) is getattr(xt, type(m).__name__, None):
             report.keep(path, f"{type(m).__name__}: xtk has no op for this norm")
@@ -426,7 +433,7 @@ def patch(model: nn.Module, *, backend: str = "auto") -> PatchReport:
                         else f"GLU gate activation {_fn_name(m.act)}")
                 report.keep(path, f"feed-forward: {what} (xtk.glu has gelu, gelu_tanh, silu, relu, relu_squared)")
                 continue
-            _install(m, _glu_forward, backend, _xtk_activation=act)
+            _install(m, _glu_forward, "glu", backend, _xtk_activation=act)
             report.swap(path, f"GLU: xtk.glu ({act})")
     model.__dict__[_ROOT] = True
     report.log()
