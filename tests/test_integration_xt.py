@@ -16,6 +16,7 @@ X = pytest.importorskip("x_transformers")
 
 import xtk  # noqa: E402
 from model_helpers import perturb  # noqa: E402
+import test_loader  # noqa: E402
 from test_loader import BASE, CASES  # noqa: E402  (the loader-parity configs, reused as they are)
 from tolerance import judge_2x  # noqa: E402
 
@@ -286,8 +287,12 @@ def test_rotary_kv_cache_generation(case):
     xtk.unpatch(ar)
 
 
-@pytest.mark.parametrize("shift_mem_down,pos_kw", [(0, dict(rotary_xpos=True)), (1, dict(rel_pos_bias=True)),
-                                                    (0, dict(alibi_pos_bias=True, attn_kv_heads=2))])
+def _loader_params(test):
+    """The parameter list of a parametrized loader-parity test (its configs, reused)."""
+    return next(m for m in test.pytestmark if m.name == "parametrize").args[1]
+
+
+@pytest.mark.parametrize("shift_mem_down,pos_kw", _loader_params(test_loader.test_transformer_xl_mems_parity))
 def test_transformer_xl_memories(shift_mem_down, pos_kw):
     torch.manual_seed(1)
     xl = perturb(X.TransformerWrapper(num_tokens=20, max_seq_len=8, max_mem_len=6, shift_mem_down=shift_mem_down,
@@ -402,3 +407,41 @@ def test_patch_with_the_triton_kernels(name):
     xtk.patch(model, backend="triton")
     _assert_2x(_run(model, x, {"mask": mask}), unpatched, reference, f"{name} (triton)")
     xtk.unpatch(model)
+
+
+@pytest.mark.parametrize("cls,extra", _loader_params(test_loader.test_cross_attention_parity))
+def test_cross_attention_configs(cls, extra):
+    """The loader's cross-attention configs: outputs, the gradients of x, context and every
+    parameter by the 2x rule; cross residual attention is kept."""
+    kw = dict(dim=16, depth=2, heads=4, attn_dim_head=8, **extra)
+
+    def build():
+        torch.manual_seed(0)
+        return perturb(getattr(X, cls)(**kw).eval())
+
+    g = torch.Generator().manual_seed(0)
+    x = torch.randn(2, 7, 16, generator=g)
+    ctx = torch.randn(2, 5, extra.get("cross_attn_dim_context", 16), generator=g)
+    cm = torch.ones(2, 5, dtype=torch.bool)
+    cm[1, 3:] = False
+    m = torch.ones(2, 7, dtype=torch.bool)
+    m[0, 5:] = False
+
+    def run(model, dtype):
+        model.zero_grad(set_to_none=True)
+        xi, ci = (t.detach().clone().to(dtype).requires_grad_() for t in (x, ctx))
+        out = model(xi, context=ci, context_mask=cm, mask=m)
+        out.square().sum().backward()
+        grads = {n: p.grad for n, p in model.named_parameters()}
+        return out.detach(), {**grads, "x": xi.grad, "context": ci.grad}
+
+    model = build()
+    unpatched, reference = run(model, torch.float32), run(build().double(), torch.float64)
+    report = xtk.patch(model)
+    kept = dict(report.kept)
+    if extra.get("cross_residual_attn"):
+        assert any("residual attention" in why for why in kept.values())
+    assert report.swapped
+    _assert_2x(run(model, torch.float32), unpatched, reference, f"{cls} {extra}")
+    xtk.unpatch(model)
+    assert torch.equal(run(model, torch.float32)[0], unpatched[0])
