@@ -445,3 +445,24 @@ def test_cross_attention_configs(cls, extra):
     _assert_2x(run(model, torch.float32), unpatched, reference, f"{cls} {extra}")
     xtk.unpatch(model)
     assert torch.equal(run(model, torch.float32)[0], unpatched[0])
+
+
+@pytest.mark.parametrize("pos", [dict(alibi_pos_bias=True, attn_kv_heads=2), dict(rotary_xpos=True)])
+def test_patched_model_compiles_fullgraph(pos):
+    """torch.compile(fullgraph=True) of a patched model (the per-call hand-off to Attend traces
+    without a graph break), forward and backward equal to the patched eager model."""
+    torch.manual_seed(0)
+    model = perturb(X.TransformerWrapper(num_tokens=23, max_seq_len=16, attn_layers=X.Decoder(
+        dim=16, depth=1, heads=4, attn_dim_head=8, use_rmsnorm=True, ff_glu=True, **pos)).eval())
+    x = torch.randint(0, 23, (2, 10))
+    xtk.patch(model)
+    want, grads = _run(model, x, {})
+    compiled = torch.compile(model, fullgraph=True)
+    model.zero_grad(set_to_none=True)
+    got = compiled(x)
+    (got.square().mean() + got[:, :3].mean()).backward()
+    got_grads = {n: p.grad for n, p in model.named_parameters()}
+    torch.testing.assert_close(got, want, atol=1e-5, rtol=1e-5)
+    for n, g in grads.items():
+        torch.testing.assert_close(got_grads[n], g, atol=1e-5, rtol=1e-5)
+    xtk.unpatch(model)

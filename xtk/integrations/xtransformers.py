@@ -39,7 +39,8 @@ Two differences of xtk's attention (SPEC §2.8), by design: a query with no key 
 where x-transformers averages over the masked keys -- a padding position, which no other
 position reads; attention dropout in training draws its keep-mask in-kernel (same rate, another
 random stream than ``nn.Dropout``). The patched forwards pass per-call state through the module
-(not thread-safe: one forward at a time per model object, as for training).
+(not thread-safe: one forward at a time per model object, as for training); ``torch.compile``
+traces it without a graph break (``fullgraph=True`` works).
 """
 from __future__ import annotations
 
@@ -194,8 +195,7 @@ def _attention_forward(self, *args, **kwargs):
     x-transformers expand the bias to ``(h, n, n)`` and rotate q/k. Calls with a feature xtk does
     not run (``prev_attn``, ``attn_delta``, ``additional_key_values``, custom ALiBi positions) run
     the original path whole."""
-    bound = self._xtk_signature.bind(*args, **kwargs)
-    a = bound.arguments
+    a = _keywords(self, args, kwargs)
     rel_pos = a.get("rel_pos")
     per_call = [name for name in ("prev_attn", "attn_delta", "additional_key_values", "flash_pack_seq_kwargs")
                 if a.get(name) is not None]
@@ -218,7 +218,7 @@ def _attention_forward(self, *args, **kwargs):
         attend.__dict__[_CALL] = _Call(rel_pos, rotary)
         a["rel_pos"] = None
     try:
-        return _original(self)(*bound.args, **bound.kwargs)
+        return _original(self)(**a)
     finally:
         attend.__dict__.pop(_CALL, None)
 
@@ -230,12 +230,12 @@ def _layers_forward(self, *args, **kwargs):
     """A patched ``AttentionLayers.forward`` (layers with rotary): marks the call whose rotary
     positions x-transformers derives itself (no ``pos`` / ``rotary_pos_emb`` / ``context_pos`` given),
     so that its attentions may apply rotary in-kernel; otherwise x-transformers rotates q/k as before."""
-    bound = self._xtk_signature.bind(*args, **kwargs)
-    standard = all(bound.arguments.get(n) is None for n in _CUSTOM_POSITIONS)
+    a = _keywords(self, args, kwargs)
+    standard = all(a.get(n) is None for n in _CUSTOM_POSITIONS)
     previous = self.__dict__.get(_POSITIONS)
     self.__dict__[_POSITIONS] = standard
     try:
-        return _original(self)(*bound.args, **bound.kwargs)
+        return _original(self)(**a)
     finally:
         if previous is None:
             self.__dict__.pop(_POSITIONS, None)
@@ -333,10 +333,22 @@ def _attention_reasons(attn, layers, layer_type, xt, attend_mod) -> list[str]:
     return why
 
 
-def _signature(method) -> inspect.Signature:
-    """The signature of an unbound method, without ``self``."""
-    sig = inspect.signature(method)
-    return sig.replace(parameters=list(sig.parameters.values())[1:])
+def _parameter_names(method) -> tuple[str, ...]:
+    """The names of an unbound method's positional-or-keyword parameters, without ``self``."""
+    kinds = (inspect.Parameter.POSITIONAL_OR_KEYWORD, inspect.Parameter.POSITIONAL_ONLY)
+    return tuple(p.name for p in list(inspect.signature(method).parameters.values())[1:] if p.kind in kinds)
+
+
+def _keywords(module, args, kwargs) -> dict:
+    """A patched forward's arguments, all by name (``_xtk_names``: the original's parameter names);
+    a plain zip rather than ``inspect`` at call time, which torch.compile traces without a break."""
+    names = module._xtk_names
+    if len(args) > len(names):
+        raise TypeError(f"{type(module).__name__}.forward: takes {len(names)} positional arguments, got {len(args)}")
+    clash = [n for n in names[:len(args)] if n in kwargs]
+    if clash:
+        raise TypeError(f"{type(module).__name__}.forward: got multiple values for argument {clash[0]!r}")
+    return {**dict(zip(names, args)), **kwargs}
 
 
 def _fuses_rotary(attn, layers, layer_type, xt) -> bool:
@@ -402,7 +414,7 @@ def patch(model: nn.Module, *, backend: str = "auto") -> PatchReport:
 
     report = PatchReport(type(model).__name__)
     owners = _attention_owners(model, xt)
-    sig = _signature(xt.Attention.forward)
+    names = _parameter_names(xt.Attention.forward)
     for path, m in model.named_modules():
         if type(m) is xt.Attention:
             layers, layer_type = owners.get(id(m), (None, "a"))
@@ -412,11 +424,11 @@ def patch(model: nn.Module, *, backend: str = "auto") -> PatchReport:
                 continue
             fuse_rotary = _fuses_rotary(m, layers, layer_type, xt)
             _install(m.attend, _attend_forward, "attention", backend, _xtk_k_prefix=m.num_mem_kv)
-            _install(m, _attention_forward, "attention", backend, _xtk_signature=sig, _xtk_owner=layers,
+            _install(m, _attention_forward, "attention", backend, _xtk_names=names, _xtk_owner=layers,
                      _xtk_fuse_rotary=fuse_rotary)
             if fuse_rotary and not _is_patched(layers):
                 _install(layers, _layers_forward, "attention", backend,
-                         _xtk_signature=_signature(xt.AttentionLayers.forward))
+                         _xtk_names=_parameter_names(xt.AttentionLayers.forward))
             report.swap(path, _attention_summary(m, layers, layer_type, xt, attend_mod, fuse_rotary))
         elif isinstance(m, xt.Attention):
             report.keep(path, f"attention: {type(m).__name__}, a subclass of x-transformers' Attention "
