@@ -18,7 +18,7 @@ import xtk  # noqa: E402
 from model_helpers import perturb  # noqa: E402
 import test_loader  # noqa: E402
 from test_loader import BASE, CASES  # noqa: E402  (the loader-parity configs, reused as they are)
-from tolerance import judge_2x  # noqa: E402
+from tolerance import FLOOR, judge_2x  # noqa: E402
 
 pytestmark = pytest.mark.usefixtures("one_thread")
 
@@ -465,4 +465,32 @@ def test_patched_model_compiles_fullgraph(pos):
     torch.testing.assert_close(got, want, atol=1e-5, rtol=1e-5)
     for n, g in grads.items():
         torch.testing.assert_close(got_grads[n], g, atol=1e-5, rtol=1e-5)
+    xtk.unpatch(model)
+
+
+@pytest.mark.parametrize("name", ["num_mem_kv_alibi", "qk_norm_gqa_dim_scale", "gqa_t5_topk_mem_kv", "rotary_xpos",
+                                  "dynamic_pos_bias_log_norm", "post_norm_scalenorm_gqa", "ff_relu_squared_glu"])
+def test_patch_under_bf16_autocast(name):
+    """x-transformers runs 16-bit under autocast (a .bfloat16() model fails in its own code on CPU):
+    fp32 memory key/values and QK-norm dim scales then promote k or q to fp32 while v is bf16; the
+    patch computes in autocast's dtype, as x-transformers' einsums do. 2x rule, bf16 floor."""
+    model, oracle = _build(name), _oracle(name)
+    x = torch.randint(0, 23, (2, 10))
+    mask = torch.ones(2, 10, dtype=torch.bool)
+    mask[0, -3:] = False
+
+    def run(m):
+        with torch.autocast("cpu", dtype=torch.bfloat16):
+            return _run(m, x, {"mask": mask})
+
+    unpatched, reference = run(model), _run(oracle, x, {"mask": mask})
+    xtk.patch(model)
+    (po, pg), (uo, ug), (oo, og) = run(model), unpatched, reference
+    floor = FLOOR[torch.bfloat16]
+    verdict = judge_2x(po.float(), uo.float(), oo, f"{name} bf16 output", floor=floor)
+    assert verdict["ok"], verdict["why"]
+    for n, g in og.items():
+        if g is not None:
+            verdict = judge_2x(pg[n], ug[n], g, f"{name} bf16 d{n}", floor=floor)
+            assert verdict["ok"], verdict["why"]
     xtk.unpatch(model)

@@ -162,6 +162,7 @@ def _attend_forward(self, q, k, v, mask=None, attn_bias=None, prev_attn=None, at
         return _original(self)(q, k, v, mask=mask, attn_bias=attn_bias, prev_attn=prev_attn, attn_delta=attn_delta,
                                row_mask=row_mask, flash_pack_seq_kwargs=flash_pack_seq_kwargs, causal=causal)
     _, attend_mod = _xt()
+    q, k, v = _one_dtype(q, k, v)
     causal = self.causal if causal is None else causal
     n, nk = q.shape[-2], k.shape[-2]
     k_prefix = self._xtk_k_prefix
@@ -179,6 +180,18 @@ def _attend_forward(self, q, k, v, mask=None, attn_bias=None, prev_attn=None, at
                      topk=_topk_of(self, attend_mod), rotary=_rotary(call.rotary), q_offset=L - n,
                      k_prefix=k_prefix, gqa_order="repeat", backend=self.__dict__[_BACKEND])
     return out, attend_mod.Intermediates()
+
+
+def _one_dtype(q, k, v):
+    """q, k, v in one dtype, the one x-transformers' einsums compute in: autocast's when it is on
+    (fp32 memory key/values or QK-norm dim scales promote k or q to fp32 under bf16 autocast),
+    else their promoted dtype."""
+    device = q.device.type
+    if torch.is_autocast_enabled(device):
+        dtype = torch.get_autocast_dtype(device)
+    else:
+        dtype = torch.promote_types(torch.promote_types(q.dtype, k.dtype), v.dtype)
+    return tuple(t if t.dtype == dtype else t.to(dtype) for t in (q, k, v))
 
 
 def _rotary(module) -> Optional[Rotary]:
