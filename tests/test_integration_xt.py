@@ -494,3 +494,22 @@ def test_patch_under_bf16_autocast(name):
             verdict = judge_2x(pg[n], ug[n], g, f"{name} bf16 d{n}", floor=floor)
             assert verdict["ok"], verdict["why"]
     xtk.unpatch(model)
+
+
+def test_attention_dropout_runs_in_kernel_when_training():
+    """``attn_dropout`` in training: xtk's in-kernel dropout (its own random stream), gradients finite;
+    in eval none, equal to unpatched."""
+    torch.manual_seed(0)
+    model = perturb(X.TransformerWrapper(num_tokens=23, max_seq_len=16, attn_layers=X.Decoder(
+        **BASE, alibi_pos_bias=True, attn_dropout=0.5)).eval())
+    x = torch.randint(0, 23, (2, 10))
+    want = model(x).detach()
+    xtk.patch(model)
+    model.train()
+    a, b = model(x), model(x)
+    assert (a - b).abs().max() > 1e-3 and torch.isfinite(a).all()
+    a.square().mean().backward()
+    assert all(p.grad is None or torch.isfinite(p.grad).all() for p in model.parameters())
+    model.eval()
+    assert (model(x).detach() - want).abs().max() < 1e-5
+    xtk.unpatch(model)
