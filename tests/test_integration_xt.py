@@ -39,9 +39,9 @@ def _build(name, seed=0):
 
 def _oracle(name):
     """The same model in fp64 (built again: a deepcopy would keep x-transformers' tied-embedding
-    closure pointing at the fp32 weight). x-transformers' dynamic position bias feeds its MLP an fp32 ``arange`` (fp64
-    models fail there): the copy casts that input to the MLP's dtype (small integers, or their
-    fp32 log, the same numbers the fp32 models see)."""
+    closure pointing at the fp32 weight). x-transformers' dynamic position bias feeds its MLP an
+    fp32 ``arange`` (fp64 models fail there): the oracle casts that input to the MLP's dtype (small
+    integers, or their fp32 log, the same numbers the fp32 models see)."""
     ref = _build(name).double()
     for m in ref.modules():
         if isinstance(m, X.x_transformers.DynamicPositionBias):
@@ -74,6 +74,11 @@ def _attention_paths(model):
     return {p for p, m in model.named_modules() if isinstance(m, X.x_transformers.Attention)}
 
 
+def _norm_and_glu_paths(model):
+    xt = X.x_transformers
+    return {p for p, m in model.named_modules() if type(m) in (xt.RMSNorm, xt.ScaleNorm, xt.SimpleRMSNorm, xt.GLU)}
+
+
 @pytest.mark.parametrize("name", list(CASES))
 def test_patch_in_place_matches_unpatched(name):
     model = _build(name)
@@ -96,6 +101,7 @@ def test_patch_in_place_matches_unpatched(name):
         assert attn <= set(kept) and all(KEPT_ATTENTION[name] in kept[p] for p in attn), str(report)
     else:
         assert attn <= swapped, str(report)
+    assert _norm_and_glu_paths(model) <= swapped, str(report)
     assert [id(p) for p in model.parameters()] == ids
 
     for (kw, what), u, o in zip(calls, unpatched, reference):
