@@ -519,3 +519,14 @@ def test_attention_dropout_runs_in_kernel_when_training():
     model.eval()
     assert (model(x).detach() - want).abs().max() < 1e-5
     xtk.unpatch(model)
+
+
+def test_flash_attend_is_swapped_too():
+    """``attn_flash=True`` (x-transformers' SDPA path) computes the same function: swapped likewise."""
+    torch.manual_seed(0)
+    model = perturb(X.TransformerWrapper(num_tokens=23, max_seq_len=16, attn_layers=X.Decoder(
+        **BASE, attn_flash=True, alibi_pos_bias=True, attn_kv_heads=2, attn_num_mem_kv=2)).eval())
+    x = torch.randint(0, 23, (2, 10))
+    mask = torch.ones(2, 10, dtype=torch.bool)
+    mask[0, -3:] = False
+    _close_and_restored(model, lambda m: m(x, mask=mask).detach())
