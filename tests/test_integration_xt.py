@@ -224,6 +224,12 @@ def test_wrappers_xtransformer_vit_and_bare_layers():
     seq = torch.randint(0, 23, (2, 12))
     _close_and_restored(ar, lambda m: m(seq).detach())
 
+    torch.manual_seed(0)
+    cont = X.ContinuousAutoregressiveWrapper(perturb(X.ContinuousTransformerWrapper(
+        dim_in=5, dim_out=5, max_seq_len=16, attn_layers=X.Decoder(dim=16, depth=1, heads=2, rel_pos_bias=True)).eval()))
+    series = torch.randn(2, 9, 5)
+    _close_and_restored(cont, lambda m: m(series).detach())
+
 
 def test_kv_cache_generation_and_transformer_xl_memories():
     ar = X.AutoregressiveWrapper(_build("gqa_t5_mem_kv"))
