@@ -31,7 +31,7 @@ from . import backends as _backends
 # picking one inside torch.compile is a lookup: importing xtk costs the triton import
 _backends.preload()
 
-# model classes load on first use
+# model classes (and the x-transformers patch) load on first use
 _LAZY = {
     "AttentionLayers": "xtk.models.layers",
     "Encoder": "xtk.models.layers",
@@ -44,6 +44,8 @@ _LAZY = {
     "AutoregressiveWrapper": "xtk.models.autoregressive",
     "XTransformer": "xtk.models.xtransformer",
     "load_x_transformers_weights": "xtk.models.loader",
+    "patch": "xtk.integrations.xtransformers",
+    "unpatch": "xtk.integrations.xtransformers",
 }
 
 __all__ = ["attention", "attention_with_kvcache", "attention_varlen", "KVCache", "PagedKVCache", "bias", "QKNorm", "Rotary", "rms_norm", "glu", *_LAZY]
