@@ -7,7 +7,7 @@
   shard's own head count, FlashInfer's mistake under tensor parallelism) the shard is wrong.
 - DDP and FSDP2 (``fully_shard``): 2 CPU processes (gloo), each half the batch, give the gradients
   of one process on the whole batch (xtk models with ALiBi / T5 / dynamic bias; DDP also under
-  ``torch.compile``).
+  ``torch.compile``; x-transformers models patched in place by ``xtk.patch``).
 """
 import os
 import socket
@@ -88,7 +88,14 @@ CONFIGS = {"alibi": dict(alibi_pos_bias=True), "t5": dict(rel_pos_bias=True),
 
 
 def _model(cfg: str):
+    """An xtk model, or ('xt-' prefix) an x-transformers model patched in place by ``xtk.patch``."""
     torch.manual_seed(0)
+    if cfg.startswith("xt-"):
+        import x_transformers as xt
+        model = xt.TransformerWrapper(num_tokens=V, max_seq_len=32, attn_layers=xt.Decoder(
+            dim=32, depth=2, heads=4, attn_dim_head=8, **CONFIGS[cfg[3:]]))
+        xtk.patch(model)
+        return model
     return xtk.TransformerWrapper(num_tokens=V, max_seq_len=32,
                                   attn_layers=xtk.Decoder(dim=32, depth=2, heads=4, attn_dim_head=8, **CONFIGS[cfg]))
 
@@ -126,6 +133,7 @@ def _worker(rank, world, port, engine, cfg, path):
                  for n, p in model.named_parameters() if p.grad is not None}
         if rank == 0:
             torch.save(grads, path)
+        torch.distributed.barrier()   # no rank tears gloo down while the other still talks to it
     finally:
         torch.distributed.destroy_process_group()
 
@@ -137,10 +145,12 @@ def _free_port() -> int:
 
 
 @pytest.mark.parametrize("engine,cfg", [("ddp", "alibi"), ("ddp", "t5"), ("fsdp2", "dynamic"), ("fsdp2", "t5"),
-                                        ("ddp+compile", "alibi")])
+                                        ("ddp+compile", "alibi"), ("ddp", "xt-t5"), ("fsdp2", "xt-alibi")])
 def test_two_processes_give_the_single_process_gradients(engine, cfg, tmp_path):
     if not torch.distributed.is_available():
         pytest.skip("torch built without torch.distributed")
+    if cfg.startswith("xt-"):
+        pytest.importorskip("x_transformers")   # the patched model's own library (in the test extras)
     path = str(tmp_path / "grads.pt")
     mp.spawn(_worker, args=(2, _free_port(), engine, cfg, path), nprocs=2, join=True)
     got = torch.load(path)
