@@ -139,6 +139,32 @@ def test_bloom_padding_with_holes_gets_its_own_alibi_dense(monkeypatch):
     assert not seen  # left padding alone: ALiBi in-kernel
 
 
+@pytest.mark.parametrize("family", ["bloom", "mpt"])
+def test_alibi_with_later_keys_visible_is_the_models_own(family):
+    """An attention module called with a mask that lets queries see later keys (not what the models
+    build, but what the module accepts): the key-position ALiBi of BLOOM/MPT is no distance form
+    there, so the patch passes the model's own bias tensor (dense) and equals the original."""
+    model = _eager(family)
+    torch.manual_seed(4)
+    x = torch.randn(2, 9, 48)
+    mask = torch.ones(2, 9, dtype=torch.long)
+    mask[1, :3] = 0
+    if family == "bloom":
+        att = model.transformer.h[0].self_attention
+        alibi = model.transformer.build_alibi_tensor(mask, 6, torch.float32)
+        keep = mask.bool()[:, None, None, :].expand(2, 1, 9, 9)
+        args = dict(hidden_states=x, residual=x, alibi=alibi, attention_mask=torch.where(keep, 0.0, -3e38))
+    else:
+        att = model.transformer.blocks[0].attn
+        bias = model.transformer.build_mpt_alibi_tensor(6, 32)
+        masked = ~mask.bool()[:, None, None, :].expand(2, 1, 9, 9)
+        args = dict(hidden_states=x, position_bias=bias, attention_mask=masked)
+    want = att(**args)[0]
+    hf.patch(model)
+    got = att(**args)[0]
+    torch.testing.assert_close(got, want, rtol=1e-5, atol=1e-6)
+
+
 def _big_init(model, scale):
     """Weights large enough that greedy decoding does not repeat one token (a test that can tell)."""
     g = torch.Generator().manual_seed(3)
@@ -220,6 +246,32 @@ def test_dropout_runs_in_kernel_in_training():
     b = model(input_ids=ids, attention_mask=mask).logits
     a.square().mean().backward()
     assert not torch.equal(a, b) and all(torch.isfinite(p.grad).all() for p in model.parameters())
+
+
+@pytest.mark.parametrize("family", ["bloom", "t5"])
+def test_gradient_checkpointing_gives_the_same_gradients(family):
+    model = _eager(family)
+    for m in model.modules():  # no dropout: the two runs must see the same function
+        if isinstance(m, torch.nn.Dropout):
+            m.p = 0.0
+        if hasattr(m, "relative_attention_num_buckets"):
+            m.dropout = 0.0
+    hf.patch(model)
+    model.train()
+    ids, mask = _batch(True)
+    kw = dict(decoder_input_ids=ids[:, :5]) if family in SEQ2SEQ else {}
+    plain = _run(model, ids, mask, kw.get("decoder_input_ids"))[1]
+    model.gradient_checkpointing_enable()
+    ckpt = _run(model, ids, mask, kw.get("decoder_input_ids"))[1]
+    for name, g in plain.items():
+        torch.testing.assert_close(ckpt[name], g, rtol=1e-5, atol=1e-7, msg=name)
+
+
+def test_encoder_only_t5():
+    model = transformers.T5EncoderModel(transformers.T5Config(**T5S))
+    report = hf.patch(model)
+    assert [p for p, _ in report.swapped] == ["encoder.block.0.layer.0.SelfAttention",
+                                              "encoder.block.1.layer.0.SelfAttention"]
 
 
 def test_slopes_and_buckets_are_the_models_own():

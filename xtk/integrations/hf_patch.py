@@ -111,6 +111,13 @@ def _contiguous(row: torch.Tensor) -> bool:
     return bool((starts <= 1).all())
 
 
+def _keys_precede(row: torch.Tensor, q_offset: int) -> bool:
+    """No kept key sits after the first query (position ``q_offset``): a mask without causality
+    still sees only earlier keys (a decoding step)."""
+    r = row.reshape(row.shape[0], -1)
+    return bool((r * torch.arange(r.shape[1], device=r.device)).amax() <= q_offset)
+
+
 def _past(cache, layer_idx) -> int:
     """Tokens in the cache before this call's update (the first query's position)."""
     if cache is None:
@@ -147,9 +154,9 @@ def _bloom_forward(self, hidden_states, residual, alibi, attention_mask, layer_p
         k, v = layer_past.update(k, v, self.layer_idx)
     nk = k.shape[2]
     mask, causal, row = _kernel_masking(attention_mask, nq, nk, past, causal_if_none=True)
-    if (row is not None or attention_mask is None) and (row is None or _contiguous(row)):
+    if attention_mask is None or (row is not None and _contiguous(row) and (causal or _keys_precede(row, past))):
         bias = Alibi(_own(self, "_get_alibi_slopes")(self.num_heads, q.device) * self.beta)
-    else:  # holes in the padding: BLOOM's positions skip them, no distance form; its own tensor
+    else:  # holes in the padding (BLOOM's positions skip them) or later keys visible: its own tensor
         bias = Dense(alibi.view(b, self.num_heads, 1, nk) * self.beta)
     out = attention(q, k, v, attn_mask=mask, dropout_p=_dropout(self, self.attention_dropout.p), is_causal=causal,
                     scale=self.inv_norm_factor, bias=bias, q_offset=past)
@@ -177,13 +184,16 @@ def _mpt_forward(self, hidden_states, position_bias, cache=None, attention_mask=
     if cache is not None:
         k, v = cache.update(k, v, self.layer_idx, kwargs=kwargs)
     nk = k.shape[2]
+    mask, causal, row = _kernel_masking(attention_mask, nq, nk, past, causal_if_none=False, masked_is_true=True)
     bias = None
     if position_bias is not None:
         if position_bias.dim() != 3 or position_bias.shape[2] < max(nk, 2):
             raise ValueError(f"MPT position_bias: expected (heads, 1, >= {max(nk, 2)}) (max_seq_len covering the "
                              f"keys), got {tuple(position_bias.shape)}")
-        bias = Alibi(-position_bias[:, 0, -2])  # the model's bias is slope * (j - last): -slope at the last but one
-    mask, causal, _ = _kernel_masking(attention_mask, nq, nk, past, causal_if_none=False, masked_is_true=True)
+        if causal or (row is not None and _keys_precede(row, past)):
+            bias = Alibi(-position_bias[:, 0, -2])  # the model's bias is slope * (j - last): -slope at last but one
+        else:  # keys after a query visible: slope * (j - last) is no distance form there; the model's own tensor
+            bias = Dense(position_bias[:, :, position_bias.shape[2] - nk:])
     out = attention(q, k, v, attn_mask=mask, dropout_p=_dropout(self, self.attn_dropout_p), is_causal=causal,
                     scale=self.softmax_scale, bias=bias, q_offset=past)
     return self.out_proj(out.transpose(1, 2).reshape(b, nq, -1)), None
