@@ -33,7 +33,9 @@ projections, updates transformers' own cache, and calls ``xtk.attention`` with t
 
 Masks: the model's mask (float 0/min, or bool) becomes the kernel's masking where its structure
 allows -- causal from the query offset and a ``(b, 1, 1, nk)`` key padding row -- and a dense bool
-mask otherwise. Refused: ``output_attentions`` (the weights are never formed; ``unpatch`` first).
+mask otherwise. A query row with no key to see (a left-padded position) gives zeros (SPEC §2.8) where
+eager gives the average of all values: the outputs at padded positions differ, no other position
+reads them. Refused: ``output_attentions`` (the weights are never formed; ``unpatch`` first).
 Dropout on the probabilities runs in-kernel (another random stream than torch's).
 Tested with transformers 5.24 only (``TESTED``): other versions are refused, module internals change.
 """
