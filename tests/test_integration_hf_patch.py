@@ -1,15 +1,15 @@
 """``xtk.integrations.hf.patch``: Hugging Face models whose bias lives outside the attention registry.
 
-Tiny configs (nothing is downloaded), 6 heads where ALiBi is involved (not a power of two: BLOOM's
-and MPT's slope orders differ there). Per family, fp32: logits and every parameter gradient of the
+Tiny configs (nothing is downloaded), 6 heads where ALiBi is involved (not a power of two: the
+slopes interleave two power-of-two lists there, a wrong order shows). Per family, fp32: logits and every parameter gradient of the
 patched model against the same model unpatched ("eager") by the 2x rule against an fp64 oracle,
 with and without left padding. The oracle is the unpatched model in fp64 run on each sequence with
 its padding removed, which is what padding means for these models (BLOOM counts positions from the
 first unpadded token; the others' biases depend on distances only); run on the padded batch,
 BLOOM's and MPT's fp32 softmax turns fp64's masked minimum into -inf and a fully padded query row
 into NaN. Encoder-decoders (encoder padding only) use the padded batch: no row is empty there.
-Greedy ``generate()`` with transformers' own cache gives the same tokens; parameters keep their
-ids; ``unpatch`` is bit-identical; what cannot run is refused by name.
+Greedy ``generate()`` with transformers' own cache (dynamic and static) gives the same tokens;
+parameters keep their ids; ``unpatch`` is bit-identical; what cannot run is refused by name.
 """
 import copy
 
