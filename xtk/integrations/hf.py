@@ -16,6 +16,9 @@ float bias (its gradient flows). Refused by name: ``softcap`` (logit soft-cappin
 kernels) and ``output_attentions`` (the weights are never formed). A sliding window arrives as the
 mask the mask interface builds. Tested with transformers 5.24 (CPU; the test extras allow >=5.17,<6;
 the GPU image has 5.17, not yet run there).
+
+Models whose bias lives outside the registry (BLOOM, MPT, Falcon, T5, mT5, UMT5, LongT5) get module
+patches instead: ``patch(model)`` / ``unpatch(model)``, from ``hf_patch``.
 """
 from __future__ import annotations
 
@@ -25,6 +28,9 @@ import torch
 
 from ..bias import Dense
 from ..ops.attention import attention
+from .hf_patch import patch, unpatch  # noqa: F401  (module patches: BLOOM, MPT, Falcon, T5 family)
+
+__all__ = ["NAME", "xtk_attention_forward", "register", "patch", "unpatch"]
 
 NAME = "xtk"
 
