@@ -14,7 +14,7 @@ SDPA's), the mask (bool keep-mask or additive float; None with ``q_len > 1`` mea
 SDPA's function), ``scaling``, ``dropout``, a ``position_bias`` ``(b|1, h, q_len, kv_len)`` as a dense
 float bias (its gradient flows). Refused by name: ``softcap`` (logit soft-capping is not in the
 kernels) and ``output_attentions`` (the weights are never formed). A sliding window arrives as the
-mask the mask interface builds. Tested with transformers 5.24 (CPU; the test extras allow >=5.17,<6;
+mask the mask interface builds. Tested with transformers 5.24 (CPU; the test extras pin it;
 the GPU image has 5.17, not yet run there).
 
 Models whose bias lives outside the registry (BLOOM, MPT, Falcon, T5, mT5, UMT5, LongT5) get module
