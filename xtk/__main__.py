@@ -79,7 +79,11 @@ def main(argv=None) -> int:
     info_p = sub.add_parser("info", help="versions, device, extension, backend choice per op")
     info_p.add_argument("--model", metavar="EXPR", default=None,
                         help='a model constructor, e.g. "Decoder(dim=64, depth=2, heads=4, attn_talking_heads=True)": '
-                             "lists the layers that cannot use a kernel and why")
+                             "lists the layers that cannot use a kernel and why; the names transformers and "
+                             "x_transformers are in scope")
+    info_p.add_argument("--patch", action="store_true",
+                        help="patch the --model in place first (xtk.patch for x-transformers, "
+                             "xtk.integrations.hf.patch for Hugging Face) and print what was swapped and kept")
     sub.add_parser("bench", help="benchmark suite (python -m xtk bench --help)", add_help=False)
     sub.add_parser("gpucheck", help="prove and time the kernels on this GPU (python -m xtk gpucheck --help)",
                    add_help=False)
@@ -88,7 +92,11 @@ def main(argv=None) -> int:
         info()
         if getattr(args, "model", None):
             from .introspect import print_model_report
-            print_model_report(args.model, sys.stdout)
+            try:
+                print_model_report(args.model, sys.stdout, patch=args.patch)
+            except (TypeError, ValueError, RuntimeError, NameError, SyntaxError) as e:
+                print(f"python -m xtk info: {type(e).__name__}: {e}", file=sys.stderr)
+                return 2
         return 0
     if args.cmd == "bench":
         from .bench.cli import main as bench_main

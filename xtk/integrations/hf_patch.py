@@ -436,7 +436,7 @@ def patch(model: torch.nn.Module) -> PatchReport:
     for m in model.modules():
         if isinstance(m, _pretrained()):
             m.register_forward_pre_hook(_output_attentions_hook, with_kwargs=True)
-    return report.log()
+    return report.attach(model).log()
 
 
 def _pretrained():
@@ -447,6 +447,7 @@ def _pretrained():
 def unpatch(model: torch.nn.Module) -> None:
     """Restore every module ``patch`` swapped (the class's forward again, or the instance forward
     that was there before) and remove its hooks. A model that is not patched is left as is."""
+    PatchReport.detach(model)
     for m in model.modules():
         m.__dict__.pop(_OWNER, None)
         for key in [k for k, hook in m._forward_pre_hooks.items() if hook is _output_attentions_hook]:

@@ -9,6 +9,7 @@ from dataclasses import dataclass, field
 __all__ = ["PatchReport"]
 
 _log = logging.getLogger("xtk.patch")
+_ATTR = "_xtk_patch_report"   # on the model a patch was given: its report (python -m xtk info --model)
 
 
 @dataclass
@@ -43,3 +44,18 @@ class PatchReport:
         lines += [f"  swapped {path or '<root>'}: {what}" for path, what in self.swapped]
         lines += [f"  kept    {path or '<root>'}: {why}" for path, why in self.kept]
         return "\n".join(lines)
+
+    def attach(self, model) -> "PatchReport":
+        """Keep this report on ``model`` (the patched root), where ``PatchReport.of`` finds it."""
+        model.__dict__[_ATTR] = self
+        return self
+
+    @staticmethod
+    def of(model) -> "PatchReport | None":
+        """The report of the patch applied to ``model``, or None when it is not patched."""
+        return model.__dict__.get(_ATTR)
+
+    @staticmethod
+    def detach(model) -> None:
+        """Forget the report (unpatch)."""
+        model.__dict__.pop(_ATTR, None)

@@ -461,7 +461,7 @@ def patch(model: nn.Module, *, backend: str = "auto") -> PatchReport:
             _install(m, _glu_forward, "glu", backend, _xtk_activation=act)
             report.swap(path, f"GLU: xtk.glu ({act})")
     model.__dict__[_ROOT] = True
-    report.log()
+    report.attach(model).log()
     return report
 
 
@@ -476,4 +476,5 @@ def unpatch(model: nn.Module) -> nn.Module:
         raise ValueError(f"xtk.unpatch: nothing in this {type(model).__name__} is patched by xtk.patch")
     for m in patched:
         _restore(m)
+    PatchReport.detach(model)
     return model
