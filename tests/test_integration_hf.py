@@ -23,6 +23,19 @@ FAMILIES = {
     "mistral": lambda: transformers.MistralConfig(num_key_value_heads=2, sliding_window=None, **SMALL),
     "qwen2": lambda: transformers.Qwen2Config(num_key_value_heads=1, **SMALL),
     "gpt_neox": lambda: transformers.GPTNeoXConfig(rotary_pct=0.5, **SMALL),
+    "gemma": lambda: transformers.GemmaConfig(num_key_value_heads=2, head_dim=16, **SMALL),
+    "qwen3": lambda: transformers.Qwen3Config(num_key_value_heads=2, head_dim=16, **SMALL),   # QK-norm in HF's code
+    "phi3": lambda: transformers.Phi3Config(num_key_value_heads=2, pad_token_id=0, bos_token_id=1, eos_token_id=2,
+                                            **SMALL),
+}
+SEQ2SEQ = {   # encoder-decoders: encoder self-attention (padding mask), causal decoder, cross-attention
+    "bart": lambda: transformers.BartForConditionalGeneration(transformers.BartConfig(
+        vocab_size=97, d_model=64, encoder_layers=2, decoder_layers=2, encoder_attention_heads=4,
+        decoder_attention_heads=4, encoder_ffn_dim=96, decoder_ffn_dim=96, max_position_embeddings=64)),
+    "whisper": lambda: transformers.WhisperForConditionalGeneration(transformers.WhisperConfig(
+        vocab_size=97, d_model=64, encoder_layers=2, decoder_layers=2, encoder_attention_heads=4,
+        decoder_attention_heads=4, encoder_ffn_dim=96, decoder_ffn_dim=96, num_mel_bins=16, max_source_positions=16,
+        max_target_positions=32, pad_token_id=0, bos_token_id=1, eos_token_id=2, decoder_start_token_id=1)),
 }
 
 
@@ -81,3 +94,52 @@ def test_softcap_and_attention_weights_are_refused_by_name():
         xtk_attention_forward(torch.nn.Module(), q, q, q, None, softcap=30.0)
     with pytest.raises(ValueError, match="output_attentions: attn_implementation='xtk' never forms"):
         xtk_attention_forward(torch.nn.Module(), q, q, q, None, output_attentions=True)
+
+
+def _seq2seq(family):
+    torch.manual_seed(0)
+    eager = SEQ2SEQ[family]().eval()
+    eager.set_attn_implementation("eager")
+    with torch.no_grad():   # larger weights: logits that differ between tokens, so generate can fail
+        for p in eager.parameters():
+            p.mul_(3.0)
+    ours, oracle = copy.deepcopy(eager), copy.deepcopy(eager).double()
+    ours.set_attn_implementation("xtk")
+    oracle.set_attn_implementation("sdpa")
+    return ours, eager, oracle
+
+
+def _seq2seq_inputs(family, dtype=torch.float32):
+    g = torch.Generator().manual_seed(2)
+    dec = torch.randint(3, 97, (2, 6), generator=g)
+    if family == "whisper":
+        return dict(input_features=torch.randn(2, 16, 32, generator=g).to(dtype), decoder_input_ids=dec)
+    mask = torch.ones(2, 9, dtype=torch.long)
+    mask[1, 6:] = 0   # right padding of the second source
+    return dict(input_ids=torch.randint(3, 97, (2, 9), generator=g), attention_mask=mask, decoder_input_ids=dec)
+
+
+@pytest.mark.parametrize("family", list(SEQ2SEQ))
+def test_encoder_decoder_equals_eager(family):
+    models = _seq2seq(family)
+    assert models[0].config._attn_implementation == "xtk"
+    runs = []
+    for m in models:
+        m.zero_grad()
+        kw = _seq2seq_inputs(family, torch.float64 if m is models[2] else torch.float32)
+        logits = m(**kw).logits
+        logits.double().square().mean().backward()
+        runs.append((logits.detach(), {n: p.grad for n, p in m.named_parameters() if p.grad is not None}))
+    assert_close_2x(*(r[0] for r in runs), "logits")
+    assert set(runs[0][1]) == set(runs[1][1])
+    for name in runs[0][1]:
+        assert_close_2x(*(r[1][name] for r in runs), f"grad of {name}")
+
+
+@pytest.mark.parametrize("family", list(SEQ2SEQ))
+def test_encoder_decoder_greedy_generation_gives_the_same_tokens(family):
+    ours, eager, _ = _seq2seq(family)
+    kw = {k: v for k, v in _seq2seq_inputs(family).items() if k != "decoder_input_ids"}
+    gen = dict(max_new_tokens=6, min_new_tokens=6, do_sample=False, num_beams=1)   # no early EOS: 6 tokens compared
+    a, b = ours.generate(**kw, **gen), eager.generate(**kw, **gen)
+    assert torch.equal(a, b) and len(set(a.flatten().tolist())) > 2

@@ -7,8 +7,8 @@ where causal alone describes it), so that::
     model = AutoModelForCausalLM.from_config(cfg, attn_implementation="xtk")
     model.set_attn_implementation("xtk")
 
-run ``xtk.attention`` in every model family whose attention goes through that registry (Llama,
-Mistral, Qwen2/3, Gemma, Phi-3, GPT-NeoX, ...). What the function receives and what it does with it:
+run ``xtk.attention`` in every model family whose attention goes through that registry (tested:
+Llama, Mistral, Qwen2/3, Gemma, Phi-3, GPT-NeoX, BART, Whisper). What the function receives and what it does with it:
 q ``(b, h, q_len, d)``, k/v ``(b, hk, kv_len, d)`` (GQA: ``enable_gqa``, transformers' repeat order is
 SDPA's), the mask (bool keep-mask or additive float; None with ``q_len > 1`` means causal, as in
 SDPA's function), ``scaling``, ``dropout``, a ``position_bias`` ``(b|1, h, q_len, kv_len)`` as a dense
