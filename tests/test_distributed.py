@@ -6,8 +6,8 @@
   tables and a dense bias index the global head. Without ``head_offset`` (slopes computed from the
   shard's own head count, FlashInfer's mistake under tensor parallelism) the shard is wrong.
 - DDP and FSDP2 (``fully_shard``): 2 CPU processes (gloo), each half the batch, give the gradients
-  of one process on the whole batch (xtk models with ALiBi / T5 / dynamic bias; DDP also under
-  ``torch.compile``; x-transformers models patched in place by ``xtk.patch``).
+  of one process on the whole batch (xtk models with ALiBi / T5 / dynamic bias, and x-transformers
+  models patched in place by ``xtk.patch``; DDP and FSDP2 also under ``torch.compile``).
 """
 import os
 import socket
@@ -127,6 +127,8 @@ def _worker(rank, world, port, engine, cfg, path):
             for norms, block, residual in model.attn_layers.layers:   # x-transformers' layer layout
                 fully_shard(block, mesh=mesh)
             wrapped = fully_shard(model, mesh=mesh)
+            if engine == "fsdp2+compile":
+                wrapped = torch.compile(wrapped)
         x = _batch()[rank * (B // world):(rank + 1) * (B // world)]
         _loss(wrapped, x).backward()
         grads = {n: (p.grad.full_tensor() if hasattr(p.grad, "full_tensor") else p.grad).detach().clone()
@@ -145,7 +147,8 @@ def _free_port() -> int:
 
 
 @pytest.mark.parametrize("engine,cfg", [("ddp", "alibi"), ("ddp", "t5"), ("fsdp2", "dynamic"), ("fsdp2", "t5"),
-                                        ("ddp+compile", "alibi"), ("ddp", "xt-t5"), ("fsdp2", "xt-alibi")])
+                                        ("ddp+compile", "alibi"), ("fsdp2+compile", "t5"), ("ddp", "xt-t5"),
+                                        ("fsdp2", "xt-alibi"), ("ddp+compile", "xt-alibi")])
 def test_two_processes_give_the_single_process_gradients(engine, cfg, tmp_path):
     if not torch.distributed.is_available():
         pytest.skip("torch built without torch.distributed")
