@@ -57,7 +57,7 @@ import re
 from . import kinds
 
 CLASSES = ("plain", "posbias", "dense", "qk", "heavy")  # lightest first: spec_class picks the heaviest that applies
-KINDS = ("fwd", "thr", "thrwide", "dkdv", "dq")
+KINDS = ("fwd", "thr", "thrwide", "dkdv", "dq", "decode")
 PRECISIONS = ("16bit", "tf32", "ieee")
 HEAD_DIMS = (32, 64, 128, 256)
 MAX_TOPK = 128  # the launcher's limit: thrwide's BLOCK_N covers the widest top-k buffer
@@ -65,7 +65,7 @@ THR_K2 = 32  # thr entries hold top-k buffers up to this (and BLOCK_N); wider on
 SUPPORTED_ARCHS = (80, 86, 87, 89, 90)
 SMEM_LIMIT = {80: 163 * 1024, 86: 99 * 1024, 87: 163 * 1024, 89: 99 * 1024, 90: 227 * 1024}  # bytes per block
 INTERPRETER_TILE = (32, 32, 4, 1)
-_KEY = re.compile(r"^(fwd|thr|thrwide|dkdv|dq)/(plain|posbias|dense|qk|heavy)/(16bit|tf32|ieee)/d(32|64|128|256)$")
+_KEY = re.compile(r"^(fwd|thr|thrwide|dkdv|dq|decode)/(plain|posbias|dense|qk|heavy)/(16bit|tf32|ieee)/d(32|64|128|256)$")
 _HERE = os.path.dirname(os.path.abspath(__file__))
 
 # the kernels' switch values (kernels/attention_common.py), repeated here so this module needs no triton
