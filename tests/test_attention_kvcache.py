@@ -167,7 +167,6 @@ def _small():
     ("row_outside", ValueError, r"cache_batch_idx: expected rows in \[0, 2\) of k_cache, got \[5\]"),
     ("short_prefix", ValueError, "cache_seqlens: sequence 0 holds 3 keys, fewer than the k_prefix = 4"),
     ("dense", NotImplementedError, "bias: a Dense bias is not supported by attention_with_kvcache yet"),
-    ("lse", NotImplementedError, "return_lse: not supported"),
     ("dtype", TypeError, "v_cache: expected dtype torch.float32 .* got torch.float16"),
     ("head_dim", ValueError, "k_cache: expected head dim 16"),
     ("new_k_shape", ValueError, r"k: expected shape \(2, 2, 1, 16\)"),
@@ -201,8 +200,6 @@ def test_bad_input_is_refused_by_name_and_the_cache_is_untouched(case, error, ma
         kw["k_prefix"] = 4
     elif case == "dense":
         kw["bias"] = Dense(torch.zeros(1, 4, 1, 8, device=DEV))
-    elif case == "lse":
-        kw["return_lse"] = True
     elif case == "dtype":
         vc = vc.half()
     elif case == "head_dim":

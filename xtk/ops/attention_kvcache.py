@@ -26,6 +26,7 @@ import torch
 from .. import backends
 from ..bias import Dense
 from . import _check
+from ..reference import attention as reference
 from .attention import _validate_bias, _validate_qk_norm, _validate_rotary, attention, check_gqa_order
 
 MAX_QUERY_ROWS = 16
@@ -40,8 +41,9 @@ def attention_with_kvcache(q, k_cache, v_cache, k=None, v=None, *, cache_seqlens
     int32 (page size a multiple of 16); new ``k`` ``(b, hk, nq, d)``, ``v`` ``(b, hk, nq, dv)`` or
     neither; ``cache_seqlens`` ``(b,)`` int32 (or an int for all); ``cache_batch_idx`` ``(b,)`` int32:
     the contiguous cache row of each sequence (default ``b``). -> ``(b, h, nq, dv)`` in q's dtype, and
-    with ``return_lse`` also the ``(b, h, nq)`` fp32 natural log-sum-exp of each row's logits (scaled,
-    biased, masked; -inf for a row with no key), which only the decode kernel returns.
+    with ``return_lse`` also ``(b, h, nq)``: the natural log of each row's softmax normalizer
+    ``sum_j exp(s_ij)`` over its kept logits (scaled, biased, masked, top-k), -inf for a row with no
+    key, in ``promote(q.dtype, float32)`` (the reference path: ``xtk.reference.attention.log_sum_exp``).
     ``bias``, ``topk``, ``qk_norm``, ``rotary``, ``scale``, ``gqa_order`` as in ``xtk.attention`` (GQA
     follows from the head counts). ``num_splits``: the decode kernel's split-KV count (0: picked
     from the sizes, ``kernels/attention_decode.pick_splits``). ``backend``: 'triton' (the split-KV
@@ -55,14 +57,12 @@ def attention_with_kvcache(q, k_cache, v_cache, k=None, v=None, *, cache_seqlens
     _check_features(q, k_cache, seqlens, k is not None, bias, topk, qk_norm, rotary, scale, k_prefix)
     inputs = KVCacheInputs(q, k_cache, v_cache, k is not None, _seqlens_tensor(cache_seqlens, q), seqlens, layout,
                            block_table, cache_batch_idx, bool(is_causal), scale, bias, topk, qk_norm, rotary, k_prefix,
-                           num_splits, gqa_order, backend)
-    chosen = _pick(inputs, return_lse)
+                           num_splits, gqa_order, backend, bool(return_lse))
+    chosen = _pick(inputs)
     if k is not None:
         _write_new(k_cache, v_cache, k, v, seqlens, layout)
-    out = chosen.run(inputs)
-    if chosen is REFERENCE:
-        return out
-    return out if return_lse else out[0]
+    out, lse = chosen.run(inputs)
+    return (out, lse) if return_lse else out
 
 
 @dataclass(frozen=True, eq=False)
@@ -90,26 +90,36 @@ class KVCacheInputs:
     num_splits: int
     gqa_order: str
     backend: str
+    return_lse: bool
 
 
-def _reference_run(inputs: KVCacheInputs) -> torch.Tensor:
-    """The reference semantics: per sequence, ``xtk.attention`` on the gathered keys (host lengths)."""
+def _reference_run(inputs: KVCacheInputs) -> tuple:
+    """The reference semantics: per sequence, ``xtk.attention`` on the gathered keys (host lengths);
+    -> (out, lse | None): with ``return_lse``, ``reference.log_sum_exp`` of each sequence too."""
     q, nq = inputs.q, inputs.q.shape[2]
-    outs = []
+    outs, lses = [], []
     for b, start in enumerate(inputs.host_seqlens):
         nk = start + (nq if inputs.writes else 0)
         kb, vb = _gather(inputs.k_cache, inputs.layout, b, nk), _gather(inputs.v_cache, inputs.layout, b, nk)
-        outs.append(attention(q[b:b + 1], kb, vb, is_causal=inputs.is_causal, scale=inputs.scale,
-                              enable_gqa=kb.shape[1] != q.shape[1], bias=inputs.bias, topk=inputs.topk,
-                              qk_norm=inputs.qk_norm, rotary=inputs.rotary, q_offset=start - inputs.k_prefix,
-                              k_prefix=inputs.k_prefix, gqa_order=inputs.gqa_order, backend=inputs.backend))
-    return torch.cat(outs, 0) if outs else q.new_zeros(0, q.shape[1], nq, inputs.v_cache.shape[-1])
+        kw = dict(is_causal=inputs.is_causal, scale=inputs.scale, bias=inputs.bias, topk=inputs.topk,
+                  qk_norm=inputs.qk_norm, rotary=inputs.rotary, q_offset=start - inputs.k_prefix,
+                  k_prefix=inputs.k_prefix, gqa_order=inputs.gqa_order)
+        outs.append(attention(q[b:b + 1], kb, vb, enable_gqa=kb.shape[1] != q.shape[1], backend=inputs.backend, **kw))
+        if inputs.return_lse:
+            lses.append(reference.log_sum_exp(q[b:b + 1], kb, **kw))
+    if not outs:
+        return q.new_zeros(0, q.shape[1], nq, inputs.v_cache.shape[-1]), _empty_lse(q) if inputs.return_lse else None
+    return torch.cat(outs, 0), torch.cat(lses, 0) if inputs.return_lse else None
+
+
+def _empty_lse(q):
+    return q.new_zeros(0, q.shape[1], q.shape[2], dtype=torch.promote_types(q.dtype, torch.float32))
 
 
 REFERENCE = backends.Backend("reference", "attention_with_kvcache", lambda inputs, forced: [], _reference_run)
 
 
-def _pick(inputs: KVCacheInputs, return_lse: bool) -> backends.Backend:
+def _pick(inputs: KVCacheInputs) -> backends.Backend:
     """The decode kernel (``backends``' 'triton' of this op) when forced or, under 'auto', when it
     can run these inputs; else the reference path on the requested ``xtk.attention`` backend."""
     want = backends.requested(inputs.backend)
@@ -121,10 +131,6 @@ def _pick(inputs: KVCacheInputs, return_lse: bool) -> backends.Backend:
         if want == "triton":
             raise RuntimeError("attention_with_kvcache: backend 'triton' was requested but cannot run these inputs: "
                                + "; ".join(why))
-    if return_lse:
-        raise NotImplementedError(f"return_lse: not supported by the reference path of attention_with_kvcache "
-                                  f"(backend {want!r}); the decode kernel returns it: " + "; ".join(
-                                      f"{n}: {'; '.join(r) or 'ok'}" for n, r in explain(inputs)))
     return REFERENCE
 
 

@@ -66,7 +66,7 @@ def _bias_args(inputs, capacity: int):
 
 
 def run(inputs):
-    """-> (out ``(b, h, nq, dv)`` in q's dtype, lse ``(b, h, nq)`` fp32)."""
+    """-> (out ``(b, h, nq, dv)`` in q's dtype, lse ``(b, h, nq)`` fp32; computed whether or not asked for)."""
     q, layout = inputs.q, inputs.layout
     qk, scale = _qk_args(SimpleNamespace(q=q, k=inputs.k_cache, scale=inputs.scale, qk_norm=inputs.qk_norm,
                                          rotary=inputs.rotary, q_offset=0, k_prefix=inputs.k_prefix))
