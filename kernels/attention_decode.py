@@ -21,21 +21,13 @@ are the attention family's (``_logits``, ``_qk_tile_fwd``, ``_group_norm_factor`
 ``_rotate_pairs``): BIAS_KIND none / ALiBi / distance table (T5 arrives as one), per-row head data
 (slopes, table columns, q dim scales) gathered by the row's query head. No dense bias, no top-k, no
 dropout here (the op's backend says why). Accumulation in fp32; the dots in the input dtype
-(PRECISION 'ieee' for exact fp32 products, as the forward).
+(PRECISION 'ieee' for exact fp32 products, as the forward). Launcher: ``attention_decode_op.py``.
 """
-import torch
 import triton
 import triton.language as tl
 
 from .attention_common import (_ALIBI, _fold, _group_norm_factor, _logits, _qk_tile_fwd, _rotate_pairs, _tile_ptrs,
                                _tile_ptrs_t)
-from .attention_op import QKArgs, _arch, _device_guard, _narrow_cols, _precision, _qk_slots, _uses_qk, block_d
-from .kinds import BIAS_ALIBI, BIAS_NONE, BIAS_TABLE, MASK_NONE
-from .tiles import config, precision_of, spec_class
-
-Tensor = torch.Tensor
-MAX_SPLITS = 128  # the combine kernel holds every split's row in one tile
-CPU_SPLIT_KEYS = 64  # num_splits=0 off CUDA: one split per this many cache slots, at most 4 (a fixed rule)
 
 
 @triton.jit
@@ -164,89 +156,23 @@ def _decode_split(
 def _decode_combine(OP, LSEP, O, LSE, sob, soh, som, sod, H, NQ, DV, ROWS_TOTAL, SPLITS,
                     BLOCK_S: tl.constexpr, BLOCK_DV: tl.constexpr):
     """One program per output row (b, h, i): ``sum_s w_s o_s / sum_s w_s`` with ``w_s = exp(lse_s -
-    max_s lse_s)``; the row's lse ``max + log(sum w)`` (-inf and output 0 when no split saw a key)."""
+    max_s lse_s)``; the row's lse ``max + log(sum w)`` (-inf and output 0 when no split saw a key).
+    The lse of every split in one (BLOCK_S >= SPLITS) vector, the partial rows one split at a time
+    (a (SPLITS, DV) tile would hold up to 128 x 256 fp32 values)."""
     row = tl.program_id(0)
     s = tl.arange(0, BLOCK_S)
     dv = tl.arange(0, BLOCK_DV)
-    s_ok = s < SPLITS
-    part = s.to(tl.int64) * ROWS_TOTAL + row
-    lse = tl.load(LSEP + part, mask=s_ok, other=float("-inf"))
+    lse = tl.load(LSEP + s.to(tl.int64) * ROWS_TOTAL + row, mask=s < SPLITS, other=float("-inf"))
     m = tl.max(lse, axis=0)
     m_safe = tl.where(m == float("-inf"), 0.0, m)
-    w = tl.exp(lse - m_safe)
-    total = tl.sum(w, axis=0)
-    o = tl.load(OP + part[:, None] * DV + dv[None, :], mask=s_ok[:, None] & (dv[None, :] < DV), other=0.0)
-    out = tl.sum(w[:, None] * o, axis=0) / tl.where(total == 0.0, 1.0, total)
+    total = tl.sum(tl.exp(lse - m_safe), axis=0)
+    acc = tl.zeros([BLOCK_DV], tl.float32)
+    for split in range(0, SPLITS):
+        part = split * ROWS_TOTAL + row.to(tl.int64)
+        w = tl.exp(tl.load(LSEP + part) - m_safe)  # 0 for a split that saw no key (its partial row is 0)
+        acc += w * tl.load(OP + part * DV + dv, mask=dv < DV, other=0.0)
+    out = acc / tl.where(total == 0.0, 1.0, total)
     b, h, i = row // (H * NQ), (row // NQ) % H, row % NQ
     optr = O + b.to(tl.int64) * sob + h.to(tl.int64) * soh + i.to(tl.int64) * som + dv * sod
     tl.store(optr, out.to(O.dtype.element_ty), mask=dv < DV)
     tl.store(LSE + row, tl.where(total == 0.0, float("-inf"), m_safe + tl.log(tl.where(total == 0.0, 1.0, total))))
-
-
-# ----------------------------------------------------------------------------- launcher
-
-def pick_splits(b: int, hk: int, capacity: int, block_n: int, device) -> int:
-    """``num_splits=0``: the split count from the sizes alone (no read of ``cache_seqlens``).
-
-    CUDA: enough programs for two waves over the SMs, ``ceil(2 * SMs / (b * hk))``, but never a
-    split shorter than 4 key tiles of the cache's capacity (``capacity / (4 * BLOCK_N)``), nor more
-    than MAX_SPLITS. Elsewhere (CPU, the interpreter): one split per CPU_SPLIT_KEYS slots of the
-    capacity, at most 4 -- a fixed rule."""
-    if device.type == "cuda":
-        sms = torch.cuda.get_device_properties(device).multi_processor_count
-        want = triton.cdiv(2 * sms, max(1, b * hk))
-        return max(1, min(want, capacity // (4 * block_n), MAX_SPLITS))
-    return max(1, min(4, capacity // CPU_SPLIT_KEYS))
-
-
-def _tile(q, hk: int, d: int, dv: int, bias_kind: int, qk_meta: dict) -> dict:
-    """(BLOCK_M, BLOCK_N, num_warps, num_stages) of the split kernel: the table's ``decode`` entry
-    (``tiles.config``), BLOCK_M cut to the group's rows padded to a power of two >= 16."""
-    tprec = precision_of(_precision(q.dtype), q.element_size())
-    cls = spec_class(bias_kind, MASK_NONE, False, False, _uses_qk(qk_meta))
-    cfg = config("decode", d, dv, _arch(q.device), 0, precision=tprec, cls=cls)
-    rows = (q.shape[1] // hk) * q.shape[2]
-    cfg["BLOCK_M"] = min(cfg["BLOCK_M"], max(16, triton.next_power_of_2(rows)))
-    return cfg
-
-
-def decode(q: Tensor, k_cache: Tensor, v_cache: Tensor, seqlens: Tensor, block_table, rows, new: int, slopes, table,
-           scale: float, is_causal: bool, k_prefix: int, num_splits: int, qk: QKArgs = QKArgs(),
-           gqa_repeat: bool = False) -> tuple[Tensor, Tensor]:
-    """-> (out ``(b, h, nq, dv)`` in q's dtype, lse ``(b, h, nq)`` fp32, natural log, -inf for rows
-    with no key). q ``(b, h, nq, d)``; caches contiguous ``(B, hk, n_max, d|dv)`` with ``rows`` (b,)
-    int32, or paged ``(num_pages, hk, page, d|dv)`` with ``block_table`` (b, max_pages) int32;
-    ``seqlens`` (b,) int32 on q's device (cached keys, ``new`` of the rows after them already
-    written); slopes (h,) fp32 | table (2L-1, h) fp32 with center row L-1 | neither; ``num_splits``:
-    0 (``pick_splits``) or 1..MAX_SPLITS; ``qk``: ``QKArgs`` (its ``max_half`` is ignored: per sequence, in-kernel)."""
-    q = _narrow_cols(q)
-    b, h, nq, d = q.shape
-    hk, dv = k_cache.shape[1], v_cache.shape[3]
-    qk_ptrs, qk_scal, qk_meta = _qk_slots(q, qk)
-    bias_kind = BIAS_ALIBI if slopes is not None else BIAS_TABLE if table is not None else BIAS_NONE
-    cfg = _tile(q, hk, d, dv, bias_kind, qk_meta)
-    if num_splits == 0:
-        capacity = k_cache.shape[2] * (block_table.shape[1] if block_table is not None else 1)
-        num_splits = pick_splits(b, hk, capacity, cfg["BLOCK_N"], q.device)
-    out = torch.empty(b, h, nq, dv, dtype=q.dtype, device=q.device)
-    lse = torch.empty(b, h, nq, dtype=torch.float32, device=q.device)
-    if b * h * nq == 0:
-        return out, lse
-    part = torch.empty(num_splits, b, h, nq, dv, dtype=torch.float32, device=q.device)
-    part_lse = torch.empty(num_splits, b, h, nq, dtype=torch.float32, device=q.device)
-    paged = block_table is not None
-    index = block_table if paged else rows
-    tab = table if table is not None else part
-    tstr = (table.stride(0), table.stride(1), (table.shape[0] - 1) // 2) if table is not None else (0, 0, 0)
-    n_mb = triton.cdiv((h // hk) * nq, cfg["BLOCK_M"])
-    with _device_guard(q.device):
-        _decode_split[(n_mb * num_splits * b * hk,)](
-            q, k_cache, v_cache, part, part_lse, seqlens, index, index, slopes if slopes is not None else part, tab,
-            *qk_ptrs, *q.stride(), *k_cache.stride(), *v_cache.stride(), index.stride(0) if paged else 0, *tstr,
-            b, h, hk, nq, d, dv, new, num_splits, k_prefix, scale, qk_scal[0], qk_scal[2], qk_scal[3],
-            IS_CAUSAL=is_causal, BIAS_KIND=bias_kind, PRECISION=_precision(q.dtype), **qk_meta,
-            GQA_REPEAT=gqa_repeat, PAGED=paged, PAGE=k_cache.shape[2] if paged else 16, BLOCK_D=block_d(d),
-            BLOCK_DV=block_d(dv), **cfg)
-        _decode_combine[(b * h * nq,)](part, part_lse, out, lse, *out.stride(), h, nq, dv, b * h * nq, num_splits,
-                                       BLOCK_S=max(2, triton.next_power_of_2(num_splits)), BLOCK_DV=block_d(dv))
-    return out, lse

@@ -18,7 +18,7 @@ import torch
 
 import xtk
 from xtk.bias import Alibi, DistanceTable, T5, alibi_slopes
-from xtk.kernels import attention_decode
+from xtk.kernels import attention_decode_op as attention_decode
 from xtk.ops import attention_kvcache
 from xtk.qk import QKNorm, Rotary, rotary_inv_freq, xpos_scale
 from xtk.reference import attention as reference
@@ -90,10 +90,11 @@ def _features(feature, h, hk, dtype, cast):
     if "dtable" in feats:
         kw["bias"] = DistanceTable(rounded(torch.randn(2 * (CAP + 16) + 1, h, generator=g).to(DEV)))
     if "qknorm" in feats:
-        kw["qk_norm"] = QKNorm(groups=2, scale=8.0, q_dim_scale=rounded(1 + 0.2 * torch.randn(h, 1, D, generator=g)).to(DEV),
-                               k_dim_scale=rounded(1 + 0.2 * torch.randn(hk, 1, D, generator=g)).to(DEV))
+        qs, ks = (rounded(1 + 0.2 * torch.randn(n, 1, D, generator=g)).to(DEV) for n in (h, hk))
+        kw["qk_norm"] = QKNorm(groups=2, scale=8.0, q_dim_scale=qs, k_dim_scale=ks)
     if "rot" in feats:
-        kw["rotary"] = Rotary(8, rotary_inv_freq(8, device=DEV), xpos_scale=xpos_scale(8, device=DEV), xpos_scale_base=64)
+        kw["rotary"] = Rotary(8, rotary_inv_freq(8, device=DEV), xpos_scale=xpos_scale(8, device=DEV),
+                              xpos_scale_base=64)
     if "repeat" in feats:
         kw["gqa_order"] = "repeat"
     if "noncausal" in feats:
@@ -159,6 +160,18 @@ def test_decode_matches_the_reference(layout, heads, nq, new_kv, feature, k_pref
     _check(c, out, lse, feature, h, hk, k_prefix, dtype)
 
 
+@pytest.mark.parametrize("arch", ["sm80", "sm90"])
+def test_shipped_decode_tiles(arch, monkeypatch):
+    """The tiles that ship (kernels/tiles_sm80.json, tiles_sm90.json: BLOCK_M, BLOCK_N of the
+    ``decode`` entries) run in the interpreter too (XTK_INTERPRET_TILES; the interpreter's default
+    is 32x32): 64 rows of one kv head, 16-slot pages (one key tile spans several pages)."""
+    monkeypatch.setenv("XTK_INTERPRET_TILES", arch)
+    h, hk, nq = 8, 2, 16
+    c = _case("paged16", h, hk, nq, True, 0, torch.float16, seed=9)
+    out, lse = _run(c, "alibi+qknorm+rot", h, hk, 0, 2, torch.float16)
+    _check(c, out, lse, "alibi+qknorm+rot", h, hk, 0, torch.float16)
+
+
 @pytest.mark.parametrize("layout,feature", [("paged16", "alibi"), ("contiguous", "t5+qknorm+rot")])
 def test_split_counts_agree_with_unsplit(layout, feature):
     """1, 2, 7 splits and the picked count (0): each within the 2x rule of the oracle, and within the
@@ -202,12 +215,18 @@ def test_forced_triton_refuses_with_reasons_and_auto_falls_back():
     a = xtk.attention_with_kvcache(*args, topk=3, **kw)  # auto: the reference path runs top-k
     b = xtk.attention_with_kvcache(*args, topk=3, backend="eager", **kw)
     torch.testing.assert_close(a, b)
-    layout = attention_kvcache._check_inputs(c["q"], c["kc"], c["vc"], None, None, c["table"], None, None, 0, 0,
-                                             "interleave")
-    inputs = attention_kvcache.KVCacheInputs(c["q"], c["kc"], c["vc"], False, seqlens, c["seqlens"], layout, c["table"],
-                                             None, True, None, None, 3, None, None, 0, 0, "interleave", "auto", False)
-    why = dict(attention_kvcache.explain(inputs))
+    why = dict(attention_kvcache.explain(attention_kvcache.kvcache_inputs(*args, topk=3, **kw)))
     assert why["reference"] == [] and any(w.startswith("topk:") for w in why["triton"])
+
+
+def test_keys_without_a_spill_free_tile_are_refused(monkeypatch):
+    """Exact fp32 with QK features at head dim 256: no decode tile compiles spill-free, none ships,
+    the kernel refuses (auto runs the reference path); without QK features the same size runs."""
+    monkeypatch.setenv("XTK_INTERPRET_TILES", "sm90")
+    q = torch.zeros(1, 8, 1, 256, device=DEV)
+    assert "no decode tile" in attention_decode.tile_refusal(q, 2, 256, 0, True)
+    assert attention_decode.tile_refusal(q, 2, 256, 0, False) is None
+    assert attention_decode.tile_refusal(q.half(), 2, 256, 0, True) is None
 
 
 def test_pick_splits_rule():

@@ -46,23 +46,34 @@ def attention_with_kvcache(q, k_cache, v_cache, k=None, v=None, *, cache_seqlens
     key, in ``promote(q.dtype, float32)`` (the reference path: ``xtk.reference.attention.log_sum_exp``).
     ``bias``, ``topk``, ``qk_norm``, ``rotary``, ``scale``, ``gqa_order`` as in ``xtk.attention`` (GQA
     follows from the head counts). ``num_splits``: the decode kernel's split-KV count (0: picked
-    from the sizes, ``kernels/attention_decode.pick_splits``). ``backend``: 'triton' (the split-KV
+    from the sizes, ``kernels/attention_decode_op.pick_splits``). ``backend``: 'triton' (the split-KV
     decode kernel; raises with its reasons where it cannot run), 'auto' (the kernel where it can,
     else the reference path; ``explain`` says why), or any ``xtk.attention`` backend, which runs
     the reference path on it. The cache is checked whole before anything is written: a call that
     would overflow it (or that no path can run) raises and leaves it as it was."""
+    inputs = kvcache_inputs(q, k_cache, v_cache, k, v, cache_seqlens=cache_seqlens, block_table=block_table,
+                            cache_batch_idx=cache_batch_idx, is_causal=is_causal, scale=scale, bias=bias, topk=topk,
+                            qk_norm=qk_norm, rotary=rotary, k_prefix=k_prefix, num_splits=num_splits,
+                            return_lse=return_lse, gqa_order=gqa_order, backend=backend)
+    chosen = _pick(inputs)
+    if k is not None:
+        _write_new(k_cache, v_cache, k, v, inputs.host_seqlens, inputs.layout)
+    out, lse = chosen.run(inputs)
+    return (out, lse) if return_lse else out
+
+
+def kvcache_inputs(q, k_cache, v_cache, k=None, v=None, *, cache_seqlens, block_table=None, cache_batch_idx=None,
+                   is_causal=True, scale=None, bias=None, topk=None, qk_norm=None, rotary=None, k_prefix=0,
+                   num_splits=0, return_lse=False, gqa_order="interleave", backend="auto") -> "KVCacheInputs":
+    """``attention_with_kvcache``'s arguments checked, nothing written: the ``KVCacheInputs`` its
+    backends run and ``explain`` answers on."""
     layout = _check_inputs(q, k_cache, v_cache, k, v, block_table, cache_batch_idx, bias, k_prefix, num_splits,
                            gqa_order)
     seqlens = _seqlens(cache_seqlens, q, k_prefix, layout, k is not None)
     _check_features(q, k_cache, seqlens, k is not None, bias, topk, qk_norm, rotary, scale, k_prefix)
-    inputs = KVCacheInputs(q, k_cache, v_cache, k is not None, _seqlens_tensor(cache_seqlens, q), seqlens, layout,
-                           block_table, cache_batch_idx, bool(is_causal), scale, bias, topk, qk_norm, rotary, k_prefix,
-                           num_splits, gqa_order, backend, bool(return_lse))
-    chosen = _pick(inputs)
-    if k is not None:
-        _write_new(k_cache, v_cache, k, v, seqlens, layout)
-    out, lse = chosen.run(inputs)
-    return (out, lse) if return_lse else out
+    return KVCacheInputs(q, k_cache, v_cache, k is not None, _seqlens_tensor(cache_seqlens, q), seqlens, layout,
+                         block_table, cache_batch_idx, bool(is_causal), scale, bias, topk, qk_norm, rotary, k_prefix,
+                         num_splits, gqa_order, backend, bool(return_lse))
 
 
 @dataclass(frozen=True, eq=False)
@@ -135,7 +146,8 @@ def _pick(inputs: KVCacheInputs) -> backends.Backend:
 
 
 def explain(inputs: KVCacheInputs) -> list:
-    """Each backend of ``attention_with_kvcache`` with its reasons on ``inputs`` (auto mode)."""
+    """Each backend of ``attention_with_kvcache`` with its reasons on ``inputs`` (``kvcache_inputs``),
+    in auto's order: ``[("triton", [...]), ("reference", [])]``."""
     return backends.explain("attention_with_kvcache", inputs)
 
 

@@ -5,7 +5,7 @@ kernel cannot run, in words) -> ``run``: the bias descriptor gives its kernel ar
 (``Bias.kernel_args``: ALiBi slopes padded to all heads; T5 as a per-distance table over every
 distance the cache can form, gathered with the reference bucket function; a DistanceTable as it is),
 QK-norm and rotary/xpos become ``QKArgs`` (``attention_triton._qk_args``), then
-``kernels/attention_decode.decode`` (the split kernel and the combine). ``cache_seqlens`` stays on
+``kernels/attention_decode_op.decode`` (the split kernel and the combine). ``cache_seqlens`` stays on
 the device: nothing here reads it.
 """
 from __future__ import annotations
@@ -16,9 +16,9 @@ import torch
 
 from .. import backends
 from ..kernels import tiles
-from ..kernels.attention_decode import MAX_SPLITS, decode
+from ..kernels.attention_decode_op import MAX_SPLITS, decode, tile_refusal
 from ..kernels.attention_op import DTYPES, MAX_HEAD_DIM, _arch, interpreting
-from ..kernels.kinds import BIAS_ALIBI, BIAS_TABLE
+from ..kernels.kinds import BIAS_ALIBI, BIAS_NONE, BIAS_TABLE
 from .attention_triton import _qk_args
 
 Tensor = torch.Tensor
@@ -48,6 +48,12 @@ def reasons(inputs, forced: bool) -> list:
     bias = inputs.bias
     if bias is not None and bias.kernel_kind not in (BIAS_ALIBI, BIAS_TABLE):
         why.append(f"bias {type(bias).__name__}: the decode kernel expands ALiBi, T5 and DistanceTable only")
+    elif not why:
+        kind = bias.kernel_kind if bias is not None else BIAS_NONE
+        uses_qk = inputs.qk_norm is not None or inputs.rotary is not None
+        refused = tile_refusal(q, inputs.k_cache.shape[1], dv, kind, uses_qk)
+        if refused:
+            why.append(refused)
     if inputs.num_splits > MAX_SPLITS:
         why.append(f"num_splits {inputs.num_splits} > {MAX_SPLITS} (the combine kernel's tile)")
     return why
@@ -79,8 +85,8 @@ def run(inputs):
         rows = (inputs.cache_batch_idx.contiguous() if inputs.cache_batch_idx is not None
                 else torch.arange(b, dtype=torch.int32, device=q.device))
     return decode(q, inputs.k_cache, inputs.v_cache, inputs.seqlens.contiguous(), table_rows, rows,
-                  q.shape[2] if inputs.writes else 0, slopes, table, scale, inputs.is_causal, inputs.k_prefix, inputs.num_splits,
-                  qk, inputs.gqa_order == "repeat" and hk not in (1, q.shape[1]))
+                  q.shape[2] if inputs.writes else 0, slopes, table, scale, inputs.is_causal, inputs.k_prefix,
+                  inputs.num_splits, qk, inputs.gqa_order == "repeat" and hk not in (1, q.shape[1]))
 
 
 BACKEND = backends.Backend("triton", "attention_with_kvcache", reasons, run)
