@@ -33,27 +33,31 @@ import time
 
 from . import kinds, tiles
 
-KINDS = ("fwd", "thr", "dkdv", "dq")
+KINDS = ("fwd", "thr", "dkdv", "dq", "decode", "combine")
 ARCHS = (80, 90)
 DIMS = tiles.HEAD_DIMS
 _PTR_F32 = {"STATS", "THR", "DELTA", "DSLOPE", "DTAB", "DS", "DLSC", "SLOPES", "TAB", "QSC", "KSC", "DQSC", "DKSC",
-            "INV_FREQ", "XPOS"}
+            "INV_FREQ", "XPOS", "OP", "LSEP", "LSE"}
+_PTR_I32 = {"SEQLENS", "BT", "ROWS"}  # the decode kernel's cache lengths, block table, cache rows
 _PTR_IO = {"Q", "K", "V", "O", "DO", "DQ", "DK", "DV_"}
 _PTR_I64 = {"SEED", "SEED_PTR", "SEEDS"}  # a device-side dropout seed / philox state, if the kernels take one
 _FLOAT_SCALARS = {"sm_scale", "dropout_p", "xpos_base", "interp"}
-_INT_UPPER = {"H", "HK", "NQ", "NK", "D", "DV", "TOPK", "R"}  # sizes (all other upper-case names are pointers)
+_INT_UPPER = {"H", "HK", "NQ", "NK", "D", "DV", "TOPK", "R", "B", "NEW", "SPLITS", "ROWS_TOTAL"}  # sizes (all other upper-case names are pointers)
 _UNIT_STRIDES = {"sqd", "skd", "svd", "sod", "sdod", "sdqd", "sdkd", "sdvd", "smn", "sbn"}
 _DIV16_STRIDES = {"sqb", "sqh", "sqm", "skb", "skh", "skn", "svb", "svh", "svn", "sob", "soh", "som",
                   "sdob", "sdoh", "sdom", "sdqb", "sdqh", "sdqm", "sdkb", "sdkh", "sdkn", "sdvb", "sdvh", "sdvn"}
 _TY = {"float16": "fp16", "bfloat16": "bf16", "float32": "fp32"}
 _SWITCHES = ("IS_CAUSAL", "BIAS_KIND", "MASK_KIND", "HAS_TOPK", "HAS_DROPOUT", "NEED_DSLOPE", "NEED_DTAB", "NEED_DS",
-             "NEED_DLSC", "HAS_NORM", "GROUPS", "HAS_DSCALE", "HAS_ROT", "HAS_XPOS", "GQA_REPEAT")
+             "NEED_DLSC", "HAS_NORM", "GROUPS", "HAS_DSCALE", "HAS_ROT", "HAS_XPOS", "GQA_REPEAT", "PAGED")
+_COMBINE_CFG = dict(BLOCK_M=16, BLOCK_N=16, num_warps=4, num_stages=1)  # the combine kernel: no table entry
+MAX_SPLITS = 128  # attention_decode_op.MAX_SPLITS (the combine's lse vector; that module imports torch)
 
 
 def _kernel(kind):
-    from . import attention_bwd, attention_fwd
+    from . import attention_bwd, attention_decode, attention_fwd
     return {"fwd": attention_fwd._attn_fwd, "thr": attention_fwd._attn_topk_threshold,
-            "dkdv": attention_bwd._attn_bwd_dkdv, "dq": attention_bwd._attn_bwd_dq}[kind]
+            "dkdv": attention_bwd._attn_bwd_dkdv, "dq": attention_bwd._attn_bwd_dq,
+            "decode": attention_decode._decode_split, "combine": attention_decode._decode_combine}[kind]
 
 
 # ----------------------------------------------------------------------------- one specialization
@@ -111,6 +115,8 @@ def _signature(fn, constexprs: dict, ty: str):
             signature[name] = "*fp32"
         elif name in _PTR_I64:
             signature[name] = "*i64"
+        elif name in _PTR_I32:
+            signature[name] = "*i32"
         elif name == "MASK":
             signature[name] = "*u8" if constexprs["MASK_KIND"] == kinds.MASK_BOOL else "*" + ty
         elif name == "BIAS":
@@ -133,11 +139,13 @@ def build(s: dict, cfg: dict | None = None):
     d, ty = s["d"], _TY[s["dtype"]]
     topk = _topk(s)
     if cfg is None:
-        cfg = tiles.config(s["kind"], d, d, s["cc"], topk, s["precision"], spec_cls(s))
+        cfg = _COMBINE_CFG if s["kind"] == "combine" else tiles.config(s["kind"], d, d, s["cc"], topk, s["precision"],
+                                                                      spec_cls(s))
     constexprs = {n: int(sw.get(n, 0)) if n in ("BIAS_KIND", "MASK_KIND") else bool(sw.get(n, 0)) for n in _SWITCHES}
     constexprs.update(GROUPS=int(sw.get("GROUPS", 1)), PRECISION="ieee" if s["precision"] == "ieee" else "tf32",
                       K2=1 << max(0, topk - 1).bit_length(), BLOCK_M=cfg["BLOCK_M"], BLOCK_N=cfg["BLOCK_N"],
-                      BLOCK_D=tiles.block_d(d), BLOCK_DV=tiles.block_d(d))
+                      BLOCK_D=tiles.block_d(d), BLOCK_DV=tiles.block_d(d), PAGE=int(sw.get("PAGE", 16)),
+                      BLOCK_S=MAX_SPLITS)
     constexprs = {k: v for k, v in constexprs.items() if k in fn.arg_names}
     for name in fn.arg_names:  # contiguous last dims: the JIT turns a stride of 1 into a constant
         if name in _UNIT_STRIDES:
@@ -154,6 +162,8 @@ _SPILL = re.compile(r"(\d+) bytes spill stores, (\d+) bytes spill loads")
 def launcher_key(s: dict, arch: int | None = None) -> str:
     """The table key ``tiles.config`` reads for spec ``s`` on ``arch`` (default: the spec's cc)."""
     arch = arch or s["cc"]
+    if s["kind"] == "combine":
+        return None  # a fixed config, no table entry
     bd, cls = tiles.padded_head_dim(s["d"], s["d"]), spec_cls(s)
     k, entry = tiles.lookup(s["kind"], arch, bd, s["precision"], cls)
     if s["kind"] == "thr" and (1 << max(0, _topk(s) - 1).bit_length()) > min(entry[1], tiles.THR_K2):
@@ -165,7 +175,7 @@ def smem_limit(s: dict) -> int:
     """The shared memory (bytes per block) the launcher's config for ``s`` must fit: the smallest
     limit among the archs running that tile (an sm80 tile runs on sm_86/89 too unless the file's
     ``smem99`` entries, or an XTK_TILES file for sm_86, give those another)."""
-    if s["cc"] != 80:
+    if s["cc"] != 80 or s["kind"] == "combine":
         return tiles.SMEM_LIMIT[s["cc"]]
     args, rest = (s["kind"], s["d"], s["d"]), (_topk(s), s["precision"], spec_cls(s))
     try:
@@ -242,10 +252,19 @@ _CLASS_REPS["qk"] = [dict(r, NEED_DLSC=1, **_QK_ALL) for r in _CLASS_REPS["dense
 _CLASS_REPS["heavy"] = [dict(r, HAS_TOPK=1, HAS_DROPOUT=1) for r in _CLASS_REPS["qk"]]
 
 
+# the decode kernel (kernels/attention_decode.py): two table classes, posbias (plain falls back to it)
+# and qk, their representatives the paged cache with each position bias (and every QK feature)
+_DECODE_POSBIAS = [dict(IS_CAUSAL=1, PAGED=1, PAGE=64, BIAS_KIND=kinds.BIAS_TABLE),
+                   dict(IS_CAUSAL=1, PAGED=1, PAGE=64, BIAS_KIND=kinds.BIAS_ALIBI, GQA_REPEAT=1)]
+_DECODE_REPS = {"posbias": _DECODE_POSBIAS, "qk": [dict(sw, **_QK_ALL) for sw in _DECODE_POSBIAS]}
+
+
 def reps(kind: str, cc: int, bd: int, precision: str, cls: str, cfg: dict | None = None) -> list[dict]:
     """The specializations a table entry must compile cleanly: the heaviest of its class, heaviest first.
     thr holds the widest top-k buffer it serves (min(BLOCK_N, 32); thrwide: 128), with the heaviest
     representative only (its compiles take 10-40 s)."""
+    if kind == "decode":
+        return [spec(kind, cc, bd, precision, **sw) for sw in _DECODE_REPS[cls]]
     name = "thr" if kind == "thrwide" else kind
     out = []
     for sw in _CLASS_REPS[cls][:1] if name == "thr" else _CLASS_REPS[cls]:
@@ -265,13 +284,16 @@ def reps(kind: str, cc: int, bd: int, precision: str, cls: str, cfg: dict | None
 def _table_keys(arch: int):
     """Every (kind, cls, precision, bd) the tables hold for table arch ``arch``: all classes at 16 bit
     and TF32; exact fp32 (FMA tiles, register-bound whatever the switches) holds plain and heavy,
-    the classes between fall back to heavy (tiles.lookup)."""
+    the classes between fall back to heavy (tiles.lookup); decode holds posbias (plain falls back to
+    it) and qk, except where no qk tile compiles spill-free (there the kernel refuses QK features)."""
     for prec, bd in itertools.product(tiles.PRECISIONS, DIMS):
         for kind in ("fwd", "dkdv", "dq"):
             for cls in (tiles.CLASSES if prec != "ieee" else ("plain", "heavy")):
                 yield kind, cls, prec, bd
         yield "thr", "heavy", prec, bd
         yield "thrwide", "heavy", prec, bd
+        yield "decode", "posbias", prec, bd
+        yield "decode", "qk", prec, bd
 
 
 def _entry_specs(cc: int, lookup_arch: int) -> list[dict]:
@@ -280,6 +302,8 @@ def _entry_specs(cc: int, lookup_arch: int) -> list[dict]:
     out = []
     groups = {}
     for kind, cls, prec, bd in _table_keys(80 if cc < 90 else 90):
+        if kind == "decode" and not _has_entry(kind, lookup_arch, bd, prec, cls):
+            continue  # no spill-free tile: the launcher refuses these launches (tiles.py)
         k, entry = tiles.lookup(kind, lookup_arch, bd, prec, cls)
         groups.setdefault((kind, prec, bd, entry), []).append(cls)
     for (kind, prec, bd, entry), classes in groups.items():
@@ -326,8 +350,35 @@ def _ci_set() -> list[dict]:
     for cc, prec in itertools.product(ARCHS, precs):
         specs.append(spec("thr", cc, 64, prec, topk=1, HAS_TOPK=1))
         specs.append(spec("thr", cc, 128, prec, topk=128, HAS_TOPK=1, **_QK_ALL))
-    specs += _NOT_MONOTONE
+    specs += _NOT_MONOTONE + _decode_specs()
     return list({spec_name(s): s for s in specs}.values())
+
+
+def _has_entry(kind: str, arch: int, bd: int, precision: str, cls: str) -> bool:
+    """Whether the tables hold a tile for this key (or a heavier class's)."""
+    try:
+        tiles.lookup(kind, arch, bd, precision, cls)
+    except tiles.TileConfigError:
+        return False
+    return True
+
+
+def _decode_specs() -> list[dict]:
+    """The decode kernel's switches one at a time (a contiguous cache unless PAGED), each at two head
+    dims on both archs with a rotating precision (where a tile ships: none for the keys whose every
+    candidate spills, whose launches are refused), and the combine kernel at every head dim."""
+    single = [dict(), dict(IS_CAUSAL=1), dict(BIAS_KIND=kinds.BIAS_ALIBI), dict(BIAS_KIND=kinds.BIAS_TABLE),
+              dict(HAS_NORM=1, GROUPS=2, HAS_DSCALE=1), dict(HAS_ROT=1, HAS_XPOS=1), dict(GQA_REPEAT=1),
+              dict(PAGED=1, PAGE=16), dict(PAGED=1, PAGE=48, IS_CAUSAL=1)]
+    specs = []
+    for i, sw in enumerate(single):
+        for j, (cc, d) in enumerate(itertools.product(ARCHS, DIMS)):
+            s = spec("decode", cc, d, ("16bit", "tf32", "ieee")[(i + j // 2) % 3], **sw)
+            if (i + j) % 2 == 0 and _has_entry("decode", cc, d, s["precision"], spec_cls(s)):
+                specs.append(s)
+    for cc, d in itertools.product(ARCHS, DIMS):
+        specs.append(spec("combine", cc, d, "16bit", dtype="float16" if d % 64 else "bfloat16"))
+    return specs
 
 
 # non-causal variants that spill where their class's causal representatives do not (ptxas is not
@@ -344,6 +395,8 @@ def _full_set() -> list[dict]:
     specs = _ci_set()
     for cc in ARCHS:
         for kind, cls, prec, bd in _table_keys(cc):
+            if kind == "decode" and not _has_entry(kind, cc, bd, prec, cls):
+                continue
             specs += reps(kind, cc, bd, prec, cls, tiles.config(kind, bd, bd, cc, tiles.MAX_TOPK if kind == "thrwide"
                                                                   else 0, prec, cls))
     return list({spec_name(s): s for s in specs}.values())
@@ -393,10 +446,10 @@ def estimate(kind: str, bd: int, precision: str, tile, smem: int) -> str | None:
     of the 255 a thread has leave too little for the rest: a certain spill."""
     bm, bn, warps, stages = tile
     esize = 2 if precision == "16bit" else 4
-    per = {"fwd": bn * 2 * bd, "dq": bn * 2 * bd, "dkdv": bm * 2 * bd}.get(kind, bn * bd)
+    per = {"fwd": bn * 2 * bd, "decode": bn * 2 * bd, "dq": bn * 2 * bd, "dkdv": bm * 2 * bd}.get(kind, bn * bd)
     if per * esize * max(1, stages - 1) > smem:
         return f"estimate: shared >= {per * esize * max(1, stages - 1)} B > {smem} B"
-    acc = {"fwd": bm * bd, "dq": bm * bd, "dkdv": 2 * bn * bd}.get(kind, 0) / (32 * warps)
+    acc = {"fwd": bm * bd, "decode": bm * bd, "dq": bm * bd, "dkdv": 2 * bn * bd}.get(kind, 0) / (32 * warps)
     if acc > 192:
         return f"estimate: {acc:.0f} accumulator registers per thread > 192"
     return None

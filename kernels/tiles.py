@@ -5,7 +5,12 @@ class, precision and padded head dim, stored under the key ``"<kind>/<cls>/<prec
 
 - kind: ``fwd`` | ``thr`` (the top-k threshold pass for top-k buffers ``K2 = next_pow2(topk) <=
   min(BLOCK_N, 32)``) | ``thrwide`` (the threshold pass for wider buffers, up to MAX_TOPK = 128:
-  BLOCK_N >= 128) | ``dkdv`` | ``dq``;
+  BLOCK_N >= 128) | ``dkdv`` | ``dq`` | ``decode`` (the split-KV decode kernel: classes ``posbias``,
+  which serves ``plain`` too, and ``qk``; BLOCK_M is its most query rows per program. No candidate
+  compiles ``decode/qk/ieee`` spill-free at d256 (sm_80, sm_90) nor at d128 on sm_90 (800 B to 60
+  KB spilled), nor ``decode/posbias/ieee/d256`` on sm_80 for every CI specialization under both
+  Tritons (12 B at best), 2026-11-27: those keys are left out and their launches refused -- exact
+  fp32 there runs the reference path);
 - cls: the specialization class (``spec_class``), lightest first: ``plain`` < ``posbias`` <
   ``dense`` < ``qk`` < ``heavy``. Each class's entry was compiled (``kernels/aot.py --pick``)
   with the heaviest switch combinations of its own class *and every lighter one* (a ``qk``
@@ -57,7 +62,7 @@ import re
 from . import kinds
 
 CLASSES = ("plain", "posbias", "dense", "qk", "heavy")  # lightest first: spec_class picks the heaviest that applies
-KINDS = ("fwd", "thr", "thrwide", "dkdv", "dq")
+KINDS = ("fwd", "thr", "thrwide", "dkdv", "dq", "decode")
 PRECISIONS = ("16bit", "tf32", "ieee")
 HEAD_DIMS = (32, 64, 128, 256)
 MAX_TOPK = 128  # the launcher's limit: thrwide's BLOCK_N covers the widest top-k buffer
@@ -65,7 +70,7 @@ THR_K2 = 32  # thr entries hold top-k buffers up to this (and BLOCK_N); wider on
 SUPPORTED_ARCHS = (80, 86, 87, 89, 90)
 SMEM_LIMIT = {80: 163 * 1024, 86: 99 * 1024, 87: 163 * 1024, 89: 99 * 1024, 90: 227 * 1024}  # bytes per block
 INTERPRETER_TILE = (32, 32, 4, 1)
-_KEY = re.compile(r"^(fwd|thr|thrwide|dkdv|dq)/(plain|posbias|dense|qk|heavy)/(16bit|tf32|ieee)/d(32|64|128|256)$")
+_KEY = re.compile(r"^(fwd|thr|thrwide|dkdv|dq|decode)/(plain|posbias|dense|qk|heavy)/(16bit|tf32|ieee)/d(32|64|128|256)$")
 _HERE = os.path.dirname(os.path.abspath(__file__))
 
 # the kernels' switch values (kernels/attention_common.py), repeated here so this module needs no triton
@@ -334,6 +339,11 @@ _TENSOR_CORE = {
     "thr": [(64, 64, 8, 2), (64, 64, 4, 2), (64, 32, 4, 2), (64, 32, 8, 2), (32, 64, 8, 2), (32, 32, 4, 2),
             (32, 32, 8, 1), (32, 16, 4, 1), (16, 32, 4, 1), (16, 16, 4, 1), (16, 16, 8, 1)],
     "thrwide": [(32, 128, 8, 1), (16, 128, 8, 1), (16, 128, 4, 1), (16, 128, 16, 1)],  # 64 rows spill
+    # decode: BLOCK_M is the most query rows of one kv head per program (the launcher cuts it to the
+    # group's rows, 16 for a 1-row decode of 8 query heads per kv head or fewer)
+    "decode": [(64, 64, 4, 3), (64, 64, 4, 2), (32, 64, 4, 2), (16, 64, 4, 2), (32, 32, 4, 2), (16, 32, 4, 2),
+               (16, 32, 4, 1), (16, 16, 4, 1), (32, 64, 8, 2), (16, 64, 8, 2), (32, 32, 8, 2), (16, 32, 8, 1),
+               (16, 16, 8, 1)],  # 8 warps last: the in-kernel QK features of a wide k tile at large head dims
 }
 # fp32 with exact products: FMA on CUDA cores, register-bound, so small tiles; ptxas spills a few
 # bytes at some of them and not at larger ones (not monotone in the tile), hence the long lists
@@ -348,6 +358,8 @@ _FMA = {
     "thr": [(32, 32, 4, 1), (32, 32, 8, 1), (32, 32, 2, 1), (32, 16, 4, 1), (32, 16, 8, 1), (16, 16, 4, 1),
             (16, 16, 8, 1), (16, 16, 2, 1)],
     "thrwide": [(16, 128, 8, 1), (16, 128, 4, 1), (16, 128, 16, 1)],
+    "decode": [(32, 64, 4, 2), (32, 32, 4, 2), (16, 32, 4, 2), (16, 32, 4, 1), (16, 16, 4, 1), (32, 32, 8, 1),
+               (16, 32, 8, 1), (16, 16, 8, 1), (16, 32, 2, 1), (16, 16, 2, 1)],
 }
 
 

@@ -7,9 +7,9 @@ the GPU image's (``python -m kernels.aot`` from the repo root in a venv holding 
 ``triton==3.6.0``: the AOT compile needs no torch; created once under ``~/.cache/xtk``). Asserts for
 every specialization: it compiles, its shared memory fits every arch its table entry serves
 (163 KB sm_80/87, 99 KB sm_86/89, 227 KB sm_90), ptxas reports no spill, 16-bit and TF32 use
-tensor cores; and that the set compiles every entry of both shipped tables (each precision, head
-dim, class) and every switch value. ``XTK_FULL_TESTS=1`` compiles every class representative of
-every key (kernels/aot.py --set full). ``XTK_TRITON_VERSIONS=ci`` skips the 3.6 pass.
+tensor cores (not the decode combine: a weighted sum, no dot); and that the set compiles every
+entry of both shipped tables (each precision, head dim, class) and every switch value.
+``XTK_FULL_TESTS=1`` compiles every class representative of every key (kernels/aot.py --set full). ``XTK_TRITON_VERSIONS=ci`` skips the 3.6 pass.
 """
 import json
 import os
@@ -106,7 +106,7 @@ def test_tensor_cores_used(aot_results):
     bad = []
     for r in _ok(aot_results):
         s, cfg = r["spec"], r["config"]
-        if s["precision"] == "ieee":
+        if s["precision"] == "ieee" or s["kind"] == "combine":  # combine: a weighted sum, no dot
             continue
         wgmma_expected = s["cc"] >= 90 and s["precision"] == "16bit" and cfg["BLOCK_M"] >= 64 and s["kind"] != "dkdv"
         if not (r["tensor_cores"] or r["mma_sync"]) or (wgmma_expected and not r["tensor_cores"]):
@@ -139,7 +139,7 @@ def test_set_compiles_every_shipped_entry(aot_results):
 
 def test_set_covers_every_switch_kernel_arch_and_precision(aot_results):
     specs = [r["spec"] for r in aot_results]
-    assert {s["kind"] for s in specs} == {"fwd", "thr", "dkdv", "dq"}
+    assert {s["kind"] for s in specs} == {"fwd", "thr", "dkdv", "dq", "decode", "combine"}
     assert {80, 90} <= {s["cc"] for s in specs}
     assert {32, 64, 128, 256} <= {s["d"] for s in specs}
     assert {"float16", "bfloat16", "float32"} <= {s["dtype"] for s in specs}
@@ -161,3 +161,13 @@ def test_set_covers_every_switch_kernel_arch_and_precision(aot_results):
             sw = [s["switches"] for s in specs if s["kind"] == kind and s["cc"] == cc]
             assert any(any(w.get(n) for n in QK) and w.get("HAS_DROPOUT") and w.get("HAS_TOPK") for w in sw), (kind, cc)
     assert any(s["kind"] == "thr" and s.get("topk") == 128 for s in specs)
+    # the decode kernel (issue 14): every switch it has, both cache layouts, on both archs
+    dec = [s for s in specs if s["kind"] == "decode"]
+    dec_seen = {(k, v) for s in dec for k, v in s["switches"].items()}
+    for need in [("IS_CAUSAL", 1), ("BIAS_KIND", 1), ("BIAS_KIND", 2), ("HAS_NORM", 1), ("HAS_DSCALE", 1), ("HAS_ROT", 1),
+                 ("HAS_XPOS", 1), ("GQA_REPEAT", 1), ("PAGED", 1)]:
+        assert need in dec_seen, need
+    for cc in (80, 90):
+        assert {s["precision"] for s in dec if s["cc"] == cc} == {"16bit", "tf32", "ieee"}
+        assert any(not s["switches"].get("PAGED") for s in dec if s["cc"] == cc)
+        assert {s["d"] for s in specs if s["kind"] == "combine" and s["cc"] == cc} == {32, 64, 128, 256}

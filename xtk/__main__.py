@@ -43,12 +43,16 @@ def _versions() -> list[tuple[str, str]]:
 
 def _sample_inputs(device: str, dtype):
     """One small representative call per op, to ask each backend whether it would run it."""
-    from .ops import attention, glu, rms_norm
+    from .ops import attention, attention_kvcache, glu, rms_norm
     from .bias import Alibi
     q = torch.zeros(1, 2, 4, 64, device=device, dtype=dtype)
+    pages = torch.zeros(2, 1, 16, 64, device=device, dtype=dtype)
     return {
         "attention": attention._validate(q, q, q, None, 0.0, True, None, False, Alibi(torch.ones(2, device=device)),
                                          None, None, None, None, 0, None),
+        "attention_with_kvcache": attention_kvcache.kvcache_inputs(
+            q[:, :, :1], pages, pages, cache_seqlens=20, bias=Alibi(torch.ones(2, device=device)),
+            block_table=torch.tensor([[1, 0]], dtype=torch.int32, device=device)),
         "rms_norm": rms_norm._validate(torch.zeros(4, 64, device=device, dtype=dtype), torch.ones(64, device=device, dtype=dtype), 1e-12, None),
         "glu": glu._validate(torch.zeros(4, 64, device=device, dtype=dtype), "gelu", gated=True),
         "activation": glu._validate(torch.zeros(4, 64, device=device, dtype=dtype), "relu_squared", gated=False),

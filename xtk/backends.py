@@ -44,6 +44,10 @@ _LAZY: dict[str, list[tuple[str, str]]] = {
         ("chunked", "xtk.ops.attention_chunked:BACKEND"),
         ("eager", "xtk.ops.attention:EAGER"),
     ],
+    "attention_with_kvcache": [  # attention_kvcache._pick: the kernel, else the reference path (not a backend name)
+        ("triton", "xtk.ops.attention_kvcache_triton:BACKEND"),
+        ("reference", "xtk.ops.attention_kvcache:REFERENCE"),
+    ],
     "rms_norm": [
         ("ext", "xtk.ops.ext_backends:RMS_NORM"),
         ("eager", "xtk.ops.rms_norm:EAGER"),

@@ -2,11 +2,12 @@
 
 The serving entry point (issue 14): keys and values come from a contiguous cache ``(B, hk, n_max, d)``
 or a paged one ``(num_pages, hk, page_size, d)`` addressed by a block table, with per-sequence
-lengths. This module holds the semantics, every input check and the cache writes; the attention
-itself runs per sequence through ``xtk.attention`` on the gathered keys (any backend, every bias
-kind but Dense, top-k, QK-norm, rotary/xpos, memory key/values). That path reads ``cache_seqlens``
-on the host (one synchronisation per call) and loops over the sequences in Python: it is the
-reference semantics and the CPU path, not yet the split-KV decode kernel.
+lengths. This module holds the semantics, every input check, the cache writes and the one dispatch
+point: the split-KV decode kernel (``attention_kvcache_triton``, ``kernels/attention_decode.py``;
+``cache_seqlens`` read on the device) where it can run, else the reference path: per sequence,
+``xtk.attention`` on the gathered keys (any backend, every bias kind but Dense, top-k, QK-norm,
+rotary/xpos, memory key/values) -- the oracle of the kernel's tests. The input checks read
+``cache_seqlens`` on the host (one synchronisation per call), as does the reference path's loop.
 
 Positions: the first ``k_prefix`` cached keys of every sequence are memory key/values (no
 position); cached key ``j >= k_prefix`` sits at ``j - k_prefix``; query ``i`` of sequence ``b`` sits
@@ -17,13 +18,16 @@ position; without them it attends all ``cache_seqlens[b]`` cached keys.
 """
 from __future__ import annotations
 
-from typing import Optional
+from dataclasses import dataclass
+from typing import Any, Optional
 
 import torch
 
+from .. import backends
 from ..bias import Dense
 from . import _check
-from .attention import attention, check_gqa_order
+from ..reference import attention as reference
+from .attention import _validate_bias, _validate_qk_norm, _validate_rotary, attention, check_gqa_order
 
 MAX_QUERY_ROWS = 16
 
@@ -36,24 +40,136 @@ def attention_with_kvcache(q, k_cache, v_cache, k=None, v=None, *, cache_seqlens
     n_max, dv)``, or paged ``(num_pages, hk, page_size, d|dv)`` with ``block_table`` ``(b, max_pages)``
     int32 (page size a multiple of 16); new ``k`` ``(b, hk, nq, d)``, ``v`` ``(b, hk, nq, dv)`` or
     neither; ``cache_seqlens`` ``(b,)`` int32 (or an int for all); ``cache_batch_idx`` ``(b,)`` int32:
-    the contiguous cache row of each sequence (default ``b``). -> ``(b, h, nq, dv)`` in q's dtype.
-    ``bias``, ``topk``, ``qk_norm``, ``rotary``, ``scale``, ``gqa_order``, ``backend`` as in
-    ``xtk.attention`` (GQA follows from the head counts). ``num_splits`` (>= 0) is the decode
-    kernel's split-KV count, unused by this path. The cache is checked whole before anything is
-    written: a call that would overflow it raises and leaves it as it was."""
-    layout = _check_inputs(q, k_cache, v_cache, k, v, block_table, cache_batch_idx, bias, k_prefix, num_splits,
-                           return_lse, gqa_order)
-    seqlens = _seqlens(cache_seqlens, q, k_prefix, layout, k is not None)
+    the contiguous cache row of each sequence (default ``b``). -> ``(b, h, nq, dv)`` in q's dtype, and
+    with ``return_lse`` also ``(b, h, nq)``: the natural log of each row's softmax normalizer
+    ``sum_j exp(s_ij)`` over its kept logits (scaled, biased, masked, top-k), -inf for a row with no
+    key, in ``promote(q.dtype, float32)`` (the reference path: ``xtk.reference.attention.log_sum_exp``).
+    ``bias``, ``topk``, ``qk_norm``, ``rotary``, ``scale``, ``gqa_order`` as in ``xtk.attention`` (GQA
+    follows from the head counts). ``num_splits``: the decode kernel's split-KV count (0: picked
+    from the sizes, ``kernels/attention_decode_op.pick_splits``). ``backend``: 'triton' (the split-KV
+    decode kernel; raises with its reasons where it cannot run), 'auto' (the kernel where it can,
+    else the reference path; ``explain`` says why), or any ``xtk.attention`` backend, which runs
+    the reference path on it. The cache is checked whole before anything is written: a call that
+    would overflow it (or that no path can run) raises and leaves it as it was."""
+    inputs = kvcache_inputs(q, k_cache, v_cache, k, v, cache_seqlens=cache_seqlens, block_table=block_table,
+                            cache_batch_idx=cache_batch_idx, is_causal=is_causal, scale=scale, bias=bias, topk=topk,
+                            qk_norm=qk_norm, rotary=rotary, k_prefix=k_prefix, num_splits=num_splits,
+                            return_lse=return_lse, gqa_order=gqa_order, backend=backend)
+    chosen = _pick(inputs)
     if k is not None:
-        _write_new(k_cache, v_cache, k, v, seqlens, layout)
-    outs = []
-    for b, start in enumerate(seqlens):
-        nk = start + (q.shape[2] if k is not None else 0)
-        kb, vb = _gather(k_cache, layout, b, nk), _gather(v_cache, layout, b, nk)
-        outs.append(attention(q[b:b + 1], kb, vb, is_causal=is_causal, scale=scale, enable_gqa=kb.shape[1] != q.shape[1],
-                              bias=bias, topk=topk, qk_norm=qk_norm, rotary=rotary, q_offset=start - k_prefix,
-                              k_prefix=k_prefix, gqa_order=gqa_order, backend=backend))
-    return torch.cat(outs, 0) if outs else q.new_zeros(0, q.shape[1], q.shape[2], v_cache.shape[-1])
+        _write_new(k_cache, v_cache, k, v, inputs.host_seqlens, inputs.layout)
+    out, lse = chosen.run(inputs)
+    return (out, lse) if return_lse else out
+
+
+def kvcache_inputs(q, k_cache, v_cache, k=None, v=None, *, cache_seqlens, block_table=None, cache_batch_idx=None,
+                   is_causal=True, scale=None, bias=None, topk=None, qk_norm=None, rotary=None, k_prefix=0,
+                   num_splits=0, return_lse=False, gqa_order="interleave", backend="auto") -> "KVCacheInputs":
+    """``attention_with_kvcache``'s arguments checked, nothing written: the ``KVCacheInputs`` its
+    backends run and ``explain`` answers on."""
+    layout = _check_inputs(q, k_cache, v_cache, k, v, block_table, cache_batch_idx, bias, k_prefix, num_splits,
+                           gqa_order)
+    seqlens = _seqlens(cache_seqlens, q, k_prefix, layout, k is not None)
+    _check_features(q, k_cache, seqlens, k is not None, bias, topk, qk_norm, rotary, scale, k_prefix)
+    return KVCacheInputs(q, k_cache, v_cache, k is not None, _seqlens_tensor(cache_seqlens, q), seqlens, layout,
+                         block_table, cache_batch_idx, bool(is_causal), scale, bias, topk, qk_norm, rotary, k_prefix,
+                         num_splits, gqa_order, backend, bool(return_lse))
+
+
+@dataclass(frozen=True, eq=False)
+class KVCacheInputs:
+    """Checked arguments of one ``attention_with_kvcache`` call, for its backends. ``seqlens``: the
+    device int32 ``(b,)`` lengths (the kernel reads these); ``host_seqlens``: the same as a list (the
+    input checks and the reference path); ``writes``: new k/v were written after the cached keys."""
+
+    q: torch.Tensor
+    k_cache: torch.Tensor
+    v_cache: torch.Tensor
+    writes: bool
+    seqlens: torch.Tensor
+    host_seqlens: list
+    layout: Any
+    block_table: Optional[torch.Tensor]
+    cache_batch_idx: Optional[torch.Tensor]
+    is_causal: bool
+    scale: Optional[float]
+    bias: Any
+    topk: Optional[int]
+    qk_norm: Any
+    rotary: Any
+    k_prefix: int
+    num_splits: int
+    gqa_order: str
+    backend: str
+    return_lse: bool
+
+
+def _reference_run(inputs: KVCacheInputs) -> tuple:
+    """The reference semantics: per sequence, ``xtk.attention`` on the gathered keys (host lengths);
+    -> (out, lse | None): with ``return_lse``, ``reference.log_sum_exp`` of each sequence too."""
+    q, nq = inputs.q, inputs.q.shape[2]
+    outs, lses = [], []
+    for b, start in enumerate(inputs.host_seqlens):
+        nk = start + (nq if inputs.writes else 0)
+        kb, vb = _gather(inputs.k_cache, inputs.layout, b, nk), _gather(inputs.v_cache, inputs.layout, b, nk)
+        kw = dict(is_causal=inputs.is_causal, scale=inputs.scale, bias=inputs.bias, topk=inputs.topk,
+                  qk_norm=inputs.qk_norm, rotary=inputs.rotary, q_offset=start - inputs.k_prefix,
+                  k_prefix=inputs.k_prefix, gqa_order=inputs.gqa_order)
+        outs.append(attention(q[b:b + 1], kb, vb, enable_gqa=kb.shape[1] != q.shape[1], backend=inputs.backend, **kw))
+        if inputs.return_lse:
+            lses.append(reference.log_sum_exp(q[b:b + 1], kb, **kw))
+    if not outs:
+        return q.new_zeros(0, q.shape[1], nq, inputs.v_cache.shape[-1]), _empty_lse(q) if inputs.return_lse else None
+    return torch.cat(outs, 0), torch.cat(lses, 0) if inputs.return_lse else None
+
+
+def _empty_lse(q):
+    return q.new_zeros(0, q.shape[1], q.shape[2], dtype=torch.promote_types(q.dtype, torch.float32))
+
+
+REFERENCE = backends.Backend("reference", "attention_with_kvcache", lambda inputs, forced: [], _reference_run)
+
+
+def _pick(inputs: KVCacheInputs) -> backends.Backend:
+    """The decode kernel (``backends``' 'triton' of this op) when forced or, under 'auto', when it
+    can run these inputs; else the reference path on the requested ``xtk.attention`` backend."""
+    want = backends.requested(inputs.backend)
+    if want in ("triton", "auto"):
+        kernel = backends.load("attention_with_kvcache", "triton")
+        why = [kernel] if isinstance(kernel, str) else kernel.reasons(inputs, want == "triton")
+        if not why:
+            return kernel
+        if want == "triton":
+            raise RuntimeError("attention_with_kvcache: backend 'triton' was requested but cannot run these inputs: "
+                               + "; ".join(why))
+    return REFERENCE
+
+
+def explain(inputs: KVCacheInputs) -> list:
+    """Each backend of ``attention_with_kvcache`` with its reasons on ``inputs`` (``kvcache_inputs``),
+    in auto's order: ``[("triton", [...]), ("reference", [])]``."""
+    return backends.explain("attention_with_kvcache", inputs)
+
+
+def _seqlens_tensor(cache_seqlens, q) -> torch.Tensor:
+    """``cache_seqlens`` as the kernel reads it: an int32 ``(b,)`` tensor on q's device (an int is broadcast)."""
+    if isinstance(cache_seqlens, torch.Tensor):
+        return cache_seqlens
+    return torch.full((q.shape[0],), cache_seqlens, dtype=torch.int32, device=q.device)
+
+
+def _check_features(q, k_cache, seqlens: list, writes: bool, bias, topk, qk_norm, rotary, scale, k_prefix) -> None:
+    """bias / topk / qk_norm / rotary / scale checked as ``xtk.attention`` checks them, the bias for
+    every sequence's own length and positions (host sizes; the reference path checks them again)."""
+    b, h, nq, d = q.shape
+    if scale is not None and not isinstance(scale, (int, float)):
+        raise TypeError(f"scale: expected a float or None, got {type(scale).__name__}")
+    if topk is not None:
+        _check.integer("topk", topk, minimum=1)
+    _validate_qk_norm(qk_norm, scale, h, k_cache.shape[1], d)
+    _validate_rotary(rotary, d)
+    for s in seqlens:
+        _validate_bias(bias, q, 1, h, nq, s + (nq if writes else 0), s - k_prefix, k_prefix)
 
 
 class _Layout:
@@ -71,7 +187,7 @@ class _Layout:
         return self.table[b][:-(-n // self.page)] if n else []
 
 
-def _check_inputs(q, k_cache, v_cache, k, v, block_table, cache_batch_idx, bias, k_prefix, num_splits, return_lse,
+def _check_inputs(q, k_cache, v_cache, k, v, block_table, cache_batch_idx, bias, k_prefix, num_splits,
                   gqa_order) -> _Layout:
     """Every argument but cache_seqlens checked (the argument named, what was expected, what came)."""
     _check.tensor("q", q, ndim=4)
@@ -95,8 +211,6 @@ def _check_inputs(q, k_cache, v_cache, k, v, block_table, cache_batch_idx, bias,
     if bias is not None and isinstance(bias, Dense):
         raise NotImplementedError("bias: a Dense bias is not supported by attention_with_kvcache yet (its key "
                                   "length differs per sequence); position biases (Alibi, T5, DistanceTable) are")
-    if return_lse:
-        raise NotImplementedError("return_lse: not supported by attention_with_kvcache yet")
     _check.integer("k_prefix", k_prefix, minimum=0)
     _check.integer("num_splits", num_splits, minimum=0)
     check_gqa_order(gqa_order)

@@ -234,19 +234,41 @@ def attention(q, k, v, attn_mask=None, dropout_p=0.0, is_causal=False, scale=Non
     Inputs are assumed validated (``xtk.ops.attention`` does that). ``dropout_mask``, when
     given, is the boolean keep-mask ``(b, h, nq, nk)`` to use instead of drawing one. The steps
     (and their precision) are listed in the module docstring."""
+    work = torch.promote_types(q.dtype, torch.float32)
+    s, keep = _scores(q, k, attn_mask, is_causal, scale, bias, topk, qk_norm, rotary, q_offset, k_prefix, hooks,
+                      gqa_order)
+    return _softmax_weighted_sum(s, keep, _expand_gqa(v, q.shape[1], gqa_order), work, q.dtype, dropout_p,
+                                 dropout_mask, hooks)
+
+
+def log_sum_exp(q, k, attn_mask=None, is_causal=False, scale=None, *, bias=None, topk=None,
+                qk_norm: Optional[QKNorm] = None, rotary: Optional[Rotary] = None, q_offset=0, k_prefix=0,
+                gqa_order: str = "interleave") -> torch.Tensor:
+    """``(b, h, nq)`` in ``work``: the natural log of ``sum_j exp(s_ij)`` over the logits each row keeps
+    (scaled, biased, masked, top-k: the softmax's normalizer); -inf for a row that keeps none. The
+    arguments as in ``attention``."""
+    s, keep = _scores(q, k, attn_mask, is_causal, scale, bias, topk, qk_norm, rotary, q_offset, k_prefix, None,
+                      gqa_order)
+    return torch.logsumexp(s.masked_fill(~keep, float("-inf")), -1)
+
+
+def _expand_gqa(x, h: int, gqa_order: str):
+    """Step 1, GQA: query head i reads kv head i // (h // hk) ('interleave', SDPA's), or i % hk
+    ('repeat', x-transformers' (r kvh) order): ``x`` (b, hk, n, d) repeated to h heads."""
+    if gqa_order == "repeat":
+        return x.repeat(1, h // x.shape[1], 1, 1)
+    return x.repeat_interleave(h // x.shape[1], dim=1)
+
+
+def _scores(q, k, attn_mask, is_causal, scale, bias, topk, qk_norm, rotary, q_offset, k_prefix, hooks, gqa_order):
+    """Steps 1-7: the logits ``(b, h, nq, nk)`` in ``work`` and the keep-mask of the pairs that attend."""
     b, h, nq, _ = q.shape
-    hk, nk = k.shape[1], k.shape[2]
+    nk = k.shape[2]
     work = torch.promote_types(q.dtype, torch.float32)
     q, k, scale = _qk_features(q, k, scale, qk_norm, rotary, q_offset, k_prefix)
-    # 1. GQA: query head i reads kv head i // (h // hk) ('interleave', SDPA's), or i % hk ('repeat',
-    # x-transformers' (r kvh) order)
-    if gqa_order == "repeat":
-        k, v = k.repeat(1, h // hk, 1, 1), v.repeat(1, h // hk, 1, 1)
-    else:
-        k, v = k.repeat_interleave(h // hk, dim=1), v.repeat_interleave(h // hk, dim=1)
+    k = _expand_gqa(k, h, gqa_order)
     keep, added = _mask_pieces(attn_mask, bias, is_causal, h, nq, nk, q_offset, k_prefix, q.device)
     s, keep = _biased_logits(q, k, keep, added, scale, hooks, work)
     if topk is not None and topk < nk:
         keep = _topk_keep(s, keep, topk)
-    keep = keep.expand(b, h, nq, nk)
-    return _softmax_weighted_sum(s, keep, v, work, q.dtype, dropout_p, dropout_mask, hooks)
+    return s, keep.expand(b, h, nq, nk)
