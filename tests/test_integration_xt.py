@@ -231,8 +231,8 @@ def test_wrappers_xtransformer_vit_and_bare_layers():
     _close_and_restored(cont, lambda m: m(series).detach())
 
 
-def test_kv_cache_generation_and_transformer_xl_memories():
-    ar = X.AutoregressiveWrapper(_build("gqa_t5_mem_kv"))
+def _greedy_patched_equals_unpatched(ar):
+    """Greedy KV-cache generation of the x-transformers wrapper ``ar``: patched gives the tokens unpatched gives."""
     prompt = torch.randint(0, 23, (2, 4))
     greedy = dict(seq_len=8, filter_logits_fn="top_k", filter_kwargs=dict(k=1), cache_kv=True)
     want = ar.generate(prompt, **greedy)
@@ -240,19 +240,15 @@ def test_kv_cache_generation_and_transformer_xl_memories():
     assert torch.equal(ar.generate(prompt, **greedy), want)
     xtk.unpatch(ar)
 
+
+def test_kv_cache_generation_and_transformer_xl_memories():
+    ar = X.AutoregressiveWrapper(_build("gqa_t5_mem_kv"))
+    _greedy_patched_equals_unpatched(ar)
+
     torch.manual_seed(1)
     xl = perturb(X.TransformerWrapper(num_tokens=20, max_seq_len=8, max_mem_len=6, attn_layers=X.Decoder(
         dim=16, depth=2, heads=4, attn_dim_head=8, dynamic_pos_bias=True, attn_num_mem_kv=2)).eval())
-    segs = torch.randint(0, 20, (3, 2, 5))
-
-    def run(m):
-        mems, outs = None, []
-        for seg in segs:
-            out, mems = m(seg, mems=mems, return_mems=True)
-            outs.append(out.detach())
-        return torch.cat(outs, 1)
-
-    _close_and_restored(xl, run)
+    _close_and_restored(xl, _segments_runner(torch.randint(0, 20, (3, 2, 5))))
 
 
 def test_per_call_features_run_the_original_path():
@@ -291,12 +287,7 @@ def test_rotary_kv_cache_generation(case):
     torch.manual_seed(0)
     ar = X.AutoregressiveWrapper(perturb(X.TransformerWrapper(num_tokens=23, max_seq_len=16, attn_layers=X.Decoder(
         **{**BASE, **case})).eval()))
-    prompt = torch.randint(0, 23, (2, 4))
-    greedy = dict(seq_len=8, filter_logits_fn="top_k", filter_kwargs=dict(k=1), cache_kv=True)
-    want = ar.generate(prompt, **greedy)
-    xtk.patch(ar)
-    assert torch.equal(ar.generate(prompt, **greedy), want)
-    xtk.unpatch(ar)
+    _greedy_patched_equals_unpatched(ar)
 
 
 def _loader_params(test):
@@ -304,21 +295,23 @@ def _loader_params(test):
     return next(m for m in test.pytestmark if m.name == "parametrize").args[1]
 
 
-@pytest.mark.parametrize("shift_mem_down,pos_kw", _loader_params(test_loader.test_transformer_xl_mems_parity))
-def test_transformer_xl_memories(shift_mem_down, pos_kw):
-    torch.manual_seed(1)
-    xl = perturb(X.TransformerWrapper(num_tokens=20, max_seq_len=8, max_mem_len=6, shift_mem_down=shift_mem_down,
-                                      attn_layers=X.Decoder(dim=16, depth=2, heads=4, attn_dim_head=8, **pos_kw)).eval())
-    segs = torch.randint(0, 20, (3, 2, 5))
-
+def _segments_runner(segs):
+    """A run over Transformer-XL segments ``segs`` ``(k, b, n)``: the outputs, memories carried."""
     def run(m):
         mems, outs = None, []
         for seg in segs:
             out, mems = m(seg, mems=mems, return_mems=True)
             outs.append(out.detach())
         return torch.cat(outs, 1)
+    return run
 
-    _close_and_restored(xl, run)
+
+@pytest.mark.parametrize("shift_mem_down,pos_kw", _loader_params(test_loader.test_transformer_xl_mems_parity))
+def test_transformer_xl_memories(shift_mem_down, pos_kw):
+    torch.manual_seed(1)
+    xl = perturb(X.TransformerWrapper(num_tokens=20, max_seq_len=8, max_mem_len=6, shift_mem_down=shift_mem_down,
+                                      attn_layers=X.Decoder(dim=16, depth=2, heads=4, attn_dim_head=8, **pos_kw)).eval())
+    _close_and_restored(xl, _segments_runner(torch.randint(0, 20, (3, 2, 5))))
 
 
 def test_masks_left_padding_and_glu_mult_bias():

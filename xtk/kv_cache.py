@@ -63,7 +63,29 @@ class _Lengths:
         self.seqlens[torch.tensor(rows, device=self.seqlens.device)] = value
 
 
-class KVCache:
+class _Store:
+    """What both caches share: ``k``/``v`` with layers first, the lengths (``_len``)."""
+
+    k: torch.Tensor
+    _len: _Lengths
+
+    @property
+    def seqlens(self) -> torch.Tensor:
+        """``(n,)`` int32 on the cache's device: what each sequence (slot) holds."""
+        return self._len.seqlens
+
+    @property
+    def lengths(self) -> list:
+        """The same on the host (a copy)."""
+        return list(self._len.lengths)
+
+    def _check_layer(self, layer: int) -> None:
+        _check.integer("layer", layer, minimum=0)
+        if layer >= self.k.shape[0]:
+            raise ValueError(f"layer: expected a layer in [0, {self.k.shape[0]}), got {layer}")
+
+
+class KVCache(_Store):
     """A preallocated contiguous cache: ``k`` ``(layers, batch, kv_heads, max_len, dim_head)``, ``v``
     ``(..., dim_value)`` (default ``dim_head``) in ``dtype`` on ``device``; ``seqlens`` ``(batch,)``
     int32 on the device and ``lengths`` on the host: the positions each sequence holds (0 at first)."""
@@ -75,14 +97,6 @@ class KVCache:
         self.k = torch.zeros(layers, batch, kv_heads, max_len, dim_head, dtype=dtype, device=device)
         self.v = torch.zeros(layers, batch, kv_heads, max_len, dim_value, dtype=dtype, device=device)
         self._len = _Lengths(batch, self.k.device)
-
-    @property
-    def seqlens(self) -> torch.Tensor:
-        return self._len.seqlens
-
-    @property
-    def lengths(self) -> list:
-        return list(self._len.lengths)
 
     @property
     def max_len(self) -> int:
@@ -100,9 +114,7 @@ class KVCache:
         (or neither) written at each sequence's length first; ``kwargs`` as in
         ``xtk.attention_with_kvcache`` (bias, is_causal, qk_norm, rotary, ...). -> ``(batch, h, nq, dv)``.
         The lengths do not change: call ``advance(nq)`` after the model's last layer."""
-        _check.integer("layer", layer, minimum=0)
-        if layer >= self.k.shape[0]:
-            raise ValueError(f"layer: expected a layer in [0, {self.k.shape[0]}), got {layer}")
+        self._check_layer(layer)
         if k is not None:
             self._room(q.shape[2], list(range(self.k.shape[1])), "q")
         return attention_with_kvcache(q, self.k[layer], self.v[layer], k, v, cache_seqlens=self.seqlens, **kwargs)
@@ -130,7 +142,7 @@ class KVCache:
         self._len.set(self._len.rows(rows), 0)
 
 
-class PagedKVCache:
+class PagedKVCache(_Store):
     """A paged cache: ``k`` ``(layers, num_pages, kv_heads, page_size, dim_head)``, ``v`` ``(...,
     dim_value)``; ``block_table`` ``(max_seqs, max_pages_per_seq)`` int32: the pages of each sequence
     slot in order (unused entries 0); ``seqlens``/``lengths`` per sequence slot. ``reserve`` gives a
@@ -152,14 +164,6 @@ class PagedKVCache:
         self._len = _Lengths(max_seqs, self.k.device)
         self._free = list(range(num_pages - 1, -1, -1))   # pop() hands out the lowest page first
         self._pages = [[] for _ in range(max_seqs)]
-
-    @property
-    def seqlens(self) -> torch.Tensor:
-        return self._len.seqlens
-
-    @property
-    def lengths(self) -> list:
-        return list(self._len.lengths)
 
     @property
     def page_size(self) -> int:
@@ -210,9 +214,7 @@ class PagedKVCache:
         ``seqs[i]``): q ``(b, h, nq, d)``, new k/v ``(b, hk, nq, d|dv)`` written first (``reserve(seqs,
         nq)`` before); ``kwargs`` as in ``xtk.attention_with_kvcache``. -> ``(b, h, nq, dv)``; the
         lengths do not change (``advance``)."""
-        _check.integer("layer", layer, minimum=0)
-        if layer >= self.k.shape[0]:
-            raise ValueError(f"layer: expected a layer in [0, {self.k.shape[0]}), got {layer}")
+        self._check_layer(layer)
         rows = self._len.rows(seqs)
         if k is not None:
             self._room(q.shape[2], rows, "q")
