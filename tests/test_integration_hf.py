@@ -143,3 +143,49 @@ def test_encoder_decoder_greedy_generation_gives_the_same_tokens(family):
     gen = dict(max_new_tokens=6, min_new_tokens=6, do_sample=False, num_beams=1)   # no early EOS: 6 tokens compared
     a, b = ours.generate(**kw, **gen), eager.generate(**kw, **gen)
     assert torch.equal(a, b) and len(set(a.flatten().tolist())) > 2
+
+
+def test_padding_reaches_the_kernel_as_a_key_row_with_causal_masking(monkeypatch):
+    """Causal + key padding arrives as one key row (b, 1, 1, kv) and the kernel's causal flag (no
+    (b, 1, q, kv) mask built); a sliding window (Mistral, window 4) keeps SDPA's full mask and still
+    equals eager."""
+    from xtk.integrations import hf
+    seen = []
+    real = hf.attention
+
+    def spy(q, k, v, attn_mask=None, is_causal=False, **kw):
+        seen.append((None if attn_mask is None else tuple(attn_mask.shape), is_causal, kw.get("q_offset")))
+        return real(q, k, v, attn_mask=attn_mask, is_causal=is_causal, **kw)
+    monkeypatch.setattr(hf, "attention", spy)
+    ours, eager, _ = _models("llama")
+    ids, mask = _batch(True)
+    ours(input_ids=ids, attention_mask=mask)
+    assert seen and all(s == ((2, 1, 1, 11), True, 0) for s in seen), seen
+    seen.clear()
+    ours(input_ids=ids)   # no padding mask at all: the kernel's causal flag alone
+    assert seen and all(s == (None, True, 0) for s in seen), seen
+
+    torch.manual_seed(0)
+    cfg = transformers.MistralConfig(num_key_value_heads=2, sliding_window=4, **SMALL)
+    eager = transformers.AutoModelForCausalLM.from_config(cfg, attn_implementation="eager").eval()
+    ours = copy.deepcopy(eager)
+    ours.set_attn_implementation("xtk")
+    seen.clear()
+    got = ours(input_ids=ids, attention_mask=mask).logits
+    assert seen and all(s[0] == (2, 1, 11, 11) and not s[1] for s in seen), seen
+    keep = mask.bool()[..., None]
+    want = eager(input_ids=ids, attention_mask=mask).logits
+    torch.testing.assert_close(torch.where(keep, got, 0.0), torch.where(keep, want, 0.0), atol=1e-5, rtol=1e-4)
+
+
+def test_several_new_tokens_after_a_cache_use_bottom_right_causal_masking():
+    """A call with a cache and 5 new tokens (queries the last 5 of 11 positions), left padding: the key
+    row with bottom-right causality equals eager."""
+    ours, eager, _ = _models("llama")
+    ids, mask = _batch(True)
+    outs = []
+    for m in (ours, eager):
+        with torch.no_grad():
+            past = m(input_ids=ids[:, :6], attention_mask=mask[:, :6], use_cache=True).past_key_values
+            outs.append(m(input_ids=ids[:, 6:], attention_mask=mask, past_key_values=past).logits)
+    torch.testing.assert_close(outs[0], outs[1], atol=1e-5, rtol=1e-4)
