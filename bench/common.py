@@ -307,18 +307,19 @@ def _failure(e: BaseException) -> str:
 
 
 def _busy_loop(seconds: float) -> None:
-    """One competing process: 1-thread float32 matmuls until killed or ``seconds`` have passed."""
-    torch.set_num_threads(1)
-    a = torch.randn(256, 256)
-    end = time.time() + seconds
+    """One competing process: pure-Python arithmetic (one core busy, no torch: safe after fork) until
+    killed or ``seconds`` have passed."""
+    end, x = time.time() + seconds, 0
     while time.time() < end:
-        a = torch.tanh(a @ a)
+        for i in range(10000):
+            x = (x * 31 + i) % 1000003
 
 
 class BusyLoad:
     """Context manager: ``n`` competing processes (``_busy_loop``, one busy core each) while the
     block runs, stopped when it ends and at most ``max_seconds`` after they start either way: the
-    'busy machine' rows (data-loader workers, a second job). ``n`` 0: nothing."""
+    'busy machine' rows (data-loader workers, a second job). ``n`` 0: nothing. Forked where the
+    platform can (no re-import of the caller's main module); RuntimeError if they do not stay up."""
 
     def __init__(self, n: int, max_seconds: float = 900.0):
         self.n, self.max_seconds, self.procs = n, max_seconds, []
@@ -326,11 +327,16 @@ class BusyLoad:
     def __enter__(self):
         if self.n:
             import multiprocessing as mp
-            ctx = mp.get_context("spawn")
+            ctx = mp.get_context("fork" if "fork" in mp.get_all_start_methods() else "spawn")
             self.procs = [ctx.Process(target=_busy_loop, args=(self.max_seconds,), daemon=True) for _ in range(self.n)]
             for p in self.procs:
                 p.start()
             time.sleep(1.0)   # let them start spinning
+            dead = [p.exitcode for p in self.procs if not p.is_alive()]
+            if dead:
+                self.__exit__()
+                raise RuntimeError(f"BusyLoad: {len(dead)} of {self.n} competing processes exited at start "
+                                   f"(exit codes {dead}); no busy row can be measured")
         return self
 
     def __exit__(self, *exc):
