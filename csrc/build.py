@@ -18,7 +18,7 @@ import warnings
 HERE = os.path.dirname(os.path.abspath(__file__))
 ROOT = os.path.dirname(HERE)
 
-CPU_SOURCES = ["csrc/torch_ops.cpp", "csrc/cpu/isa.cpp", "csrc/cpu/rms_norm.cpp", "csrc/cpu/glu.cpp"]
+CPU_SOURCES = ["csrc/torch_ops.cpp", "csrc/attention_cpu.cpp", "csrc/cpu/isa.cpp", "csrc/cpu/rms_norm.cpp", "csrc/cpu/glu.cpp"]
 CUDA_SOURCES = ["csrc/torch_ops_cuda.cpp"] + sorted(
     os.path.relpath(p, ROOT) for p in glob.glob(os.path.join(HERE, "kernels", "*.cu")))
 INCLUDE_DIRS = [os.path.join(HERE, "include")]

@@ -10,6 +10,7 @@ import xtk
 from xtk import backends
 from xtk.bias import Alibi, Dense, DistanceTable, T5, alibi_slopes
 from xtk.ops import attention_chunked
+from xtk.ops.attention import AttentionInputs
 
 from tolerance import check_against_oracle
 
@@ -21,6 +22,8 @@ def set_core(monkeypatch, name):
     'math-core' runs the plain chunk core used off CPU instead of the fused kernel."""
     monkeypatch.setattr(attention_chunked, "CAUSAL_CHUNK", 16)
     monkeypatch.setattr(attention_chunked, "MATERIALIZED_ELEMS", 1)
+    monkeypatch.setattr(attention_chunked, "EXT_BLOCK_ROWS", 16)
+    monkeypatch.setattr(attention_chunked, "EXT_MIN_TASKS", 64)
     monkeypatch.setattr(attention_chunked, "FORCE_MATH", name == "math-core")
 
 
@@ -130,8 +133,10 @@ def test_native_causal_path(dtype, nq, nk, hk, kind):
 
 def test_learned_bias_backward_chunks_are_bounded(monkeypatch):
     """Non-causal T5 with a learned table: the forward is one kernel call over all rows, the
-    backward's math core still works chunk by chunk (here 16 rows), and gives the same gradients."""
+    backward's math core still works chunk by chunk (here 16 rows), and gives the same gradients.
+    (The chunk loop, which runs without the extension; the extension's blocks: test_ext_*.)"""
     monkeypatch.setattr(attention_chunked, "MATERIALIZED_ELEMS", 1)
+    monkeypatch.setattr(attention_chunked, "USE_EXT", False)
     seen = []
     original = attention_chunked._math_bwd
 
@@ -147,3 +152,87 @@ def test_learned_bias_backward_chunks_are_bounded(monkeypatch):
         return lambda q, k, v, table: xtk.attention(q, k, v, bias=T5(table), backend=backend)
     check_against_oracle(fn("chunked"), fn("eager"), inputs, torch.float32, grad_names=["q", "k", "v", "table"])
     assert seen and max(seen) == 16
+
+
+# ----------------------------------------------------------------------------- the extension's one-region path
+def _ext_or_skip():
+    if attention_chunked._ext_ops() is None:
+        pytest.skip("xtk._C is not built (CI builds it): the chunk loop runs these cases")
+
+
+def _distance_grads(kind, causal, hk, k_prefix, q_offset, nq, nk):
+    """Output and gradients (q, k, v, learned tensor) of one float64 call on the chunked backend."""
+    g = torch.Generator().manual_seed(1)
+    q = torch.randn(2, H, nq, D, generator=g, dtype=torch.float64).requires_grad_()
+    k, v = (torch.randn(2, hk, nk, D, generator=g, dtype=torch.float64).requires_grad_() for _ in range(2))
+    if kind == "t5c":
+        t = torch.randn(16, H, generator=g, dtype=torch.float64)
+        make = lambda t: T5(t, num_buckets=16, max_distance=40, causal=True)  # noqa: E731
+    elif kind == "alibi":
+        t, make = torch.tensor(alibi_slopes(3), dtype=torch.float64), Alibi
+    else:
+        t, make = torch.randn(2 * (nq + nk + 8) - 1, H, generator=g, dtype=torch.float64), DistanceTable
+    t.requires_grad_()
+    out = xtk.attention(q, k, v, is_causal=causal, bias=make(t), k_prefix=k_prefix, q_offset=q_offset,
+                        enable_gqa=hk != H, backend="chunked")
+    return (out, *torch.autograd.grad(out, [q, k, v, t], torch.randn(out.shape, generator=g, dtype=out.dtype)))
+
+
+@pytest.mark.parametrize("kind", ["t5c", "alibi", "dt"])
+@pytest.mark.parametrize("causal,hk,k_prefix,q_offset,nq,nk", [
+    (True, 4, 0, 0, 70, 70), (True, 2, 3, 5, 17, 90), (False, 1, 0, -2, 130, 65), (True, 4, 3, -2, 1, 33),
+    (False, 2, 0, 0, 65, 130)])
+def test_ext_equals_chunk_loop(monkeypatch, kind, causal, hk, k_prefix, q_offset, nq, nk):
+    """The extension's one-region forward and backward (csrc/attention_cpu.cpp) compute the chunk
+    loop's function, learned bias gradient included, within float64 rounding: small blocks, row
+    groups (several tasks per head: dK/dV/distance sums per task), GQA, memory keys, offsets."""
+    _ext_or_skip()
+    monkeypatch.setattr(attention_chunked, "EXT_BLOCK_ROWS", 16)
+    monkeypatch.setattr(attention_chunked, "EXT_MIN_TASKS", 64)
+    ext = _distance_grads(kind, causal, hk, k_prefix, q_offset, nq, nk)
+    monkeypatch.setattr(attention_chunked, "USE_EXT", False)
+    loop = _distance_grads(kind, causal, hk, k_prefix, q_offset, nq, nk)
+    for name, a, b in zip(["out", "dq", "dk", "dv", "dbias"], ext, loop):
+        assert (a - b).abs().max() <= 1e-12 * max(1.0, b.abs().max().item()), name
+
+
+def test_ext_plan_and_threads(monkeypatch):
+    """Which calls take the extension (position bias or causal on CPU, nothing materialized), and
+    its results do not depend on the task split or the thread count."""
+    _ext_or_skip()
+    g = torch.Generator().manual_seed(2)
+    q = torch.randn(1, H, 40, D, generator=g)
+    def inputs(attn_mask=None, is_causal=False, bias=None, topk=None, q_offset=0):
+        return AttentionInputs(q, q, q, attn_mask, 0.0, is_causal, None, bias, topk, None, None, q_offset, 0, None)
+    plan = lambda i: attention_chunked._make_plan(i, q, D ** -0.5)  # noqa: E731
+    slopes = torch.tensor(alibi_slopes(H))
+    assert plan(inputs(bias=Alibi(slopes))).ext and plan(inputs(is_causal=True, q_offset=3)).ext
+    assert not plan(inputs(bias=Alibi(slopes), topk=4)).ext
+    assert not plan(inputs(bias=Alibi(slopes), attn_mask=torch.ones(40, 40, dtype=torch.bool))).ext
+    assert not plan(inputs(bias=Dense(torch.randn(40, 40)))).ext
+    results = []
+    for threads, tasks in ((1, 1), (2, 64)):
+        monkeypatch.setattr(attention_chunked, "EXT_MIN_TASKS", tasks)
+        before = torch.get_num_threads()
+        torch.set_num_threads(threads)
+        try:
+            results.append(_distance_grads("t5c", True, 2, 0, 0, 150, 150))
+        finally:
+            torch.set_num_threads(before)
+    for a, b in zip(*results):
+        assert (a - b).abs().max() <= 1e-12 * max(1.0, b.abs().max().item())
+
+
+def test_ext_op_checks_name_the_argument():
+    _ext_or_skip()
+    ops = torch.ops.xtk
+    q, k = torch.randn(1, 4, 8, 16), torch.randn(1, 2, 9, 16)
+    rvec = torch.randn(4, 16)
+    with pytest.raises(RuntimeError, match="rvec: expected shape"):
+        ops.attention_distance_fwd(q, k, k, torch.randn(4, 15), 1.0, 0, 0, True, 16, 0)
+    with pytest.raises(RuntimeError, match="k_prefix: expected"):
+        ops.attention_distance_fwd(q, k, k, rvec, 1.0, 10, 0, True, 16, 0)
+    with pytest.raises(RuntimeError, match="q: expected dtype float32 or float64"):
+        ops.attention_distance_fwd(q.half(), k.half(), k.half(), rvec.half(), 1.0, 0, 0, True, 16, 0)
+    with pytest.raises(RuntimeError, match="grad_out"):
+        ops.attention_distance_bwd(q, k, k, torch.randn(1, 4, 7, 16), rvec, 1.0, 0, 0, True, True, 16, 0)

@@ -36,6 +36,8 @@ def backend(request, monkeypatch):
     if request.param.startswith("chunked"):
         monkeypatch.setattr(attention_chunked, "CAUSAL_CHUNK", 16)
         monkeypatch.setattr(attention_chunked, "MATERIALIZED_ELEMS", 1)
+        monkeypatch.setattr(attention_chunked, "EXT_BLOCK_ROWS", 16)  # the extension's blocks and row groups too
+        monkeypatch.setattr(attention_chunked, "EXT_MIN_TASKS", 64)
         monkeypatch.setattr(attention_chunked, "FORCE_MATH", request.param == "chunked-math")
         return "chunked"
     return request.param

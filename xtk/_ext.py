@@ -1,7 +1,8 @@
 """Loader of the C++/CUDA extension ``xtk._C`` and the Python side of its custom ops.
 
 Importing ``xtk._C`` registers ``torch.ops.xtk.{rms_norm,glu,activation}_{fwd,bwd}`` (schemas and
-CPU/CUDA kernels, csrc/torch_ops*.cpp). This module adds their fake implementations (shapes only,
+CPU/CUDA kernels, csrc/torch_ops*.cpp) and the CPU attention ops ``attention_distance_{fwd,bwd}``
+(csrc/attention_cpu.cpp; called by the chunked attention backend, which has its own autograd). This module adds their fake implementations (shapes only,
 for torch.compile / meta tensors) and their autograd formulas, and offers the functions the ext
 backends call. ``load()`` raises ImportError with the reason when the extension is missing.
 
@@ -40,7 +41,8 @@ def load():
     return _C
 
 
-_OPS = ("rms_norm_fwd", "rms_norm_bwd", "glu_fwd", "glu_bwd", "activation_fwd", "activation_bwd")
+_OPS = ("rms_norm_fwd", "rms_norm_bwd", "glu_fwd", "glu_bwd", "activation_fwd", "activation_bwd",
+        "attention_distance_fwd", "attention_distance_bwd")
 _KERNELS: dict = {}  # (op, device type) -> bool, filled by load() (plain lookups stay traceable by dynamo)
 
 

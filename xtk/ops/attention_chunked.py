@@ -30,6 +30,15 @@ through one O(h n) autograd graph, or to a dense piece's broadcast shape. Off CP
 chunk loop runs the math core for everything. Causal with no bias and top-left alignment uses
 the kernel's own causal flag in one call.
 
+One parallel region (the extension, csrc/attention_cpu.cpp): on CPU, with a position bias and/or
+causal mask and nothing materialized (no top-k, attn_mask or Dense piece), forward and backward run
+as ``xtk::attention_distance_fwd`` / ``_bwd`` when xtk._C is built (``plan.ext``): the same formulas
+(the math core's, ``EXT_BLOCK_ROWS``-row blocks, the learned bias's distance sums in float64), but
+one ``at::parallel_for`` per call whose (batch, head, row group) tasks are handed out one at a time.
+The chunk loop issues dozens of small parallel regions per chunk, and torch's OpenMP threads
+spin-wait at the end of each: beside other busy processes every region waited for a descheduled
+thread (issue 16). Without the extension the chunk loop computes the same function.
+
 Double backward (``create_graph=True``): the backward then recomputes the eager reference on the
 saved inputs and differentiates it (``_graph_backward``), materializing the scores as eager does.
 
@@ -72,6 +81,9 @@ LEARNED_BWD_ELEMS = 1 << 21  # max elements of a (b, h, c, nkc) chunk of the bac
 LEARNED_CAUSAL_CHUNK = 128  # query rows per causal chunk of that backward
 ROWSUM_ELEMS = 1 << 17   # elements of the backward's row-block temporary for D = rowsum(P dP)
 FORCE_MATH = False       # tests flip this to run the math core on CPU
+EXT_BLOCK_ROWS = 64      # query rows per block of the extension's attention (``_ext_ops``)
+EXT_MIN_TASKS = 0        # its minimum task count (0: 4 per thread); tests raise it to split rows
+USE_EXT = True           # tests turn the extension off to run the chunk loop
 
 
 @dataclass(eq=False)
@@ -96,6 +108,7 @@ class _Plan:
     gqa_native: bool
     chunk: int
     native_causal: bool = False    # the kernel's own (top-left) causal flag, one chunk
+    ext: bool = False              # forward and backward in the extension (``_ext_ops``), one parallel region each
 
 
 # ----------------------------------------------------------------------------- support
@@ -135,6 +148,19 @@ def _flash_gqa_native() -> bool:
     return _gqa_cache["ok"]
 
 
+def _ext_ops():
+    """``torch.ops.xtk`` when the extension has the distance-vector attention (csrc/attention_cpu.cpp)
+    and ``USE_EXT`` is on, else None (the chunk loop then runs the same math)."""
+    if not USE_EXT:
+        return None
+    try:
+        from .. import _ext
+        _ext.load()
+    except ImportError:
+        return None
+    return torch.ops.xtk if _ext.has_kernel("attention_distance_fwd", "cpu") else None
+
+
 # ----------------------------------------------------------------------------- plan and masks
 def _learned(inputs) -> list:
     """The tensors of attn_mask and bias a gradient may flow to (None where absent or boolean)."""
@@ -167,9 +193,11 @@ def _make_plan(inputs, q, scale) -> _Plan:
         chunk = CAUSAL_CHUNK
     else:
         chunk = nq
+    ext = (toeplitz and inputs.topk is None and inputs.attn_mask is None and not dense_bias
+           and q.device.type == "cpu" and not FORCE_MATH and _ext_ops() is not None)
     return _Plan(b, h, hk, nq, nk, dv, scale, work, inputs.is_causal, inputs.q_offset, inputs.k_prefix,
                  inputs.topk, bias if positional else None, dense_bias, toeplitz, dvals, flash,
-                 flash and hk != h and _flash_gqa_native(), min(chunk, max(nq, 1)), native)
+                 flash and hk != h and _flash_gqa_native(), min(chunk, max(nq, 1)), native, ext)
 
 
 def _distance_vector(plan: _Plan, bt) -> torch.Tensor:
@@ -405,6 +433,12 @@ def _forward(plan: _Plan, q, k, v, ts):
     """-> out, and in the loop's row order: log-sum-exp (b, h, nq), top-k thresholds (b, h, nq, 1)."""
     b, h, nq = plan.b, plan.h, plan.nq
     rev = plan.toeplitz
+    if plan.ext:  # one parallel region in the extension; lse -inf for a row with no key
+        w = plan.work
+        out, lse = _ext_ops().attention_distance_fwd(q.to(w), k.to(w), v.to(w), _rvec(plan, ts), plan.scale,
+                                                     plan.k_prefix, plan.q_offset, plan.causal, EXT_BLOCK_ROWS,
+                                                     EXT_MIN_TASKS)
+        return out.to(q.dtype), _flip(lse, rev), None
     qL = _flip(q, rev)
     outL = q.new_empty(b, h, nq, plan.dv)
     lseL = None
@@ -503,13 +537,29 @@ def _distance_vector_grad(plan: _Plan, bt: torch.Tensor, g_rvec: torch.Tensor) -
         return torch.autograd.grad(vec, leaf, g_rvec.masked_fill(torch.isinf(vec), 0.0))[0].to(bt.dtype)
 
 
+def _ext_backward(plan: _Plan, go, q, k, v, ts, need):
+    """``_backward`` of an ``ext`` plan: ``xtk::attention_distance_bwd``, the math core's formulas in
+    ``EXT_BLOCK_ROWS``-row blocks, the distance vector's gradient summed in float64 when the bias
+    is learned. -> dq, dk, dv in the inputs' dtypes, [None, gradient of the bias's learned tensor | None]."""
+    w = plan.work
+    ts = [None if t is None else t.detach() for t in ts]
+    learned = bool(need[1]) and plan.pos_bias is not None
+    dq, dk, dv, g_rvec = _ext_ops().attention_distance_bwd(
+        q.to(w), k.to(w), v.to(w), go.to(w), _rvec(plan, ts), plan.scale, plan.k_prefix, plan.q_offset, plan.causal,
+        learned, EXT_BLOCK_ROWS, EXT_MIN_TASKS)
+    dbias = _distance_vector_grad(plan, ts[1], g_rvec) if learned else None
+    return dq.to(q.dtype), dk.to(k.dtype), dv.to(v.dtype), [None, dbias]
+
+
 def _backward(plan: _Plan, go, q, k, v, out, lseL, kthL, ts, need):
     """Gradients of q, k, v and of the learned mask inputs ``ts`` where ``need`` says so.
 
     Learned inputs get ``dS = P (dP - D)`` of every chunk, reduced in float64 (a sum over ~n^2
     logits): summed along diagonals into the distance vector (Toeplitz pieces), or summed to a
     dense piece's broadcast shape; the distance vector's gradient then flows to the table or
-    slopes through one small autograd graph."""
+    slopes through one small autograd graph. An ``ext`` plan: ``_ext_backward``."""
+    if plan.ext:
+        return _ext_backward(plan, go, q, k, v, ts, need)
     plan = _backward_plan(plan, need)
     rev = plan.toeplitz
     w = plan.work
