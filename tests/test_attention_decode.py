@@ -8,13 +8,17 @@ before the call. The oracle never reads the cache: ``xtk.reference.attention`` o
 with the API's positions, in the test dtype (eager) and in fp64 (oracle), output and log-sum-exp
 (``reference.log_sum_exp``) judged by the 2x rule. Ragged lengths in every case: 0 (with new keys: they
 alone), 1, page boundaries +-1, the full cache. Split counts 1/2/7 and the picked one; split and
-unsplit agree; the refusals name the argument. Runs under the Triton interpreter on CPU
-(tests/conftest.py) and compiled on CUDA.
+unsplit agree; the refusals name the argument; the kernel's path reads no device value on the host
+(``_no_host_reads``). Runs under the Triton interpreter on CPU (tests/conftest.py) and compiled on CUDA.
 """
+import contextlib
 import os
 
 import pytest
 import torch
+import triton
+from torch.overrides import TorchFunctionMode
+from torch.utils._python_dispatch import TorchDispatchMode
 
 import xtk
 from xtk.bias import Alibi, DistanceTable, T5, alibi_slopes
@@ -241,3 +245,112 @@ def test_pick_splits_rule():
         dev = torch.device("cuda")
         assert attention_decode.pick_splits(1, 1, 1 << 20, 64, dev) == min(2 * sms, attention_decode.MAX_SPLITS)
         assert attention_decode.pick_splits(1, 1, 256, 64, dev) == 1
+
+
+_T = torch.Tensor
+_HOST_READS = {_T.item, _T.tolist, _T.numpy, _T.__bool__, _T.__int__, _T.__index__, _T.__float__, _T.__array__}
+_SYNC_OPS = {torch.ops.aten._local_scalar_dense.default, torch.ops.aten.nonzero.default,
+             torch.ops.aten.masked_select.default}
+
+
+class _FunctionGuard(TorchFunctionMode):
+    """Fails on the Tensor methods that read values to the host (item, tolist, bool(), int(), ...)."""
+
+    def __init__(self, state):
+        super().__init__()
+        self.state = state
+
+    def __torch_function__(self, func, types, args=(), kwargs=None):
+        if func in _HOST_READS and not self.state["paused"]:
+            raise AssertionError(f"host read of a tensor's values: {func.__name__}")
+        return func(*args, **(kwargs or {}))
+
+
+class _DispatchGuard(TorchDispatchMode):
+    """Fails on the aten ops that synchronise on CUDA: a scalar read, an output sized by values
+    (nonzero, masked_select, indexing by a bool mask)."""
+
+    def __init__(self, state):
+        super().__init__()
+        self.state = state
+
+    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+        bool_index = func.overloadpacket in (torch.ops.aten.index, torch.ops.aten.index_put_) and any(
+            isinstance(i, torch.Tensor) and i.dtype == torch.bool for i in (args[1] or ()))
+        if (func in _SYNC_OPS or bool_index) and not self.state["paused"]:
+            raise AssertionError(f"host synchronisation: {func}")
+        return func(*args, **(kwargs or {}))
+
+
+class _Unguarded:
+    """A Triton kernel whose launches pause the guards: the interpreter reads the tensors on the
+    host to run the kernel, which on a GPU runs on the device."""
+
+    def __init__(self, kernel, state):
+        self.kernel, self.state = kernel, state
+
+    def __getitem__(self, grid):
+        launch = self.kernel[grid]
+
+        def run(*args, **kwargs):
+            self.state["paused"] = True
+            try:
+                return launch(*args, **kwargs)
+            finally:
+                self.state["paused"] = False
+        return run
+
+
+@contextlib.contextmanager
+def _no_host_reads(monkeypatch):
+    """Within: any read of a tensor's values by the host (outside the kernels) raises."""
+    state = {"paused": False}
+    for name, obj in list(vars(attention_decode).items()):
+        if isinstance(obj, triton.runtime.jit.JITFunction):
+            monkeypatch.setattr(attention_decode, name, _Unguarded(obj, state))
+    with _FunctionGuard(state), _DispatchGuard(state):
+        yield
+
+
+def test_the_host_read_guard_catches_reads():
+    """The guard itself: each way of reading a value to the host raises (so the test below can fail)."""
+    t = torch.tensor([3, 4], dtype=torch.int32, device=DEV)
+    for read in (lambda: t[0].item(), t.tolist, lambda: bool(t[0]), lambda: int(t[0]), lambda: [0] * 9 * t[0],
+                 lambda: t[t > 3], lambda: torch.arange(t[0])):
+        with pytest.raises(AssertionError, match="host"), _no_host_reads(pytest.MonkeyPatch()):
+            read()
+
+
+@pytest.mark.parametrize("layout,new_kv", [("contiguous", True), ("contiguous", False), ("paged16", True),
+                                           ("paged64", False)])
+def test_the_kernel_path_reads_nothing_on_the_host(layout, new_kv, monkeypatch):
+    """Forced 'triton': no host read of cache_seqlens, the block table or cache_batch_idx (checks,
+    dispatch, the cache write, the launch), so a decode step can be captured in a CUDA graph;
+    results as the reference. The reference path, which reads the lengths, trips the same guard."""
+    monkeypatch.delenv("XTK_DEBUG_CHECKS", raising=False)
+    h, hk, nq = 8, 2, 2
+    c = _case(layout, h, hk, nq, new_kv, 0, torch.float32, seed=4)
+    with _no_host_reads(monkeypatch):
+        out, lse = _run(c, "alibi", h, hk, 0, 2, torch.float32)
+    _check(c, out, lse, "alibi", h, hk, 0, torch.float32)
+    with pytest.raises(AssertionError, match="host"), _no_host_reads(monkeypatch):
+        _run(c, "alibi", h, hk, 0, 2, torch.float32, backend="eager")
+
+
+@pytest.mark.parametrize("layout,bad", [("contiguous", "overflow"), ("paged16", "overflow"), ("paged16", "page")])
+def test_debug_checks_refuse_on_the_kernel_path_with_nothing_written(layout, bad, monkeypatch):
+    """XTK_DEBUG_CHECKS=1: the forced kernel path reads and checks the values too; an overflowing
+    call (or a page outside the pool) raises and the cache is as it was."""
+    monkeypatch.setenv("XTK_DEBUG_CHECKS", "1")
+    c = _case(layout, 4, 2, 2, True, 0, torch.float32, seed=6)
+    seqlens = torch.tensor(c["seqlens"], dtype=torch.int32, device=DEV)
+    if bad == "overflow":
+        seqlens[-1] = CAP - 1
+    else:
+        c["table"][-1, -1] = c["kc"].shape[0]
+    before = c["kc"].clone(), c["vc"].clone()
+    match = "would hold 129 keys" if bad == "overflow" else "outside the page pool"
+    with pytest.raises(ValueError, match=match):
+        xtk.attention_with_kvcache(c["q"], c["kc"], c["vc"], *c["new"], cache_seqlens=seqlens, block_table=c["table"],
+                                   cache_batch_idx=c["idx"], backend="triton")
+    assert torch.equal(c["kc"], before[0]) and torch.equal(c["vc"], before[1])

@@ -171,7 +171,10 @@ def _small():
     ("head_dim", ValueError, "k_cache: expected head dim 16"),
     ("new_k_shape", ValueError, r"k: expected shape \(2, 2, 1, 16\)"),
 ])
-def test_bad_input_is_refused_by_name_and_the_cache_is_untouched(case, error, match):
+def test_bad_input_is_refused_by_name_and_the_cache_is_untouched(case, error, match, monkeypatch):
+    """XTK_DEBUG_CHECKS=1: the value checks (overflow, pages, rows, k_prefix) run on the kernel's path
+    too (on CUDA auto picks it; the reference path, CPU's, runs them always)."""
+    monkeypatch.setenv("XTK_DEBUG_CHECKS", "1")
     q, kc, vc, seqlens = _small()
     kw = dict(cache_seqlens=seqlens)
     k = v = None

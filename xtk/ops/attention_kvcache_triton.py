@@ -1,12 +1,13 @@
 """The ``triton`` backend of ``xtk.attention_with_kvcache``: the split-KV decode kernel.
 
-Data flow: ``attention_with_kvcache`` checks and writes the new keys -> ``reasons`` here (what the
+Data flow: ``attention_with_kvcache`` checks (host metadata) and writes the new keys -> ``reasons`` here (what the
 kernel cannot run, in words) -> ``run``: the bias descriptor gives its kernel arguments
 (``Bias.kernel_args``: ALiBi slopes padded to all heads; T5 as a per-distance table over every
 distance the cache can form, gathered with the reference bucket function; a DistanceTable as it is),
 QK-norm and rotary/xpos become ``QKArgs`` (``attention_triton._qk_args``), then
-``kernels/attention_decode_op.decode`` (the split kernel and the combine). ``cache_seqlens`` stays on
-the device: nothing here reads it.
+``kernels/attention_decode_op.decode`` (the split kernel and the combine). ``cache_seqlens``, the
+block table and ``cache_batch_idx`` stay on the device: nothing here reads them, and ``reasons``
+rests on host metadata alone.
 """
 from __future__ import annotations
 
