@@ -321,9 +321,9 @@ def test_the_host_read_guard_catches_reads():
             read()
 
 
-@pytest.mark.parametrize("layout,new_kv", [("contiguous", True), ("contiguous", False), ("paged16", True),
-                                           ("paged64", False)])
-def test_the_kernel_path_reads_nothing_on_the_host(layout, new_kv, monkeypatch):
+@pytest.mark.parametrize("layout,new_kv,feature", [("contiguous", True, "t5+qknorm+rot"), ("contiguous", False, "alibi"),
+                                                   ("paged16", True, "dtable"), ("paged64", False, "alibi+rot")])
+def test_the_kernel_path_reads_nothing_on_the_host(layout, new_kv, feature, monkeypatch):
     """Forced 'triton': no host read of cache_seqlens, the block table or cache_batch_idx (checks,
     dispatch, the cache write, the launch), so a decode step can be captured in a CUDA graph;
     results as the reference. The reference path, which reads the lengths, trips the same guard."""
@@ -331,10 +331,10 @@ def test_the_kernel_path_reads_nothing_on_the_host(layout, new_kv, monkeypatch):
     h, hk, nq = 8, 2, 2
     c = _case(layout, h, hk, nq, new_kv, 0, torch.float32, seed=4)
     with _no_host_reads(monkeypatch):
-        out, lse = _run(c, "alibi", h, hk, 0, 2, torch.float32)
-    _check(c, out, lse, "alibi", h, hk, 0, torch.float32)
+        out, lse = _run(c, feature, h, hk, 0, 2, torch.float32)
+    _check(c, out, lse, feature, h, hk, 0, torch.float32)
     with pytest.raises(AssertionError, match="host"), _no_host_reads(monkeypatch):
-        _run(c, "alibi", h, hk, 0, 2, torch.float32, backend="eager")
+        _run(c, feature, h, hk, 0, 2, torch.float32, backend="eager")
 
 
 @pytest.mark.parametrize("layout,bad", [("contiguous", "overflow"), ("paged16", "overflow"), ("paged16", "page")])
