@@ -62,14 +62,17 @@ def _place(keys, vals, layout, g):
     return kc, vc, table.to(DEV, torch.int32), None
 
 
-def _case(layout, h, hk, nq, new_kv, k_prefix, dtype, seed):
-    """Inputs rounded to ``dtype``; the cache holds only the cached keys (new ones are zeros there)."""
+def _case(layout, h, hk, nq, new_kv, k_prefix, dtype, seed, exact=False):
+    """Inputs rounded to ``dtype``; the cache holds only the cached keys (new ones are zeros there).
+    ``exact``: q and the keys small integers (-2..2), so that the logits (with a power-of-two scale
+    and slopes) are exact and tie (SPEC §4's top-k rule)."""
     g = torch.Generator().manual_seed(seed)
     seqlens = _seqlens(nq, new_kv, k_prefix)
     b = len(seqlens)
     rnd = lambda *shape: torch.randn(*shape, generator=g).to(dtype).to(DEV)  # noqa: E731
-    keys, vals = [rnd(hk, CAP, D) for _ in range(b)], [rnd(hk, CAP, D) for _ in range(b)]
-    q, new = rnd(b, h, nq, D), (rnd(b, hk, nq, D), rnd(b, hk, nq, D))
+    qk = (lambda *shape: torch.randint(-2, 3, shape, generator=g).to(dtype).to(DEV)) if exact else rnd  # noqa: E731
+    keys, vals = [qk(hk, CAP, D) for _ in range(b)], [rnd(hk, CAP, D) for _ in range(b)]
+    q, new = qk(b, h, nq, D), (qk(b, hk, nq, D), rnd(b, hk, nq, D))
     cached = [(k.clone(), v.clone()) for k, v in zip(keys, vals)]
     for i, s in enumerate(seqlens):
         if new_kv:
@@ -88,6 +91,11 @@ def _features(feature, h, hk, dtype, cast):
     g = torch.Generator().manual_seed(1)
     if "alibi" in feats:
         kw["bias"] = Alibi(rounded(torch.tensor(alibi_slopes(h - 2), device=DEV)))  # two heads without a slope
+    if "alibi2" in feats:  # power-of-two slopes: exact logits
+        kw["bias"] = Alibi(torch.tensor([2.0 ** -(1 + i % 3) for i in range(h - 1)], device=DEV).to(cast))
+    for f in feats:
+        if f.startswith("topk"):
+            kw["topk"], kw["scale"] = int(f[4:]), 0.25
     if "t5" in feats:
         kw["bias"] = T5(rounded(torch.randn(32, h, generator=g).to(DEV)), num_buckets=32, max_distance=64,
                         causal="noncausal" not in feats, scale=0.5)
@@ -164,6 +172,53 @@ def test_decode_matches_the_reference(layout, heads, nq, new_kv, feature, k_pref
     _check(c, out, lse, feature, h, hk, k_prefix, dtype)
 
 
+# top-k on exact logits (integer q and keys, scale 1/4, power-of-two slopes; SPEC §4): k below, at
+# and above the ragged key counts (0..128), and k >= the capacity (no threshold pass)
+# (layout, (h, hk), nq, new k/v, feature, num_splits, dtype)
+TOPK_CASES = [
+    ("paged16", (8, 2), 1, True, "alibi2+topk17", 1, torch.float32),
+    ("contiguous", (8, 1), 3, False, "topk16", 7, torch.bfloat16),
+    ("paged64", (8, 2), 4, True, "alibi2+topk1+noncausal", 2, torch.float16),
+    ("contiguous", (8, 2), 2, True, "alibi2+topk64+repeat", 0, torch.float32),
+    ("paged16", (8, 2), 2, True, "topk128", 2, torch.float32),
+]
+
+
+def _kept(c, i, nk, kw, kth):
+    """(the reference's kept set of sequence ``i``, the set its logits give under the kernel's
+    thresholds ``kth`` (b, h, nq)), both ``(1, h, nq, nk)`` bool, in fp64."""
+    q = c["q"][i:i + 1].double()
+    k = c["keys"][i][None, :, :nk].double()
+    kw = dict(kw, is_causal=kw.get("is_causal", True))
+    args = (kw["is_causal"], kw["scale"], kw.get("bias"))
+    rest = (None, None, c["seqlens"][i], 0, None, kw.get("gqa_order", "interleave"))
+    s, keep = reference._scores(q, k, None, *args, None, *rest)
+    _, want = reference._scores(q, k, None, *args, kw["topk"], *rest)
+    return want, keep & ~(s < kth[i:i + 1, :, :, None].double())
+
+
+@pytest.mark.parametrize("layout,heads,nq,new_kv,feature,splits,dtype", TOPK_CASES,
+                         ids=[f"{la}-{h}to{hk}-nq{nq}-{'new' if n else 'cached'}-{f}-s{s}-{str(dt)[6:]}"
+                              for la, (h, hk), nq, n, f, s, dt in TOPK_CASES])
+def test_topk_keeps_the_references_set(layout, heads, nq, new_kv, feature, splits, dtype, monkeypatch):
+    """The kernel's per-row thresholds (a spy on ``_row_thresholds``) keep exactly the reference's
+    set in every row (ties kept; rows with fewer than k keys keep all), and out / lse pass the 2x rule."""
+    h, hk = heads
+    c = _case(layout, h, hk, nq, new_kv, 0, dtype, seed=11 + nq, exact=True)
+    seen, thresholds = [], attention_decode._row_thresholds
+    monkeypatch.setattr(attention_decode, "_row_thresholds", lambda *a: seen.append(thresholds(*a)) or seen[-1])
+    out, lse = _run(c, feature, h, hk, 0, splits, dtype)
+    _check(c, out, lse, feature, h, hk, 0, dtype)
+    kw = _features(feature, h, hk, dtype, torch.float64)
+    if kw["topk"] >= CAP:
+        assert not seen, "topk >= the capacity: no threshold pass"
+        return
+    assert len(seen) == 1
+    for i, s in enumerate(c["seqlens"]):
+        want, got = _kept(c, i, s + (nq if new_kv else 0), kw, seen[0])
+        assert torch.equal(got, want), f"sequence {i}: kept sets differ in {(got != want).sum().item()} places"
+
+
 @pytest.mark.parametrize("arch", ["sm80", "sm90"])
 def test_shipped_decode_tiles(arch, monkeypatch):
     """The tiles that ship (kernels/tiles_sm80.json, tiles_sm90.json: BLOCK_M, BLOCK_N of the
@@ -211,16 +266,14 @@ def test_forced_triton_refuses_with_reasons_and_auto_falls_back():
     seqlens = torch.tensor(c["seqlens"], dtype=torch.int32, device=DEV)
     args = (c["q"], c["kc"], c["vc"])
     kw = dict(cache_seqlens=seqlens, block_table=c["table"])
-    with pytest.raises(RuntimeError, match="backend 'triton' was requested but cannot run these inputs: topk: each "
-                                           "row's k-th largest logit spans every split"):
-        xtk.attention_with_kvcache(*args, topk=3, backend="triton", **kw)
-    with pytest.raises(RuntimeError, match=r"num_splits 129 > 128"):
+    with pytest.raises(RuntimeError, match=r"backend 'triton' was requested but cannot run these inputs: "
+                                           r"num_splits 129 > 128"):
         xtk.attention_with_kvcache(*args, num_splits=129, backend="triton", **kw)
-    a = xtk.attention_with_kvcache(*args, topk=3, **kw)  # auto: the reference path runs top-k
-    b = xtk.attention_with_kvcache(*args, topk=3, backend="eager", **kw)
+    a = xtk.attention_with_kvcache(*args, num_splits=129, **kw)  # auto: the reference path
+    b = xtk.attention_with_kvcache(*args, backend="eager", **kw)
     torch.testing.assert_close(a, b)
-    why = dict(attention_kvcache.explain(attention_kvcache.kvcache_inputs(*args, topk=3, **kw)))
-    assert why["reference"] == [] and any(w.startswith("topk:") for w in why["triton"])
+    why = dict(attention_kvcache.explain(attention_kvcache.kvcache_inputs(*args, num_splits=129, **kw)))
+    assert why["reference"] == [] and any(w.startswith("num_splits") for w in why["triton"])
 
 
 def test_keys_without_a_spill_free_tile_are_refused(monkeypatch):
