@@ -249,8 +249,10 @@ def _check_inputs(q, k_cache, v_cache, k, v, block_table, cache_batch_idx, bias,
         raise ValueError(f"k_cache: query heads ({h}) must be divisible by its kv heads, got {hk}")
     _check_new_kv(k, v, b, hk, nq, d, v_cache.shape[3], q)
     if bias is not None and isinstance(bias, Dense):
-        raise NotImplementedError("bias: a Dense bias is not supported by attention_with_kvcache yet (its key "
-                                  "length differs per sequence); position biases (Alibi, T5, DistanceTable) are")
+        raise NotImplementedError("bias: a Dense bias is not supported by attention_with_kvcache: its key dim "
+                                  "would be each sequence's own key count (cache_seqlens[b] + new keys), which "
+                                  "differs per sequence and changes every step, so no (b, h, nq, nk) shape defines "
+                                  "it; position biases (Alibi, T5, DistanceTable) are supported")
     _check.integer("k_prefix", k_prefix, minimum=0)
     _check.integer("num_splits", num_splits, minimum=0)
     check_gqa_order(gqa_order)
