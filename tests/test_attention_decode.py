@@ -202,12 +202,14 @@ def _kept(c, i, nk, kw, kth):
                               for la, (h, hk), nq, n, f, s, dt in TOPK_CASES])
 def test_topk_keeps_the_references_set(layout, heads, nq, new_kv, feature, splits, dtype, monkeypatch):
     """The kernel's per-row thresholds (a spy on ``_row_thresholds``) keep exactly the reference's
-    set in every row (ties kept; rows with fewer than k keys keep all), and out / lse pass the 2x rule."""
+    set in every row (ties kept; rows with fewer than k keys keep all), and out / lse pass the 2x
+    rule; the threshold pass reads nothing on the host either."""
     h, hk = heads
     c = _case(layout, h, hk, nq, new_kv, 0, dtype, seed=11 + nq, exact=True)
     seen, thresholds = [], attention_decode._row_thresholds
     monkeypatch.setattr(attention_decode, "_row_thresholds", lambda *a: seen.append(thresholds(*a)) or seen[-1])
-    out, lse = _run(c, feature, h, hk, 0, splits, dtype)
+    with _no_host_reads(monkeypatch):
+        out, lse = _run(c, feature, h, hk, 0, splits, dtype)
     _check(c, out, lse, feature, h, hk, 0, dtype)
     kw = _features(feature, h, hk, dtype, torch.float64)
     if kw["topk"] >= CAP:
