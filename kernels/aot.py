@@ -37,7 +37,7 @@ KINDS = ("fwd", "thr", "dkdv", "dq", "decode", "combine")
 ARCHS = (80, 90)
 DIMS = tiles.HEAD_DIMS
 _PTR_F32 = {"STATS", "THR", "DELTA", "DSLOPE", "DTAB", "DS", "DLSC", "SLOPES", "TAB", "QSC", "KSC", "DQSC", "DKSC",
-            "INV_FREQ", "XPOS", "OP", "LSEP", "LSE"}
+            "INV_FREQ", "XPOS", "OP", "LSEP", "LSE", "SCR", "KTH"}
 _PTR_I32 = {"SEQLENS", "BT", "ROWS"}  # the decode kernel's cache lengths, block table, cache rows
 _PTR_IO = {"Q", "K", "V", "O", "DO", "DQ", "DK", "DV_"}
 _PTR_I64 = {"SEED", "SEED_PTR", "SEEDS"}  # a device-side dropout seed / philox state, if the kernels take one
@@ -48,7 +48,8 @@ _DIV16_STRIDES = {"sqb", "sqh", "sqm", "skb", "skh", "skn", "svb", "svh", "svn",
                   "sdob", "sdoh", "sdom", "sdqb", "sdqh", "sdqm", "sdkb", "sdkh", "sdkn", "sdvb", "sdvh", "sdvn"}
 _TY = {"float16": "fp16", "bfloat16": "bf16", "float32": "fp32"}
 _SWITCHES = ("IS_CAUSAL", "BIAS_KIND", "MASK_KIND", "HAS_TOPK", "HAS_DROPOUT", "NEED_DSLOPE", "NEED_DTAB", "NEED_DS",
-             "NEED_DLSC", "HAS_NORM", "GROUPS", "HAS_DSCALE", "HAS_ROT", "HAS_XPOS", "GQA_REPEAT", "PAGED")
+             "NEED_DLSC", "HAS_NORM", "GROUPS", "HAS_DSCALE", "HAS_ROT", "HAS_XPOS", "GQA_REPEAT", "PAGED", "TOPK_PASS")
+_INT_SWITCHES = ("BIAS_KIND", "MASK_KIND", "TOPK_PASS")
 _COMBINE_CFG = dict(BLOCK_M=16, BLOCK_N=16, num_warps=4, num_stages=1)  # the combine kernel: no table entry
 MAX_SPLITS = 128  # attention_decode_op.MAX_SPLITS (the combine's lse vector; that module imports torch)
 
@@ -141,7 +142,7 @@ def build(s: dict, cfg: dict | None = None):
     if cfg is None:
         cfg = _COMBINE_CFG if s["kind"] == "combine" else tiles.config(s["kind"], d, d, s["cc"], topk, s["precision"],
                                                                       spec_cls(s))
-    constexprs = {n: int(sw.get(n, 0)) if n in ("BIAS_KIND", "MASK_KIND") else bool(sw.get(n, 0)) for n in _SWITCHES}
+    constexprs = {n: int(sw.get(n, 0)) if n in _INT_SWITCHES else bool(sw.get(n, 0)) for n in _SWITCHES}
     constexprs.update(GROUPS=int(sw.get("GROUPS", 1)), PRECISION="ieee" if s["precision"] == "ieee" else "tf32",
                       K2=1 << max(0, topk - 1).bit_length(), BLOCK_M=cfg["BLOCK_M"], BLOCK_N=cfg["BLOCK_N"],
                       BLOCK_D=tiles.block_d(d), BLOCK_DV=tiles.block_d(d), PAGE=int(sw.get("PAGE", 16)),
@@ -378,7 +379,19 @@ def _decode_specs() -> list[dict]:
                 specs.append(s)
     for cc, d in itertools.product(ARCHS, DIMS):
         specs.append(spec("combine", cc, d, "16bit", dtype="float16" if d % 64 else "bfloat16"))
-    return specs
+    return specs + [s for s in _DECODE_TOPK if _has_entry("decode", s["cc"], s["d"], s["precision"], spec_cls(s))]
+
+
+# top-k's two passes of the decode kernel (TOPK_PASS 1: logits to the scratch, 2: the masked
+# attention), the second also with the heaviest switches (every QK feature, a table, pages)
+_DECODE_TOPK = [spec("decode", 80, 128, "16bit", TOPK_PASS=kinds.TOPK_LOGITS, PAGED=1, PAGE=16, IS_CAUSAL=1),
+                spec("decode", 90, 64, "ieee", TOPK_PASS=kinds.TOPK_LOGITS, BIAS_KIND=kinds.BIAS_TABLE),
+                spec("decode", 80, 64, "tf32", TOPK_PASS=kinds.TOPK_MASK, BIAS_KIND=kinds.BIAS_ALIBI),
+                spec("decode", 90, 128, "16bit", TOPK_PASS=kinds.TOPK_MASK, PAGED=1, PAGE=64, IS_CAUSAL=1),
+                spec("decode", 80, 256, "16bit", TOPK_PASS=kinds.TOPK_MASK, PAGED=1, PAGE=64, IS_CAUSAL=1,
+                     BIAS_KIND=kinds.BIAS_TABLE, **_QK_ALL),
+                spec("decode", 90, 128, "tf32", TOPK_PASS=kinds.TOPK_MASK, PAGED=1, PAGE=64, IS_CAUSAL=1,
+                     BIAS_KIND=kinds.BIAS_TABLE, **_QK_ALL)]
 
 
 # non-causal variants that spill where their class's causal representatives do not (ptxas is not

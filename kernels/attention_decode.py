@@ -19,8 +19,11 @@ keys, query ``i`` sits at ``SEQLENS[b] - k_prefix + i`` (``attention_common``'s 
 (what the forward launcher computes for that one sequence). Logits, bias, masks and the QK features
 are the attention family's (``_logits``, ``_qk_tile_fwd``, ``_group_norm_factor``,
 ``_rotate_pairs``): BIAS_KIND none / ALiBi / distance table (T5 arrives as one), per-row head data
-(slopes, table columns, q dim scales) gathered by the row's query head. No dense bias, no top-k, no
-dropout here (the op's backend says why). Accumulation in fp32; the dots in the input dtype
+(slopes, table columns, q dim scales) gathered by the row's query head. Top-k in two launches of
+the same kernel (TOPK_PASS): pass 1 stores every row's logits (bit-identical to the attention pass's:
+same code, same tiles) into an fp32 scratch the launcher filled with -inf, the launcher takes each
+row's k-th largest on the device (``torch.topk``), pass 2 masks the logits below it. No dense bias,
+no dropout here (the op's backend says why). Accumulation in fp32; the dots in the input dtype
 (PRECISION 'ieee' for exact fp32 products, as the forward). Launcher: ``attention_decode_op.py``.
 """
 import triton
@@ -28,6 +31,10 @@ import triton.language as tl
 
 from .attention_common import (_ALIBI, _fold, _group_norm_factor, _logits, _qk_tile_fwd, _rotate_pairs, _tile_ptrs,
                                _tile_ptrs_t)
+from .kinds import TOPK_LOGITS, TOPK_MASK
+
+_TOPK_LOGITS = tl.constexpr(TOPK_LOGITS)
+_TOPK_MASK = tl.constexpr(TOPK_MASK)
 
 
 @triton.jit
@@ -81,13 +88,17 @@ def _cache_rows(BT, off_b, sbt, row_b, offs_n, nk, s_page, s_slot, PAGED: tl.con
 
 @triton.jit(do_not_specialize=["tab_center", "SPLITS"])
 def _decode_split(
-        Q, K, V, OP, LSEP, SEQLENS, BT, ROWS, SLOPES, TAB, QSC, KSC, INV_FREQ, XPOS,
-        sqb, sqh, sqm, sqd, skb, skh, skn, skd, svb, svh, svn, svd, sbt, stab_l, stab_h, tab_center,
+        Q, K, V, OP, LSEP, SEQLENS, BT, ROWS, SLOPES, TAB, QSC, KSC, INV_FREQ, XPOS, SCR, KTH,
+        sqb, sqh, sqm, sqd, skb, skh, skn, skd, svb, svh, svn, svd, sbt, stab_l, stab_h, tab_center, s_scr,
         B, H, HK, NQ, D, DV, NEW, SPLITS, k_prefix, sm_scale, R, xpos_base, interp,
         IS_CAUSAL: tl.constexpr, BIAS_KIND: tl.constexpr, PRECISION: tl.constexpr,
         HAS_NORM: tl.constexpr, GROUPS: tl.constexpr, HAS_DSCALE: tl.constexpr, HAS_ROT: tl.constexpr,
         HAS_XPOS: tl.constexpr, GQA_REPEAT: tl.constexpr, PAGED: tl.constexpr, PAGE: tl.constexpr,
+        TOPK_PASS: tl.constexpr,
         BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_DV: tl.constexpr):
+    """TOPK_PASS 0: attention; 1 (the top-k pre-pass): each row's logits, exactly as pass 0/2 forms
+    them, stored into SCR ``(B, H, NQ, s_scr)`` fp32 at key slot j (nothing else written); 2:
+    attention with the logits below the row's threshold KTH ``(B, H, NQ)`` fp32 masked."""
     n_mb = tl.cdiv((H // HK) * NQ, BLOCK_M)
     pid_ms, off_bhk = _fold(n_mb * SPLITS)
     split, start_r = pid_ms // n_mb, (pid_ms % n_mb) * BLOCK_M
@@ -116,6 +127,9 @@ def _decode_split(
     m_i = tl.full([BLOCK_M], float("-inf"), tl.float32)
     l_i = tl.zeros([BLOCK_M], tl.float32)
     acc = tl.zeros([BLOCK_M, BLOCK_DV], tl.float32)
+    row_bh = ((off_b * H).to(tl.int64) + head) * NQ + qi  # the row (b, head, i) in (B, H, NQ)
+    if TOPK_PASS == _TOPK_MASK:
+        kth = tl.load(KTH + row_bh, mask=ok, other=float("-inf"))
     for start_n in range(lo, hi, BLOCK_N):
         offs_n = start_n + tl.arange(0, BLOCK_N)
         col_ok = offs_n < nk
@@ -133,20 +147,32 @@ def _decode_split(
         s = _logits(tl.dot(q, kt, input_precision=PRECISION), qi, offs_n, off_b, 0, NQ, nk, q_offset, k_prefix,
                     sm_scale, slope[:, None], tab[:, None], stab_l, tab_center,
                     Q, 0, 0, 0, 0, Q, 0, 0, 0, 0, IS_CAUSAL, BIAS_KIND, 0)
-        m_new = tl.maximum(m_i, tl.max(s, axis=1))
-        m_safe = tl.where(m_new == float("-inf"), 0.0, m_new)
-        p = tl.exp(s - m_safe[:, None])
-        alpha = tl.exp(m_i - m_safe)
-        l_i = l_i * alpha + tl.sum(p, axis=1)
-        vrow = _cache_rows(BT, off_b, sbt, row_b, offs_n, nk, svb, svn, PAGED, PAGE)
-        v = tl.load(_tile_ptrs(v_base, vrow, offs_dv, 1, svd), mask=col_ok[:, None] & (offs_dv[None, :] < DV),
-                    other=0.0)
-        acc = acc * alpha[:, None] + tl.dot(p.to(v.dtype), v, input_precision=PRECISION)
-        m_i = m_new
+        if TOPK_PASS == _TOPK_LOGITS:
+            tl.store(SCR + row_bh[:, None] * s_scr + offs_n[None, :], s, mask=ok[:, None] & col_ok[None, :])
+        else:
+            if TOPK_PASS == _TOPK_MASK:
+                s = tl.where(s < kth[:, None], float("-inf"), s)  # ties with the k-th kept; NaN never dropped
+            m_new = tl.maximum(m_i, tl.max(s, axis=1))
+            m_safe = tl.where(m_new == float("-inf"), 0.0, m_new)
+            p = tl.exp(s - m_safe[:, None])
+            alpha = tl.exp(m_i - m_safe)
+            l_i = l_i * alpha + tl.sum(p, axis=1)
+            vrow = _cache_rows(BT, off_b, sbt, row_b, offs_n, nk, svb, svn, PAGED, PAGE)
+            v = tl.load(_tile_ptrs(v_base, vrow, offs_dv, 1, svd), mask=col_ok[:, None] & (offs_dv[None, :] < DV),
+                        other=0.0)
+            acc = acc * alpha[:, None] + tl.dot(p.to(v.dtype), v, input_precision=PRECISION)
+            m_i = m_new
+    if TOPK_PASS != _TOPK_LOGITS:
+        _store_partials(OP, LSEP, acc, l_i, m_i, split, off_b, head, qi, ok, offs_dv, B, H, NQ, DV)
+
+
+@triton.jit
+def _store_partials(OP, LSEP, acc, l_i, m_i, split, off_b, head, qi, ok, offs_dv, B, H, NQ, DV):
+    """One split's normalized partial rows and their natural log-sum-exps (-inf: no key), into the
+    partials (SPLITS, B, H, NQ, DV) and (SPLITS, B, H, NQ), fp32, contiguous."""
     empty = l_i == 0.0
     out = acc / tl.where(empty, 1.0, l_i)[:, None]
     lse = tl.where(empty, float("-inf"), m_i + tl.log(tl.where(empty, 1.0, l_i)))
-    # partials (SPLITS, B, H, NQ, DV) and (SPLITS, B, H, NQ), fp32, contiguous
     prow = ((split * B + off_b).to(tl.int64) * H + head) * NQ + qi
     tl.store(OP + prow[:, None] * DV + offs_dv[None, :], out, mask=ok[:, None] & (offs_dv[None, :] < DV))
     tl.store(LSEP + prow, lse, mask=ok)

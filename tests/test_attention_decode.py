@@ -8,13 +8,17 @@ before the call. The oracle never reads the cache: ``xtk.reference.attention`` o
 with the API's positions, in the test dtype (eager) and in fp64 (oracle), output and log-sum-exp
 (``reference.log_sum_exp``) judged by the 2x rule. Ragged lengths in every case: 0 (with new keys: they
 alone), 1, page boundaries +-1, the full cache. Split counts 1/2/7 and the picked one; split and
-unsplit agree; the refusals name the argument. Runs under the Triton interpreter on CPU
-(tests/conftest.py) and compiled on CUDA.
+unsplit agree; the refusals name the argument; the kernel's path reads no device value on the host
+(``_no_host_reads``). Runs under the Triton interpreter on CPU (tests/conftest.py) and compiled on CUDA.
 """
+import contextlib
 import os
 
 import pytest
 import torch
+import triton
+from torch.overrides import TorchFunctionMode
+from torch.utils._python_dispatch import TorchDispatchMode
 
 import xtk
 from xtk.bias import Alibi, DistanceTable, T5, alibi_slopes
@@ -58,14 +62,17 @@ def _place(keys, vals, layout, g):
     return kc, vc, table.to(DEV, torch.int32), None
 
 
-def _case(layout, h, hk, nq, new_kv, k_prefix, dtype, seed):
-    """Inputs rounded to ``dtype``; the cache holds only the cached keys (new ones are zeros there)."""
+def _case(layout, h, hk, nq, new_kv, k_prefix, dtype, seed, exact=False):
+    """Inputs rounded to ``dtype``; the cache holds only the cached keys (new ones are zeros there).
+    ``exact``: q and the keys small integers (-2..2), so that the logits (with a power-of-two scale
+    and slopes) are exact and tie (SPEC §4's top-k rule)."""
     g = torch.Generator().manual_seed(seed)
     seqlens = _seqlens(nq, new_kv, k_prefix)
     b = len(seqlens)
     rnd = lambda *shape: torch.randn(*shape, generator=g).to(dtype).to(DEV)  # noqa: E731
-    keys, vals = [rnd(hk, CAP, D) for _ in range(b)], [rnd(hk, CAP, D) for _ in range(b)]
-    q, new = rnd(b, h, nq, D), (rnd(b, hk, nq, D), rnd(b, hk, nq, D))
+    qk = (lambda *shape: torch.randint(-2, 3, shape, generator=g).to(dtype).to(DEV)) if exact else rnd  # noqa: E731
+    keys, vals = [qk(hk, CAP, D) for _ in range(b)], [rnd(hk, CAP, D) for _ in range(b)]
+    q, new = qk(b, h, nq, D), (qk(b, hk, nq, D), rnd(b, hk, nq, D))
     cached = [(k.clone(), v.clone()) for k, v in zip(keys, vals)]
     for i, s in enumerate(seqlens):
         if new_kv:
@@ -84,6 +91,11 @@ def _features(feature, h, hk, dtype, cast):
     g = torch.Generator().manual_seed(1)
     if "alibi" in feats:
         kw["bias"] = Alibi(rounded(torch.tensor(alibi_slopes(h - 2), device=DEV)))  # two heads without a slope
+    if "alibi2" in feats:  # power-of-two slopes: exact logits
+        kw["bias"] = Alibi(torch.tensor([2.0 ** -(1 + i % 3) for i in range(h - 1)], device=DEV).to(cast))
+    for f in feats:
+        if f.startswith("topk"):
+            kw["topk"], kw["scale"] = int(f[4:]), 0.25
     if "t5" in feats:
         kw["bias"] = T5(rounded(torch.randn(32, h, generator=g).to(DEV)), num_buckets=32, max_distance=64,
                         causal="noncausal" not in feats, scale=0.5)
@@ -160,6 +172,55 @@ def test_decode_matches_the_reference(layout, heads, nq, new_kv, feature, k_pref
     _check(c, out, lse, feature, h, hk, k_prefix, dtype)
 
 
+# top-k on exact logits (integer q and keys, scale 1/4, power-of-two slopes; SPEC §4): k below, at
+# and above the ragged key counts (0..128), and k >= the capacity (no threshold pass)
+# (layout, (h, hk), nq, new k/v, feature, num_splits, dtype)
+TOPK_CASES = [
+    ("paged16", (8, 2), 1, True, "alibi2+topk17", 1, torch.float32),
+    ("contiguous", (8, 1), 3, False, "topk16", 7, torch.bfloat16),
+    ("paged64", (8, 2), 4, True, "alibi2+topk1+noncausal", 2, torch.float16),
+    ("contiguous", (8, 2), 2, True, "alibi2+topk64+repeat", 0, torch.float32),
+    ("paged16", (8, 2), 2, True, "topk128", 2, torch.float32),
+]
+
+
+def _kept(c, i, nk, kw, kth):
+    """(the reference's kept set of sequence ``i``, the set its logits give under the kernel's
+    thresholds ``kth`` (b, h, nq)), both ``(1, h, nq, nk)`` bool, in fp64."""
+    q = c["q"][i:i + 1].double()
+    k = c["keys"][i][None, :, :nk].double()
+    kw = dict(kw, is_causal=kw.get("is_causal", True))
+    args = (kw["is_causal"], kw["scale"], kw.get("bias"))
+    rest = (None, None, c["seqlens"][i], 0, None, kw.get("gqa_order", "interleave"))
+    s, keep = reference._scores(q, k, None, *args, None, *rest)
+    _, want = reference._scores(q, k, None, *args, kw["topk"], *rest)
+    return want, keep & ~(s < kth[i:i + 1, :, :, None].double())
+
+
+@pytest.mark.parametrize("layout,heads,nq,new_kv,feature,splits,dtype", TOPK_CASES,
+                         ids=[f"{la}-{h}to{hk}-nq{nq}-{'new' if n else 'cached'}-{f}-s{s}-{str(dt)[6:]}"
+                              for la, (h, hk), nq, n, f, s, dt in TOPK_CASES])
+def test_topk_keeps_the_references_set(layout, heads, nq, new_kv, feature, splits, dtype, monkeypatch):
+    """The kernel's per-row thresholds (a spy on ``_row_thresholds``) keep exactly the reference's
+    set in every row (ties kept; rows with fewer than k keys keep all), and out / lse pass the 2x
+    rule; the threshold pass reads nothing on the host either."""
+    h, hk = heads
+    c = _case(layout, h, hk, nq, new_kv, 0, dtype, seed=11 + nq, exact=True)
+    seen, thresholds = [], attention_decode._row_thresholds
+    monkeypatch.setattr(attention_decode, "_row_thresholds", lambda *a: seen.append(thresholds(*a)) or seen[-1])
+    with _no_host_reads(monkeypatch):
+        out, lse = _run(c, feature, h, hk, 0, splits, dtype)
+    _check(c, out, lse, feature, h, hk, 0, dtype)
+    kw = _features(feature, h, hk, dtype, torch.float64)
+    if kw["topk"] >= CAP:
+        assert not seen, "topk >= the capacity: no threshold pass"
+        return
+    assert len(seen) == 1
+    for i, s in enumerate(c["seqlens"]):
+        want, got = _kept(c, i, s + (nq if new_kv else 0), kw, seen[0])
+        assert torch.equal(got, want), f"sequence {i}: kept sets differ in {(got != want).sum().item()} places"
+
+
 @pytest.mark.parametrize("arch", ["sm80", "sm90"])
 def test_shipped_decode_tiles(arch, monkeypatch):
     """The tiles that ship (kernels/tiles_sm80.json, tiles_sm90.json: BLOCK_M, BLOCK_N of the
@@ -207,16 +268,14 @@ def test_forced_triton_refuses_with_reasons_and_auto_falls_back():
     seqlens = torch.tensor(c["seqlens"], dtype=torch.int32, device=DEV)
     args = (c["q"], c["kc"], c["vc"])
     kw = dict(cache_seqlens=seqlens, block_table=c["table"])
-    with pytest.raises(RuntimeError, match="backend 'triton' was requested but cannot run these inputs: topk: each "
-                                           "row's k-th largest logit spans every split"):
-        xtk.attention_with_kvcache(*args, topk=3, backend="triton", **kw)
-    with pytest.raises(RuntimeError, match=r"num_splits 129 > 128"):
+    with pytest.raises(RuntimeError, match=r"backend 'triton' was requested but cannot run these inputs: "
+                                           r"num_splits 129 > 128"):
         xtk.attention_with_kvcache(*args, num_splits=129, backend="triton", **kw)
-    a = xtk.attention_with_kvcache(*args, topk=3, **kw)  # auto: the reference path runs top-k
-    b = xtk.attention_with_kvcache(*args, topk=3, backend="eager", **kw)
+    a = xtk.attention_with_kvcache(*args, num_splits=129, **kw)  # auto: the reference path
+    b = xtk.attention_with_kvcache(*args, backend="eager", **kw)
     torch.testing.assert_close(a, b)
-    why = dict(attention_kvcache.explain(attention_kvcache.kvcache_inputs(*args, topk=3, **kw)))
-    assert why["reference"] == [] and any(w.startswith("topk:") for w in why["triton"])
+    why = dict(attention_kvcache.explain(attention_kvcache.kvcache_inputs(*args, num_splits=129, **kw)))
+    assert why["reference"] == [] and any(w.startswith("num_splits") for w in why["triton"])
 
 
 def test_keys_without_a_spill_free_tile_are_refused(monkeypatch):
@@ -241,3 +300,112 @@ def test_pick_splits_rule():
         dev = torch.device("cuda")
         assert attention_decode.pick_splits(1, 1, 1 << 20, 64, dev) == min(2 * sms, attention_decode.MAX_SPLITS)
         assert attention_decode.pick_splits(1, 1, 256, 64, dev) == 1
+
+
+_T = torch.Tensor
+_HOST_READS = {_T.item, _T.tolist, _T.numpy, _T.__bool__, _T.__int__, _T.__index__, _T.__float__, _T.__array__}
+_SYNC_OPS = {torch.ops.aten._local_scalar_dense.default, torch.ops.aten.nonzero.default,
+             torch.ops.aten.masked_select.default}
+
+
+class _FunctionGuard(TorchFunctionMode):
+    """Fails on the Tensor methods that read values to the host (item, tolist, bool(), int(), ...)."""
+
+    def __init__(self, state):
+        super().__init__()
+        self.state = state
+
+    def __torch_function__(self, func, types, args=(), kwargs=None):
+        if func in _HOST_READS and not self.state["paused"]:
+            raise AssertionError(f"host read of a tensor's values: {func.__name__}")
+        return func(*args, **(kwargs or {}))
+
+
+class _DispatchGuard(TorchDispatchMode):
+    """Fails on the aten ops that synchronise on CUDA: a scalar read, an output sized by values
+    (nonzero, masked_select, indexing by a bool mask)."""
+
+    def __init__(self, state):
+        super().__init__()
+        self.state = state
+
+    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+        bool_index = func.overloadpacket in (torch.ops.aten.index, torch.ops.aten.index_put_) and any(
+            isinstance(i, torch.Tensor) and i.dtype == torch.bool for i in (args[1] or ()))
+        if (func in _SYNC_OPS or bool_index) and not self.state["paused"]:
+            raise AssertionError(f"host synchronisation: {func}")
+        return func(*args, **(kwargs or {}))
+
+
+class _Unguarded:
+    """A Triton kernel whose launches pause the guards: the interpreter reads the tensors on the
+    host to run the kernel, which on a GPU runs on the device."""
+
+    def __init__(self, kernel, state):
+        self.kernel, self.state = kernel, state
+
+    def __getitem__(self, grid):
+        launch = self.kernel[grid]
+
+        def run(*args, **kwargs):
+            self.state["paused"] = True
+            try:
+                return launch(*args, **kwargs)
+            finally:
+                self.state["paused"] = False
+        return run
+
+
+@contextlib.contextmanager
+def _no_host_reads(monkeypatch):
+    """Within: any read of a tensor's values by the host (outside the kernels) raises."""
+    state = {"paused": False}
+    for name, obj in list(vars(attention_decode).items()):
+        if isinstance(obj, triton.runtime.jit.JITFunction):
+            monkeypatch.setattr(attention_decode, name, _Unguarded(obj, state))
+    with _FunctionGuard(state), _DispatchGuard(state):
+        yield
+
+
+def test_the_host_read_guard_catches_reads():
+    """The guard itself: each way of reading a value to the host raises (so the test below can fail)."""
+    t = torch.tensor([3, 4], dtype=torch.int32, device=DEV)
+    for read in (lambda: t[0].item(), t.tolist, lambda: bool(t[0]), lambda: int(t[0]), lambda: [0] * 9 * t[0],
+                 lambda: t[t > 3], lambda: torch.arange(t[0])):
+        with pytest.raises(AssertionError, match="host"), _no_host_reads(pytest.MonkeyPatch()):
+            read()
+
+
+@pytest.mark.parametrize("layout,new_kv,feature", [("contiguous", True, "t5+qknorm+rot"), ("contiguous", False, "alibi"),
+                                                   ("paged16", True, "dtable"), ("paged64", False, "alibi+rot")])
+def test_the_kernel_path_reads_nothing_on_the_host(layout, new_kv, feature, monkeypatch):
+    """Forced 'triton': no host read of cache_seqlens, the block table or cache_batch_idx (checks,
+    dispatch, the cache write, the launch), so a decode step can be captured in a CUDA graph;
+    results as the reference. The reference path, which reads the lengths, trips the same guard."""
+    monkeypatch.delenv("XTK_DEBUG_CHECKS", raising=False)
+    h, hk, nq = 8, 2, 2
+    c = _case(layout, h, hk, nq, new_kv, 0, torch.float32, seed=4)
+    with _no_host_reads(monkeypatch):
+        out, lse = _run(c, feature, h, hk, 0, 2, torch.float32)
+    _check(c, out, lse, feature, h, hk, 0, torch.float32)
+    with pytest.raises(AssertionError, match="host"), _no_host_reads(monkeypatch):
+        _run(c, feature, h, hk, 0, 2, torch.float32, backend="eager")
+
+
+@pytest.mark.parametrize("layout,bad", [("contiguous", "overflow"), ("paged16", "overflow"), ("paged16", "page")])
+def test_debug_checks_refuse_on_the_kernel_path_with_nothing_written(layout, bad, monkeypatch):
+    """XTK_DEBUG_CHECKS=1: the forced kernel path reads and checks the values too; an overflowing
+    call (or a page outside the pool) raises and the cache is as it was."""
+    monkeypatch.setenv("XTK_DEBUG_CHECKS", "1")
+    c = _case(layout, 4, 2, 2, True, 0, torch.float32, seed=6)
+    seqlens = torch.tensor(c["seqlens"], dtype=torch.int32, device=DEV)
+    if bad == "overflow":
+        seqlens[-1] = CAP - 1
+    else:
+        c["table"][-1, -1] = c["kc"].shape[0]
+    before = c["kc"].clone(), c["vc"].clone()
+    match = "would hold 129 keys" if bad == "overflow" else "outside the page pool"
+    with pytest.raises(ValueError, match=match):
+        xtk.attention_with_kvcache(c["q"], c["kc"], c["vc"], *c["new"], cache_seqlens=seqlens, block_table=c["table"],
+                                   cache_batch_idx=c["idx"], backend="triton")
+    assert torch.equal(c["kc"], before[0]) and torch.equal(c["vc"], before[1])

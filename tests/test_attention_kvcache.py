@@ -103,8 +103,8 @@ def _oracle(c, i, nk, k_prefix, feature, h, dtype):
 
 FEATURES = ["none", "alibi", "t5", "dtable", "topk", "qknorm", "prefix"]
 LAYOUTS = ["contiguous", "paged16", "paged64"]
-# every combination on the CPU backends; on Triton (the split-KV decode kernel, which refuses top-k:
-# tests/test_attention_decode.py) every other feature on 16-slot pages with new keys and GQA 8->2,
+# every combination on the CPU backends; on Triton (the split-KV decode kernel, whose top-k is
+# judged on exact logits in tests/test_attention_decode.py, SPEC §4) every other feature on 16-slot pages with new keys and GQA 8->2,
 # and two cached-only cases
 SWEEP = ([(be, hd, nw, la, f) for be in BACKENDS if be != "triton" for hd in ((8, 2), (8, 1)) for nw in (False, True)
           for la in LAYOUTS for f in FEATURES]
@@ -166,12 +166,15 @@ def _small():
     ("same_row_twice", ValueError, r"cache_batch_idx: two sequences would write the same cache row, got \[1, 1\]"),
     ("row_outside", ValueError, r"cache_batch_idx: expected rows in \[0, 2\) of k_cache, got \[5\]"),
     ("short_prefix", ValueError, "cache_seqlens: sequence 0 holds 3 keys, fewer than the k_prefix = 4"),
-    ("dense", NotImplementedError, "bias: a Dense bias is not supported by attention_with_kvcache yet"),
+    ("dense", NotImplementedError, "bias: a Dense bias is not supported by attention_with_kvcache"),
     ("dtype", TypeError, "v_cache: expected dtype torch.float32 .* got torch.float16"),
     ("head_dim", ValueError, "k_cache: expected head dim 16"),
     ("new_k_shape", ValueError, r"k: expected shape \(2, 2, 1, 16\)"),
 ])
-def test_bad_input_is_refused_by_name_and_the_cache_is_untouched(case, error, match):
+def test_bad_input_is_refused_by_name_and_the_cache_is_untouched(case, error, match, monkeypatch):
+    """XTK_DEBUG_CHECKS=1: the value checks (overflow, pages, rows, k_prefix) run on the kernel's path
+    too (on CUDA auto picks it; the reference path, CPU's, runs them always)."""
+    monkeypatch.setenv("XTK_DEBUG_CHECKS", "1")
     q, kc, vc, seqlens = _small()
     kw = dict(cache_seqlens=seqlens)
     k = v = None

@@ -165,7 +165,7 @@ def test_set_covers_every_switch_kernel_arch_and_precision(aot_results):
     dec = [s for s in specs if s["kind"] == "decode"]
     dec_seen = {(k, v) for s in dec for k, v in s["switches"].items()}
     for need in [("IS_CAUSAL", 1), ("BIAS_KIND", 1), ("BIAS_KIND", 2), ("HAS_NORM", 1), ("HAS_DSCALE", 1), ("HAS_ROT", 1),
-                 ("HAS_XPOS", 1), ("GQA_REPEAT", 1), ("PAGED", 1)]:
+                 ("HAS_XPOS", 1), ("GQA_REPEAT", 1), ("PAGED", 1), ("TOPK_PASS", 1), ("TOPK_PASS", 2)]:
         assert need in dec_seen, need
     for cc in (80, 90):
         assert {s["precision"] for s in dec if s["cc"] == cc} == {"16bit", "tf32", "ieee"}

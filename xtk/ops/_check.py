@@ -44,6 +44,13 @@ def integer(name: str, value, minimum=None) -> int:
 
 def int32_list(name: str, t, shape, device) -> list:
     """An int32 index tensor of ``shape`` (None: any size there) on ``device``, read to the host."""
+    int32_tensor(name, t, shape, device)
+    return t.tolist()
+
+
+def int32_tensor(name: str, t, shape, device) -> None:
+    """An int32 index tensor of ``shape`` (None: any size there) on ``device``: its metadata only
+    (no read of its values)."""
     tensor(name, t, ndim=len(shape))
     if t.dtype != torch.int32:
         raise TypeError(f"{name}: expected an int32 tensor, got dtype {t.dtype}")
@@ -51,4 +58,3 @@ def int32_list(name: str, t, shape, device) -> list:
         raise ValueError(f"{name}: expected device {device} (q's), got {t.device}")
     if any(s is not None and s != n for s, n in zip(shape, t.shape)):
         raise ValueError(f"{name}: expected shape {tuple('*' if s is None else s for s in shape)}, got {tuple(t.shape)}")
-    return t.tolist()

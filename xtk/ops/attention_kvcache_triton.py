@@ -1,12 +1,14 @@
 """The ``triton`` backend of ``xtk.attention_with_kvcache``: the split-KV decode kernel.
 
-Data flow: ``attention_with_kvcache`` checks and writes the new keys -> ``reasons`` here (what the
+Data flow: ``attention_with_kvcache`` checks (host metadata) and writes the new keys -> ``reasons`` here (what the
 kernel cannot run, in words) -> ``run``: the bias descriptor gives its kernel arguments
 (``Bias.kernel_args``: ALiBi slopes padded to all heads; T5 as a per-distance table over every
 distance the cache can form, gathered with the reference bucket function; a DistanceTable as it is),
 QK-norm and rotary/xpos become ``QKArgs`` (``attention_triton._qk_args``), then
-``kernels/attention_decode_op.decode`` (the split kernel and the combine). ``cache_seqlens`` stays on
-the device: nothing here reads it.
+``kernels/attention_decode_op.decode`` (top-k's logits pass and per-row thresholds when ``topk`` is
+below the cache's capacity, the split kernel and the combine). ``cache_seqlens``, the
+block table and ``cache_batch_idx`` stay on the device: nothing here reads them, and ``reasons``
+rests on host metadata alone.
 """
 from __future__ import annotations
 
@@ -42,9 +44,6 @@ def reasons(inputs, forced: bool) -> list:
     d, dv = q.shape[-1], inputs.v_cache.shape[-1]
     if max(d, dv) > MAX_HEAD_DIM:
         why.append(f"head dim {max(d, dv)} > {MAX_HEAD_DIM}")
-    if inputs.topk is not None:
-        why.append("topk: each row's k-th largest logit spans every split of its sequence; the decode kernel has "
-                   "no threshold pass (the reference path runs top-k)")
     bias = inputs.bias
     if bias is not None and bias.kernel_kind not in (BIAS_ALIBI, BIAS_TABLE):
         why.append(f"bias {type(bias).__name__}: the decode kernel expands ALiBi, T5 and DistanceTable only")
@@ -86,7 +85,7 @@ def run(inputs):
                 else torch.arange(b, dtype=torch.int32, device=q.device))
     return decode(q, inputs.k_cache, inputs.v_cache, inputs.seqlens.contiguous(), table_rows, rows,
                   q.shape[2] if inputs.writes else 0, slopes, table, scale, inputs.is_causal, inputs.k_prefix,
-                  inputs.num_splits, qk, inputs.gqa_order == "repeat" and hk not in (1, q.shape[1]))
+                  inputs.num_splits, qk, inputs.gqa_order == "repeat" and hk not in (1, q.shape[1]), inputs.topk)
 
 
 BACKEND = backends.Backend("triton", "attention_with_kvcache", reasons, run)
