@@ -1,19 +1,21 @@
-// xtk::attention_distance_bwd (CPU): the backward of attention whose logits carry a per-distance
-// additive term (ALiBi / T5 / DistanceTable / causal, as one vector over the distances), with the
-// gradient of that vector -- the chunked CPU backend's learned-bias backward
-// (xtk/ops/attention_chunked.py) in ONE parallel region.
+// xtk::attention_distance_fwd / _bwd (CPU): attention whose logits carry a per-distance additive
+// term (ALiBi / T5 / DistanceTable / causal, as one vector over the distances), optionally top-k,
+// forward and backward with the gradient of that vector -- the chunked CPU backend's position-bias
+// path (xtk/ops/attention_chunked.py, ``plan.ext``) in ONE parallel region per call.
 //
-// Why here: the same math as a chunk loop of torch ops runs ~50 small parallel regions per chunk,
-// and torch's OpenMP threads spin-wait at each region's end; beside other busy processes a spinning
-// thread takes the core its partner needs and every region stalls for a scheduler slice (issue 16:
-// a T5 training step went from 0.48x to 1.36x x-transformers' time with two busy processes).
-// Here one at::parallel_for hands out (batch, head, row group) tasks; a task runs its row blocks
-// with single-threaded BLAS calls and fused row loops, and owns its outputs (no atomics, no
-// locks). Plain at:: calls inside the region run inline (ATen does not nest parallel regions).
+// Why here: the same math as a chunk loop of torch ops runs dozens of small parallel regions per
+// chunk, and torch's OpenMP threads spin-wait at each region's end; beside other busy processes a
+// spinning thread takes the core its partner needs and every region stalls for a scheduler slice
+// (issue 16: a T5 training step went from 0.48x to 1.36x x-transformers' time with two busy
+// processes). Here one at::parallel_for hands out (batch, head, row group) tasks one at a time; a
+// task runs its row blocks with single-threaded BLAS calls and fused row loops, and owns its
+// outputs (no atomics, no locks). at::cpu::* calls inside the region run inline.
 //
 // Math per row block (rows i, keys j < nkc; P, dP, dS in the work dtype T = float or double):
-//   S = scale * Q K^T + bias,  bias(i, j) = 0 for memory keys j < k_prefix, else rvec[nq - 1 - i + j]
-//   P = softmax_j(S) (a row of only -inf gives P = 0);  dV += P^T dO;  dP = dO V^T
+//   S = scale * Q K^T, then + bias (rounded apart, as the reference), bias(i, j) = 0 for memory
+//   keys j < k_prefix, else rvec[nq - 1 - i + j]; top-k: S < the row's topk-th largest -> -inf
+//   P = softmax_j(S) (a row of only -inf gives P = 0, lse -inf);  O = P V
+//   backward: P recomputed (same blocks, same values, same top-k set);  dV += P^T dO;  dP = dO V^T
 //   D = rowsum(P * dP);  dS = P * (dP - D);  dQ = scale * dS K;  dK += scale * dS^T Q
 //   g_rvec[nq - 1 - i + j] += dS(i, j) (j >= k_prefix), in float64.
 // Rows of one causal block see keys up to the block's last position only (the rest are -inf in
@@ -27,9 +29,11 @@
 
 #include <algorithm>
 #include <atomic>
+#include <functional>
 #include <cmath>
 #include <limits>
 #include <tuple>
+#include <vector>
 
 #include "cpu/cpu_common.h"
 #include "xtk_math.h"
@@ -85,14 +89,27 @@ inline T exp_sum_row(T* s, T mx, int64_t n) {
   return ((acc[0] + acc[1]) + (acc[2] + acc[3])) + ((acc[4] + acc[5]) + (acc[6] + acc[7])) + tail;
 }
 
-// s (n) <- softmax(scale * s + bias), bias 0 on [0, kp) and rv[j] on [kp, n); -> the row's
-// log-sum-exp (natural log), -inf for a row with no key (then s = 0: its gradients are 0).
-// A NaN logit is not taken by the max and makes the row NaN (the caller's NaN checks see it).
+// s (n) <- the logits, rounded as the reference rounds them: scale * s, then + bias (two roundings,
+// never one FMA: top-k compares these values); bias 0 on [0, kp), rv[j] on [kp, n). With
+// 0 < topk < n, the logits below the row's topk-th largest become -inf (ties kept; NaN, which makes
+// the row NaN anyway, counts as the largest), tmp (n) is scratch.
 template <typename T>
-inline T softmax_row(T* s, const T* rv, int64_t n, int64_t kp, T scale) {
-  const int64_t p = std::min(kp, n);
-  for (int64_t j = 0; j < p; ++j) s[j] *= scale;
-  for (int64_t j = p; j < n; ++j) s[j] = s[j] * scale + rv[j];
+inline void logits_row(T* s, const T* rv, int64_t n, int64_t kp, T scale, int64_t topk, T* tmp) {
+  for (int64_t j = 0; j < n; ++j) s[j] *= scale;
+  for (int64_t j = std::min(kp, n); j < n; ++j) s[j] += rv[j];
+  if (topk <= 0 || topk >= n) return;
+  const T inf = std::numeric_limits<T>::infinity();
+  for (int64_t j = 0; j < n; ++j) tmp[j] = s[j] != s[j] ? inf : s[j];
+  std::nth_element(tmp, tmp + topk - 1, tmp + n, std::greater<T>());
+  const T kth = tmp[topk - 1];
+  for (int64_t j = 0; j < n; ++j) s[j] = s[j] < kth ? -inf : s[j];
+}
+
+// s (n) <- softmax(s); -> the row's log-sum-exp (natural log), -inf for a row with no key (then
+// s = 0: its gradients are 0). A NaN logit is not taken by the max and makes the row NaN (the
+// caller's NaN checks see it).
+template <typename T>
+inline T softmax_row(T* s, int64_t n) {
   const T mx = row_max(s, n);
   if (mx == -std::numeric_limits<T>::infinity()) {
     std::fill(s, s + n, T(0));
@@ -113,7 +130,7 @@ inline void ds_row(const T* p, T* dp, double* g, int64_t n, int64_t kp) {
 }
 
 struct Sizes {
-  int64_t b, h, hk, nq, nk, d, dv, hv, block_rows, groups, rows_per_group, k_prefix, q_offset;
+  int64_t b, h, hk, nq, nk, d, dv, hv, block_rows, groups, rows_per_group, k_prefix, q_offset, topk;
   bool causal;
   double scale;
 };
@@ -169,14 +186,18 @@ void fwd_task(const Sizes& z, const Task& t, const at::Tensor& q, const at::Tens
   const at::Tensor qh = q[t.bi][t.hi], kh = k[t.bi][t.kv], vh = v[t.bi][t.kv], oh = out[t.bi][t.hi];
   const T* rv = rvec + (z.hv == 1 ? 0 : t.hi) * R;
   T* lse_h = lse + (t.bi * z.h + t.hi) * z.nq;
+  std::vector<T> tmp(z.topk > 0 ? z.nk : 0);
   for (int64_t i0 = t.r0; i0 < t.r1; i0 += z.block_rows) {
     const int64_t i1 = std::min(t.r1, i0 + z.block_rows), c = i1 - i0, nkc = keys_for(z, i1);
     at::Tensor p = block(p_buf, c, nkc), ob = oh.slice(0, i0, i1);
     at::cpu::mm_out(p, qh.slice(0, i0, i1), kh.slice(0, 0, nkc).t());
     T* pp = p.data_ptr<T>();
     cpu::run_isa([&] {
-      for (int64_t r = 0; r < c; ++r)
-        lse_h[i0 + r] = softmax_row(pp + r * nkc, rv + z.nq - 1 - (i0 + r), nkc, z.k_prefix, static_cast<T>(z.scale));
+      for (int64_t r = 0; r < c; ++r) {
+        T* row = pp + r * nkc;
+        logits_row(row, rv + z.nq - 1 - (i0 + r), nkc, z.k_prefix, static_cast<T>(z.scale), z.topk, tmp.data());
+        lse_h[i0 + r] = softmax_row(row, nkc);
+      }
     });
     at::cpu::mm_out(ob, p, vh.slice(0, 0, nkc));
   }
@@ -191,6 +212,7 @@ void bwd_task(const Sizes& z, const Task& t, const at::Tensor& q, const at::Tens
   const int64_t R = z.nq + z.nk - 1;
   const at::Tensor qh = q[t.bi][t.hi], kh = k[t.bi][t.kv], vh = v[t.bi][t.kv], goh = go[t.bi][t.hi];
   const T* rv = rvec + (z.hv == 1 ? 0 : t.hi) * R;
+  std::vector<T> tmp(z.topk > 0 ? z.nk : 0);
   for (int64_t i0 = t.r0; i0 < t.r1; i0 += z.block_rows) {
     const int64_t i1 = std::min(t.r1, i0 + z.block_rows), c = i1 - i0, nkc = keys_for(z, i1);
     const at::Tensor qb = qh.slice(0, i0, i1), gob = goh.slice(0, i0, i1);
@@ -203,7 +225,8 @@ void bwd_task(const Sizes& z, const Task& t, const at::Tensor& q, const at::Tens
     cpu::run_isa([&] {
       for (int64_t r = 0; r < c; ++r) {
         const int64_t off = z.nq - 1 - (i0 + r);
-        softmax_row(pp + r * nkc, rv + off, nkc, z.k_prefix, static_cast<T>(z.scale));
+        logits_row(pp + r * nkc, rv + off, nkc, z.k_prefix, static_cast<T>(z.scale), z.topk, tmp.data());
+        softmax_row(pp + r * nkc, nkc);
         ds_row(pp + r * nkc, dpp + r * nkc, g ? g + off : nullptr, nkc, z.k_prefix);
       }
     });
@@ -216,7 +239,7 @@ void bwd_task(const Sizes& z, const Task& t, const at::Tensor& q, const at::Tens
 
 // Checks q, k, v (and grad_out when defined) and rvec; -> the sizes (row grouping unset).
 Sizes check_args(const at::Tensor& q, const at::Tensor& k, const at::Tensor& v, const at::Tensor& go,
-                 const at::Tensor& rvec, double scale, int64_t k_prefix, int64_t q_offset, bool causal,
+                 const at::Tensor& rvec, double scale, int64_t k_prefix, int64_t q_offset, bool causal, int64_t topk,
                  int64_t block_rows) {
   TORCH_CHECK(q.is_cpu(), "q: expected a CPU tensor, got device ", q.device());
   TORCH_CHECK(q.scalar_type() == at::kFloat || q.scalar_type() == at::kDouble,
@@ -241,8 +264,9 @@ Sizes check_args(const at::Tensor& q, const at::Tensor& k, const at::Tensor& v, 
               "rvec: expected shape (1 or h=", h, ", nq + nk - 1=", nq + nk - 1, "), got ", rvec.sizes());
   TORCH_CHECK(k_prefix >= 0 && k_prefix <= nk, "k_prefix: expected 0 <= k_prefix <= nk=", nk, ", got ", k_prefix);
   TORCH_CHECK(block_rows >= 1, "block_rows: expected >= 1, got ", block_rows);
-  return Sizes{b, h, hk, nq, nk, q.size(3), v.size(3), rvec.size(0), block_rows, 1, 0, k_prefix, q_offset, causal,
-               scale};
+  TORCH_CHECK(topk >= 0, "topk: expected >= 0 (0: no top-k), got ", topk);
+  return Sizes{b, h, hk, nq, nk, q.size(3), v.size(3), rvec.size(0), block_rows, 1, 0, k_prefix, q_offset, topk,
+               causal, scale};
 }
 
 }  // namespace
@@ -251,8 +275,8 @@ Sizes check_args(const at::Tensor& q, const at::Tensor& k, const at::Tensor& v, 
 std::tuple<at::Tensor, at::Tensor> attention_distance_fwd(const at::Tensor& q_in, const at::Tensor& k_in,
                                                           const at::Tensor& v_in, const at::Tensor& rvec_in,
                                                           double scale, int64_t k_prefix, int64_t q_offset, bool causal,
-                                                          int64_t block_rows, int64_t min_tasks) {
-  Sizes z = check_args(q_in, k_in, v_in, at::Tensor(), rvec_in, scale, k_prefix, q_offset, causal, block_rows);
+                                                          int64_t topk, int64_t block_rows, int64_t min_tasks) {
+  Sizes z = check_args(q_in, k_in, v_in, at::Tensor(), rvec_in, scale, k_prefix, q_offset, causal, topk, block_rows);
   plan_groups(z, min_tasks);
   const at::Tensor q = q_in.contiguous(), k = k_in.contiguous(), v = v_in.contiguous(), rvec = rvec_in.contiguous();
   at::Tensor out = at::zeros({z.b, z.h, z.nq, z.dv}, q.options());
@@ -271,9 +295,9 @@ std::tuple<at::Tensor, at::Tensor> attention_distance_fwd(const at::Tensor& q_in
 // float64, the gradient of rvec, zeros unless bias_grad).
 std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> attention_distance_bwd(
     const at::Tensor& q_in, const at::Tensor& k_in, const at::Tensor& v_in, const at::Tensor& go_in,
-    const at::Tensor& rvec_in, double scale, int64_t k_prefix, int64_t q_offset, bool causal, bool bias_grad,
-    int64_t block_rows, int64_t min_tasks) {
-  Sizes z = check_args(q_in, k_in, v_in, go_in, rvec_in, scale, k_prefix, q_offset, causal, block_rows);
+    const at::Tensor& rvec_in, double scale, int64_t k_prefix, int64_t q_offset, bool causal, int64_t topk,
+    bool bias_grad, int64_t block_rows, int64_t min_tasks) {
+  Sizes z = check_args(q_in, k_in, v_in, go_in, rvec_in, scale, k_prefix, q_offset, causal, topk, block_rows);
   const at::Tensor q = q_in.contiguous(), k = k_in.contiguous(), v = v_in.contiguous(), go = go_in.contiguous();
   const at::Tensor rvec = rvec_in.contiguous();
   const int64_t R = z.nq + z.nk - 1;
@@ -307,9 +331,9 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> attention_distance_bw
 
 TORCH_LIBRARY_FRAGMENT(xtk, m) {
   m.def("attention_distance_fwd(Tensor q, Tensor k, Tensor v, Tensor rvec, float scale, int k_prefix, int q_offset, "
-        "bool causal, int block_rows, int min_tasks) -> (Tensor out, Tensor lse)");
+        "bool causal, int topk, int block_rows, int min_tasks) -> (Tensor out, Tensor lse)");
   m.def("attention_distance_bwd(Tensor q, Tensor k, Tensor v, Tensor grad_out, Tensor rvec, float scale, "
-        "int k_prefix, int q_offset, bool causal, bool bias_grad, int block_rows, int min_tasks) "
+        "int k_prefix, int q_offset, bool causal, int topk, bool bias_grad, int block_rows, int min_tasks) "
         "-> (Tensor dq, Tensor dk, Tensor dv, Tensor g_rvec)");
 }
 

@@ -160,7 +160,7 @@ def _ext_or_skip():
         pytest.skip("xtk._C is not built (CI builds it): the chunk loop runs these cases")
 
 
-def _distance_grads(kind, causal, hk, k_prefix, q_offset, nq, nk):
+def _distance_grads(kind, causal, hk, k_prefix, q_offset, nq, nk, topk=None):
     """Output and gradients (q, k, v, learned tensor) of one float64 call on the chunked backend."""
     g = torch.Generator().manual_seed(1)
     q = torch.randn(2, H, nq, D, generator=g, dtype=torch.float64).requires_grad_()
@@ -174,24 +174,26 @@ def _distance_grads(kind, causal, hk, k_prefix, q_offset, nq, nk):
         t, make = torch.randn(2 * (nq + nk + 8) - 1, H, generator=g, dtype=torch.float64), DistanceTable
     t.requires_grad_()
     out = xtk.attention(q, k, v, is_causal=causal, bias=make(t), k_prefix=k_prefix, q_offset=q_offset,
-                        enable_gqa=hk != H, backend="chunked")
+                        enable_gqa=hk != H, topk=topk, backend="chunked")
     return (out, *torch.autograd.grad(out, [q, k, v, t], torch.randn(out.shape, generator=g, dtype=out.dtype)))
 
 
 @pytest.mark.parametrize("kind", ["t5c", "alibi", "dt"])
-@pytest.mark.parametrize("causal,hk,k_prefix,q_offset,nq,nk", [
-    (True, 4, 0, 0, 70, 70), (True, 2, 3, 5, 17, 90), (False, 1, 0, -2, 130, 65), (True, 4, 3, -2, 1, 33),
-    (False, 2, 0, 0, 65, 130)])
-def test_ext_equals_chunk_loop(monkeypatch, kind, causal, hk, k_prefix, q_offset, nq, nk):
+@pytest.mark.parametrize("causal,hk,k_prefix,q_offset,nq,nk,topk", [
+    (True, 4, 0, 0, 70, 70, None), (True, 2, 3, 5, 17, 90, None), (False, 1, 0, -2, 130, 65, None),
+    (True, 4, 3, -2, 1, 33, None), (False, 2, 0, 0, 65, 130, None), (True, 2, 0, 0, 70, 70, 5),
+    (False, 4, 3, 0, 33, 65, 40)])
+def test_ext_equals_chunk_loop(monkeypatch, kind, causal, hk, k_prefix, q_offset, nq, nk, topk):
     """The extension's one-region forward and backward (csrc/attention_cpu.cpp) compute the chunk
     loop's function, learned bias gradient included, within float64 rounding: small blocks, row
-    groups (several tasks per head: dK/dV/distance sums per task), GQA, memory keys, offsets."""
+    groups (several tasks per head: dK/dV/distance sums per task), GQA, memory keys, offsets, top-k
+    (random float64 logits: no ties, so both keep the same set)."""
     _ext_or_skip()
     monkeypatch.setattr(attention_chunked, "EXT_BLOCK_ROWS", 16)
     monkeypatch.setattr(attention_chunked, "EXT_MIN_TASKS", 64)
-    ext = _distance_grads(kind, causal, hk, k_prefix, q_offset, nq, nk)
+    ext = _distance_grads(kind, causal, hk, k_prefix, q_offset, nq, nk, topk)
     monkeypatch.setattr(attention_chunked, "USE_EXT", False)
-    loop = _distance_grads(kind, causal, hk, k_prefix, q_offset, nq, nk)
+    loop = _distance_grads(kind, causal, hk, k_prefix, q_offset, nq, nk, topk)
     for name, a, b in zip(["out", "dq", "dk", "dv", "dbias"], ext, loop):
         assert (a - b).abs().max() <= 1e-12 * max(1.0, b.abs().max().item()), name
 
@@ -207,7 +209,8 @@ def test_ext_plan_and_threads(monkeypatch):
     plan = lambda i: attention_chunked._make_plan(i, q, D ** -0.5)  # noqa: E731
     slopes = torch.tensor(alibi_slopes(H))
     assert plan(inputs(bias=Alibi(slopes))).ext and plan(inputs(is_causal=True, q_offset=3)).ext
-    assert not plan(inputs(bias=Alibi(slopes), topk=4)).ext
+    assert plan(inputs(bias=Alibi(slopes), topk=4)).ext and plan(inputs(topk=4)).ext
+    assert not plan(inputs()).ext  # no bias, not causal: the fused kernel in one call
     assert not plan(inputs(bias=Alibi(slopes), attn_mask=torch.ones(40, 40, dtype=torch.bool))).ext
     assert not plan(inputs(bias=Dense(torch.randn(40, 40)))).ext
     results = []
@@ -229,10 +232,12 @@ def test_ext_op_checks_name_the_argument():
     q, k = torch.randn(1, 4, 8, 16), torch.randn(1, 2, 9, 16)
     rvec = torch.randn(4, 16)
     with pytest.raises(RuntimeError, match="rvec: expected shape"):
-        ops.attention_distance_fwd(q, k, k, torch.randn(4, 15), 1.0, 0, 0, True, 16, 0)
+        ops.attention_distance_fwd(q, k, k, torch.randn(4, 15), 1.0, 0, 0, True, 0, 16, 0)
     with pytest.raises(RuntimeError, match="k_prefix: expected"):
-        ops.attention_distance_fwd(q, k, k, rvec, 1.0, 10, 0, True, 16, 0)
+        ops.attention_distance_fwd(q, k, k, rvec, 1.0, 10, 0, True, 0, 16, 0)
     with pytest.raises(RuntimeError, match="q: expected dtype float32 or float64"):
-        ops.attention_distance_fwd(q.half(), k.half(), k.half(), rvec.half(), 1.0, 0, 0, True, 16, 0)
+        ops.attention_distance_fwd(q.half(), k.half(), k.half(), rvec.half(), 1.0, 0, 0, True, 0, 16, 0)
+    with pytest.raises(RuntimeError, match="topk: expected >= 0"):
+        ops.attention_distance_fwd(q, k, k, rvec, 1.0, 0, 0, True, -1, 16, 0)
     with pytest.raises(RuntimeError, match="grad_out"):
-        ops.attention_distance_bwd(q, k, k, torch.randn(1, 4, 7, 16), rvec, 1.0, 0, 0, True, True, 16, 0)
+        ops.attention_distance_bwd(q, k, k, torch.randn(1, 4, 7, 16), rvec, 1.0, 0, 0, True, 0, True, 16, 0)

@@ -30,10 +30,12 @@ through one O(h n) autograd graph, or to a dense piece's broadcast shape. Off CP
 chunk loop runs the math core for everything. Causal with no bias and top-left alignment uses
 the kernel's own causal flag in one call.
 
-One parallel region (the extension, csrc/attention_cpu.cpp): on CPU, with a position bias and/or
-causal mask and nothing materialized (no top-k, attn_mask or Dense piece), forward and backward run
+One parallel region (the extension, csrc/attention_cpu.cpp): on CPU, with a position bias, causal
+mask and/or top-k and no attn_mask or Dense piece, forward and backward run
 as ``xtk::attention_distance_fwd`` / ``_bwd`` when xtk._C is built (``plan.ext``): the same formulas
-(the math core's, ``EXT_BLOCK_ROWS``-row blocks, the learned bias's distance sums in float64), but
+(the math core's, ``EXT_BLOCK_ROWS``-row blocks, the learned bias's distance sums in float64, top-k
+on the logits rounded as the reference rounds them, each row's threshold found again in the
+backward from the same values), but
 one ``at::parallel_for`` per call whose (batch, head, row group) tasks are handed out one at a time.
 The chunk loop issues dozens of small parallel regions per chunk, and torch's OpenMP threads
 spin-wait at the end of each: beside other busy processes every region waited for a descheduled
@@ -193,7 +195,7 @@ def _make_plan(inputs, q, scale) -> _Plan:
         chunk = CAUSAL_CHUNK
     else:
         chunk = nq
-    ext = (toeplitz and inputs.topk is None and inputs.attn_mask is None and not dense_bias
+    ext = ((toeplitz or inputs.topk is not None) and inputs.attn_mask is None and not dense_bias
            and q.device.type == "cpu" and not FORCE_MATH and _ext_ops() is not None)
     return _Plan(b, h, hk, nq, nk, dv, scale, work, inputs.is_causal, inputs.q_offset, inputs.k_prefix,
                  inputs.topk, bias if positional else None, dense_bias, toeplitz, dvals, flash,
@@ -433,11 +435,11 @@ def _forward(plan: _Plan, q, k, v, ts):
     """-> out, and in the loop's row order: log-sum-exp (b, h, nq), top-k thresholds (b, h, nq, 1)."""
     b, h, nq = plan.b, plan.h, plan.nq
     rev = plan.toeplitz
-    if plan.ext:  # one parallel region in the extension; lse -inf for a row with no key
+    if plan.ext:  # one parallel region in the extension; lse -inf for a row with no key; top-k: no kth kept
         w = plan.work
-        out, lse = _ext_ops().attention_distance_fwd(q.to(w), k.to(w), v.to(w), _rvec(plan, ts), plan.scale,
-                                                     plan.k_prefix, plan.q_offset, plan.causal, EXT_BLOCK_ROWS,
-                                                     EXT_MIN_TASKS)
+        out, lse = _ext_ops().attention_distance_fwd(
+            q.to(w), k.to(w), v.to(w), _ext_rvec(plan, ts, q.device), plan.scale, plan.k_prefix, plan.q_offset,
+            plan.causal, plan.topk or 0, EXT_BLOCK_ROWS, EXT_MIN_TASKS)
         return out.to(q.dtype), _flip(lse, rev), None
     qL = _flip(q, rev)
     outL = q.new_empty(b, h, nq, plan.dv)
@@ -537,6 +539,14 @@ def _distance_vector_grad(plan: _Plan, bt: torch.Tensor, g_rvec: torch.Tensor) -
         return torch.autograd.grad(vec, leaf, g_rvec.masked_fill(torch.isinf(vec), 0.0))[0].to(bt.dtype)
 
 
+def _ext_rvec(plan: _Plan, ts, device) -> torch.Tensor:
+    """The reversed distance vector the extension reads: ``_rvec``, or zeros without a position
+    bias or causal mask (top-k alone)."""
+    if plan.toeplitz:
+        return _rvec(plan, ts)
+    return torch.zeros(1, plan.nq + plan.nk - 1, dtype=plan.work, device=device)
+
+
 def _ext_backward(plan: _Plan, go, q, k, v, ts, need):
     """``_backward`` of an ``ext`` plan: ``xtk::attention_distance_bwd``, the math core's formulas in
     ``EXT_BLOCK_ROWS``-row blocks, the distance vector's gradient summed in float64 when the bias
@@ -545,8 +555,8 @@ def _ext_backward(plan: _Plan, go, q, k, v, ts, need):
     ts = [None if t is None else t.detach() for t in ts]
     learned = bool(need[1]) and plan.pos_bias is not None
     dq, dk, dv, g_rvec = _ext_ops().attention_distance_bwd(
-        q.to(w), k.to(w), v.to(w), go.to(w), _rvec(plan, ts), plan.scale, plan.k_prefix, plan.q_offset, plan.causal,
-        learned, EXT_BLOCK_ROWS, EXT_MIN_TASKS)
+        q.to(w), k.to(w), v.to(w), go.to(w), _ext_rvec(plan, ts, q.device), plan.scale, plan.k_prefix, plan.q_offset,
+        plan.causal, plan.topk or 0, learned, EXT_BLOCK_ROWS, EXT_MIN_TASKS)
     dbias = _distance_vector_grad(plan, ts[1], g_rvec) if learned else None
     return dq.to(q.dtype), dk.to(k.dtype), dv.to(v.dtype), [None, dbias]
 
