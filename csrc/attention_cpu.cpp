@@ -89,35 +89,72 @@ inline T exp_sum_row(T* s, T mx, int64_t n) {
   return ((acc[0] + acc[1]) + (acc[2] + acc[3])) + ((acc[4] + acc[5]) + (acc[6] + acc[7])) + tail;
 }
 
+// The k-th largest of s (n > k >= 1), NaN counted as +inf (a NaN row is NaN after exp anyway: this
+// only has to stay well defined); tmp (n) is scratch. The least of the
+// maxima of k disjoint runs of s is at most the k-th largest (they are k distinct entries): one
+// vectorized pass finds it, a second keeps only the entries >= it (usually a few dozen; runs of 8
+// entries below it are skipped by one vector test), and nth_element picks among those.
+template <typename T>
+inline T kth_largest(const T* s, int64_t n, int64_t k, T* tmp) {
+  const T inf = std::numeric_limits<T>::infinity();
+  const int64_t run = n / k;
+  T lo = inf;
+  for (int64_t l = 0; l < k; ++l) {
+    const T* r = s + l * run;
+    const int64_t len = l == k - 1 ? n - l * run : run;
+    const T mx = row_max(r, len);  // NaN is never taken: the bound is a finite entry's, or -inf
+    lo = mx < lo ? mx : lo;
+  }
+  int64_t m = 0, j = 0;
+  for (; j + kLanes <= n; j += kLanes) {
+    int hits = 0;
+    for (int l = 0; l < kLanes; ++l) hits += !(s[j + l] < lo);  // >= lo, or NaN
+    if (!hits) continue;
+    for (int l = 0; l < kLanes; ++l)
+      if (!(s[j + l] < lo)) tmp[m++] = s[j + l] != s[j + l] ? inf : s[j + l];
+  }
+  for (; j < n; ++j)
+    if (!(s[j] < lo)) tmp[m++] = s[j] != s[j] ? inf : s[j];
+  std::nth_element(tmp, tmp + k - 1, tmp + m, std::greater<T>());
+  return tmp[k - 1];
+}
+
 // s (n) <- the logits, rounded as the reference rounds them: scale * s, then + bias (two roundings,
 // never one FMA: top-k compares these values); bias 0 on [0, kp), rv[j] on [kp, n). With
 // 0 < topk < n, the logits below the row's topk-th largest become -inf (ties kept; NaN, which makes
-// the row NaN anyway, counts as the largest), tmp (n) is scratch.
+// the row NaN anyway, counts as the largest), tmp (n) is scratch. -> the row's max (-inf: no key;
+// a NaN logit is not taken by the max: exp then makes the row NaN, which the caller's checks see).
 template <typename T>
-inline void logits_row(T* s, const T* rv, int64_t n, int64_t kp, T scale, int64_t topk, T* tmp) {
+inline T logits_row(T* s, const T* rv, int64_t n, int64_t kp, T scale, int64_t topk, T* tmp) {
+  const int64_t p = std::min(kp, n);
   for (int64_t j = 0; j < n; ++j) s[j] *= scale;
-  for (int64_t j = std::min(kp, n); j < n; ++j) s[j] += rv[j];
-  if (topk <= 0 || topk >= n) return;
-  const T inf = std::numeric_limits<T>::infinity();
-  for (int64_t j = 0; j < n; ++j) tmp[j] = s[j] != s[j] ? inf : s[j];
-  std::nth_element(tmp, tmp + topk - 1, tmp + n, std::greater<T>());
-  const T kth = tmp[topk - 1];
-  for (int64_t j = 0; j < n; ++j) s[j] = s[j] < kth ? -inf : s[j];
+  const T mx = std::max(row_max(s, p), [&] {
+    for (int64_t j = p; j < n; ++j) s[j] += rv[j];
+    return row_max(s + p, n - p);
+  }());
+  if (topk <= 0 || topk >= n) return mx;
+  const T kth = kth_largest(s, n, topk, tmp), ninf = -std::numeric_limits<T>::infinity();
+  for (int64_t j = 0; j < n; ++j) s[j] = s[j] < kth ? ninf : s[j];
+  return mx;  // top-k drops values below the kth only: the max stays
 }
 
-// s (n) <- softmax(s); -> the row's log-sum-exp (natural log), -inf for a row with no key (then
-// s = 0: its gradients are 0). A NaN logit is not taken by the max and makes the row NaN (the
-// caller's NaN checks see it).
+// s (n) <- exp(s - mx), unnormalized; -> the sum (0 for a row with no key, mx = -inf: then s = 0).
 template <typename T>
-inline T softmax_row(T* s, int64_t n) {
-  const T mx = row_max(s, n);
+inline T exp_row(T* s, T mx, int64_t n) {
   if (mx == -std::numeric_limits<T>::infinity()) {
     std::fill(s, s + n, T(0));
-    return mx;
+    return T(0);
   }
-  const T sum = exp_sum_row(s, mx, n), inv = T(1) / sum;
+  return exp_sum_row(s, mx, n);
+}
+
+// s (n) <- softmax(s) given its max (as logits_row gives it); zeros for a row with no key.
+template <typename T>
+inline void softmax_row(T* s, T mx, int64_t n) {
+  const T sum = exp_row(s, mx, n);
+  if (sum == T(0)) return;
+  const T inv = T(1) / sum;
   for (int64_t j = 0; j < n; ++j) s[j] *= inv;
-  return mx + std::log(sum);
 }
 
 // dp (n) <- ds = p * (dp - rowsum(p * dp)); g[j] += ds[j] on [kp, n) in float64 (g may be null).
@@ -186,7 +223,7 @@ void fwd_task(const Sizes& z, const Task& t, const at::Tensor& q, const at::Tens
   const at::Tensor qh = q[t.bi][t.hi], kh = k[t.bi][t.kv], vh = v[t.bi][t.kv], oh = out[t.bi][t.hi];
   const T* rv = rvec + (z.hv == 1 ? 0 : t.hi) * R;
   T* lse_h = lse + (t.bi * z.h + t.hi) * z.nq;
-  std::vector<T> tmp(z.topk > 0 ? z.nk : 0);
+  std::vector<T> tmp(z.topk > 0 ? z.nk : 0), inv(z.block_rows);
   for (int64_t i0 = t.r0; i0 < t.r1; i0 += z.block_rows) {
     const int64_t i1 = std::min(t.r1, i0 + z.block_rows), c = i1 - i0, nkc = keys_for(z, i1);
     at::Tensor p = block(p_buf, c, nkc), ob = oh.slice(0, i0, i1);
@@ -195,11 +232,17 @@ void fwd_task(const Sizes& z, const Task& t, const at::Tensor& q, const at::Tens
     cpu::run_isa([&] {
       for (int64_t r = 0; r < c; ++r) {
         T* row = pp + r * nkc;
-        logits_row(row, rv + z.nq - 1 - (i0 + r), nkc, z.k_prefix, static_cast<T>(z.scale), z.topk, tmp.data());
-        lse_h[i0 + r] = softmax_row(row, nkc);
+        const T mx = logits_row(row, rv + z.nq - 1 - (i0 + r), nkc, z.k_prefix, static_cast<T>(z.scale), z.topk,
+                                tmp.data());
+        const T sum = exp_row(row, mx, nkc);
+        inv[r] = sum == T(0) ? T(0) : T(1) / sum;
+        lse_h[i0 + r] = sum == T(0) ? mx : mx + std::log(sum);
       }
     });
-    at::cpu::mm_out(ob, p, vh.slice(0, 0, nkc));
+    at::cpu::mm_out(ob, p, vh.slice(0, 0, nkc));  // unnormalized: each row scaled by 1 / sum below
+    T* op = ob.data_ptr<T>();
+    for (int64_t r = 0; r < c; ++r)
+      for (int64_t j = 0; j < z.dv; ++j) op[r * z.dv + j] *= inv[r];
   }
 }
 
@@ -225,8 +268,8 @@ void bwd_task(const Sizes& z, const Task& t, const at::Tensor& q, const at::Tens
     cpu::run_isa([&] {
       for (int64_t r = 0; r < c; ++r) {
         const int64_t off = z.nq - 1 - (i0 + r);
-        logits_row(pp + r * nkc, rv + off, nkc, z.k_prefix, static_cast<T>(z.scale), z.topk, tmp.data());
-        softmax_row(pp + r * nkc, nkc);
+        const T mx = logits_row(pp + r * nkc, rv + off, nkc, z.k_prefix, static_cast<T>(z.scale), z.topk, tmp.data());
+        softmax_row(pp + r * nkc, mx, nkc);
         ds_row(pp + r * nkc, dpp + r * nkc, g ? g + off : nullptr, nkc, z.k_prefix);
       }
     });
