@@ -3,7 +3,8 @@ extension when built) vs the eager reference vs plain torch (``a, g = x.chunk(2,
 a * act(g)``); forward and forward+backward; GB/s.
 
 Bytes per call: forward reads x ``(tokens, 2 inner)`` and writes ``(tokens, inner)``; backward
-reads x and dy and writes dx, counted as forward + 2x forward.
+reads x and dy and writes dx, counted as forward + 2x forward. ``copy``: a plain tensor copy of the
+row's bytes (``common.copy_call``): its ms / xtk's is the share of copy bandwidth xtk reaches.
 """
 from __future__ import annotations
 
@@ -12,9 +13,9 @@ import torch.nn.functional as F
 
 import xtk
 
-from .common import sweep_ops, timed_step
+from .common import copy_call, sweep_ops, timed_step
 
-IMPLS = ["xtk", "eager", "torch"]
+IMPLS = ["xtk", "eager", "torch", "copy"]
 MODES = ["fwd", "fwd+bwd"]
 CASES = ["gelu", "silu"]
 _TORCH_ACT = {"gelu": F.gelu, "silu": F.silu}
@@ -29,8 +30,14 @@ def sweep(device: str, full: bool):
     return [(4096, 1024)]
 
 
+def _bytes(tokens, inner, mode, elem) -> int:
+    return tokens * inner * 3 * elem * (3 if mode == "fwd+bwd" else 1)
+
+
 def make_call(impl, case, shape, mode, dtype, device):
     tokens, inner = shape
+    if impl == "copy":
+        return copy_call(_bytes(tokens, inner, mode, torch.finfo(dtype).bits // 8), dtype, device)
     grad = mode == "fwd+bwd"
     g = torch.Generator().manual_seed(0)
     x = torch.randn(tokens, 2 * inner, generator=g).to(device, dtype).requires_grad_(grad)
@@ -56,7 +63,7 @@ def run(device: str, full: bool, dtype, impls=None, modes=None, progress=None):
 
     def row(shape, case, mode):
         tokens, inner = shape
-        return dict(tokens=tokens, inner=inner), tokens * inner * 3 * elem * (3 if mode == "fwd+bwd" else 1)
+        return dict(tokens=tokens, inner=inner), _bytes(tokens, inner, mode, elem)
     return sweep_ops("glu", sweep(device, full), CASES, modes or MODES, impls or IMPLS, make_call, row, device, full,
                      dtype, progress)
 

@@ -177,7 +177,7 @@ def run(device: str, full: bool, dtype, impls=None, modes=None, cases=None, prog
                 if progress:
                     for _ in rows:
                         progress()
-        del model, xt
+        model = AR = xt = None  # free both models before the next case
     return results
 
 

@@ -6,7 +6,9 @@ weight, writes y (and the new residual); forward+backward adds reading dy (and t
 gradient), x again, and writing dx (and the weight gradient), counted as 2x the forward traffic
 plus the forward's. ``F.rms_norm`` with residual is ``F.rms_norm(x + residual)`` (two kernels).
 Note ``F.rms_norm`` uses ``1/sqrt(mean(x^2) + eps)`` where xtk (x-transformers) uses
-``sqrt(dim) / max(||x||, eps)``: the same work, not bit-identical results.
+``sqrt(dim) / max(||x||, eps)``: the same work, not bit-identical results. ``copy``: a plain
+tensor copy of the row's bytes (``common.copy_call``): its ms / xtk's is the share of copy bandwidth
+xtk reaches.
 """
 from __future__ import annotations
 
@@ -15,9 +17,9 @@ import torch.nn.functional as F
 
 import xtk
 
-from .common import sweep_ops, timed_step
+from .common import copy_call, sweep_ops, timed_step
 
-IMPLS = ["xtk", "eager", "F.rms_norm"]
+IMPLS = ["xtk", "eager", "F.rms_norm", "copy"]
 MODES = ["fwd", "fwd+bwd"]
 CASES = ["rms_norm", "rms_norm+residual"]
 
@@ -38,6 +40,9 @@ def _bytes(tokens, dim, residual: bool, mode: str, elem: int) -> float:
 
 def make_call(impl, case, shape, mode, dtype, device):
     tokens, dim = shape
+    if impl == "copy":
+        return copy_call(_bytes(tokens, dim, case.endswith("residual"), mode, torch.finfo(dtype).bits // 8), dtype,
+                         device)
     grad = mode == "fwd+bwd"
     g = torch.Generator().manual_seed(0)
     x = torch.randn(tokens, dim, generator=g).to(device, dtype).requires_grad_(grad)

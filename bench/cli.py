@@ -22,8 +22,8 @@ from .common import Result, device_slug, dump_json, environment, fmt
 
 OPS = OrderedDict(attention=bench_attention, rms_norm=bench_norm, glu=bench_glu, model=bench_model,
                   decode=bench_decode, varlen=bench_varlen)
-BASELINES = {"attention": ["eager", "sdpa", "sdpa-nobias", "flex"], "rms_norm": ["eager", "F.rms_norm"],
-             "glu": ["eager", "torch"], "model": ["eager", "xtk-cat", "x-transformers"], "decode": ["sdpa", "flex", "xtk-paged"],
+BASELINES = {"attention": ["eager", "sdpa", "sdpa-nobias", "flex"], "rms_norm": ["eager", "F.rms_norm", "copy"],
+             "glu": ["eager", "torch", "copy"], "model": ["eager", "xtk-cat", "x-transformers"], "decode": ["sdpa", "flex", "xtk-paged"],
              "varlen": ["sdpa-padded"]}
 METRIC = {"attention": "TFLOP/s", "rms_norm": "GB/s", "glu": "GB/s", "model": "tok/s", "decode": "GB/s",
           "varlen": "TFLOP/s"}

@@ -364,6 +364,16 @@ def timed_step(fwd: Callable[[], torch.Tensor], grad: bool, leaves=(), go=None) 
     return step
 
 
+def copy_call(nbytes: float, dtype, device: str) -> Callable[[], object]:
+    """The 'copy' baseline of the elementwise ops: ``dst.copy_(src)`` moving ``nbytes`` (half read,
+    half written), the bytes the row counts for the op, so that copy ms / op ms is the share of a
+    plain copy's bandwidth the op reaches in the same run."""
+    elem = torch.finfo(dtype).bits // 8
+    src = torch.randn(max(1, int(nbytes) // (2 * elem))).to(device, dtype)
+    dst = torch.empty_like(src)
+    return lambda: dst.copy_(src)
+
+
 def sweep_ops(op: str, shapes, cases, modes, impls, make_call, row, device: str, full: bool, dtype,
               progress=None) -> list[Result]:
     """One measured ``Result`` per (shape, case, mode, impl), in that order, for the elementwise ops
