@@ -113,8 +113,10 @@ def test_backward_keeps_no_quadratic_state():
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=["fp32", "bf16"])
 @pytest.mark.parametrize("nq,nk,hk", [(17, 17, 4), (130, 65, 2), (65, 130, 1), (1, 1, 4)])
 @pytest.mark.parametrize("kind", ["none"])
-def test_native_causal_path(dtype, nq, nk, hk, kind):
-    """Top-left causal with no bias runs one kernel call with the kernel's own causal flag."""
+def test_native_causal_path(monkeypatch, dtype, nq, nk, hk, kind):
+    """Top-left causal with no bias runs one kernel call with the kernel's own causal flag (without
+    the extension, which runs causal calls where it is built)."""
+    monkeypatch.setattr(attention_chunked, "USE_EXT", False)
     g = torch.Generator().manual_seed(nq + nk)
     slopes = torch.tensor(alibi_slopes(H)) * 4  # steep: the dropped row constant is large
     inputs = dict(q=torch.randn(2, H, nq, D, generator=g), k=torch.randn(2, hk, nk, D, generator=g),
@@ -199,20 +201,18 @@ def test_ext_equals_chunk_loop(monkeypatch, kind, causal, hk, k_prefix, q_offset
 
 
 def test_ext_plan_and_threads(monkeypatch):
-    """Which calls take the extension (top-k, a learned position bias's gradient; no attn_mask or
-    Dense piece), and its results do not depend on the task split or the thread count."""
+    """Which calls take the extension (a position bias, a causal mask with an offset, top-k; no
+    attn_mask or Dense piece), and its results do not depend on the task split or the thread count."""
     _ext_or_skip()
     g = torch.Generator().manual_seed(2)
     q = torch.randn(1, H, 40, D, generator=g)
     def inputs(attn_mask=None, is_causal=False, bias=None, topk=None, q_offset=0):
         return AttentionInputs(q, q, q, attn_mask, 0.0, is_causal, None, bias, topk, None, None, q_offset, 0, None)
-    plan = lambda i, grad=True: attention_chunked._make_plan(i, q, D ** -0.5, bias_grad=grad)  # noqa: E731
+    plan = lambda i: attention_chunked._make_plan(i, q, D ** -0.5)  # noqa: E731
     slopes = torch.tensor(alibi_slopes(H))
-    assert plan(inputs(bias=Alibi(slopes))).ext and plan(inputs(bias=Alibi(slopes), is_causal=True, q_offset=3)).ext
-    assert plan(inputs(bias=Alibi(slopes), topk=4), grad=False).ext and plan(inputs(topk=4)).ext
-    # the fused kernel's chunks: no learned bias gradient (inference, fixed slopes), causal alone, no bias
-    assert not plan(inputs(bias=Alibi(slopes)), grad=False).ext and not plan(inputs(is_causal=True, q_offset=3)).ext
-    assert not plan(inputs()).ext
+    assert plan(inputs(bias=Alibi(slopes))).ext and plan(inputs(is_causal=True, q_offset=3)).ext
+    assert plan(inputs(bias=Alibi(slopes), topk=4)).ext and plan(inputs(topk=4)).ext
+    assert plan(inputs(is_causal=True)).ext and not plan(inputs()).ext  # no bias, not causal: the fused kernel
     assert not plan(inputs(bias=Alibi(slopes), attn_mask=torch.ones(40, 40, dtype=torch.bool))).ext
     assert not plan(inputs(bias=Dense(torch.randn(40, 40)))).ext
     results = []
