@@ -40,51 +40,81 @@ void for_chunks(int64_t rows, int64_t cols, F&& body) {
   });
 }
 
+// fp32 rows in place (no copy: the copies through a buffer were half the time), other dtypes
+// widened into buf; out() is where the fp32 results go, flush() stores them to T.
+template <typename T>
+inline const float* in_row(const T* src, float* buf, int64_t n) {
+  if constexpr (std::is_same<T, float>::value) {
+    return src;
+  } else {
+    load_row(src, buf, n);
+    return buf;
+  }
+}
+template <typename T>
+inline float* out_row(T* dst, float* buf) {
+  if constexpr (std::is_same<T, float>::value) {
+    return dst;
+  } else {
+    return buf;
+  }
+}
+template <typename T>
+inline void flush(const float* buf, T* dst, int64_t n) {
+  if constexpr (!std::is_same<T, float>::value) store_row(buf, dst, n);
+}
+
 template <typename T, int ACT>
 void glu_fwd_impl(const T* x, T* y, int64_t rows, int64_t inner) {
   for_chunks(rows, inner, [&](int64_t r, int64_t c0, int64_t n) {
-    float a[kChunk], gt[kChunk];
+    float ab[kChunk], gb[kChunk], ob[kChunk];
     const T* xr = x + r * 2 * inner;
-    load_row(xr + c0, a, n);
-    load_row(xr + inner + c0, gt, n);
-    for (int64_t k = 0; k < n; ++k) a[k] = ::xtk::glu_fwd<ACT>(a[k], gt[k]);
-    store_row(a, y + r * inner + c0, n);
+    const float* __restrict__ a = in_row(xr + c0, ab, n);
+    const float* __restrict__ gt = in_row(xr + inner + c0, gb, n);
+    T* yr = y + r * inner + c0;
+    float* __restrict__ o = out_row(yr, ob);
+    for (int64_t k = 0; k < n; ++k) o[k] = ::xtk::glu_fwd<ACT>(a[k], gt[k]);
+    flush(o, yr, n);
   });
 }
 
 template <typename T, int ACT>
 void glu_bwd_impl(const T* dy, const T* x, T* dx, int64_t rows, int64_t inner) {
   for_chunks(rows, inner, [&](int64_t r, int64_t c0, int64_t n) {
-    float a[kChunk], gt[kChunk], d[kChunk], da[kChunk], dg[kChunk];
+    float ab[kChunk], gb[kChunk], db[kChunk], dab[kChunk], dgb[kChunk];
     const T* xr = x + r * 2 * inner;
-    load_row(xr + c0, a, n);
-    load_row(xr + inner + c0, gt, n);
-    load_row(dy + r * inner + c0, d, n);
-    for (int64_t k = 0; k < n; ++k) ::xtk::glu_bwd<ACT>(d[k], a[k], gt[k], &da[k], &dg[k]);
+    const float* __restrict__ a = in_row(xr + c0, ab, n);
+    const float* __restrict__ gt = in_row(xr + inner + c0, gb, n);
+    const float* __restrict__ d = in_row(dy + r * inner + c0, db, n);
     T* dxr = dx + r * 2 * inner;
-    store_row(da, dxr + c0, n);
-    store_row(dg, dxr + inner + c0, n);
+    float* __restrict__ da = out_row(dxr + c0, dab);
+    float* __restrict__ dg = out_row(dxr + inner + c0, dgb);
+    for (int64_t k = 0; k < n; ++k) ::xtk::glu_bwd<ACT>(d[k], a[k], gt[k], &da[k], &dg[k]);
+    flush(da, dxr + c0, n);
+    flush(dg, dxr + inner + c0, n);
   });
 }
 
 template <typename T, int ACT>
 void act_fwd_impl(const T* x, T* y, int64_t n_all) {
   for_chunks(1, n_all, [&](int64_t, int64_t c0, int64_t n) {
-    float v[kChunk];
-    load_row(x + c0, v, n);
-    for (int64_t k = 0; k < n; ++k) v[k] = ::xtk::act_fwd<ACT>(v[k]);
-    store_row(v, y + c0, n);
+    float vb[kChunk], ob[kChunk];
+    const float* __restrict__ v = in_row(x + c0, vb, n);
+    float* __restrict__ o = out_row(y + c0, ob);
+    for (int64_t k = 0; k < n; ++k) o[k] = ::xtk::act_fwd<ACT>(v[k]);
+    flush(o, y + c0, n);
   });
 }
 
 template <typename T, int ACT>
 void act_bwd_impl(const T* dy, const T* x, T* dx, int64_t n_all) {
   for_chunks(1, n_all, [&](int64_t, int64_t c0, int64_t n) {
-    float v[kChunk], d[kChunk];
-    load_row(x + c0, v, n);
-    load_row(dy + c0, d, n);
-    for (int64_t k = 0; k < n; ++k) d[k] *= ::xtk::act_grad<ACT>(v[k]);
-    store_row(d, dx + c0, n);
+    float vb[kChunk], db[kChunk], ob[kChunk];
+    const float* __restrict__ v = in_row(x + c0, vb, n);
+    const float* __restrict__ d = in_row(dy + c0, db, n);
+    float* __restrict__ o = out_row(dx + c0, ob);
+    for (int64_t k = 0; k < n; ++k) o[k] = d[k] * ::xtk::act_grad<ACT>(v[k]);
+    flush(o, dx + c0, n);
   });
 }
 
