@@ -1,6 +1,6 @@
 """``python -m xtk bench``: run the benchmark suite, print a table, optionally save JSON / markdown / PNG.
 
-    python -m xtk bench                          # quick sweep of every op (~2-3 min on a shared 2-core CPU)
+    python -m xtk bench                          # quick sweep of every op (~1.5 min on a quiet 2-core CPU)
     python -m xtk bench --op attention --full    # the issue's sweep: n 512..16k, hd 64/128, 16 heads
     python -m xtk bench --json r.json --markdown r.md --plot r.png
     python -m xtk bench --save                   # all three into bench/results/<device-slug>/
