@@ -48,17 +48,6 @@ inline double exp_of(double x) { return std::exp(x); }
 constexpr int kLanes = 8;  // independent accumulators: reductions vectorize without fast-math
 
 template <typename T>
-inline T row_dot(const T* a, const T* b, int64_t n) {
-  T acc[kLanes] = {0, 0, 0, 0, 0, 0, 0, 0};
-  int64_t k = 0;
-  for (; k + kLanes <= n; k += kLanes)
-    for (int l = 0; l < kLanes; ++l) acc[l] += a[k + l] * b[k + l];
-  T tail = 0;
-  for (; k < n; ++k) tail += a[k] * b[k];
-  return ((acc[0] + acc[1]) + (acc[2] + acc[3])) + ((acc[4] + acc[5]) + (acc[6] + acc[7])) + tail;
-}
-
-template <typename T>
 inline T row_max(const T* s, int64_t n) {
   const T ninf = -std::numeric_limits<T>::infinity();
   T acc[kLanes] = {ninf, ninf, ninf, ninf, ninf, ninf, ninf, ninf};
@@ -160,7 +149,7 @@ inline void softmax_row(T* s, T mx, int64_t n) {
 // dp (n) <- ds = p * (dp - rowsum(p * dp)); g[j] += ds[j] on [kp, n) in float64 (g may be null).
 template <typename T>
 inline void ds_row(const T* p, T* dp, double* g, int64_t n, int64_t kp) {
-  const T d = row_dot(p, dp, n);
+  const T d = cpu::dot_lanes(p, dp, n);
   for (int64_t j = 0; j < n; ++j) dp[j] = p[j] * (dp[j] - d);
   if (g)
     for (int64_t j = std::min(kp, n); j < n; ++j) g[j] += static_cast<double>(dp[j]);

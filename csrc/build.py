@@ -35,25 +35,25 @@ NVCC_FLAGS = ["-O3", "-lineinfo"]  # no fast math: IEEE division/exp/erf, as eag
 # there before the driver's implicit -lstdc++ comes, and records NEEDED libstdc++.so.6.
 
 
-def loaded_cxx_runtime():
-    """Path of the libstdc++ shared object this process has mapped (torch loads it), or None."""
+def loaded_library(name: str):
+    """Path of the shared object ``/<name>...`` this process has mapped (torch loads libstdc++ and, in
+    its CPU wheels, its own libgomp), or None."""
     try:
         with open("/proc/self/maps") as f:
-            paths = {line.split()[-1] for line in f if "/libstdc++.so" in line}
+            paths = {line.split()[-1] for line in f if f"/{name}" in line}
     except OSError:
         return None
     return min(paths) if paths else None
+
+
+def loaded_cxx_runtime():
+    """Path of the libstdc++ shared object this process has mapped (torch loads it), or None."""
+    return loaded_library("libstdc++.so")
 
 
 def loaded_openmp_runtime():
-    """Path of the OpenMP runtime (libgomp) this process has mapped (torch's CPU wheel loads its own
-    copy), or None."""
-    try:
-        with open("/proc/self/maps") as f:
-            paths = {line.split()[-1] for line in f if "/libgomp" in line}
-    except OSError:
-        return None
-    return min(paths) if paths else None
+    """Path of the OpenMP runtime (libgomp) this process has mapped, or None."""
+    return loaded_library("libgomp")
 
 
 def openmp_compile_flags() -> list:

@@ -66,14 +66,16 @@ inline void dispatch_dtype(DType dt, F&& f) {
   throw std::invalid_argument("xtk cpu: unsupported dtype code");
 }
 
-// Sum of a[k] * b[k] in fp32 with 8 independent lanes (vectorizes without fast-math), scalar tail.
-inline float dot_lanes(const float* a, const float* b, int64_t n) {
+// Sum of a[k] * b[k] in T (float or double) with 8 independent lanes (vectorizes without
+// fast-math), scalar tail.
+template <typename T>
+inline T dot_lanes(const T* a, const T* b, int64_t n) {
   constexpr int L = 8;
-  float acc[L] = {0, 0, 0, 0, 0, 0, 0, 0};
+  T acc[L] = {0, 0, 0, 0, 0, 0, 0, 0};
   int64_t k = 0;
   for (; k + L <= n; k += L)
     for (int l = 0; l < L; ++l) acc[l] += a[k + l] * b[k + l];
-  float tail = 0.0f;
+  T tail = 0;
   for (; k < n; ++k) tail += a[k] * b[k];
   return ((acc[0] + acc[1]) + (acc[2] + acc[3])) + ((acc[4] + acc[5]) + (acc[6] + acc[7])) + tail;
 }
