@@ -23,8 +23,8 @@ CUDA_SOURCES = ["csrc/torch_ops_cuda.cpp"] + sorted(
     os.path.relpath(p, ROOT) for p in glob.glob(os.path.join(HERE, "kernels", "*.cu")))
 INCLUDE_DIRS = [os.path.join(HERE, "include")]
 # No -march/-mavx2 here: a build runs on other machines. The CPU loops are compiled at the baseline
-# ISA and again with AVX2 + FMA (per-function target attributes, csrc/cpu/cpu_common.h), and the
-# extension picks one at import (xtk._C.cpu_isa); AVX2 makes GLU 1.3-1.7x faster than SSE2.
+# ISA and again with AVX2 + FMA and with AVX-512 (per-function target attributes, csrc/cpu/cpu_common.h),
+# and the extension picks one at import (xtk._C.cpu_isa); AVX2 makes GLU 1.3-1.7x faster than SSE2.
 CXX_FLAGS = ["-O3", "-g0", "-fno-trapping-math"]  # lets the selects in xtk_math.h vectorize; same results
 NVCC_FLAGS = ["-O3", "-lineinfo"]  # no fast math: IEEE division/exp/erf, as eager
 # Link the C++ runtime the process already has (torch's): a compiler driver whose own library

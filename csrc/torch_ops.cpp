@@ -249,7 +249,7 @@ TORCH_LIBRARY_IMPL(xtk, CPU, m) {
 
 // A plain Python module (no pybind11): importing xtk._C loads the library, which registers the ops.
 // Its attributes: with_cuda (0/1) and cpu_isa, the copy of the CPU loops this process runs
-// ("avx2+fma" or "baseline", fixed at import: XTK_CPU_ISA=baseline forces the baseline copy).
+// ("avx512", "avx2+fma" or "baseline", fixed at import: XTK_CPU_ISA=avx2 or baseline caps the choice).
 extern "C" PyObject* PyInit__C(void) {
   static PyModuleDef module = {PyModuleDef_HEAD_INIT, "_C", "xtk C++/CUDA ops, registered as torch.ops.xtk.*", -1,
                                nullptr};

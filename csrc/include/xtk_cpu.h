@@ -9,12 +9,13 @@
 namespace xtk {
 namespace cpu {
 
-// The instruction set the vectorized loops run with, chosen once per process: kAvx2 when the CPU has
-// AVX2 and FMA (and the build is for x86), else kBaseline; XTK_CPU_ISA=baseline forces kBaseline.
-// Throws std::invalid_argument for any other XTK_CPU_ISA than auto, baseline or unset.
-enum class Isa { kBaseline, kAvx2 };
+// The instruction set the vectorized loops run with, chosen once per process (x86 builds): kAvx512
+// when the CPU has AVX-512 F/VL/BW/DQ (with AVX2 and FMA), else kAvx2 when it has AVX2 and FMA, else
+// kBaseline. XTK_CPU_ISA=baseline or avx2 caps the choice at that copy. Throws std::invalid_argument
+// for any other XTK_CPU_ISA than auto, avx2, baseline or unset.
+enum class Isa { kBaseline, kAvx2, kAvx512 };
 #if (defined(__x86_64__) || defined(__i386__)) && defined(__GNUC__)
-#define XTK_CPU_AVX2 1  // the AVX2 copy is built (gcc / clang on x86)
+#define XTK_CPU_AVX2 1  // the AVX2 and AVX-512 copies are built (gcc / clang on x86)
 #else
 #define XTK_CPU_AVX2 0
 #endif
