@@ -21,7 +21,7 @@ from csrc.build import CXX_FLAGS  # noqa: E402
 
 try:
     _C = _ext.load()
-except ImportError as e:  # reported by tests/test_rms_norm.py::test_extension_is_built
+except ImportError:  # reported by tests/test_rms_norm.py::test_extension_is_built
     _C = None
 needs_ext = pytest.mark.skipif(_C is None, reason="xtk._C not built (tests/test_rms_norm.py::test_extension_is_built fails)")
 X86 = platform.machine() in ("x86_64", "AMD64", "i686")

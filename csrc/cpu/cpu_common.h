@@ -24,6 +24,22 @@ inline void store_row(const float* src, T* dst, int64_t n) {
   for (int64_t k = 0; k < n; ++k) dst[k] = static_cast<T>(src[k]);
 }
 
+// Software prefetch (for reading) of the cache lines of src[0, n). On x86 an asm volatile
+// prefetcht0: gcc treats __builtin_prefetch as free of side effects, marked a lambda holding only
+// prefetches `const` and deleted the calls (the GLU loops had none).
+inline void prefetch_line(const void* p) {
+#if defined(__x86_64__) || defined(__i386__)
+  asm volatile("prefetcht0 %0" : : "m"(*static_cast<const char*>(p)));
+#else
+  __builtin_prefetch(p, 0, 3);
+#endif
+}
+template <typename T>
+inline void prefetch_row(const T* src, int64_t n) {
+  constexpr int64_t kLine = 64 / sizeof(T);
+  for (int64_t k = 0; k < n; k += kLine) prefetch_line(src + k);
+}
+
 // The loops are compiled three times: at the baseline ISA (SSE2 on x86-64) and, on x86, with AVX2 +
 // FMA and with AVX-512 (F/VL/BW/DQ, 512-bit vectors preferred: on Zen 5 its fp32 division and the
 // masked selects run 2-5x faster than the AVX2 copy's); isa() picks one per process (isa.cpp);

@@ -15,6 +15,11 @@ namespace cpu {
 namespace {
 
 constexpr int64_t kChunk = 256;
+// Chunks prefetched ahead (kAhead * kChunk elements per input stream, 4 KiB in fp32). The GLU rows
+// read a and gate from alternate 4 KiB pages, which the hardware prefetchers follow too late for the
+// activations' long per-vector math: GELU's forward ran at half the speed of the same loop over
+// separate arrays (Zen 5, AVX-512 copy: 3.1 -> 1.5 ms per 4000 x 1024, one thread).
+constexpr int64_t kAhead = 8;
 
 template <typename F>
 void dispatch_act(int act, F&& f) {
@@ -28,12 +33,17 @@ void dispatch_act(int act, F&& f) {
   throw std::invalid_argument("xtk cpu: unknown activation code");
 }
 
-// Runs body(row, col0, n) over (rows, cols) in chunks of at most kChunk columns, in parallel.
-template <typename F>
-void for_chunks(int64_t rows, int64_t cols, F&& body) {
+// Runs body(row, col0, n) over (rows, cols) in chunks of at most kChunk columns, in parallel; before
+// each chunk, prefetch(row, col0, n) of the chunk kAhead places later in the same thread's range.
+template <typename P, typename F>
+void for_chunks(int64_t rows, int64_t cols, P&& prefetch, F&& body) {
   const int64_t per_row = (cols + kChunk - 1) / kChunk;
   parallel_for_isa(0, rows * per_row, std::max<int64_t>(1, 8192 / kChunk), [&](int64_t begin, int64_t end) {
     for (int64_t i = begin; i < end; ++i) {
+      if (i + kAhead < end) {
+        const int64_t j = i + kAhead, c0 = (j % per_row) * kChunk;
+        prefetch(j / per_row, c0, std::min(kChunk, cols - c0));
+      }
       const int64_t r = i / per_row, c0 = (i % per_row) * kChunk;
       body(r, c0, std::min(kChunk, cols - c0));
     }
@@ -66,7 +76,11 @@ inline void flush(const float* buf, T* dst, int64_t n) {
 
 template <typename T, int ACT>
 void glu_fwd_impl(const T* x, T* y, int64_t rows, int64_t inner) {
-  for_chunks(rows, inner, [&](int64_t r, int64_t c0, int64_t n) {
+  auto prefetch = [&](int64_t r, int64_t c0, int64_t n) {
+    prefetch_row(x + r * 2 * inner + c0, n);
+    prefetch_row(x + r * 2 * inner + inner + c0, n);
+  };
+  for_chunks(rows, inner, prefetch, [&](int64_t r, int64_t c0, int64_t n) {
     float ab[kChunk], gb[kChunk], ob[kChunk];
     const T* xr = x + r * 2 * inner;
     const float* __restrict__ a = in_row(xr + c0, ab, n);
@@ -80,7 +94,12 @@ void glu_fwd_impl(const T* x, T* y, int64_t rows, int64_t inner) {
 
 template <typename T, int ACT>
 void glu_bwd_impl(const T* dy, const T* x, T* dx, int64_t rows, int64_t inner) {
-  for_chunks(rows, inner, [&](int64_t r, int64_t c0, int64_t n) {
+  auto prefetch = [&](int64_t r, int64_t c0, int64_t n) {
+    prefetch_row(x + r * 2 * inner + c0, n);
+    prefetch_row(x + r * 2 * inner + inner + c0, n);
+    prefetch_row(dy + r * inner + c0, n);
+  };
+  for_chunks(rows, inner, prefetch, [&](int64_t r, int64_t c0, int64_t n) {
     float ab[kChunk], gb[kChunk], db[kChunk], dab[kChunk], dgb[kChunk];
     const T* xr = x + r * 2 * inner;
     const float* __restrict__ a = in_row(xr + c0, ab, n);
@@ -97,7 +116,8 @@ void glu_bwd_impl(const T* dy, const T* x, T* dx, int64_t rows, int64_t inner) {
 
 template <typename T, int ACT>
 void act_fwd_impl(const T* x, T* y, int64_t n_all) {
-  for_chunks(1, n_all, [&](int64_t, int64_t c0, int64_t n) {
+  auto prefetch = [&](int64_t, int64_t c0, int64_t n) { prefetch_row(x + c0, n); };
+  for_chunks(1, n_all, prefetch, [&](int64_t, int64_t c0, int64_t n) {
     float vb[kChunk], ob[kChunk];
     const float* __restrict__ v = in_row(x + c0, vb, n);
     float* __restrict__ o = out_row(y + c0, ob);
@@ -108,7 +128,11 @@ void act_fwd_impl(const T* x, T* y, int64_t n_all) {
 
 template <typename T, int ACT>
 void act_bwd_impl(const T* dy, const T* x, T* dx, int64_t n_all) {
-  for_chunks(1, n_all, [&](int64_t, int64_t c0, int64_t n) {
+  auto prefetch = [&](int64_t, int64_t c0, int64_t n) {
+    prefetch_row(x + c0, n);
+    prefetch_row(dy + c0, n);
+  };
+  for_chunks(1, n_all, prefetch, [&](int64_t, int64_t c0, int64_t n) {
     float vb[kChunk], db[kChunk], ob[kChunk];
     const float* __restrict__ v = in_row(x + c0, vb, n);
     const float* __restrict__ d = in_row(dy + c0, db, n);
