@@ -8,6 +8,7 @@
 
 #include <cstdint>
 #include <stdexcept>
+#include <type_traits>
 
 #include "xtk_cpu.h"
 
@@ -22,6 +23,31 @@ inline void load_row(const T* src, float* dst, int64_t n) {
 template <typename T>
 inline void store_row(const float* src, T* dst, int64_t n) {
   for (int64_t k = 0; k < n; ++k) dst[k] = static_cast<T>(src[k]);
+}
+
+// The rows of a loop in fp32: fp32 rows in place (no copy: in the GLU loops the copies through a
+// buffer were half the time), other dtypes widened into buf; out_row() is where the fp32 results
+// go, flush() stores them to T.
+template <typename T>
+inline const float* in_row(const T* src, float* buf, int64_t n) {
+  if constexpr (std::is_same<T, float>::value) {
+    return src;
+  } else {
+    load_row(src, buf, n);
+    return buf;
+  }
+}
+template <typename T>
+inline float* out_row(T* dst, float* buf) {
+  if constexpr (std::is_same<T, float>::value) {
+    return dst;
+  } else {
+    return buf;
+  }
+}
+template <typename T>
+inline void flush(const float* buf, T* dst, int64_t n) {
+  if constexpr (!std::is_same<T, float>::value) store_row(buf, dst, n);
 }
 
 // Software prefetch (for reading) of the cache lines of src[0, n). On x86 an asm volatile

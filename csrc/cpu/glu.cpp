@@ -50,30 +50,6 @@ void for_chunks(int64_t rows, int64_t cols, P&& prefetch, F&& body) {
   });
 }
 
-// fp32 rows in place (no copy: the copies through a buffer were half the time), other dtypes
-// widened into buf; out() is where the fp32 results go, flush() stores them to T.
-template <typename T>
-inline const float* in_row(const T* src, float* buf, int64_t n) {
-  if constexpr (std::is_same<T, float>::value) {
-    return src;
-  } else {
-    load_row(src, buf, n);
-    return buf;
-  }
-}
-template <typename T>
-inline float* out_row(T* dst, float* buf) {
-  if constexpr (std::is_same<T, float>::value) {
-    return dst;
-  } else {
-    return buf;
-  }
-}
-template <typename T>
-inline void flush(const float* buf, T* dst, int64_t n) {
-  if constexpr (!std::is_same<T, float>::value) store_row(buf, dst, n);
-}
-
 template <typename T, int ACT>
 void glu_fwd_impl(const T* x, T* y, int64_t rows, int64_t inner) {
   auto prefetch = [&](int64_t r, int64_t c0, int64_t n) {

@@ -1,6 +1,6 @@
 // CPU RMSNorm / ScaleNorm (optionally fused with the residual add), forward and backward.
-// Rows are split over threads with parallel_for_isa; each row is widened once into an fp32
-// buffer, and the math comes from xtk_math.h (shared with the CUDA kernels), in the copy of
+// Rows are split over threads with parallel_for_isa; fp32 rows are read and written in place,
+// other dtypes widened once into fp32 buffers (in_row / out_row), and the math comes from xtk_math.h (shared with the CUDA kernels), in the copy of
 // the loops compiled for this CPU (cpu_common.h).
 #include <ATen/Parallel.h>
 
@@ -15,32 +15,36 @@ namespace xtk {
 namespace cpu {
 namespace {
 
+// y = (s / |n|) * sqrt(dim) * g for s = x (+ residual, rounded to T as eager does, written to s_out).
 template <typename T>
 void fwd_impl(const T* x, const T* res, T* s_out, const float* g, int64_t g_stride, T* y, float* norm,
               int64_t rows, int64_t dim, float eps) {
   const float sqrt_dim = std::sqrt(static_cast<float>(dim));
   const int64_t grain = std::max<int64_t>(1, 16384 / std::max<int64_t>(dim, 1));
   parallel_for_isa(0, rows, grain, [&](int64_t begin, int64_t end) {
-    std::vector<float> buf(dim), tmp(res ? dim : 0);
+    std::vector<float> xb(dim), rb(res ? dim : 0), sb(dim), yb(dim);
     for (int64_t r = begin; r < end; ++r) {
-      const T* xr = x + r * dim;
-      load_row(xr, buf.data(), dim);
-      if (res) {  // s = x + residual, rounded to T (as eager does), then normalized
-        load_row(res + r * dim, tmp.data(), dim);
-        T* sr = s_out + r * dim;
-        for (int64_t k = 0; k < dim; ++k) sr[k] = static_cast<T>(buf[k] + tmp[k]);
-        load_row(sr, buf.data(), dim);
+      const float* __restrict__ sr = in_row(x + r * dim, xb.data(), dim);
+      if (res) {
+        const float* __restrict__ xr = sr;
+        const float* __restrict__ rr = in_row(res + r * dim, rb.data(), dim);
+        T* st = s_out + r * dim;
+        float* __restrict__ so = out_row(st, sb.data());
+        for (int64_t k = 0; k < dim; ++k) so[k] = xr[k] + rr[k];
+        flush(so, st, dim);
+        sr = in_row(st, sb.data(), dim);  // the rounded sum (fp32: the same values, in place)
       }
-      const float n = rms_norm_signed(dot_lanes(buf.data(), buf.data(), dim), eps);
+      const float n = rms_norm_signed(dot_lanes(sr, sr, dim), eps);
       norm[r] = n;
-      const float an = std::fabs(n);
-      T* yr = y + r * dim;
+      const float an = std::fabs(n), g0 = g ? g[0] : 1.0f;
+      T* yt = y + r * dim;
+      float* __restrict__ yr = out_row(yt, yb.data());
       if (g && g_stride) {
-        for (int64_t k = 0; k < dim; ++k) yr[k] = static_cast<T>(buf[k] / an * sqrt_dim * g[k]);
+        for (int64_t k = 0; k < dim; ++k) yr[k] = sr[k] / an * sqrt_dim * g[k];
       } else {
-        const float g0 = g ? g[0] : 1.0f;
-        for (int64_t k = 0; k < dim; ++k) yr[k] = static_cast<T>(buf[k] / an * sqrt_dim * g0);
+        for (int64_t k = 0; k < dim; ++k) yr[k] = sr[k] / an * sqrt_dim * g0;
       }
+      flush(yr, yt, dim);
     }
   });
 }
@@ -53,32 +57,35 @@ void bwd_impl(const T* dy, const T* ds_extra, const T* s, const float* g, int64_
   // One part = a contiguous range of rows with its own gain-gradient partial row: no second pass
   // over s for dg, no atomics; the caller sums the parts.
   parallel_for_isa(0, parts, 1, [&](int64_t pbegin, int64_t pend) {
-    std::vector<float> sb(dim), gdy(dim), dyb(dim), out(dim), extra(ds_extra ? dim : 0);
+    std::vector<float> sb(dim), gdy(dim), dyb(dim), sh(dim), outb(dim), extra(ds_extra ? dim : 0);
     for (int64_t p = pbegin; p < pend; ++p) {
       const int64_t r0 = p * rows / parts, r1 = (p + 1) * rows / parts;
       double* dgp = dg_partial ? dg_partial + p * dim : nullptr;
       if (dgp) std::fill(dgp, dgp + dim, 0.0);
       for (int64_t r = r0; r < r1; ++r) {
-        load_row(s + r * dim, sb.data(), dim);
-        load_row(dy + r * dim, dyb.data(), dim);
+        const float* __restrict__ sr = in_row(s + r * dim, sb.data(), dim);
+        const float* __restrict__ dyr = in_row(dy + r * dim, dyb.data(), dim);
+        const float g0 = g ? g[0] : 1.0f;
         if (g && g_stride) {
-          for (int64_t k = 0; k < dim; ++k) gdy[k] = g[k] * dyb[k];
+          for (int64_t k = 0; k < dim; ++k) gdy[k] = g[k] * dyr[k];
         } else {
-          const float g0 = g ? g[0] : 1.0f;
-          for (int64_t k = 0; k < dim; ++k) gdy[k] = g0 * dyb[k];
+          for (int64_t k = 0; k < dim; ++k) gdy[k] = g0 * dyr[k];
         }
         const float an = std::fabs(norm[r]);
-        for (int64_t k = 0; k < dim; ++k) sb[k] /= an;  // shat
+        for (int64_t k = 0; k < dim; ++k) sh[k] = sr[k] / an;  // shat
         float a, b;
-        rms_bwd_coefs(norm[r], sqrt_dim, dot_lanes(gdy.data(), sb.data(), dim), &a, &b);
-        for (int64_t k = 0; k < dim; ++k) out[k] = a * (gdy[k] - b * sb[k]);
+        rms_bwd_coefs(norm[r], sqrt_dim, dot_lanes(gdy.data(), sh.data(), dim), &a, &b);
+        T* dxt = dx + r * dim;
+        float* __restrict__ out = out_row(dxt, outb.data());
         if (ds_extra) {
-          load_row(ds_extra + r * dim, extra.data(), dim);
-          for (int64_t k = 0; k < dim; ++k) out[k] += extra[k];
+          const float* __restrict__ ex = in_row(ds_extra + r * dim, extra.data(), dim);
+          for (int64_t k = 0; k < dim; ++k) out[k] = a * (gdy[k] - b * sh[k]) + ex[k];
+        } else {
+          for (int64_t k = 0; k < dim; ++k) out[k] = a * (gdy[k] - b * sh[k]);
         }
-        store_row(out.data(), dx + r * dim, dim);
+        flush(out, dxt, dim);
         if (dgp)
-          for (int64_t k = 0; k < dim; ++k) dgp[k] += static_cast<double>(sqrt_dim * dyb[k] * sb[k]);
+          for (int64_t k = 0; k < dim; ++k) dgp[k] += static_cast<double>(sqrt_dim * dyr[k] * sh[k]);
       }
     }
   });
