@@ -528,9 +528,7 @@ class AttentionLayers(nn.Module):
             left_pad = torch.arange(n + kv_length, device=x.device) >= seq_start_pos[..., None]
             self_attn_kv_mask = left_pad if self_attn_kv_mask is None else self_attn_kv_mask & left_pad
         mems, mem_masks = self._layer_mems(mems, mem_masks, b)
-        call = _CallInputs(mask, context, context_mask, self_attn_kv_mask, attn_mask,
-                           rotary=self.rotary_pos_emb.descriptor() if self.rotary_pos_emb is not None else None,
-                           rel_pos=_OncePerCall(self.rel_pos) if self.rel_pos is not None else None,
+        call = _CallInputs(mask, context, context_mask, self_attn_kv_mask, attn_mask, *self._positions(),
                            kv_length=kv_length, return_attn=return_attn)
         layer_caches = cache.layer_caches() if cache is not None else []
         stream, hiddens, new_layer_caches = self._run_layers(x, call, layer_caches, mems, mem_masks, return_hiddens)
@@ -540,6 +538,12 @@ class AttentionLayers(nn.Module):
         out = (cache if cache is not None else LayerIntermediates()).append(new_layer_caches, n)
         out.hiddens, out.last_hidden = hiddens, x
         return x, out
+
+    def _positions(self) -> tuple:
+        """``(rotary, rel_pos)`` of one call: the ``xtk.Rotary`` descriptor, and the shared position-bias
+        module behind ``_OncePerCall`` (its descriptor built once per call), or None each."""
+        return (self.rotary_pos_emb.descriptor() if self.rotary_pos_emb is not None else None,
+                _OncePerCall(self.rel_pos) if self.rel_pos is not None else None)
 
     def _check_inputs(self, x, context, context_mask) -> None:
         """x ``(b, n, dim)`` with ``n >= 1``; context ``(b, m, dim)`` exactly when the stack cross-attends,
