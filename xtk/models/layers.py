@@ -545,6 +545,16 @@ class AttentionLayers(nn.Module):
         return (self.rotary_pos_emb.descriptor() if self.rotary_pos_emb is not None else None,
                 _OncePerCall(self.rel_pos) if self.rel_pos is not None else None)
 
+    def static_step(self, x, layer_caches: list):
+        """One decode step through every layer with fixed shapes and no host reads
+        (``xtk.models.static_decode``): x ``(b, 1, dim)``; ``layer_caches``, one ``StaticKV`` per
+        attention layer in layer order (self attention: the new key/value written into its store;
+        cross attention: the context's keys/values), attended through ``xtk.attention_with_kvcache``.
+        -> ``(b, 1, dim)`` after the final norm."""
+        call = _CallInputs(None, None, None, None, None, *self._positions(), kv_length=0, return_attn=False)
+        stream, _, _ = self._run_layers(x, call, layer_caches, [], [], return_hiddens=False)
+        return _norm_stream(self.final_norm, stream)[0]
+
     def _check_inputs(self, x, context, context_mask) -> None:
         """x ``(b, n, dim)`` with ``n >= 1``; context ``(b, m, dim)`` exactly when the stack cross-attends,
         its mask bool ``(b, m)``."""

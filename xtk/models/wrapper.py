@@ -203,6 +203,15 @@ class TransformerWrapper(nn.Module):
             h = h * self.emb_frac_gradient + h.detach() * (1 - self.emb_frac_gradient)
         return self.project_emb(self.emb_dropout(h)), h
 
+    def static_step(self, token, pos, layer_caches: list):
+        """One decode step with fixed shapes and no host reads (``xtk.models.static_decode``): the
+        last token ``(b, 1)`` at device positions ``pos`` ``(b, 1)`` through the embedding, the stack
+        (``AttentionLayers.static_step``, a ``StaticKV`` per attention layer) and the logits ->
+        ``(b, logits_dim)``."""
+        h, _ = self._into_stack(self._embed(token, 0, None, None, pos=pos))
+        x = self.attn_layers.static_step(h, layer_caches)
+        return self._logits(x)[:, -1]
+
     def _outputs(self, x, inter, mems, return_embeddings, return_logits_and_embeddings, return_intermediates,
                  return_mems, return_attn, detach_mems, return_embeddings_and_intermediates):
         """What ``forward`` returns from the embeddings ``x`` ``(b, n, dim)`` (pooled: ``(b, dim)``)."""
