@@ -54,6 +54,7 @@ FEATURES = {
     "gqa": dict(heads=4, attn_kv_heads=2, alibi_pos_bias=True),
     "one-kv-head": dict(heads=4, attn_one_kv_head=True, rel_pos_bias=True),
     "cross-attention": dict(cross_attend=True, rotary_pos_emb=True, heads=4, attn_kv_heads=1),
+    "memory-kv": dict(attn_num_mem_kv=3, cross_attend=True, alibi_pos_bias=True, attn_qk_norm=True),
     "layer-features": dict(sandwich_norm=True, use_rmsnorm=True, ff_glu=True, attn_gate_values=True,
                            attn_head_scale=True, attn_sparse_topk=4, macaron=True, wrapper_kw=dict(tie_embedding=True)),
     "post-norm-rezero": dict(pre_norm=False, gate_residual=True, use_scalenorm=True, attn_on_attn=True),
@@ -81,7 +82,7 @@ def test_static_stores_hold_what_generates_cache_holds():
     _, cache = w.generate(prompts, n, temperature=0., return_intermediates=True)
     with torch.no_grad():
         logits, prompt_cache = w.net(prompts, return_intermediates=True)
-        state = static_state(prompt_cache, logits[:, -1].argmax(-1, keepdim=True), n)
+        state = static_state(w.net, prompt_cache, logits[:, -1].argmax(-1, keepdim=True), n)
         stores = [s.k for s in state.layers]
         for _ in range(n - 1):
             decode_step(w.net, state, DeviceSampler(0., None, {}))
@@ -136,7 +137,8 @@ def test_eos_cuts_where_generate_stops_checked_every_k_steps(monkeypatch):
 
 
 @pytest.mark.skipif(not INTERPRETER, reason="needs CUDA or the Triton interpreter (tests/conftest.py sets it on CPU)")
-@pytest.mark.parametrize("feature", ["absolute", "alibi", "t5", "dynamic", "qk-norm", "xpos", "gqa", "cross-attention"])
+@pytest.mark.parametrize("feature", ["absolute", "alibi", "t5", "dynamic", "qk-norm", "xpos", "gqa", "cross-attention",
+                                     "memory-kv"])
 def test_the_static_step_reads_nothing_on_the_host(feature, monkeypatch):
     """With the attention on the decode kernel ('triton', what a capture uses), a whole step --
     embedding at the device position, every layer with its bias / rotary / QK-norm, logits,
@@ -151,12 +153,12 @@ def test_the_static_step_reads_nothing_on_the_host(feature, monkeypatch):
     first = logits[:, -1].argmax(-1, keepdim=True)
     sampler = DeviceSampler(0.9, static_decode.top_k, dict(k=5))
     for backend, guarded in (("triton", contextlib.nullcontext()), ("eager", pytest.raises(AssertionError, match="host"))):
-        state = static_state(cache, first, 4, backend)
+        state = static_state(w.net, cache, first, 4, backend)
         with torch.no_grad(), guarded, no_host_reads(monkeypatch):
             for _ in range(2):
                 decode_step(w.net, state, sampler)
         if backend == "triton":
-            assert state.seqlens.tolist() == [7, 7] and state.index.tolist() == [3]
+            assert state.seqlens.tolist() == [state.k_prefix + 7] * 2 and state.index.tolist() == [3]
 
 
 def test_cuda_graph_on_cpu_is_refused_before_any_work():
@@ -187,7 +189,6 @@ REFUSED = {   # (model kwargs, generate kwargs, the message)
                           r"seq_len: 33 positions exceed the 32 of the absolute positional embedding"),
     "memory-tokens": (dict(wrapper_kw=dict(num_memory_tokens=2)), dict(), r"num_memory_tokens:"),
     "shift-tokens": (dict(shift_tokens=1), dict(), r"shift_tokens:"),
-    "mem-kv": (dict(attn_num_mem_kv=2), dict(), r"attn_layers.layers.0.1: attn_num_mem_kv"),
     "collab-heads": (dict(attn_collab_heads=True), dict(), r"attn_collab_heads"),
     "talking-heads": (dict(attn_talking_heads=True), dict(), r"layers\[0\]: talking heads needs the whole score"),
     "residual-attention": (dict(residual_attn=True), dict(), r"layers\[0\]: residual attention"),
@@ -222,6 +223,14 @@ def test_relative_positions_run_past_max_seq_len_without_restriction():
     want = w.generate(prompts, 12, temperature=0., restrict_to_max_seq_len=False)
     assert torch.equal(generate_static(w, prompts, 12, temperature=0., restrict_to_max_seq_len=False,
                                        capture=False), want)
+
+
+def test_one_dim_prompt_and_a_single_token():
+    w = lm(rotary_pos_emb=True)
+    prompt = torch.randint(0, V, (6,))
+    for n in (1, 5):
+        got = generate_static(w, prompt, n, temperature=0., capture=False, filter_logits_fn=lambda t: t)
+        assert got.shape == (n,) and torch.equal(got, w.generate(prompt, n, temperature=0.))
 
 
 class _FakeCuda:

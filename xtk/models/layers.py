@@ -539,6 +539,11 @@ class AttentionLayers(nn.Module):
         out.hiddens, out.last_hidden = hiddens, x
         return x, out
 
+    def attention_blocks(self) -> list:
+        """The ``Attention`` module of every attention layer ('a' and 'c'), in layer order: what each
+        entry of a ``KVCache``'s ``layer_caches()`` belongs to."""
+        return [_unwrap(block) for t, (_, block, _) in zip(self.layer_types, self.layers) if t != "f"]
+
     def _positions(self) -> tuple:
         """``(rotary, rel_pos)`` of one call: the ``xtk.Rotary`` descriptor, and the shared position-bias
         module behind ``_OncePerCall`` (its descriptor built once per call), or None each."""

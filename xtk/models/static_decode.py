@@ -48,7 +48,7 @@ _DEVICE_FILTERS = (*FILTER_LOGITS_FN.values(), _identity)
 
 # ---------------------------------------------------------------- what the static step cannot serve
 
-def _argument_refusals(prompts, prompt_lens, amateur_model, cache_kv, return_intermediates, filter_fn,
+def _argument_refusals(prompts, prompt_lens, amateur_model, cache_kv, return_intermediates, temperature, filter_fn,
                        kwargs: dict) -> list:
     """Why ``generate``'s arguments rule the static step out, one reason each (empty: they do not)."""
     why = []
@@ -61,7 +61,7 @@ def _argument_refusals(prompts, prompt_lens, amateur_model, cache_kv, return_int
         why.append("cache_kv: the static step is a KV-cached step; cache_kv=False recomputes every position")
     if return_intermediates:
         why.append("return_intermediates: the static stores are not a KVCache that generate could continue")
-    if filter_fn not in _DEVICE_FILTERS:
+    if temperature and filter_fn not in _DEVICE_FILTERS:
         why.append(f"filter_logits_fn: only the built-in filters ({', '.join(FILTER_LOGITS_FN)}) are known to run "
                    f"on the device without host reads; got {getattr(filter_fn, '__name__', filter_fn)!r}")
     for key, value in kwargs.items():
@@ -97,8 +97,6 @@ def _model_refusals(net) -> list:
     for name, block in net.named_modules():
         if isinstance(block, Attention) and block.collab_heads:
             why.append(f"{name}: attn_collab_heads (one shared key head of another width) is not stored")
-        if isinstance(block, Attention) and block.num_mem_kv:
-            why.append(f"{name}: attn_num_mem_kv (memory key/values) is not stored in the static stores yet")
     return why
 
 
@@ -141,42 +139,49 @@ class StaticState:
     self-attention store holds (= the position of ``token``); ``layers``, one entry per attention
     layer: its ``StaticKV`` (self attention, sharing ``seqlens``; cross attention, the prompt call's
     projected context, read only); ``out`` ``(b, n)`` int64, the sampled tokens; ``index`` ``(1,)`` int64, where
-    the next one goes in ``out``."""
+    the next one goes in ``out``; ``k_prefix``: the memory key/values before every store's keys
+    (``attn_num_mem_kv``), so that ``token`` sits at position ``seqlens - k_prefix``."""
 
     token: Tensor
     seqlens: Tensor
     layers: list
     out: Tensor
     index: Tensor
+    k_prefix: int = 0
 
 
-def static_state(cache: KVCache, first: Tensor, seq_len: int, backend: str = "auto") -> StaticState:
-    """The state after the prompt step: every self-attention layer's keys/values of ``cache`` (the
-    prompt's ``t`` positions) copied into stores of ``t + seq_len - 1`` positions (room for every
-    later step); every cross-attention layer's projected context ``(b, hk, m, d)`` as a read-only
-    store of ``m``; ``first`` ``(b, 1)``, the token sampled from the prompt's logits, at ``out[:, 0]``
-    of ``seq_len`` and as the next input. ``backend``: ``attention_with_kvcache``'s."""
+def static_state(net: TransformerWrapper, cache: KVCache, first: Tensor, seq_len: int,
+                 backend: str = "auto") -> StaticState:
+    """The state after the prompt step of ``net``: every self-attention layer's keys/values of
+    ``cache`` (the prompt's ``t`` positions) copied into stores with room for ``seq_len - 1`` more
+    positions; every cross-attention layer's projected context ``(b, hk, m, d)`` as a read-only
+    store; each after its layer's memory key/values (``Attention._prepend_mem_kv``, as ``forward``
+    puts them before the keys). ``first`` ``(b, 1)``, the token sampled from the prompt's logits,
+    at ``out[:, 0]`` of ``seq_len`` and as the next input. ``backend``: ``attention_with_kvcache``'s."""
     b, t, dev = first.shape[0], cache.kv_length, first.device
-    seqlens = torch.full((b,), t, dtype=torch.int32, device=dev)
+    blocks = net.attn_layers.attention_blocks()
+    k_prefix = blocks[0].num_mem_kv if blocks else 0   # (every layer gets the same attn_num_mem_kv)
+    seqlens = torch.full((b,), k_prefix + t, dtype=torch.int32, device=dev)
     layers = []
-    for inter in cache.layer_caches():
-        k, v = inter.cached_kv
+    for block, inter in zip(blocks, cache.layer_caches()):
+        k, v = block._prepend_mem_kv(*inter.cached_kv)
         if inter.layer_type == "c":
-            m = torch.full((b,), k.shape[-2], dtype=torch.int32, device=dev)
-            layers.append(StaticKV(k, v, m, backend, cross=True))
+            held = torch.full((b,), k.shape[-2], dtype=torch.int32, device=dev)
+            layers.append(StaticKV(k, v, held, backend, cross=True))
         else:
-            layers.append(StaticKV.holding(k, v, t + seq_len - 1, seqlens, backend))
+            layers.append(StaticKV.holding(k, v, k_prefix + t + seq_len - 1, seqlens, backend))
     out = torch.zeros(b, seq_len, dtype=torch.long, device=dev)
     out[:, :1] = first
-    return StaticState(first.clone().long(), seqlens, layers, out, torch.ones(1, dtype=torch.long, device=dev))
+    index = torch.ones(1, dtype=torch.long, device=dev)
+    return StaticState(first.clone().long(), seqlens, layers, out, index, k_prefix)
 
 
 def decode_step(net: TransformerWrapper, state: StaticState, sample: Callable) -> None:
     """One decode step in place, fixed shapes, no host reads: ``state.token`` at position
-    ``state.seqlens`` through ``net.static_step`` -> logits ``(b, num_tokens)`` -> ``sample`` ->
+    ``state.seqlens - state.k_prefix`` through ``net.static_step`` -> logits ``(b, num_tokens)`` -> ``sample`` ->
     ``(b, 1)``, written at ``state.out[:, state.index]`` and as the next ``token``; ``index`` and
     ``seqlens`` advance by one (every store now holds the token's key/value)."""
-    logits = net.static_step(state.token, state.seqlens[:, None], state.layers)
+    logits = net.static_step(state.token, state.seqlens[:, None] - state.k_prefix, state.layers)
     token = sample(logits)
     state.out.index_copy_(1, state.index, token)
     state.token.copy_(token)
@@ -267,14 +272,14 @@ def generate_static(wrapper, prompts, seq_len: int, eos_token: Optional[int] = N
     check_temperature(temperature, " (0 = greedy)")
     eos_token = None if eos_token is None else _check.integer("eos_token", eos_token)
     filter_fn, filter_kwargs = _resolve_filter(filter_logits_fn, filter_kwargs, filter_thres)
-    _raise_if(_argument_refusals(prompts, prompt_lens, amateur_model, cache_kv, return_intermediates, filter_fn,
-                                 kwargs) + _model_refusals(wrapper.net))
+    _raise_if(_argument_refusals(prompts, prompt_lens, amateur_model, cache_kv, return_intermediates, temperature,
+                                 filter_fn, kwargs) + _model_refusals(wrapper.net))
     prompts, no_batch = _batched_prompts(prompts)
     _raise_if(_length_refusals(wrapper.net, prompts.shape[1], seq_len, restrict_to_max_seq_len))
     with eval_mode(wrapper):
         logits, cache = wrapper.net(prompts, return_intermediates=True, **kwargs)
         first = _Sampler(temperature, filter_fn, filter_kwargs)(logits[:, -1])
-        state = static_state(cache, first, seq_len, "triton" if capture else backend)
+        state = static_state(wrapper.net, cache, first, seq_len, "triton" if capture else backend)
         step = functools.partial(decode_step, wrapper.net, state, DeviceSampler(temperature, filter_fn, filter_kwargs))
         n = _run_steps(_GraphedStep(step) if capture else step, state, seq_len - 1, eos_token)
     out = state.out[:, :n]

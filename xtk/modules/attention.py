@@ -268,21 +268,23 @@ class Attention(nn.Module):
         query, at that position, attends the stored keys; cross attention (``store.cross``) attends
         the context's keys/values the prompt call projected. Through ``xtk.attention_with_kvcache``
         with what ``forward`` gives ``xtk.attention``: the bias descriptor (built for the store's
-        capacity), QK-norm, rotary, top-k, GQA order."""
-        if self.full_matrix_reason or self.collab_heads or self.num_mem_kv:
-            raise ValueError("cache: a StaticKV serves attention without score hooks, collaborative heads or memory "
-                             f"key/values; this layer has {self.full_matrix_reason or 'one of them'}")
+        capacity), QK-norm, rotary, top-k, GQA order; the store's first ``num_mem_kv`` slots hold the
+        memory key/values (``static_state`` put them there), the ``k_prefix`` of the call."""
+        if self.full_matrix_reason or self.collab_heads:
+            raise ValueError("cache: a StaticKV serves attention without score hooks or collaborative heads; this "
+                             f"layer has {self.full_matrix_reason or 'collaborative heads'}")
         if store.cross:
             q, k, v = self._split(self.to_q(x), self.heads), None, None
             bias = rotary = None
         else:
             q, k, v, _ = self._project_qkv(x, x, x, None, False, 0)
-            bias = rel_pos.descriptor(store.k.shape[-2]).for_heads(self.heads) if rel_pos is not None else None
+            L = store.k.shape[-2] - self.num_mem_kv
+            bias = rel_pos.descriptor(L).for_heads(self.heads) if rel_pos is not None else None
         qk_norm, scale = self._qk_norm_and_scale()
         out = attention_with_kvcache(q, store.k, store.v, k, v, cache_seqlens=store.seqlens,
                                      is_causal=self.causal and not store.cross, scale=scale, bias=bias,
-                                     topk=self.sparse_topk, qk_norm=qk_norm, rotary=rotary, gqa_order="repeat",
-                                     backend=store.backend)
+                                     topk=self.sparse_topk, qk_norm=qk_norm, rotary=rotary, k_prefix=self.num_mem_kv,
+                                     gqa_order="repeat", backend=store.backend)
         return self._merge_heads(out, x)
 
     def _projection_inputs(self, x, context, mem, pia_pos_emb, pos_offset):
