@@ -57,7 +57,8 @@ FEATURES = {
     "memory-kv": dict(attn_num_mem_kv=3, cross_attend=True, alibi_pos_bias=True, attn_qk_norm=True),
     "layer-features": dict(sandwich_norm=True, use_rmsnorm=True, ff_glu=True, attn_gate_values=True,
                            attn_head_scale=True, attn_sparse_topk=4, macaron=True, wrapper_kw=dict(tie_embedding=True)),
-    "post-norm-rezero": dict(pre_norm=False, gate_residual=True, use_scalenorm=True, attn_on_attn=True),
+    "post-norm-gated": dict(pre_norm=False, gate_residual=True, use_scalenorm=True, attn_on_attn=True),
+    "rezero": dict(use_rezero=True, rotary_pos_emb=True),
 }
 
 
