@@ -119,7 +119,8 @@ def _raise_if(why: list) -> None:
 
 
 def _check_cuda(prompts) -> None:
-    """ValueError unless the prompts (a tensor or a list of them) are on a CUDA device."""
+    """ValueError unless the prompts (a tensor or a list of them) are on a CUDA device and the
+    attention's host-side value checks (``XTK_DEBUG_CHECKS=1``) are off."""
     first = prompts[0] if isinstance(prompts, (list, tuple)) and prompts else prompts
     device = first.device if isinstance(first, Tensor) else None
     if device is None or device.type != "cuda":
