@@ -9,16 +9,12 @@ with the API's positions, in the test dtype (eager) and in fp64 (oracle), output
 (``reference.log_sum_exp``) judged by the 2x rule. Ragged lengths in every case: 0 (with new keys: they
 alone), 1, page boundaries +-1, the full cache. Split counts 1/2/7 and the picked one; split and
 unsplit agree; the refusals name the argument; the kernel's path reads no device value on the host
-(``_no_host_reads``). Runs under the Triton interpreter on CPU (tests/conftest.py) and compiled on CUDA.
+(``host_reads.no_host_reads``). Runs under the Triton interpreter on CPU (tests/conftest.py) and compiled on CUDA.
 """
-import contextlib
 import os
 
 import pytest
 import torch
-import triton
-from torch.overrides import TorchFunctionMode
-from torch.utils._python_dispatch import TorchDispatchMode
 
 import xtk
 from xtk.bias import Alibi, DistanceTable, T5, alibi_slopes
@@ -27,6 +23,7 @@ from xtk.ops import attention_kvcache
 from xtk.qk import QKNorm, Rotary, rotary_inv_freq, xpos_scale
 from xtk.reference import attention as reference
 
+from host_reads import no_host_reads as _no_host_reads
 from tolerance import FLOOR, assert_close_2x
 
 CUDA = torch.cuda.is_available()
@@ -300,71 +297,6 @@ def test_pick_splits_rule():
         dev = torch.device("cuda")
         assert attention_decode.pick_splits(1, 1, 1 << 20, 64, dev) == min(2 * sms, attention_decode.MAX_SPLITS)
         assert attention_decode.pick_splits(1, 1, 256, 64, dev) == 1
-
-
-_T = torch.Tensor
-_HOST_READS = {_T.item, _T.tolist, _T.numpy, _T.__bool__, _T.__int__, _T.__index__, _T.__float__, _T.__array__}
-_SYNC_OPS = {torch.ops.aten._local_scalar_dense.default, torch.ops.aten.nonzero.default,
-             torch.ops.aten.masked_select.default}
-
-
-class _FunctionGuard(TorchFunctionMode):
-    """Fails on the Tensor methods that read values to the host (item, tolist, bool(), int(), ...)."""
-
-    def __init__(self, state):
-        super().__init__()
-        self.state = state
-
-    def __torch_function__(self, func, types, args=(), kwargs=None):
-        if func in _HOST_READS and not self.state["paused"]:
-            raise AssertionError(f"host read of a tensor's values: {func.__name__}")
-        return func(*args, **(kwargs or {}))
-
-
-class _DispatchGuard(TorchDispatchMode):
-    """Fails on the aten ops that synchronise on CUDA: a scalar read, an output sized by values
-    (nonzero, masked_select, indexing by a bool mask)."""
-
-    def __init__(self, state):
-        super().__init__()
-        self.state = state
-
-    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
-        bool_index = func.overloadpacket in (torch.ops.aten.index, torch.ops.aten.index_put_) and any(
-            isinstance(i, torch.Tensor) and i.dtype == torch.bool for i in (args[1] or ()))
-        if (func in _SYNC_OPS or bool_index) and not self.state["paused"]:
-            raise AssertionError(f"host synchronisation: {func}")
-        return func(*args, **(kwargs or {}))
-
-
-class _Unguarded:
-    """A Triton kernel whose launches pause the guards: the interpreter reads the tensors on the
-    host to run the kernel, which on a GPU runs on the device."""
-
-    def __init__(self, kernel, state):
-        self.kernel, self.state = kernel, state
-
-    def __getitem__(self, grid):
-        launch = self.kernel[grid]
-
-        def run(*args, **kwargs):
-            self.state["paused"] = True
-            try:
-                return launch(*args, **kwargs)
-            finally:
-                self.state["paused"] = False
-        return run
-
-
-@contextlib.contextmanager
-def _no_host_reads(monkeypatch):
-    """Within: any read of a tensor's values by the host (outside the kernels) raises."""
-    state = {"paused": False}
-    for name, obj in list(vars(attention_decode).items()):
-        if isinstance(obj, triton.runtime.jit.JITFunction):
-            monkeypatch.setattr(attention_decode, name, _Unguarded(obj, state))
-    with _FunctionGuard(state), _DispatchGuard(state):
-        yield
 
 
 def test_the_host_read_guard_catches_reads():

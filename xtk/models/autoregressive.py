@@ -254,7 +254,11 @@ class _Sampler:
     def __call__(self, logits: torch.Tensor) -> torch.Tensor:
         if self.temperature == 0.:
             return logits.argmax(dim=-1, keepdim=True)
-        probs = F.softmax(self.filter_fn(logits, **self.filter_kwargs) / self.temperature, dim=-1)
+        return self.draw(F.softmax(self.filter_fn(logits, **self.filter_kwargs) / self.temperature, dim=-1))
+
+    @staticmethod
+    def draw(probs: torch.Tensor) -> torch.Tensor:
+        """One token per row of ``probs`` ``(b, num_tokens)`` -> ``(b, 1)``."""
         return torch.multinomial(probs, 1)
 
 
@@ -394,6 +398,7 @@ class AutoregressiveWrapper(nn.Module):
         contrastive_decode_kwargs=dict(beta=0.5, alpha=0.1),
         cache_kv: bool = True,
         return_intermediates: bool = False,
+        cuda_graph: bool = False,
         **kwargs,
     ):
         """Sample ``seq_len`` tokens after ``prompts`` and return only the new ones.
@@ -411,7 +416,17 @@ class AutoregressiveWrapper(nn.Module):
         Other kwargs go to the network on every step (e.g. ``context``, ``context_mask``).
         Returns ``(b, seq_len')`` (or ``(seq_len',)`` for a 1-D prompt); with
         ``return_intermediates=True`` also the last cache.
+        ``cuda_graph=True`` (CUDA only; ValueError on other devices before any work): after the prompt,
+        one decode step with fixed shapes is captured in a CUDA graph and replayed
+        (``xtk.models.static_decode``: same tokens as without for greedy decoding; eos checked on the
+        host every 16 steps). Calls it cannot serve (variable prompt lengths, masks, contrastive
+        decoding, a window past ``max_seq_len``, memory key/values, ...) raise a ValueError naming why.
         """
+        if cuda_graph:
+            from .static_decode import generate_static   # (it imports this module)
+            return generate_static(self, prompts, seq_len, eos_token, temperature, prompt_lens, filter_logits_fn,
+                                   restrict_to_max_seq_len, filter_kwargs, filter_thres, amateur_model, cache_kv,
+                                   return_intermediates, **kwargs)
         seq_len = _check.integer("seq_len", seq_len, minimum=1)
         check_temperature(temperature, " (0 = greedy)")
         if eos_token is not None:

@@ -29,7 +29,7 @@ from torch import Tensor
 
 from ..kv_cache import KVCache as Store
 
-__all__ = ["KVCache", "StoredKV", "extend_kv", "trimmed_or_none"]
+__all__ = ["KVCache", "StoredKV", "StaticKV", "extend_kv", "trimmed_or_none"]
 
 
 @dataclass(kw_only=True)
@@ -166,6 +166,32 @@ class StoredKV(tuple):
         store = self.store
         return (store.lengths[0] == self.length and self.length + k.shape[-2] <= store.max_len
                 and k.dtype == store.k.dtype and v.dtype == store.v.dtype and _no_grad_flow(k, v))
+
+
+@dataclass(eq=False)
+class StaticKV:
+    """An attention layer's keys/values for a static decode step (``xtk.models.static_decode``):
+    stores ``k`` ``(b, hk, capacity, d)`` and ``v`` ``(b, hk, capacity, dv)`` of fixed shape,
+    ``seqlens`` ``(b,)`` int32 on the device: the positions each sequence holds (self attention:
+    shared by every layer, advanced by the step only). ``Attention`` writes a step's key/value at
+    ``seqlens[b]`` and attends through ``xtk.attention_with_kvcache`` with ``backend``; ``cross``:
+    the context's keys/values of cross attention, read only. Nothing reads ``seqlens`` on the host."""
+
+    k: Tensor
+    v: Tensor
+    seqlens: Tensor
+    backend: str = "auto"
+    cross: bool = False
+
+    @classmethod
+    def holding(cls, k: Tensor, v: Tensor, capacity: int, seqlens: Tensor, backend: str = "auto") -> "StaticKV":
+        """New stores of ``capacity >= n`` positions holding k ``(b, hk, n, d)`` and v (copied) in
+        their first ``n`` slots; ``seqlens`` should hold ``n`` for every sequence."""
+        b, hk, n, _ = k.shape
+        sk = k.new_zeros(b, hk, capacity, k.shape[-1])
+        sv = v.new_zeros(b, hk, capacity, v.shape[-1])
+        sk[:, :, :n], sv[:, :, :n] = k, v
+        return cls(sk, sv, seqlens, backend)
 
 
 def extend_kv(cached, k: Tensor, v: Tensor) -> tuple:

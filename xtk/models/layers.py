@@ -528,9 +528,7 @@ class AttentionLayers(nn.Module):
             left_pad = torch.arange(n + kv_length, device=x.device) >= seq_start_pos[..., None]
             self_attn_kv_mask = left_pad if self_attn_kv_mask is None else self_attn_kv_mask & left_pad
         mems, mem_masks = self._layer_mems(mems, mem_masks, b)
-        call = _CallInputs(mask, context, context_mask, self_attn_kv_mask, attn_mask,
-                           rotary=self.rotary_pos_emb.descriptor() if self.rotary_pos_emb is not None else None,
-                           rel_pos=_OncePerCall(self.rel_pos) if self.rel_pos is not None else None,
+        call = _CallInputs(mask, context, context_mask, self_attn_kv_mask, attn_mask, *self._positions(),
                            kv_length=kv_length, return_attn=return_attn)
         layer_caches = cache.layer_caches() if cache is not None else []
         stream, hiddens, new_layer_caches = self._run_layers(x, call, layer_caches, mems, mem_masks, return_hiddens)
@@ -540,6 +538,27 @@ class AttentionLayers(nn.Module):
         out = (cache if cache is not None else LayerIntermediates()).append(new_layer_caches, n)
         out.hiddens, out.last_hidden = hiddens, x
         return x, out
+
+    def attention_blocks(self) -> list:
+        """The ``Attention`` module of every attention layer ('a' and 'c'), in layer order: what each
+        entry of a ``KVCache``'s ``layer_caches()`` belongs to."""
+        return [_unwrap(block) for t, (_, block, _) in zip(self.layer_types, self.layers) if t != "f"]
+
+    def _positions(self) -> tuple:
+        """``(rotary, rel_pos)`` of one call: the ``xtk.Rotary`` descriptor, and the shared position-bias
+        module behind ``_OncePerCall`` (its descriptor built once per call), or None each."""
+        return (self.rotary_pos_emb.descriptor() if self.rotary_pos_emb is not None else None,
+                _OncePerCall(self.rel_pos) if self.rel_pos is not None else None)
+
+    def static_step(self, x, layer_caches: list):
+        """One decode step through every layer with fixed shapes and no host reads
+        (``xtk.models.static_decode``): x ``(b, 1, dim)``; ``layer_caches``, one ``StaticKV`` per
+        attention layer in layer order (self attention: the new key/value written into its store;
+        cross attention: the context's keys/values), attended through ``xtk.attention_with_kvcache``.
+        -> ``(b, 1, dim)`` after the final norm."""
+        call = _CallInputs(None, None, None, None, None, *self._positions(), kv_length=0, return_attn=False)
+        stream, _, _ = self._run_layers(x, call, layer_caches, [], [], return_hiddens=False)
+        return _norm_stream(self.final_norm, stream)[0]
 
     def _check_inputs(self, x, context, context_mask) -> None:
         """x ``(b, n, dim)`` with ``n >= 1``; context ``(b, m, dim)`` exactly when the stack cross-attends,

@@ -147,10 +147,7 @@ class TransformerWrapper(nn.Module):
                 raise ValueError(f"prepend_embeds: expected shape ({b}, m, {h.shape[-1]}), got {tuple(prepend_embeds.shape)}")
             h = torch.cat((prepend_embeds.to(h.dtype), h), dim=-2)
             mask = prepend_key_mask(mask, prepend_mask, b, n, prepend_len, x.device)
-        if self.emb_frac_gradient < 1:
-            h = h * self.emb_frac_gradient + h.detach() * (1 - self.emb_frac_gradient)
-        init_embed = h
-        h = self.project_emb(self.emb_dropout(h))
+        h, init_embed = self._into_stack(h)
         num_mems, seq = self.num_memory_tokens, h.shape[-2]
         if num_mems > 0:
             h, mask = prepend_memory_tokens(self.memory_tokens.to(h.dtype), h, mask)
@@ -189,15 +186,31 @@ class TransformerWrapper(nn.Module):
             if tuple(mask.shape) != tuple(x.shape):
                 raise ValueError(f"mask: expected shape {tuple(x.shape)} (x's), got {tuple(mask.shape)}")
 
-    def _embed(self, x, offset: int, seq_start_pos, sum_embeds):
+    def _embed(self, x, offset: int, seq_start_pos, sum_embeds, pos=None):
         """Token ids ``x`` ``(b, n)`` -> ``(b, n, emb_dim)``: token embedding, the positions from
-        ``offset``, ``sum_embeds``, post-embedding norm."""
+        ``offset`` (or the device positions ``pos`` ``(b, n)``), ``sum_embeds``, post-embedding norm."""
         h = self.token_emb(x)
         if self.pos_emb is not None:
-            h = h + self.pos_emb(x.shape[1], offset, x.device, seq_start_pos).to(h.dtype)
+            h = h + self.pos_emb(x.shape[1], offset, x.device, seq_start_pos, pos=pos).to(h.dtype)
         if sum_embeds is not None:
             h = h + sum_embeds
         return self.post_emb_norm(h)
+
+    def _into_stack(self, h):
+        """Embeddings ``(b, n, emb_dim)`` -> ``(the stack's input (b, n, dim), initial embeddings)``:
+        the gradient fraction (``emb_frac_gradient``), dropout, the projection to ``dim``."""
+        if self.emb_frac_gradient < 1:
+            h = h * self.emb_frac_gradient + h.detach() * (1 - self.emb_frac_gradient)
+        return self.project_emb(self.emb_dropout(h)), h
+
+    def static_step(self, token, pos, layer_caches: list):
+        """One decode step with fixed shapes and no host reads (``xtk.models.static_decode``): the
+        last token ``(b, 1)`` at device positions ``pos`` ``(b, 1)`` through the embedding, the stack
+        (``AttentionLayers.static_step``, a ``StaticKV`` per attention layer) and the logits ->
+        ``(b, logits_dim)``."""
+        h, _ = self._into_stack(self._embed(token, 0, None, None, pos=pos))
+        x = self.attn_layers.static_step(h, layer_caches)
+        return self._logits(x)[:, -1]
 
     def _outputs(self, x, inter, mems, return_embeddings, return_logits_and_embeddings, return_intermediates,
                  return_mems, return_attn, detach_mems, return_embeddings_and_intermediates):

@@ -20,7 +20,8 @@ from torch import nn
 from ..ops.attention import attention as xattention
 from ..qk import QKNorm
 from ..reference.attention import ScoreHooks
-from ..models.cache import extend_kv
+from ..models.cache import StaticKV, extend_kv
+from ..ops.attention_kvcache import attention_with_kvcache
 from ..models.intermediates import Intermediates
 
 
@@ -231,6 +232,9 @@ class Attention(nn.Module):
         rotary: an ``xtk.Rotary``; mem ``(b, m, dim)``: Transformer-XL memories; cache: this layer's
         ``Intermediates`` of the previous call; pia_pos_emb: ``FixedSinusoidalEmbedding``
         (position-infused attention, ``pos_offset`` = position of ``x[:, 0]``)."""
+        if isinstance(cache, StaticKV):
+            out = self._static_step(x, cache, rel_pos, rotary)
+            return (out, Intermediates()) if return_intermediates else out
         b, n, _ = x.shape
         h = self.heads
         has_context = context is not None
@@ -257,6 +261,31 @@ class Attention(nn.Module):
         if not return_intermediates:
             return out
         return out, self._intermediates(cached_kv, hooks)
+
+    def _static_step(self, x, store: StaticKV, rel_pos, rotary):
+        """One decode step with fixed shapes and no host reads, x ``(b, 1, dim)`` -> ``(b, 1, dim_out)``:
+        self attention writes this step's key/value into ``store`` at ``store.seqlens[b]`` and its
+        query, at that position, attends the stored keys; cross attention (``store.cross``) attends
+        the context's keys/values the prompt call projected. Through ``xtk.attention_with_kvcache``
+        with what ``forward`` gives ``xtk.attention``: the bias descriptor (built for the store's
+        capacity), QK-norm, rotary, top-k, GQA order; the store's first ``num_mem_kv`` slots hold the
+        memory key/values (``static_state`` put them there), the ``k_prefix`` of the call."""
+        if self.full_matrix_reason or self.collab_heads:
+            raise ValueError("cache: a StaticKV serves attention without score hooks or collaborative heads; this "
+                             f"layer has {self.full_matrix_reason or 'collaborative heads'}")
+        if store.cross:
+            q, k, v = self._split(self.to_q(x), self.heads), None, None
+            bias = rotary = None
+        else:
+            q, k, v, _ = self._project_qkv(x, x, x, None, False, 0)
+            L = store.k.shape[-2] - self.num_mem_kv
+            bias = rel_pos.descriptor(L).for_heads(self.heads) if rel_pos is not None else None
+        qk_norm, scale = self._qk_norm_and_scale()
+        out = attention_with_kvcache(q, store.k, store.v, k, v, cache_seqlens=store.seqlens,
+                                     is_causal=self.causal and not store.cross, scale=scale, bias=bias,
+                                     topk=self.sparse_topk, qk_norm=qk_norm, rotary=rotary, k_prefix=self.num_mem_kv,
+                                     gqa_order="repeat", backend=store.backend)
+        return self._merge_heads(out, x)
 
     def _projection_inputs(self, x, context, mem, pia_pos_emb, pos_offset):
         """The inputs of the q, k, v projections: x ``(b, n, dim)``, keys/values from ``context``

@@ -29,13 +29,17 @@ class AbsolutePositionalEmbedding(nn.Module):
         self.l2norm_embed = l2norm_embed
         self.emb = nn.Embedding(max_seq_len, dim)
 
-    def forward(self, n: int, offset: int = 0, device=None, seq_start_pos=None):
-        if offset + n > self.max_seq_len:
-            raise ValueError(f"x: sequence length {offset + n} exceeds max_seq_len {self.max_seq_len} of the "
-                             f"absolute positional embedding (expected at most {self.max_seq_len} positions)")
-        pos = torch.arange(offset, offset + n, device=device)
-        if seq_start_pos is not None:
-            pos = (pos - seq_start_pos[..., None]).clamp(min=0)
+    def forward(self, n: int, offset: int = 0, device=None, seq_start_pos=None, pos=None):
+        """Positions ``offset .. offset + n - 1`` (less ``seq_start_pos`` ``(b,)``, clamped at 0), or the
+        device positions ``pos`` ``(b, n)`` as given (unchecked: a static decode step reads nothing on
+        the host) -> ``(n | b, n, dim)``."""
+        if pos is None:
+            if offset + n > self.max_seq_len:
+                raise ValueError(f"x: sequence length {offset + n} exceeds max_seq_len {self.max_seq_len} of the "
+                                 f"absolute positional embedding (expected at most {self.max_seq_len} positions)")
+            pos = torch.arange(offset, offset + n, device=device)
+            if seq_start_pos is not None:
+                pos = (pos - seq_start_pos[..., None]).clamp(min=0)
         emb = self.emb(pos) * self.scale
         return F.normalize(emb, dim=-1) if self.l2norm_embed else emb
 
@@ -51,11 +55,14 @@ class ScaledSinusoidalEmbedding(nn.Module):
         half = dim // 2
         self.register_buffer("inv_freq", theta ** -(torch.arange(half).float() / half), persistent=False)
 
-    def forward(self, n: int, offset: int = 0, device=None, seq_start_pos=None):
-        pos = torch.arange(offset, offset + n, device=device).float()
-        if seq_start_pos is not None:
-            pos = pos - seq_start_pos[..., None]
-        emb = pos[..., None] * self.inv_freq
+    def forward(self, n: int, offset: int = 0, device=None, seq_start_pos=None, pos=None):
+        """Positions ``offset .. offset + n - 1`` (less ``seq_start_pos`` ``(b,)``), or the device
+        positions ``pos`` ``(b, n)`` -> ``(n | b, n, dim)``."""
+        if pos is None:
+            pos = torch.arange(offset, offset + n, device=device)
+            if seq_start_pos is not None:
+                pos = pos - seq_start_pos[..., None]
+        emb = pos.float()[..., None] * self.inv_freq
         return torch.cat((emb.sin(), emb.cos()), dim=-1) * self.scale
 
 
