@@ -11,7 +11,8 @@ Baselines, same inputs:
   mask every call (QK-norm / rotary applied to q, k first); top-k has no SDPA form (skipped).
 * ``sdpa-nobias``: plain SDPA with only the causal flag: the speed of light for the device.
 * ``flex``: ``torch.nn.attention.flex_attention`` compiled, with the bias as a ``score_mod`` and
-  causal as a block mask; CUDA only; its compile time (first call) is reported separately.
+  causal as a block mask; its compile time (first call) is reported separately. On CPU forward only:
+  torch's flex_attention has no CPU backward ("FlexAttention does not support backward on CPU").
 
 FLOPs: ``4 b h nq nk d`` forward (halved when causal), 3.5x that for forward+backward.
 """
@@ -37,6 +38,10 @@ MODES = ["fwd", "fwd+bwd"]
 # eager materializes (b, h, n, n) several times over: past this many bytes on CPU it is reported as
 # OOM without running (a real CPU OOM kills the process instead of raising)
 CPU_EAGER_LIMIT_BYTES = 24 * 2**30
+# flex_attention compiles each (feature, causal) anew, ~3 s on 2 CPU cores: the quick CPU sweep keeps
+# the score_mod features, causal (the training case); --full measures every row (top-k has no flex
+# form and says so in every sweep)
+QUICK_CPU_FLEX = {"none", "alibi", "t5", "dtable", "topk8"}
 
 
 def sweep(device: str, full: bool):
@@ -168,8 +173,8 @@ def make_call(impl: str, feature: str, shape, causal: bool, mode: str, dtype, de
         def fwd():
             return F.scaled_dot_product_attention(q, k, v, is_causal=causal)
     elif impl == "flex":
-        if device != "cuda":
-            return None, "flex_attention is measured on CUDA only"
+        if device != "cuda" and grad:
+            return None, "flex_attention has no backward on CPU"
         fn, why = _flex_fn(kw, h, n, causal, device)
         if fn is None:
             return None, why
@@ -197,6 +202,12 @@ def _eager_too_big(shape, mode, dtype, device) -> Optional[str]:
     return None
 
 
+def _quick_cpu_flex_skip(impl, feature, causal, mode, device, full) -> Optional[str]:
+    if impl != "flex" or device == "cuda" or full or mode != "fwd" or (feature in QUICK_CPU_FLEX and causal):
+        return None
+    return "quick CPU sweep: flex for no bias / ALiBi / T5 / DistanceTable, causal (--full: every row)"
+
+
 def run(device: str, full: bool, dtype, features=None, impls=None, modes=None, causals=(False, True), progress=None,
         shapes=None):
     """One ``Result`` per cell (progress: a callable advanced once per cell); ``shapes`` replaces the sweep."""
@@ -207,14 +218,17 @@ def run(device: str, full: bool, dtype, features=None, impls=None, modes=None, c
             for causal in causals:
                 for mode in modes or MODES:
                     for impl in impls or IMPLS:
-                        if (impl == "sdpa-nobias" and feature != "none") or (impl == "flex" and device != "cuda"):
-                            continue  # one speed-of-light row per shape; flex_attention only on CUDA
+                        if impl == "sdpa-nobias" and feature != "none":
+                            continue  # one speed-of-light row per shape
                         params = dict(b=b, h=h, n=n, d=d, causal=causal, dtype=str(dtype).replace("torch.", ""))
                         r = Result("attention", feature, impl, mode, params,
                                    flops=flops(b, h, n, d, causal, mode))
                         too_big = _eager_too_big(shape, mode, dtype, device) if impl in ("eager", "sdpa") else None
+                        unswept = _quick_cpu_flex_skip(impl, feature, causal, mode, device, full)
                         if too_big:
                             r.status, r.note = "OOM", too_big
+                        elif unswept:
+                            r.status = "skipped: " + unswept
                         else:
                             call, why = make_call(impl, feature, shape, causal, mode, dtype, device)
                             if call is None:
@@ -240,6 +254,6 @@ def count(device: str, full: bool, features=None, impls=None, modes=None, causal
     n = 0
     for feature in features or FEATURES:
         for impl in impls or IMPLS:
-            if not ((impl == "sdpa-nobias" and feature != "none") or (impl == "flex" and device != "cuda")):
+            if not (impl == "sdpa-nobias" and feature != "none"):
                 n += 1
     return len(shapes or sweep(device, full)) * n * len(causals) * len(modes or MODES)

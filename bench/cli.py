@@ -18,7 +18,7 @@ from collections import OrderedDict
 import torch
 
 from . import bench_attention, bench_decode, bench_glu, bench_model, bench_norm, bench_varlen
-from .common import Result, device_slug, dump_json, environment, fmt
+from .common import Result, device_slug, dump_json, environment, fmt, frozen_gc
 
 OPS = OrderedDict(attention=bench_attention, rms_norm=bench_norm, glu=bench_glu, model=bench_model,
                   decode=bench_decode, varlen=bench_varlen)
@@ -272,7 +272,8 @@ def main(argv=None) -> int:
     env = environment(device)
     notes = []
     if device == "cpu":
-        notes.append("flex_attention is measured on CUDA only (not in this run)")
+        notes.append("flex_attention: forward only on CPU (torch's flex_attention has no CPU backward); "
+                     "the decode rows measure it on CUDA only")
     why = bench_model.classes()
     if "model" in ops and isinstance(why, str):
         print(f"model: skipped: {why}", file=sys.stderr)
@@ -288,13 +289,16 @@ def main(argv=None) -> int:
     bar, tick = _progress(total, not args.no_progress)
     results: list[Result] = []
     try:
-        for op in ops:
-            if op == "attention":
-                results += bench_attention.run(device, args.full, dtype, features=features, progress=tick, shapes=shapes)
-            elif op == "model":
-                results += bench_model.run(device, args.full, dtype, progress=tick, shape=model_shape, busy=args.busy)
-            else:
-                results += OPS[op].run(device, args.full, dtype, progress=tick)
+        with frozen_gc():
+            for op in ops:
+                if op == "attention":
+                    results += bench_attention.run(device, args.full, dtype, features=features, progress=tick,
+                                                   shapes=shapes)
+                elif op == "model":
+                    results += bench_model.run(device, args.full, dtype, progress=tick, shape=model_shape,
+                                               busy=args.busy)
+                else:
+                    results += OPS[op].run(device, args.full, dtype, progress=tick)
     finally:
         if bar is not None:
             bar.close()

@@ -14,9 +14,12 @@ def test_cli_tiny_attention(benchmark, tmp_path, capsys):
     assert "== attention ==" in out and "xeager" in out
     data = json.load(open(paths["json"]))
     rows = data["results"]
-    assert data["environment"]["torch"] and len(rows) == 2 * 2 * (4 + 3 + 3)  # causal x mode x impls
+    assert data["environment"]["torch"] and len(rows) == 2 * 2 * (5 + 4 + 4)  # causal x mode x impls
     assert all(r["status"] == "ok" or r["status"].startswith("skipped") for r in rows)
-    assert {r["impl"] for r in rows if r["status"] == "ok"} == {"xtk", "eager", "sdpa", "sdpa-nobias"}
+    assert {r["impl"] for r in rows if r["status"] == "ok"} == {"xtk", "eager", "sdpa", "sdpa-nobias", "flex"}
+    flex = {(r["case"], r["params"]["causal"], r["mode"]): r["status"] for r in rows if r["impl"] == "flex"}
+    assert flex[("alibi", True, "fwd")] == "ok" and "no backward on CPU" in flex[("alibi", True, "fwd+bwd")]
+    assert "quick CPU sweep" in flex[("alibi", False, "fwd")] and "top-k" in flex[("topk8", True, "fwd")]
     assert "| alibi |" in open(paths["md"]).read()
     try:
         import matplotlib  # noqa: F401

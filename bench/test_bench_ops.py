@@ -21,6 +21,18 @@ def test_attention(benchmark, impl, feature, mode):
     benchmark(call)
 
 
+@pytest.mark.parametrize("feature", ["alibi", "t5"])
+def test_attention_flex_cpu_forward(benchmark, feature):
+    """The CPU flex_attention baseline: compiled forward, the same values as xtk's row; no backward."""
+    import xtk
+    call, why = bench_attention.make_call("flex", feature, ATT_SHAPE, True, "fwd+bwd", torch.float32, "cpu")
+    assert call is None and "no backward on CPU" in why
+    call, why = bench_attention.make_call("flex", feature, ATT_SHAPE, True, "fwd", torch.float32, "cpu")
+    q, k, v, kw = bench_attention._inputs(feature, *ATT_SHAPE, torch.float32, "cpu", False)
+    torch.testing.assert_close(call(), xtk.attention(q, k, v, is_causal=True, **kw), atol=1e-5, rtol=1e-5)
+    benchmark(call)
+
+
 @pytest.mark.parametrize("impl", bench_norm.IMPLS)
 @pytest.mark.parametrize("case", bench_norm.CASES)
 def test_rms_norm(benchmark, impl, case):
