@@ -134,3 +134,48 @@ def test_rotary_runs_in_fp32_and_rounds_once(dtype, xpos):
     want = rotary_apply(x.float(), pos, rot, power).to(dtype)
     assert got.dtype == dtype
     assert torch.equal(got, want)
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.float64])
+def test_rotary_is_the_pairwise_formula_exactly(dtype):
+    """rotary_apply (x * cos + swap(x) * signed sin, times the xpos scale) gives the bits of the
+    pair formula y0 = x0 cos - x1 sin, y1 = x1 cos + x0 sin in fp32 (fp64 angles rounded once), values
+    and gradients, with a partial rotary dim; and the memoized tables (key) change nothing."""
+    from xtk.qk import Rotary, rotary_inv_freq, xpos_scale
+    from xtk.reference.attention import rotary_apply
+    r, d, n = 16, 24, 37
+    rot = Rotary(r, rotary_inv_freq(r), xpos_scale=xpos_scale(r), interpolation_factor=1.5)
+    x = (torch.randn(2, 3, n, d) * 3).to(dtype).requires_grad_(True)
+    pos = torch.arange(n) * 97 + 5
+    power = (pos - 700) / 512
+    work = torch.promote_types(dtype, torch.float32)
+    theta = pos.double()[:, None] * rot.inv_freq.double()[None, :] / 1.5
+    cos, sin = theta.cos().to(work), theta.sin().to(work)
+    s = (rot.xpos_scale.double()[None, :] ** power.double()[:, None]).to(work)
+    x0, x1 = x[..., :r].to(work)[..., 0::2], x[..., :r].to(work)[..., 1::2]
+    y = torch.stack([(x0 * cos - x1 * sin) * s, (x1 * cos + x0 * sin) * s], -1).flatten(-2).to(dtype)
+    want = torch.cat([y, x[..., r:]], -1)
+    go = torch.randn_like(want)
+    for key in (None, ("test", n)):
+        got = rotary_apply(x, pos, rot, power, key=key)
+        assert torch.equal(got, want)
+        assert torch.equal(torch.autograd.grad(got, x, go)[0], torch.autograd.grad(want, x, go, retain_graph=True)[0])
+
+
+def test_rotary_tables_memo_is_per_descriptor_and_key():
+    """Tables kept under a key are reused by the same descriptor and key only; an in-place change of
+    inv_freq (its version) or another key recomputes them; without a key nothing is kept."""
+    from xtk.qk import Rotary, rotary_inv_freq
+    from xtk.reference.attention import rotary_tables
+    rot = Rotary(8, rotary_inv_freq(8))
+    pos = torch.arange(5)
+    a = rotary_tables(pos, rot, None, torch.float32, key=("k", 5))
+    assert rotary_tables(pos, rot, None, torch.float32, key=("k", 5))[0] is a[0]
+    b = rotary_tables(pos + 1, rot, None, torch.float32, key=("k", 6))
+    assert not torch.equal(a[0], b[0])
+    assert rotary_tables(pos, rot, None, torch.float32)[0] is not a[0]
+    rot.inv_freq.mul_(2)
+    c = rotary_tables(pos, rot, None, torch.float32, key=("k", 5))
+    assert c[0] is not a[0] and not torch.equal(c[0], a[0])
+    other = Rotary(8, rotary_inv_freq(8))
+    assert rotary_tables(pos, other, None, torch.float32, key=("k", 5))[0] is not a[0]
