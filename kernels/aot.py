@@ -38,7 +38,8 @@ ARCHS = (80, 90)
 DIMS = tiles.HEAD_DIMS
 _PTR_F32 = {"STATS", "THR", "DELTA", "DSLOPE", "DTAB", "DS", "DLSC", "SLOPES", "TAB", "QSC", "KSC", "DQSC", "DKSC",
             "INV_FREQ", "XPOS", "OP", "LSEP", "LSE", "SCR", "KTH"}
-_PTR_I32 = {"SEQLENS", "BT", "ROWS"}  # the decode kernel's cache lengths, block table, cache rows
+_PTR_I32 = {"SEQLENS", "BT", "ROWS", "CU_Q", "CU_K"}  # the decode kernel's cache lengths, block table, cache rows;
+# a packed batch's sequence offsets (VARLEN)
 _PTR_IO = {"Q", "K", "V", "O", "DO", "DQ", "DK", "DV_"}
 _PTR_I64 = {"SEED", "SEED_PTR", "SEEDS"}  # a device-side dropout seed / philox state, if the kernels take one
 _FLOAT_SCALARS = {"sm_scale", "dropout_p", "xpos_base", "interp"}
@@ -48,7 +49,8 @@ _DIV16_STRIDES = {"sqb", "sqh", "sqm", "skb", "skh", "skn", "svb", "svh", "svn",
                   "sdob", "sdoh", "sdom", "sdqb", "sdqh", "sdqm", "sdkb", "sdkh", "sdkn", "sdvb", "sdvh", "sdvn"}
 _TY = {"float16": "fp16", "bfloat16": "bf16", "float32": "fp32"}
 _SWITCHES = ("IS_CAUSAL", "BIAS_KIND", "MASK_KIND", "HAS_TOPK", "HAS_DROPOUT", "NEED_DSLOPE", "NEED_DTAB", "NEED_DS",
-             "NEED_DLSC", "HAS_NORM", "GROUPS", "HAS_DSCALE", "HAS_ROT", "HAS_XPOS", "GQA_REPEAT", "PAGED", "TOPK_PASS")
+             "NEED_DLSC", "HAS_NORM", "GROUPS", "HAS_DSCALE", "HAS_ROT", "HAS_XPOS", "GQA_REPEAT", "PAGED", "TOPK_PASS",
+             "VARLEN")
 _INT_SWITCHES = ("BIAS_KIND", "MASK_KIND", "TOPK_PASS")
 _COMBINE_CFG = dict(BLOCK_M=16, BLOCK_N=16, num_warps=4, num_stages=1)  # the combine kernel: no table entry
 MAX_SPLITS = 128  # attention_decode_op.MAX_SPLITS (the combine's lse vector; that module imports torch)
@@ -351,8 +353,35 @@ def _ci_set() -> list[dict]:
     for cc, prec in itertools.product(ARCHS, precs):
         specs.append(spec("thr", cc, 64, prec, topk=1, HAS_TOPK=1))
         specs.append(spec("thr", cc, 128, prec, topk=128, HAS_TOPK=1, **_QK_ALL))
-    specs += _NOT_MONOTONE + _decode_specs()
+    specs += _NOT_MONOTONE + _decode_specs() + _varlen_specs()
     return list({spec_name(s): s for s in specs}.values())
+
+
+# the packed-batch switch (xtk.attention_varlen's one launch): every switch combination it runs --
+# no dense bias or attn_mask there, so its heaviest is the qk class's table representative with
+# top-k and dropout (the heavy class's tile) -- in the four kernels on both archs
+_VARLEN = [dict(IS_CAUSAL=1), dict(IS_CAUSAL=1, BIAS_KIND=kinds.BIAS_ALIBI, NEED_DSLOPE=1),
+           dict(BIAS_KIND=kinds.BIAS_TABLE, NEED_DTAB=1, GQA_REPEAT=1),
+           dict(IS_CAUSAL=1, BIAS_KIND=kinds.BIAS_TABLE, NEED_DTAB=1, NEED_DLSC=1, HAS_TOPK=1, HAS_DROPOUT=1, **_QK_ALL)]
+
+
+def _varlen_specs() -> list[dict]:
+    """VARLEN with each of ``_VARLEN`` in fwd, dkdv and dq on both archs (head dims 64 and 128 and the
+    three precisions rotating; the gradient switches only in dq), the top-k threshold pass with the
+    heaviest at both head dims, and the heaviest at 16 bit d128 (the widest shipped tile) everywhere."""
+    specs = []
+    precs = ("16bit", "tf32", "ieee")
+    for cc in ARCHS:
+        for i, sw in enumerate(_VARLEN):
+            for j, kind in enumerate(("fwd", "dkdv", "dq")):
+                sw_k = {k: v for k, v in sw.items() if kind == "dq" or not k.startswith("NEED_")}
+                specs.append(spec(kind, cc, (64, 128)[(i + j) % 2], precs[(i + j) % 3], VARLEN=1, **sw_k))
+                if i == len(_VARLEN) - 1:
+                    specs.append(spec(kind, cc, 128, "16bit", VARLEN=1, **sw_k))
+        heavy = {k: v for k, v in _VARLEN[-1].items() if not k.startswith("NEED_") and k != "HAS_DROPOUT"}
+        for d, prec in ((64, "tf32"), (128, "16bit")):
+            specs.append(spec("thr", cc, d, prec, topk=16, VARLEN=1, **heavy))
+    return specs
 
 
 def _has_entry(kind: str, arch: int, bd: int, precision: str, cls: str) -> bool:

@@ -26,13 +26,13 @@ import triton
 import triton.language as tl
 
 from .attention_common import (DECODE_INTS, _causal_key_end, _causal_query_start, _dropout_keep, _fold,
-                               _head_bias, _load_kt, _load_q, _logits, _qk_tile_bwd, _query_program, _table_grad_tile,
-                               _tile_ptrs, _tile_ptrs_t)
+                               _head_bias, _load_kt, _load_q, _logits, _qk_tile_bwd, _query_program, _seq_span,
+                               _table_grad_tile, _tile_ptrs, _tile_ptrs_t)
 
 
 @triton.jit(do_not_specialize=DECODE_INTS)
 def _attn_bwd_dkdv(
-        Q, K, V, DO, DK, DV_, STATS, DELTA, THR, SLOPES, TAB, MASK, BIAS, QSC, KSC, INV_FREQ, XPOS, DKSC,
+        Q, K, V, DO, DK, DV_, STATS, DELTA, THR, SLOPES, TAB, MASK, BIAS, QSC, KSC, INV_FREQ, XPOS, DKSC, CU_Q, CU_K,
         sqb, sqh, sqm, sqd, skb, skh, skn, skd, svb, svh, svn, svd, sdob, sdoh, sdom, sdod,
         sdkb, sdkh, sdkn, sdkd, sdvb, sdvh, sdvn, sdvd,
         stab_l, stab_h, tab_center, smb, smh, smm, smn, sbb, sbh, sbm, sbn,
@@ -40,7 +40,7 @@ def _attn_bwd_dkdv(
         IS_CAUSAL: tl.constexpr, BIAS_KIND: tl.constexpr, MASK_KIND: tl.constexpr, HAS_TOPK: tl.constexpr,
         HAS_DROPOUT: tl.constexpr, PRECISION: tl.constexpr,
         HAS_NORM: tl.constexpr, GROUPS: tl.constexpr, HAS_DSCALE: tl.constexpr, HAS_ROT: tl.constexpr,
-        HAS_XPOS: tl.constexpr, GQA_REPEAT: tl.constexpr,
+        HAS_XPOS: tl.constexpr, GQA_REPEAT: tl.constexpr, VARLEN: tl.constexpr,
         BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_DV: tl.constexpr):
     n_kblocks = tl.cdiv(NK, BLOCK_N)
     pid_n, off_bhk = _fold(n_kblocks)
@@ -48,15 +48,20 @@ def _attn_bwd_dkdv(
     off_hk = off_bhk % HK
     group = H // HK
     start_n = pid_n * BLOCK_N
+    q0, nq, k0, nk, max_half = _seq_span(CU_Q, CU_K, off_b, NQ, NK, q_offset, k_prefix, max_half, VARLEN)
+    if VARLEN:
+        if start_n >= nk:  # a key block past its sequence's end
+            return
     offs_n = start_n + tl.arange(0, BLOCK_N)
     offs_m0 = tl.arange(0, BLOCK_M)
     offs_d = tl.arange(0, BLOCK_D)
     offs_dv = tl.arange(0, BLOCK_DV)
-    col_ok = offs_n < NK
-    k_base = K + off_b.to(tl.int64) * skb + off_hk.to(tl.int64) * skh
-    kt = _load_kt(k_base, offs_n, offs_d, skn, skd, NK, D, k_prefix, KSC + off_hk * D, INV_FREQ, XPOS, R, interp,
+    col_ok = offs_n < nk
+    k_base = K + off_b.to(tl.int64) * skb + k0 * skn + off_hk.to(tl.int64) * skh
+    kt = _load_kt(k_base, offs_n, offs_d, skn, skd, nk, D, k_prefix, KSC + off_hk * D, INV_FREQ, XPOS, R, interp,
                   max_half, xpos_base, HAS_NORM, GROUPS, HAS_DSCALE, HAS_ROT, HAS_XPOS, BLOCK_N, BLOCK_D)
-    vt = tl.load(_tile_ptrs_t(V + off_b.to(tl.int64) * svb + off_hk.to(tl.int64) * svh, offs_dv, offs_n, svd, svn),
+    vt = tl.load(_tile_ptrs_t(V + off_b.to(tl.int64) * svb + k0 * svn + off_hk.to(tl.int64) * svh, offs_dv, offs_n,
+                              svd, svn),
                  mask=col_ok[None, :] & (offs_dv[:, None] < DV), other=0.0)
     if HAS_DROPOUT:
         seed = tl.load(SEED)
@@ -69,20 +74,20 @@ def _attn_bwd_dkdv(
         else:  # SDPA's: query head h reads kv head h // group
             off_h = off_hk * group + g
         off_bh = off_b * H + off_h
-        q_base = Q + off_b.to(tl.int64) * sqb + off_h.to(tl.int64) * sqh
-        do_base = DO + off_b.to(tl.int64) * sdob + off_h.to(tl.int64) * sdoh
+        q_base = Q + off_b.to(tl.int64) * sqb + q0 * sqm + off_h.to(tl.int64) * sqh
+        do_base = DO + off_b.to(tl.int64) * sdob + q0 * sdom + off_h.to(tl.int64) * sdoh
         slope, tab = _head_bias(SLOPES, TAB, off_h, stab_h, BIAS_KIND)
-        for start_m in range(start_q, NQ, BLOCK_M):
+        for start_m in range(start_q, nq, BLOCK_M):
             offs_m = start_m + offs_m0
-            row_ok = offs_m < NQ
-            q = _load_q(q_base, offs_m, offs_d, sqm, sqd, NQ, D, q_offset, QSC + off_h * D, INV_FREQ, XPOS, R, interp,
+            row_ok = offs_m < nq
+            q = _load_q(q_base, offs_m, offs_d, sqm, sqd, nq, D, q_offset, QSC + off_h * D, INV_FREQ, XPOS, R, interp,
                         max_half, xpos_base, HAS_NORM, GROUPS, HAS_DSCALE, HAS_ROT, HAS_XPOS, BLOCK_M, BLOCK_D)
             do = tl.load(_tile_ptrs(do_base, offs_m, offs_dv, sdom, sdod),
                          mask=row_ok[:, None] & (offs_dv[None, :] < DV), other=0.0)
             m_row = tl.load(STATS + off_bh.to(tl.int64) * 2 * NQ + offs_m, mask=row_ok, other=float("inf"))
             inv_l = 1.0 / tl.load(STATS + off_bh.to(tl.int64) * 2 * NQ + NQ + offs_m, mask=row_ok, other=1.0)
             delta = tl.load(DELTA + off_bh.to(tl.int64) * NQ + offs_m, mask=row_ok, other=0.0)
-            s = _logits(tl.dot(q, kt, input_precision=PRECISION), offs_m, offs_n, off_b, off_h, NQ, NK, q_offset,
+            s = _logits(tl.dot(q, kt, input_precision=PRECISION), offs_m, offs_n, off_b, off_h, nq, nk, q_offset,
                         k_prefix, sm_scale, slope, tab, stab_l, tab_center,
                         MASK, smb, smh, smm, smn, BIAS, sbb, sbh, sbm, sbn, IS_CAUSAL, BIAS_KIND, MASK_KIND)
             if HAS_TOPK:
@@ -108,9 +113,10 @@ def _attn_bwd_dkdv(
                                 HAS_XPOS, BLOCK_N, BLOCK_D)
         if HAS_DSCALE:
             tl.store(DKSC + (off_bhk.to(tl.int64) * n_kblocks + pid_n) * D + offs_d, dksc, mask=offs_d < D)
-    tl.store(_tile_ptrs(DK + off_b.to(tl.int64) * sdkb + off_hk.to(tl.int64) * sdkh, offs_n, offs_d, sdkn, sdkd),
-             dk.to(DK.dtype.element_ty), mask=col_ok[:, None] & (offs_d[None, :] < D))
-    tl.store(_tile_ptrs(DV_ + off_b.to(tl.int64) * sdvb + off_hk.to(tl.int64) * sdvh, offs_n, offs_dv, sdvn, sdvd),
+    tl.store(_tile_ptrs(DK + off_b.to(tl.int64) * sdkb + k0 * sdkn + off_hk.to(tl.int64) * sdkh, offs_n, offs_d, sdkn,
+                        sdkd), dk.to(DK.dtype.element_ty), mask=col_ok[:, None] & (offs_d[None, :] < D))
+    tl.store(_tile_ptrs(DV_ + off_b.to(tl.int64) * sdvb + k0 * sdvn + off_hk.to(tl.int64) * sdvh, offs_n, offs_dv, sdvn,
+                        sdvd),
              dv.to(DV_.dtype.element_ty), mask=col_ok[:, None] & (offs_dv[None, :] < DV))
 
 
@@ -145,7 +151,7 @@ def _dq_key_tile(q, do, thr, seed, k_base, v_base, ksc, offs_m, offs_n, offs_d, 
 @triton.jit(do_not_specialize=DECODE_INTS)
 def _attn_bwd_dq(
         Q, K, V, DO, DQ, STATS, DELTA, THR, SLOPES, TAB, MASK, BIAS, DSLOPE, DTAB, DS, QSC, KSC, INV_FREQ, XPOS, DQSC,
-        DLSC,
+        DLSC, CU_Q, CU_K,
         sqb, sqh, sqm, sqd, skb, skh, skn, skd, svb, svh, svn, svd, sdob, sdoh, sdom, sdod,
         sdqb, sdqh, sdqm, sdqd,
         stab_l, stab_h, tab_center, smb, smh, smm, smn, sbb, sbh, sbm, sbn,
@@ -153,21 +159,26 @@ def _attn_bwd_dq(
         IS_CAUSAL: tl.constexpr, BIAS_KIND: tl.constexpr, MASK_KIND: tl.constexpr, HAS_TOPK: tl.constexpr,
         HAS_DROPOUT: tl.constexpr, PRECISION: tl.constexpr,
         HAS_NORM: tl.constexpr, GROUPS: tl.constexpr, HAS_DSCALE: tl.constexpr, HAS_ROT: tl.constexpr,
-        HAS_XPOS: tl.constexpr, GQA_REPEAT: tl.constexpr,
+        HAS_XPOS: tl.constexpr, GQA_REPEAT: tl.constexpr, VARLEN: tl.constexpr,
         NEED_DSLOPE: tl.constexpr, NEED_DTAB: tl.constexpr, NEED_DS: tl.constexpr, NEED_DLSC: tl.constexpr,
         BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_DV: tl.constexpr):
     pid_m, off_bh, off_b, off_h, off_hk, start_m = _query_program(H, HK, NQ, BLOCK_M, GQA_REPEAT)
+    q0, nq, k0, nk, max_half = _seq_span(CU_Q, CU_K, off_b, NQ, NK, q_offset, k_prefix, max_half, VARLEN)
+    if VARLEN:
+        if start_m >= nq:  # a block past its sequence's end (its partial-sum slots stay 0)
+            return
     n_mblocks = tl.cdiv(NQ, BLOCK_M)
     offs_m = start_m + tl.arange(0, BLOCK_M)
     offs_n0 = tl.arange(0, BLOCK_N)
     offs_d = tl.arange(0, BLOCK_D)
     offs_dv = tl.arange(0, BLOCK_DV)
-    row_ok = offs_m < NQ
-    q_base = Q + off_b.to(tl.int64) * sqb + off_h.to(tl.int64) * sqh
-    q = _load_q(q_base, offs_m, offs_d, sqm, sqd, NQ, D, q_offset, QSC + off_h * D, INV_FREQ, XPOS, R, interp,
+    row_ok = offs_m < nq
+    q_base = Q + off_b.to(tl.int64) * sqb + q0 * sqm + off_h.to(tl.int64) * sqh
+    q = _load_q(q_base, offs_m, offs_d, sqm, sqd, nq, D, q_offset, QSC + off_h * D, INV_FREQ, XPOS, R, interp,
                 max_half, xpos_base, HAS_NORM, GROUPS, HAS_DSCALE, HAS_ROT, HAS_XPOS, BLOCK_M, BLOCK_D)
     ksc = KSC + off_hk * D
-    do = tl.load(_tile_ptrs(DO + off_b.to(tl.int64) * sdob + off_h.to(tl.int64) * sdoh, offs_m, offs_dv, sdom, sdod),
+    do = tl.load(_tile_ptrs(DO + off_b.to(tl.int64) * sdob + q0 * sdom + off_h.to(tl.int64) * sdoh, offs_m, offs_dv,
+                            sdom, sdod),
                  mask=row_ok[:, None] & (offs_dv[None, :] < DV), other=0.0)
     m_row = tl.load(STATS + off_bh.to(tl.int64) * 2 * NQ + offs_m, mask=row_ok, other=float("inf"))
     inv_l = 1.0 / tl.load(STATS + off_bh.to(tl.int64) * 2 * NQ + NQ + offs_m, mask=row_ok, other=1.0)
@@ -178,14 +189,14 @@ def _attn_bwd_dq(
     seed = 0  # read only under HAS_DROPOUT
     if HAS_DROPOUT:
         seed = tl.load(SEED)
-    k_base = K + off_b.to(tl.int64) * skb + off_hk.to(tl.int64) * skh
-    v_base = V + off_b.to(tl.int64) * svb + off_hk.to(tl.int64) * svh
+    k_base = K + off_b.to(tl.int64) * skb + k0 * skn + off_hk.to(tl.int64) * skh
+    v_base = V + off_b.to(tl.int64) * svb + k0 * svn + off_hk.to(tl.int64) * svh
     slope, tab = _head_bias(SLOPES, TAB, off_h, stab_h, BIAS_KIND)
     dq = tl.zeros([BLOCK_M, BLOCK_D], tl.float32)
     dslope = tl.zeros([BLOCK_M], tl.float32)
     dlsc = tl.zeros([BLOCK_M], tl.float32)
     pi = q_offset + offs_m
-    end_n = _causal_key_end(start_m, BLOCK_M, NK, q_offset, k_prefix, IS_CAUSAL)
+    end_n = _causal_key_end(start_m, BLOCK_M, nk, q_offset, k_prefix, IS_CAUSAL)
     if NEED_DSLOPE or NEED_DTAB or NEED_DS or NEED_DLSC:
         # bias (and logit scale) gradients sum dS over whole rows (ALiBi: weighted by |p_i - p_j|), which amplifies
         # the rounding of delta = dO . O and of the online-softmax row sum: recompute both from
@@ -196,7 +207,7 @@ def _attn_bwd_dq(
             offs_n = start_n + offs_n0
             kt, qk, s, dp = _dq_key_tile(
                 q, do, thr, seed, k_base, v_base, ksc, offs_m, offs_n, offs_d, offs_dv, off_b, off_h, off_bh,
-                skn, skd, svn, svd, NQ, NK, D, DV, q_offset, k_prefix, sm_scale, dropout_p, slope, tab, stab_l,
+                skn, skd, svn, svd, nq, nk, D, DV, q_offset, k_prefix, sm_scale, dropout_p, slope, tab, stab_l,
                 tab_center, MASK, smb, smh, smm, smn, BIAS, sbb, sbh, sbm, sbn, INV_FREQ, XPOS, R, interp, max_half,
                 xpos_base, IS_CAUSAL, BIAS_KIND, MASK_KIND, HAS_TOPK, HAS_DROPOUT, PRECISION,
                 HAS_NORM, GROUPS, HAS_DSCALE, HAS_ROT, HAS_XPOS, BLOCK_N, BLOCK_D)
@@ -207,10 +218,10 @@ def _attn_bwd_dq(
         delta = pdp * inv_l
     for start_n in range(0, end_n, BLOCK_N):
         offs_n = start_n + offs_n0
-        col_ok = offs_n < NK
+        col_ok = offs_n < nk
         kt, qk, s, dp = _dq_key_tile(
             q, do, thr, seed, k_base, v_base, ksc, offs_m, offs_n, offs_d, offs_dv, off_b, off_h, off_bh,
-            skn, skd, svn, svd, NQ, NK, D, DV, q_offset, k_prefix, sm_scale, dropout_p, slope, tab, stab_l,
+            skn, skd, svn, svd, nq, nk, D, DV, q_offset, k_prefix, sm_scale, dropout_p, slope, tab, stab_l,
             tab_center, MASK, smb, smh, smm, smn, BIAS, sbb, sbh, sbm, sbn, INV_FREQ, XPOS, R, interp, max_half,
             xpos_base, IS_CAUSAL, BIAS_KIND, MASK_KIND, HAS_TOPK, HAS_DROPOUT, PRECISION,
             HAS_NORM, GROUPS, HAS_DSCALE, HAS_ROT, HAS_XPOS, BLOCK_N, BLOCK_D)
@@ -239,7 +250,8 @@ def _attn_bwd_dq(
                                 BLOCK_M, BLOCK_D)
         if HAS_DSCALE:
             tl.store(DQSC + (off_bh.to(tl.int64) * n_mblocks + pid_m) * D + offs_d, dqsc, mask=offs_d < D)
-    tl.store(_tile_ptrs(DQ + off_b.to(tl.int64) * sdqb + off_h.to(tl.int64) * sdqh, offs_m, offs_d, sdqm, sdqd),
+    tl.store(_tile_ptrs(DQ + off_b.to(tl.int64) * sdqb + q0 * sdqm + off_h.to(tl.int64) * sdqh, offs_m, offs_d, sdqm,
+                        sdqd),
              dq.to(DQ.dtype.element_ty), mask=row_ok[:, None] & (offs_d[None, :] < D))
     if NEED_DSLOPE:
         tl.store(DSLOPE + off_bh.to(tl.int64) * n_mblocks + pid_m, tl.sum(dslope, axis=0))

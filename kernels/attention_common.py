@@ -18,6 +18,9 @@ Switches (``tl.constexpr``):
   dense additive float, dense boolean keep-mask (tile loads with broadcast strides).
 - MASK_KIND (``kinds.MASK_*``): the ``attn_mask`` slot: none, additive float, boolean keep-mask.
 - IS_CAUSAL: ``p_j > p_i`` masked for positional keys.
+- VARLEN: the batch axis is the sequence index of a packed batch (``_seq_span``): q/k/v/O rows
+  offset by the sequence's starts in ``cu_seqlens_q`` / ``cu_seqlens_k``, its own nq / nk in every
+  mask, positions from 0; a program whose block lies past its sequence's length returns at once.
 - GQA_REPEAT: query head ``h`` reads kv head ``h % HK`` (x-transformers' order) instead of
   ``h // (H // HK)`` (SDPA's); the dK/dV kernel walks a kv head's query heads in the same order.
 - QK features (SPEC §2 steps 2-3), applied to the q tile once per program and to every k tile as
@@ -72,6 +75,30 @@ def _query_program(H, HK, NQ, BLOCK_M: tl.constexpr, GQA_REPEAT: tl.constexpr):
     else:
         off_hk = off_h // (H // HK)
     return pid_m, off_bh, off_bh // H, off_h, off_hk, pid_m * BLOCK_M
+
+
+@triton.jit
+def _seq_span(CU_Q, CU_K, off_b, NQ, NK, q_offset, k_prefix, max_half, VARLEN: tl.constexpr):
+    """(first q row, nq, first k row, nk, max_half) of batch entry ``off_b``.
+
+    Without VARLEN: (0, NQ, 0, NK, max_half) -- rows are addressed through the batch strides.
+    With VARLEN the batch entry is sequence ``off_b`` of a packed batch: its q rows are
+    ``CU_Q[off_b]:CU_Q[off_b + 1]`` and its k rows ``CU_K[off_b]:CU_K[off_b + 1]`` (int32 cu_seqlens on
+    the device, the launcher passes batch strides 0), the starts as int64 rows (times a row stride
+    they pass 2^31), and NQ / NK are the grid's and the row-statistics' sizes (max_seqlen_q /
+    max_seqlen_k), not the sequence's. Positions restart at 0 per sequence, so xpos's max_half is
+    the sequence's own: ``max(q_offset + nq, nk - k_prefix) // 2`` (floor, as the per-sequence
+    launcher's Python computes it)."""
+    if VARLEN:
+        q0 = tl.load(CU_Q + off_b)
+        nq = tl.load(CU_Q + off_b + 1) - q0
+        k0 = tl.load(CU_K + off_b)
+        nk = tl.load(CU_K + off_b + 1) - k0
+        mh = tl.maximum(q_offset + nq, nk - k_prefix)
+        half = tl.where(mh >= 0, mh // 2, -((1 - mh) // 2))  # floor, with non-negative operands only
+        return q0.to(tl.int64), nq, k0.to(tl.int64), nk, half
+    else:
+        return 0, NQ, 0, NK, max_half
 
 
 @triton.jit

@@ -7,6 +7,8 @@ folded ``exp(s - (m + log l))`` loses ``|s - m| * eps`` more, which the ALiBi sl
 amplifies). A row with no unmasked key stores output 0 (NaN when a masked key's v it skipped is
 NaN: 0 x NaN; a select on the output row spilled a posbias tile, 12 B) and ``m = +inf`` (so the
 recomputed P is 0 everywhere). GQA: query head ``h`` reads kv head ``h // (H // HK)``, or ``h % HK`` under GQA_REPEAT.
+VARLEN (a packed batch, ``attention_common._seq_span``): batch entries are sequences, NQ / NK the
+longest lengths allowed, so STATS and THR are (B*h, [2,] max_seqlen_q) with each sequence's rows first.
 
 Top-k (HAS_TOPK): ``_attn_topk_threshold`` streams the key blocks, keeps the K2 (a power of two
 >= topk) largest logits of each row in a (BLOCK_M, K2) buffer merged tile by tile with
@@ -18,36 +20,40 @@ import triton
 import triton.language as tl
 
 from .attention_common import (DECODE_INTS, _causal_key_end, _dropout_keep, _fold, _head_bias, _load_kt, _load_q,
-                               _logits, _query_program, _tile_ptrs)
+                               _logits, _query_program, _seq_span, _tile_ptrs)
 
 
 @triton.jit(do_not_specialize=DECODE_INTS)
 def _attn_topk_threshold(
-        Q, K, THR, SLOPES, TAB, MASK, BIAS, QSC, KSC, INV_FREQ, XPOS,
+        Q, K, THR, SLOPES, TAB, MASK, BIAS, QSC, KSC, INV_FREQ, XPOS, CU_Q, CU_K,
         sqb, sqh, sqm, sqd, skb, skh, skn, skd,
         stab_l, stab_h, tab_center, smb, smh, smm, smn, sbb, sbh, sbm, sbn,
         H, HK, NQ, NK, D, q_offset, k_prefix, sm_scale, TOPK, R, max_half, xpos_base, interp,
         IS_CAUSAL: tl.constexpr, BIAS_KIND: tl.constexpr, MASK_KIND: tl.constexpr, PRECISION: tl.constexpr,
         HAS_NORM: tl.constexpr, GROUPS: tl.constexpr, HAS_DSCALE: tl.constexpr, HAS_ROT: tl.constexpr,
-        HAS_XPOS: tl.constexpr, GQA_REPEAT: tl.constexpr,
+        HAS_XPOS: tl.constexpr, GQA_REPEAT: tl.constexpr, VARLEN: tl.constexpr,
         K2: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr):
     pid_m, off_bh, off_b, off_h, off_hk, start_m = _query_program(H, HK, NQ, BLOCK_M, GQA_REPEAT)
+    q0, nq, k0, nk, max_half = _seq_span(CU_Q, CU_K, off_b, NQ, NK, q_offset, k_prefix, max_half, VARLEN)
+    if VARLEN:
+        if start_m >= nq:  # a block past its sequence's end
+            return
     offs_m = start_m + tl.arange(0, BLOCK_M)
     offs_n0 = tl.arange(0, BLOCK_N)
     offs_d = tl.arange(0, BLOCK_D)
-    q = _load_q(Q + off_b.to(tl.int64) * sqb + off_h.to(tl.int64) * sqh, offs_m, offs_d, sqm, sqd, NQ, D, q_offset,
-                QSC + off_h * D, INV_FREQ, XPOS, R, interp, max_half, xpos_base,
+    q = _load_q(Q + off_b.to(tl.int64) * sqb + q0 * sqm + off_h.to(tl.int64) * sqh, offs_m, offs_d, sqm, sqd, nq, D,
+                q_offset, QSC + off_h * D, INV_FREQ, XPOS, R, interp, max_half, xpos_base,
                 HAS_NORM, GROUPS, HAS_DSCALE, HAS_ROT, HAS_XPOS, BLOCK_M, BLOCK_D)
     ksc = KSC + off_hk * D
-    k_base = K + off_b.to(tl.int64) * skb + off_hk.to(tl.int64) * skh
+    k_base = K + off_b.to(tl.int64) * skb + k0 * skn + off_hk.to(tl.int64) * skh
     slope, tab = _head_bias(SLOPES, TAB, off_h, stab_h, BIAS_KIND)
     best = tl.full([BLOCK_M, K2], float("-inf"), tl.float32)
-    end_n = _causal_key_end(start_m, BLOCK_M, NK, q_offset, k_prefix, IS_CAUSAL)
+    end_n = _causal_key_end(start_m, BLOCK_M, nk, q_offset, k_prefix, IS_CAUSAL)
     for start_n in range(0, end_n, BLOCK_N):
         offs_n = start_n + offs_n0
-        kt = _load_kt(k_base, offs_n, offs_d, skn, skd, NK, D, k_prefix, ksc, INV_FREQ, XPOS, R, interp, max_half,
+        kt = _load_kt(k_base, offs_n, offs_d, skn, skd, nk, D, k_prefix, ksc, INV_FREQ, XPOS, R, interp, max_half,
                       xpos_base, HAS_NORM, GROUPS, HAS_DSCALE, HAS_ROT, HAS_XPOS, BLOCK_N, BLOCK_D)
-        s = _logits(tl.dot(q, kt, input_precision=PRECISION), offs_m, offs_n, off_b, off_h, NQ, NK, q_offset,
+        s = _logits(tl.dot(q, kt, input_precision=PRECISION), offs_m, offs_n, off_b, off_h, nq, nk, q_offset,
                     k_prefix, sm_scale, slope, tab, stab_l, tab_center,
                     MASK, smb, smh, smm, smn, BIAS, sbb, sbh, sbm, sbn, IS_CAUSAL, BIAS_KIND, MASK_KIND)
         # NaN ranks above everything (as in torch.topk): ranked as +inf here
@@ -60,32 +66,36 @@ def _attn_topk_threshold(
     col = tl.arange(0, K2)
     kth = tl.max(tl.where(col[None, :] == TOPK - 1, ranked, float("-inf")), axis=1)
     kth = tl.where(kth == float("inf"), float("nan"), kth)
-    tl.store(THR + off_bh.to(tl.int64) * NQ + offs_m, kth, mask=offs_m < NQ)
+    tl.store(THR + off_bh.to(tl.int64) * NQ + offs_m, kth, mask=offs_m < nq)
 
 
 @triton.jit(do_not_specialize=DECODE_INTS)
 def _attn_fwd(
-        Q, K, V, O, STATS, THR, SLOPES, TAB, MASK, BIAS, QSC, KSC, INV_FREQ, XPOS,
+        Q, K, V, O, STATS, THR, SLOPES, TAB, MASK, BIAS, QSC, KSC, INV_FREQ, XPOS, CU_Q, CU_K,
         sqb, sqh, sqm, sqd, skb, skh, skn, skd, svb, svh, svn, svd, sob, soh, som, sod,
         stab_l, stab_h, tab_center, smb, smh, smm, smn, sbb, sbh, sbm, sbn,
         H, HK, NQ, NK, D, DV, q_offset, k_prefix, sm_scale, dropout_p, SEED, R, max_half, xpos_base, interp,
         IS_CAUSAL: tl.constexpr, BIAS_KIND: tl.constexpr, MASK_KIND: tl.constexpr, HAS_TOPK: tl.constexpr,
         HAS_DROPOUT: tl.constexpr, PRECISION: tl.constexpr,
         HAS_NORM: tl.constexpr, GROUPS: tl.constexpr, HAS_DSCALE: tl.constexpr, HAS_ROT: tl.constexpr,
-        HAS_XPOS: tl.constexpr, GQA_REPEAT: tl.constexpr,
+        HAS_XPOS: tl.constexpr, GQA_REPEAT: tl.constexpr, VARLEN: tl.constexpr,
         BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_DV: tl.constexpr):
     pid_m, off_bh, off_b, off_h, off_hk, start_m = _query_program(H, HK, NQ, BLOCK_M, GQA_REPEAT)
+    q0, nq, k0, nk, max_half = _seq_span(CU_Q, CU_K, off_b, NQ, NK, q_offset, k_prefix, max_half, VARLEN)
+    if VARLEN:
+        if start_m >= nq:  # a block past its sequence's end
+            return
     offs_m = start_m + tl.arange(0, BLOCK_M)
     offs_n0 = tl.arange(0, BLOCK_N)
     offs_d = tl.arange(0, BLOCK_D)
     offs_dv = tl.arange(0, BLOCK_DV)
-    row_ok = offs_m < NQ
-    q = _load_q(Q + off_b.to(tl.int64) * sqb + off_h.to(tl.int64) * sqh, offs_m, offs_d, sqm, sqd, NQ, D, q_offset,
-                QSC + off_h * D, INV_FREQ, XPOS, R, interp, max_half, xpos_base,
+    row_ok = offs_m < nq
+    q = _load_q(Q + off_b.to(tl.int64) * sqb + q0 * sqm + off_h.to(tl.int64) * sqh, offs_m, offs_d, sqm, sqd, nq, D,
+                q_offset, QSC + off_h * D, INV_FREQ, XPOS, R, interp, max_half, xpos_base,
                 HAS_NORM, GROUPS, HAS_DSCALE, HAS_ROT, HAS_XPOS, BLOCK_M, BLOCK_D)
     ksc = KSC + off_hk * D
-    k_base = K + off_b.to(tl.int64) * skb + off_hk.to(tl.int64) * skh
-    v_base = V + off_b.to(tl.int64) * svb + off_hk.to(tl.int64) * svh
+    k_base = K + off_b.to(tl.int64) * skb + k0 * skn + off_hk.to(tl.int64) * skh
+    v_base = V + off_b.to(tl.int64) * svb + k0 * svn + off_hk.to(tl.int64) * svh
     slope, tab = _head_bias(SLOPES, TAB, off_h, stab_h, BIAS_KIND)
     if HAS_TOPK:
         thr = tl.load(THR + off_bh.to(tl.int64) * NQ + offs_m, mask=row_ok, other=float("-inf"))
@@ -94,13 +104,13 @@ def _attn_fwd(
     m_i = tl.full([BLOCK_M], float("-inf"), tl.float32)
     l_i = tl.zeros([BLOCK_M], tl.float32)
     acc = tl.zeros([BLOCK_M, BLOCK_DV], tl.float32)
-    end_n = _causal_key_end(start_m, BLOCK_M, NK, q_offset, k_prefix, IS_CAUSAL)
+    end_n = _causal_key_end(start_m, BLOCK_M, nk, q_offset, k_prefix, IS_CAUSAL)
     for start_n in range(0, end_n, BLOCK_N):
         offs_n = start_n + offs_n0
-        col_ok = offs_n < NK
-        kt = _load_kt(k_base, offs_n, offs_d, skn, skd, NK, D, k_prefix, ksc, INV_FREQ, XPOS, R, interp, max_half,
+        col_ok = offs_n < nk
+        kt = _load_kt(k_base, offs_n, offs_d, skn, skd, nk, D, k_prefix, ksc, INV_FREQ, XPOS, R, interp, max_half,
                       xpos_base, HAS_NORM, GROUPS, HAS_DSCALE, HAS_ROT, HAS_XPOS, BLOCK_N, BLOCK_D)
-        s = _logits(tl.dot(q, kt, input_precision=PRECISION), offs_m, offs_n, off_b, off_h, NQ, NK, q_offset,
+        s = _logits(tl.dot(q, kt, input_precision=PRECISION), offs_m, offs_n, off_b, off_h, nq, nk, q_offset,
                     k_prefix, sm_scale, slope, tab, stab_l, tab_center,
                     MASK, smb, smh, smm, smn, BIAS, sbb, sbh, sbm, sbn, IS_CAUSAL, BIAS_KIND, MASK_KIND)
         if HAS_TOPK:  # a NaN logit is never dropped (NaN < thr is false): its row stays NaN
@@ -121,7 +131,7 @@ def _attn_fwd(
     out = acc / tl.where(empty, 1.0, l_i)[:, None]
     m_row = tl.where(empty, float("inf"), m_i)
     l_row = tl.where(empty, 1.0, l_i)
-    tl.store(_tile_ptrs(O + off_b.to(tl.int64) * sob + off_h.to(tl.int64) * soh, offs_m, offs_dv, som, sod),
+    tl.store(_tile_ptrs(O + off_b.to(tl.int64) * sob + q0 * som + off_h.to(tl.int64) * soh, offs_m, offs_dv, som, sod),
              out.to(O.dtype.element_ty), mask=row_ok[:, None] & (offs_dv[None, :] < DV))
     tl.store(STATS + off_bh.to(tl.int64) * 2 * NQ + offs_m, m_row, mask=row_ok)
     tl.store(STATS + off_bh.to(tl.int64) * 2 * NQ + NQ + offs_m, l_row, mask=row_ok)

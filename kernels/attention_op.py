@@ -201,15 +201,71 @@ def _dsc_sums(dqsc, dksc, has_dsc):
     return dqsc.sum((0, 2)), dksc.sum((0, 2))
 
 
-def _forward(q, k, v, slopes, table, mask, dense, scale, is_causal, q_offset, k_prefix, topk, dropout_p, seed,
-             qk=NO_QK, gqa_repeat=False):
-    q, k, v = (_narrow_cols(t) for t in (q, k, v))
+class Varlen(NamedTuple):
+    """A packed batch of variable-length sequences (the VARLEN switch): q/k/v/out/dO and their
+    gradients are the packed ``(total, heads, d)`` tensors seen as ``(1, heads, total, d)`` views;
+    ``cu_q`` / ``cu_k`` the int32 ``(B + 1,)`` device offsets (never read on the host); ``max_q`` /
+    ``max_k`` bound every sequence's length and size the grids and the row statistics, which are
+    (B, h, [2,] max_q) with sequence b's rows first (the rest never written nor read)."""
+
+    cu_q: Tensor
+    cu_k: Tensor
+    max_q: int
+    max_k: int
+
+
+def _sizes(q, k, v, varlen: Optional[Varlen]):
+    """(b, h, nq, d, hk, nk, dv) as the grids and row statistics count them: the batch entries and
+    their length, or for a packed batch the sequences and the longest lengths allowed."""
     b, h, nq, d = q.shape
     hk, nk, dv = k.shape[1], k.shape[2], v.shape[3]
-    out = torch.empty(b, h, nq, dv, dtype=q.dtype, device=q.device)
-    stats = torch.empty(b, h, 2, nq, dtype=torch.float32, device=q.device)  # row max, row sum
+    if varlen is not None:
+        b, nq, nk = varlen.cu_q.shape[0] - 1, varlen.max_q, varlen.max_k
+    return b, h, nq, d, hk, nk, dv
+
+
+def _strides(varlen: Optional[Varlen], *ts: Tensor) -> tuple:
+    """The kernels' (batch, head, row, feature) strides of each of ``ts``, one flat tuple: a packed
+    tensor's rows are found from the sequence starts, so its batch stride is 0."""
+    return tuple(x for t in ts for x in ((0, *t.stride()[1:]) if varlen is not None else t.stride()))
+
+
+def _cu_args(varlen: Optional[Varlen], dummy: Tensor) -> tuple:
+    """The kernels' CU_Q, CU_K and VARLEN switch (any pointer stands in without VARLEN: never read)."""
+    if varlen is None:
+        return (dummy, dummy), dict(VARLEN=False)
+    return (varlen.cu_q, varlen.cu_k), dict(VARLEN=True)
+
+
+def _packed_out(q: Tensor, nrows: int, h: int, dv: int) -> Tensor:
+    """A packed (nrows, h, dv) output seen as (1, h, nrows, dv), like q's view."""
+    return torch.empty(nrows, h, dv, dtype=q.dtype, device=q.device).permute(1, 0, 2)[None]
+
+
+def _pad_rows(x: Tensor, varlen: Varlen, n: int) -> Tensor:
+    """Per-row values ``x`` (h, total_q) of a packed batch as (B, h, n), sequence b's rows at [b, :, :len_b]
+    (zeros past them); the row -> (sequence, position) map is formed on the device, no host read."""
+    rows = torch.arange(x.shape[-1], device=x.device)
+    cu = varlen.cu_q.to(torch.int64)
+    seq = torch.searchsorted(cu[1:], rows, right=True)
+    out = x.new_zeros(cu.shape[0] - 1, x.shape[0], n)
+    out[seq, :, rows - cu[seq]] = x.t()
+    return out
+
+
+def _forward(q, k, v, slopes, table, mask, dense, scale, is_causal, q_offset, k_prefix, topk, dropout_p, seed,
+             qk=NO_QK, gqa_repeat=False, varlen: Optional[Varlen] = None):
+    q, k, v = (_narrow_cols(t) for t in (q, k, v))
+    b, h, nq, d, hk, nk, dv = _sizes(q, k, v, varlen)
+    if varlen is None:
+        out = torch.empty(b, h, nq, dv, dtype=q.dtype, device=q.device)
+    else:
+        out = _packed_out(q, q.shape[2], h, dv)
+    # a packed batch's row statistics past a sequence's length are never written: zeros, not garbage
+    rows = torch.empty if varlen is None else torch.zeros
+    stats = rows(b, h, 2, nq, dtype=torch.float32, device=q.device)  # row max, row sum
     has_topk = 0 < topk < nk
-    thr = torch.empty(b, h, nq if has_topk else 0, dtype=torch.float32, device=q.device)
+    thr = rows(b, h, nq if has_topk else 0, dtype=torch.float32, device=q.device)
     qk_ptrs, qk_scal, qk_meta = _qk_slots(q, qk)
     cls = spec_class(*_slots(q, slopes, table, mask, dense, b, h, nq, nk)[2:], has_topk, dropout_p > 0.0,
                      _uses_qk(qk_meta))
@@ -220,21 +276,22 @@ def _forward(q, k, v, slopes, table, mask, dense, scale, is_causal, q_offset, k_
     prec = _precision(q.dtype)
     if nq == 0 or b * h == 0:
         return out, stats, thr
+    cu_ptrs, cu_meta = _cu_args(varlen, stats)
     if has_topk:
         cfg_thr = config("thr", d, dv, _arch(q.device), topk, precision=tprec, cls=cls)
         with _device_guard(q.device):
             _attn_topk_threshold[launch_grids(b, h, hk, nq, nk, dict(thr=_blocks(cfg_thr)))["thr"]](
-                q, k, thr, *ptrs, *qk_ptrs, *q.stride(), *k.stride(), *scal,
+                q, k, thr, *ptrs, *qk_ptrs, *cu_ptrs, *_strides(varlen, q, k), *scal,
                 h, hk, nq, nk, d, q_offset, k_prefix, scale, topk, *qk_scal,
                 IS_CAUSAL=is_causal, BIAS_KIND=bias_kind, MASK_KIND=mask_kind, PRECISION=prec, **qk_meta,
-                GQA_REPEAT=gqa_repeat, K2=triton.next_power_of_2(topk), BLOCK_D=block_d(d), **cfg_thr)
+                GQA_REPEAT=gqa_repeat, **cu_meta, K2=triton.next_power_of_2(topk), BLOCK_D=block_d(d), **cfg_thr)
     with _device_guard(q.device):
         _attn_fwd[launch_grids(b, h, hk, nq, nk, dict(fwd=(bm, bn)))["fwd"]](
-            q, k, v, out, stats, thr if has_topk else stats, *ptrs, *qk_ptrs,
-            *q.stride(), *k.stride(), *v.stride(), *out.stride(), *scal,
+            q, k, v, out, stats, thr if has_topk else stats, *ptrs, *qk_ptrs, *cu_ptrs,
+            *_strides(varlen, q, k, v, out), *scal,
             h, hk, nq, nk, d, dv, q_offset, k_prefix, scale, dropout_p, seed, *qk_scal,
             IS_CAUSAL=is_causal, BIAS_KIND=bias_kind, MASK_KIND=mask_kind, HAS_TOPK=has_topk,
-            HAS_DROPOUT=dropout_p > 0.0, PRECISION=prec, **qk_meta, GQA_REPEAT=gqa_repeat,
+            HAS_DROPOUT=dropout_p > 0.0, PRECISION=prec, **qk_meta, GQA_REPEAT=gqa_repeat, **cu_meta,
             BLOCK_M=bm, BLOCK_N=bn, BLOCK_D=block_d(d), BLOCK_DV=block_d(dv),
             num_warps=cfg["num_warps"], num_stages=cfg["num_stages"])
     return out, stats, thr
@@ -242,10 +299,9 @@ def _forward(q, k, v, slopes, table, mask, dense, scale, is_causal, q_offset, k_
 
 def _backward(do, q, k, v, out, stats, thr, seed, slopes, table, mask, dense, scale, is_causal, q_offset,
               k_prefix, topk, dropout_p, need_dslopes, need_dtable, need_ds, qk=NO_QK, need_dlsc=False,
-              gqa_repeat=False):
+              gqa_repeat=False, varlen: Optional[Varlen] = None):
     do, q, k, v = (_narrow_cols(t) for t in (do, q, k, v))
-    b, h, nq, d = q.shape
-    hk, nk, dv = k.shape[1], k.shape[2], v.shape[3]
+    b, h, nq, d, hk, nk, dv = _sizes(q, k, v, varlen)
     dq = torch.empty_like(q)
     dk = torch.empty_like(k)
     dvv = torch.empty_like(v)
@@ -272,24 +328,27 @@ def _backward(do, q, k, v, out, stats, thr, seed, slopes, table, mask, dense, sc
         return (dq, dk, dvv, dslopes.sum((0, 2)), dtab, ds, *_dsc_sums(dqsc, dksc, has_dsc),
                 dlsc.sum() if need_dlsc else dlsc.new_empty(0))
     delta = (do.float() * out.float()).sum(-1)  # (b, h, nq): the preprocess, O(n)
+    if varlen is not None:
+        delta = _pad_rows(delta[0], varlen, nq)
+    cu_ptrs, cu_meta = _cu_args(varlen, stats)
     ptrs, scal, bias_kind, mask_kind = _slots(q, slopes, table, mask, dense, b, h, nq, nk)
     prec = _precision(q.dtype)
     common = dict(IS_CAUSAL=is_causal, BIAS_KIND=bias_kind, MASK_KIND=mask_kind, HAS_TOPK=has_topk,
                   HAS_DROPOUT=dropout_p > 0.0, PRECISION=prec, BLOCK_D=block_d(d), BLOCK_DV=block_d(dv), **qk_meta,
-                  GQA_REPEAT=gqa_repeat)
+                  GQA_REPEAT=gqa_repeat, **cu_meta)
     thr_arg = thr if has_topk else stats
     seed = seed.to(q.device)  # the forward's device seed (a no-op); a host seed tensor is copied over
     grids = launch_grids(b, h, hk, nq, nk, dict(dkdv=_blocks(cfg_kv), dq=_blocks(cfg)))
     with _device_guard(q.device):
         _attn_bwd_dkdv[grids["dkdv"]](
-            q, k, v, do, dk, dvv, stats, delta, thr_arg, *ptrs, *qk_ptrs, dksc if has_dsc else stats,
-            *q.stride(), *k.stride(), *v.stride(), *do.stride(), *dk.stride(), *dvv.stride(), *scal,
+            q, k, v, do, dk, dvv, stats, delta, thr_arg, *ptrs, *qk_ptrs, dksc if has_dsc else stats, *cu_ptrs,
+            *_strides(varlen, q, k, v, do, dk, dvv), *scal,
             h, hk, nq, nk, d, dv, q_offset, k_prefix, scale, dropout_p, seed, *qk_scal, **common, **cfg_kv)
         _attn_bwd_dq[grids["dq"]](
             q, k, v, do, dq, stats, delta, thr_arg, *ptrs, dslopes if need_dslopes else stats,
             dtab if need_dtable else stats, ds if need_ds else stats, *qk_ptrs, dqsc if has_dsc else stats,
-            dlsc if need_dlsc else stats,
-            *q.stride(), *k.stride(), *v.stride(), *do.stride(), *dq.stride(), *scal,
+            dlsc if need_dlsc else stats, *cu_ptrs,
+            *_strides(varlen, q, k, v, do, dq), *scal,
             h, hk, nq, nk, d, dv, q_offset, k_prefix, scale, dropout_p, seed, *qk_scal,
             NEED_DSLOPE=need_dslopes, NEED_DTAB=need_dtable, NEED_DS=need_ds, NEED_DLSC=need_dlsc, **common, **cfg)
     return (dq, dk, dvv, dslopes.sum((0, 2)), dtab, ds, *_dsc_sums(dqsc, dksc, has_dsc),
@@ -304,7 +363,9 @@ def attention_fwd(q: Tensor, k: Tensor, v: Tensor, slopes: Optional[Tensor], tab
                   k_prefix: int, topk: int, dropout_p: float, seed: int, q_scale: Optional[Tensor] = None, k_scale: Optional[Tensor] = None,
                   inv_freq: Optional[Tensor] = None, xpos: Optional[Tensor] = None, groups: int = 0, rot_dim: int = 0,
                   max_half: int = 0, xpos_base: float = 1.0, interp: float = 1.0,
-                  logit_scale: Optional[Tensor] = None, gqa_repeat: bool = False) -> tuple[Tensor, Tensor, Tensor, Tensor]:
+                  logit_scale: Optional[Tensor] = None, gqa_repeat: bool = False,
+                  cu_seqlens_q: Optional[Tensor] = None, cu_seqlens_k: Optional[Tensor] = None, max_seqlen_q: int = 0,
+                  max_seqlen_k: int = 0) -> tuple[Tensor, Tensor, Tensor, Tensor]:
     """-> (out (b,h,nq,dv), softmax stats (b,h,2,nq) fp32 (row max, row sum), top-k threshold (b,h,nq|0) fp32,
     the dropout seed used (int64 0-d, on q's device; 0 without dropout)).
 
@@ -313,21 +374,30 @@ def attention_fwd(q: Tensor, k: Tensor, v: Tensor, slopes: Optional[Tensor], tab
     mask: attn_mask, float or bool, broadcastable. topk 0: off. seed < 0: draw one on q's device
     with torch's generator (``_seed``: fresh per CUDA-graph replay); seed >= 0: reproducible.
     q_scale ... logit_scale: the QK features (``QKArgs``), applied in-kernel to the q/k tiles.
-    gqa_repeat: query head i reads kv head i % hk (x-transformers' order) instead of i // (h / hk)."""
+    gqa_repeat: query head i reads kv head i % hk (x-transformers' order) instead of i // (h / hk).
+    cu_seqlens_q / cu_seqlens_k (int32 (B + 1,), on q's device) given: a packed batch of B sequences
+    (``Varlen``): q/k/v are the packed (total, heads, d) tensors seen as (1, heads, total, d), every
+    position and mask per sequence, and b / nq / nk above read B / max_seqlen_q / max_seqlen_k
+    (the output is (1, h, total_q, dv), a view of a packed (total_q, h, dv) tensor)."""
     seed_t = _seed(seed if dropout_p > 0.0 else 0, q.device)
     out, stats, thr = _forward(q, k, v, slopes, table, mask, dense, scale, is_causal, q_offset, k_prefix, topk,
                                dropout_p, seed_t, QKArgs(q_scale, k_scale, inv_freq, xpos, groups, rot_dim, max_half,
-                                                         xpos_base, interp, logit_scale), gqa_repeat)
+                                                         xpos_base, interp, logit_scale), gqa_repeat,
+                               _varlen(cu_seqlens_q, cu_seqlens_k, max_seqlen_q, max_seqlen_k))
     return out, stats, thr, seed_t
+
+
+def _varlen(cu_q, cu_k, max_q: int, max_k: int) -> Optional[Varlen]:
+    return None if cu_q is None else Varlen(cu_q, cu_k, max_q, max_k)
 
 
 @attention_fwd.register_fake
 def _(q, k, v, slopes, table, mask, dense, scale, is_causal, q_offset, k_prefix, topk, dropout_p, seed, q_scale=None,
       k_scale=None, inv_freq=None, xpos=None, groups=0, rot_dim=0, max_half=0, xpos_base=1.0, interp=1.0,
-      logit_scale=None, gqa_repeat=False):
-    b, h, nq, _ = q.shape
-    nk = k.shape[2]
-    out = q.new_empty(b, h, nq, v.shape[3])
+      logit_scale=None, gqa_repeat=False, cu_seqlens_q=None, cu_seqlens_k=None, max_seqlen_q=0, max_seqlen_k=0):
+    varlen = _varlen(cu_seqlens_q, cu_seqlens_k, max_seqlen_q, max_seqlen_k)
+    b, h, nq, _, _, nk, dv = _sizes(q, k, v, varlen)
+    out = q.new_empty(b, h, nq, dv) if varlen is None else _packed_out(q, q.shape[2], h, dv)
     stats = q.new_empty(b, h, 2, nq, dtype=torch.float32)
     thr = q.new_empty(b, h, nq if 0 < topk < nk else 0, dtype=torch.float32)
     return out, stats, thr, q.new_empty((), dtype=torch.int64)
@@ -342,24 +412,27 @@ def attention_bwd(do: Tensor, q: Tensor, k: Tensor, v: Tensor, out: Tensor, stat
                   inv_freq: Optional[Tensor] = None, xpos: Optional[Tensor] = None, groups: int = 0, rot_dim: int = 0,
                   max_half: int = 0, xpos_base: float = 1.0, interp: float = 1.0,
                   logit_scale: Optional[Tensor] = None, need_dlsc: bool = False, gqa_repeat: bool = False,
-                  ) -> tuple[Tensor, Tensor, Tensor, Tensor, Tensor, Tensor, Tensor, Tensor, Tensor]:
+                  cu_seqlens_q: Optional[Tensor] = None, cu_seqlens_k: Optional[Tensor] = None, max_seqlen_q: int = 0,
+                  max_seqlen_k: int = 0) -> tuple[Tensor, Tensor, Tensor, Tensor, Tensor, Tensor, Tensor, Tensor, Tensor]:
     """-> (dq, dk, dv, dslopes (h,)|(0,), dtable like table|(0,), dS (b,h,nq,nk) fp32 | (0,),
     d q_scale (h, d) fp32 | (0,), d k_scale (hk, d) fp32 | (0,), sum of dS * (q'.k') * scale 0-d
     fp32 | (0,)): the QK features are recomputed in-kernel and the gradients chained back to the
     raw q and k; the dim-scale gradients are those of the effective q scale (q_scale * logit_scale).
-    seed: the forward's 0-d int64 seed tensor, read by the kernels on the device (no host sync)."""
+    seed: the forward's 0-d int64 seed tensor, read by the kernels on the device (no host sync).
+    cu_seqlens_q ... max_seqlen_k: a packed batch, as in ``attention_fwd`` (b, nq, nk of dS: B,
+    max_seqlen_q, max_seqlen_k)."""
     return _backward(do, q, k, v, out, stats, thr, seed, slopes, table, mask, dense, scale, is_causal,
                      q_offset, k_prefix, topk, dropout_p, need_dslopes, need_dtable, need_ds,
                      QKArgs(q_scale, k_scale, inv_freq, xpos, groups, rot_dim, max_half, xpos_base, interp, logit_scale),
-                     need_dlsc, gqa_repeat)
+                     need_dlsc, gqa_repeat, _varlen(cu_seqlens_q, cu_seqlens_k, max_seqlen_q, max_seqlen_k))
 
 
 @attention_bwd.register_fake
 def _(do, q, k, v, out, stats, thr, seed, slopes, table, mask, dense, scale, is_causal, q_offset, k_prefix, topk,
       dropout_p, need_dslopes, need_dtable, need_ds, q_scale=None, k_scale=None, inv_freq=None, xpos=None, groups=0,
-      rot_dim=0, max_half=0, xpos_base=1.0, interp=1.0, logit_scale=None, need_dlsc=False, gqa_repeat=False):
-    b, h, nq, d = q.shape
-    hk, nk = k.shape[1], k.shape[2]
+      rot_dim=0, max_half=0, xpos_base=1.0, interp=1.0, logit_scale=None, need_dlsc=False, gqa_repeat=False,
+      cu_seqlens_q=None, cu_seqlens_k=None, max_seqlen_q=0, max_seqlen_k=0):
+    b, h, nq, d, hk, nk, _ = _sizes(q, k, v, _varlen(cu_seqlens_q, cu_seqlens_k, max_seqlen_q, max_seqlen_k))
     f32 = dict(dtype=torch.float32)
     return (torch.empty_like(q), torch.empty_like(k), torch.empty_like(v),
             q.new_empty(h if need_dslopes else 0, **f32),
@@ -370,21 +443,23 @@ def _(do, q, k, v, out, stats, thr, seed, slopes, table, mask, dense, scale, is_
             q.new_empty(() if need_dlsc else (0,), **f32))
 
 
+_VARLEN_ARGS = ("cu_seqlens_q", "cu_seqlens_k", "max_seqlen_q", "max_seqlen_k")
 # the forward op's arguments, in order (checked against its schema below): the autograd rule reads
 # them, their needs_input_grad and its saved tensors by name
 _FWD_ARGS = ("q", "k", "v", "slopes", "table", "mask", "dense", "scale", "is_causal", "q_offset", "k_prefix", "topk",
-             "dropout_p", "seed") + QKArgs._fields + ("gqa_repeat",)
+             "dropout_p", "seed") + QKArgs._fields + ("gqa_repeat",) + _VARLEN_ARGS
 _SAVED = ("q", "k", "v", "out", "stats", "thr", "seed_t", "slopes", "table", "mask", "dense", "q_scale", "k_scale",
-          "inv_freq", "xpos", "logit_scale")
+          "inv_freq", "xpos", "logit_scale", "cu_seqlens_q", "cu_seqlens_k")
 assert tuple(a.name for a in torch.ops.xtk.attention_fwd.default._schema.arguments) == _FWD_ARGS
 
 
 def _setup_context(ctx, inputs, output):
     args = dict(zip(_FWD_ARGS, inputs))
     args["out"], args["stats"], args["thr"], args["seed_t"] = output
-    ctx.save_for_backward(*(args[n] for n in _SAVED))
+    ctx.save_for_backward(*(args.get(n) for n in _SAVED))  # trailing arguments are absent when the call defaulted them
     ctx.args = {n: args.get(n, False) for n in ("scale", "is_causal", "q_offset", "k_prefix", "topk", "dropout_p",
-                                                "gqa_repeat")}  # gqa_repeat: absent when the call defaulted it
+                                                "gqa_repeat")}
+    ctx.args.update(max_seqlen_q=args.get("max_seqlen_q", 0), max_seqlen_k=args.get("max_seqlen_k", 0))
     ctx.qk_ints = {n: args[n] for n in ("groups", "rot_dim", "max_half", "xpos_base", "interp")}
 
 
@@ -433,7 +508,8 @@ def _backward_rule(ctx, dout, dlse, dthr, dseed):
         a["scale"], a["is_causal"], a["q_offset"], a["k_prefix"], a["topk"], a["dropout_p"], need_dslopes,
         need_dtable and not det_table, need_dmask or need_ddense or det_table,
         t["q_scale"], t["k_scale"], t["inv_freq"], t["xpos"], **ctx.qk_ints, logit_scale=logit_scale,
-        need_dlsc=need_dlsc, gqa_repeat=a["gqa_repeat"])
+        need_dlsc=need_dlsc, gqa_repeat=a["gqa_repeat"], cu_seqlens_q=t["cu_seqlens_q"],
+        cu_seqlens_k=t["cu_seqlens_k"], max_seqlen_q=a["max_seqlen_q"], max_seqlen_k=a["max_seqlen_k"])
     if det_table:
         dtab = _table_grad_from_ds(ds, table, a["q_offset"], a["k_prefix"])
     if need_dlsc:

@@ -3,7 +3,8 @@ read values (item, tolist, bool(), int(), ...) and the aten ops that synchronise
 read, outputs sized by values). Code that passes under it can be captured in a CUDA graph as far as
 host reads go. The split-KV decode kernels (``xtk.kernels.attention_decode_op``) pause the guard
 while they launch: the Triton interpreter reads tensors on the host to run a kernel, which on a GPU
-runs on the device. Used by tests/test_attention_decode.py and tests/test_generate_static.py."""
+runs on the device. Used by tests/test_attention_decode.py, tests/test_generate_static.py and
+tests/test_attention_varlen_kernel.py (the attention kernels' launches paused the same way)."""
 import contextlib
 
 import torch
@@ -68,11 +69,13 @@ class _Unguarded:
 
 
 @contextlib.contextmanager
-def no_host_reads(monkeypatch):
-    """Within: any read of a tensor's values by the host (outside the decode kernels) raises."""
+def no_host_reads(monkeypatch, *kernel_modules):
+    """Within: any read of a tensor's values by the host (outside the kernels of the decode module and
+    of ``kernel_modules``, the modules whose launches are paused too) raises."""
     state = {"paused": False}
-    for name, obj in list(vars(attention_decode).items()):
-        if isinstance(obj, triton.runtime.jit.JITFunction):
-            monkeypatch.setattr(attention_decode, name, _Unguarded(obj, state))
+    for module in (attention_decode,) + kernel_modules:
+        for name, obj in list(vars(module).items()):
+            if isinstance(obj, triton.runtime.jit.JITFunction):
+                monkeypatch.setattr(module, name, _Unguarded(obj, state))
     with _FunctionGuard(state), _DispatchGuard(state):
         yield

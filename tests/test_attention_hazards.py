@@ -24,6 +24,7 @@ import xtk
 from xtk.bias import Dense
 from xtk.reference.attention import attention as reference
 
+from launch_spy import spy_launches
 from tolerance import check_against_oracle
 
 CUDA = torch.cuda.is_available()
@@ -218,21 +219,8 @@ def test_every_launch_runs_under_the_device_guard(monkeypatch):
         finally:
             active.pop()
 
-    class Spy:
-        def __init__(self, name, kernel):
-            self.name, self.kernel = name, kernel
-
-        def __getitem__(self, grid):
-            launch = self.kernel[grid]
-
-            def run(*args, **kwargs):
-                launches.append((self.name, list(active)))
-                return launch(*args, **kwargs)
-            return run
-
     monkeypatch.setattr(attention_op, "_device_guard", guard)
-    for name in KERNELS:
-        monkeypatch.setattr(attention_op, name, Spy(name, getattr(attention_op, name)))
+    spy_launches(monkeypatch, attention_op, KERNELS, lambda name, args, kwargs: launches.append((name, list(active))))
     q, k, v = (torch.randn(1, 2, 9, 16, device=DEV, requires_grad=True) for _ in range(3))
     out = torch.ops.xtk.attention_fwd(q, k, v, None, None, None, None, 0.25, True, 0, 0, 3, 0.2, 5)[0]
     out.sum().backward()

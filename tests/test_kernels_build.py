@@ -161,6 +161,10 @@ def test_set_covers_every_switch_kernel_arch_and_precision(aot_results):
             sw = [s["switches"] for s in specs if s["kind"] == kind and s["cc"] == cc]
             assert any(any(w.get(n) for n in QK) and w.get("HAS_DROPOUT") and w.get("HAS_TOPK") for w in sw), (kind, cc)
     assert any(s["kind"] == "thr" and s.get("topk") == 128 for s in specs)
+    # the packed-batch switch (attention_varlen's one launch) in the four kernels on both archs
+    for kind in ("fwd", "thr", "dkdv", "dq"):
+        for cc in (80, 90):
+            assert any(s["kind"] == kind and s["cc"] == cc and s["switches"].get("VARLEN") for s in specs), (kind, cc)
     # the decode kernel (issue 14): every switch it has, both cache layouts, on both archs
     dec = [s for s in specs if s["kind"] == "decode"]
     dec_seen = {(k, v) for s in dec for k, v in s["switches"].items()}

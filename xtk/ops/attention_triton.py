@@ -6,12 +6,17 @@ backward), the bias descriptor gives its kernel arguments itself (``Bias.kernel_
 padded to all heads, T5 as a per-distance table gathered with the reference bucket function, so
 autograd carries its gradient), then the custom op ``torch.ops.xtk.attention_fwd``
 (``xtk/kernels/attention_op.py``, launchers and autograd rule).
+
+``run_varlen`` / ``varlen_reasons``: the same for ``xtk.attention_varlen``'s one launch over a packed
+batch (the kernels' VARLEN switch): the inputs are ``AttentionInputs`` over the packed tensors seen
+as ``(1, heads, total, d)``, the sequences' offsets and longest lengths beside them.
 """
 from __future__ import annotations
 
 import torch
 
 from .. import backends
+from ..bias import Alibi, DistanceTable, T5, farthest_distance
 from ..kernels import tiles
 from ..kernels.attention_op import (DTYPES, MAX_HEAD_DIM, MAX_TOPK, QKArgs, _arch, _precision, interpreting,
                                     precision_of)
@@ -61,17 +66,28 @@ def _qk_args(inputs) -> tuple[QKArgs, float]:
 
 
 def run(inputs) -> Tensor:
-    q, k = inputs.q, inputs.k
+    return _run(inputs, inputs.q.shape[2], inputs.k.shape[2])
+
+
+def run_varlen(inputs, cu_seqlens_q: Tensor, cu_seqlens_k: Tensor, max_seqlen_q: int, max_seqlen_k: int) -> Tensor:
+    """One launch per kernel over a packed batch: ``inputs`` over the (1, h, total, d) views ->
+    (1, h, total_q, dv), a view of a packed (total_q, h, dv) tensor. The bias arguments cover the
+    longest lengths (T5's per-distance table; ``varlen_reasons`` checks a DistanceTable does);
+    xpos's max position is the kernels' own per sequence."""
+    return _run(inputs, max_seqlen_q, max_seqlen_k, (cu_seqlens_q, cu_seqlens_k, max_seqlen_q, max_seqlen_k))
+
+
+def _run(inputs, nq: int, nk: int, varlen: tuple = ()) -> Tensor:
+    """The forward op on ``inputs``; nq / nk: the lengths the bias arguments and top-k are sized by."""
     qk, scale = _qk_args(inputs)
-    b, h, nq, _ = q.shape
-    nk = k.shape[2]
+    h = inputs.q.shape[1]
     slopes = table = dense = None
     if inputs.bias is not None:
         slopes, table, dense = inputs.bias.kernel_args(h, nq, nk, inputs.q_offset, inputs.k_prefix)
-    out = torch.ops.xtk.attention_fwd(q, k, inputs.v, slopes, table, inputs.attn_mask, dense, scale,
-                                      inputs.is_causal, inputs.q_offset, inputs.k_prefix, _effective_topk(inputs, nk),
-                                      inputs.dropout_p, -1, *qk, inputs.gqa_repeat)[0]
-    return out
+    return torch.ops.xtk.attention_fwd(inputs.q, inputs.k, inputs.v, slopes, table, inputs.attn_mask, dense, scale,
+                                       inputs.is_causal, inputs.q_offset, inputs.k_prefix,
+                                       _effective_topk(inputs, nk), inputs.dropout_p, -1, *qk, inputs.gqa_repeat,
+                                       *varlen)[0]
 
 
 def _effective_topk(inputs, nk: int) -> int:
@@ -80,6 +96,30 @@ def _effective_topk(inputs, nk: int) -> int:
 
 
 def reasons(inputs, forced: bool) -> list:
+    return _reasons(inputs, forced, inputs.k.shape[2])
+
+
+# the bias kinds of the one-launch varlen path: one value per signed distance, the same for every
+# sequence (subclasses are refused too: their kernel arguments may depend on the lengths)
+VARLEN_BIASES = (Alibi, T5, DistanceTable)
+
+
+def varlen_reasons(inputs, forced: bool, max_seqlen_q: int, max_seqlen_k: int) -> list:
+    """Why the one-launch path cannot run ``inputs`` (``run_varlen``'s), beyond ``reasons``'s."""
+    why = _reasons(inputs, forced, max_seqlen_k)
+    bias = inputs.bias
+    if bias is not None and type(bias) not in VARLEN_BIASES:
+        why.append(f"bias {type(bias).__name__}: the one-launch varlen path runs "
+                   f"{', '.join(c.__name__ for c in VARLEN_BIASES)} (one value per distance for every sequence)")
+    if type(bias) is DistanceTable:
+        far = farthest_distance(max_seqlen_q, max_seqlen_k, inputs.q_offset, inputs.k_prefix)
+        if far > bias.max_distance:
+            why.append(f"bias.table covers distances up to {bias.max_distance}, and max_seqlen_q / max_seqlen_k "
+                       f"allow {far} (the one launch does not read the sequences' lengths on the host)")
+    return why
+
+
+def _reasons(inputs, forced: bool, nk: int) -> list:
     why = []
     q = inputs.q
     if inputs.hooks is not None:
@@ -94,7 +134,6 @@ def reasons(inputs, forced: bool) -> list:
     d, dv = q.shape[-1], inputs.v.shape[-1]
     if d > MAX_HEAD_DIM or dv > MAX_HEAD_DIM:
         why.append(f"head dim {max(d, dv)} > {MAX_HEAD_DIM}")
-    nk = inputs.k.shape[2]
     topk = _effective_topk(inputs, nk)
     if topk > MAX_TOPK:
         why.append(f"topk {inputs.topk} > {MAX_TOPK} (the streaming threshold buffer)")

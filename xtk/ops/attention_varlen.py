@@ -7,17 +7,32 @@ Sequences lie back to back without padding: q ``(total_q, h, d)``, k ``(total_k,
 of ``xtk.attention`` but ``attn_mask`` and a ``Dense`` bias (their key length differs per
 sequence) keeps its meaning per sequence; gradients flow to q, k, v and every learned bias input.
 
-This path reads the two ``cu_seqlens`` on the host (one synchronisation per call) and runs
-``xtk.attention`` once per sequence on views of the packed tensors: the semantics and the CPU
-path, not yet one kernel launch over the whole packed batch.
+Two paths:
+- one launch (the Triton kernels' VARLEN switch, ``attention_triton.run_varlen``): each kernel runs
+  once over the whole packed batch, its grid sized by ``max_seqlen_q`` / ``max_seqlen_k``, each
+  program reading its sequence's start and length from the device offsets -- no host read of
+  ``cu_seqlens``, so their values are the caller's contract there: offsets from 0, non-decreasing,
+  ending at the packed lengths, every sequence within the max lengths and holding at least
+  ``k_prefix`` keys (``XTK_DEBUG_CHECKS=1`` reads and checks them on every call). ``backend="auto"``
+  takes it when the Triton backend's reasons (``varlen_reasons``) are empty -- CUDA tensors, or CPU
+  ones under ``TRITON_INTERPRET=1`` with ``backend="triton"`` forced; a forced ``"triton"`` that
+  cannot run raises with them.
+- per sequence (the CPU path, a forced eager/chunked/ext backend, and ``auto``'s fallback, logged
+  once when CUDA inputs take it): reads the two ``cu_seqlens`` on the host (one synchronisation per
+  call), checks them, and runs ``xtk.attention`` once per sequence on views of the packed tensors.
+``q_offset=None`` means 0 on both paths, as in ``xtk.attention`` (the same for every sequence).
 """
 from __future__ import annotations
 
+import dataclasses
+import os
+
 import torch
 
+from .. import backends
 from ..bias import Dense
 from . import _check
-from .attention import attention
+from .attention import _validate, attention
 
 
 def attention_varlen(q, k, v, cu_seqlens_q, cu_seqlens_k, max_seqlen_q, max_seqlen_k, dropout_p=0.0,
@@ -28,6 +43,62 @@ def attention_varlen(q, k, v, cu_seqlens_q, cu_seqlens_k, max_seqlen_q, max_seql
     ``max_seqlen_q`` / ``max_seqlen_k``: ints at least the longest sequence. -> ``(total_q, h, dv)``
     in q's dtype. The other arguments as in ``xtk.attention``, applied to each sequence."""
     _check_packed(q, k, v, bias)
+    kw = dict(dropout_p=dropout_p, is_causal=is_causal, scale=scale, enable_gqa=enable_gqa, bias=bias, topk=topk,
+              qk_norm=qk_norm, rotary=rotary, q_offset=q_offset, k_prefix=k_prefix, gqa_order=gqa_order)
+    want = backends.requested(backend)
+    if want in ("auto", "triton"):
+        out, why = _one_launch(q, k, v, cu_seqlens_q, cu_seqlens_k, max_seqlen_q, max_seqlen_k, want == "triton",
+                               dict(kw))
+        if out is not None:
+            return out
+        if want == "triton":
+            raise RuntimeError("attention_varlen: backend 'triton' was requested but cannot run these inputs: "
+                               + "; ".join(why))
+        if q.device.type == "cuda":
+            backends.warn_once("varlen:" + "; ".join(why), "xtk.attention_varlen: one xtk.attention call per "
+                               "sequence instead of one launch: " + "; ".join(why))
+    return _per_sequence(q, k, v, cu_seqlens_q, cu_seqlens_k, max_seqlen_q, max_seqlen_k, dict(kw, backend=backend))
+
+
+def _one_launch(q, k, v, cu_seqlens_q, cu_seqlens_k, max_seqlen_q, max_seqlen_k, forced: bool, kw: dict):
+    """(out, []) from the one-launch Triton path, or (None, its reasons). Checks the offsets' metadata
+    only (their values with ``XTK_DEBUG_CHECKS=1``), the other arguments as ``xtk.attention`` does, on
+    the packed tensors seen as (1, heads, total, d)."""
+    loaded = backends.load("attention", "triton")
+    if isinstance(loaded, str):  # triton missing or broken: why, as a reason
+        return None, [loaded]
+    from . import attention_triton  # imported by now (the backend object lives there)
+    for name, cu in (("cu_seqlens_q", cu_seqlens_q), ("cu_seqlens_k", cu_seqlens_k)):
+        _check.int32_tensor(name, cu, (None,), q.device)
+        if cu.shape[0] == 0:
+            raise ValueError(f"{name}: expected at least one entry (0), got an empty tensor")
+    max_q = _check.integer("max_seqlen_q", max_seqlen_q, minimum=0)
+    max_k = _check.integer("max_seqlen_k", max_seqlen_k, minimum=0)
+    bias = kw.pop("bias")
+    view = (t.transpose(0, 1)[None] for t in (q, k, v))
+    inputs = _validate(*view, None, kw["dropout_p"], kw["is_causal"], kw["scale"], kw["enable_gqa"], None, kw["topk"],
+                       kw["qk_norm"], kw["rotary"], kw["q_offset"], kw["k_prefix"], None, kw["gqa_order"])
+    if inputs.k_prefix > max_k:
+        raise ValueError(f"k_prefix: every sequence starts with {inputs.k_prefix} memory key/values, but "
+                         f"max_seqlen_k is {max_k}")
+    inputs = dataclasses.replace(inputs, bias=bias)
+    why = attention_triton.varlen_reasons(inputs, forced, max_q, max_k)
+    if why:
+        return None, why
+    if cu_seqlens_k.shape[0] != cu_seqlens_q.shape[0]:  # (after the reasons: a fallback checks the values first)
+        raise ValueError(f"cu_seqlens_k: expected {cu_seqlens_q.shape[0]} entries (cu_seqlens_q has "
+                         f"{cu_seqlens_q.shape[0]}: one more than the sequences), got {cu_seqlens_k.shape[0]}")
+    if bias is not None:
+        bias.validate(cu_seqlens_q.shape[0] - 1, q.shape[1], max_q, max_k, inputs.q_offset, inputs.k_prefix, q.device)
+    if os.environ.get("XTK_DEBUG_CHECKS", "") == "1":
+        _host_checks(q, k, cu_seqlens_q, cu_seqlens_k, max_q, max_k, inputs.k_prefix)
+    out = attention_triton.run_varlen(inputs, cu_seqlens_q, cu_seqlens_k, max_q, max_k)
+    return out[0].transpose(0, 1), []
+
+
+def _host_checks(q, k, cu_seqlens_q, cu_seqlens_k, max_seqlen_q, max_seqlen_k, k_prefix) -> list:
+    """The offsets read on the host and checked (``_offsets``), and every sequence's keys cover
+    ``k_prefix``; -> (q offsets, k offsets) as lists."""
     starts_q = _offsets("cu_seqlens_q", cu_seqlens_q, q, "max_seqlen_q", max_seqlen_q)
     starts_k = _offsets("cu_seqlens_k", cu_seqlens_k, q, "max_seqlen_k", max_seqlen_k)
     if len(starts_q) != len(starts_k):
@@ -40,15 +111,18 @@ def attention_varlen(q, k, v, cu_seqlens_q, cu_seqlens_k, max_seqlen_q, max_seql
     if short:
         raise ValueError(f"k_prefix: every sequence starts with {k_prefix} memory key/values, but sequences {short} "
                          f"hold fewer keys")
+    return starts_q, starts_k
+
+
+def _per_sequence(q, k, v, cu_seqlens_q, cu_seqlens_k, max_seqlen_q, max_seqlen_k, kw: dict):
+    """``xtk.attention`` once per sequence, on views of the packed tensors (offsets read on the host)."""
+    starts_q, starts_k = _host_checks(q, k, cu_seqlens_q, cu_seqlens_k, max_seqlen_q, max_seqlen_k, kw["k_prefix"])
     outs = []
     for b in range(len(starts_q) - 1):
         qb = q[starts_q[b]:starts_q[b + 1]].transpose(0, 1)[None]
         kb = k[starts_k[b]:starts_k[b + 1]].transpose(0, 1)[None]
         vb = v[starts_k[b]:starts_k[b + 1]].transpose(0, 1)[None]
-        out = attention(qb, kb, vb, dropout_p=dropout_p, is_causal=is_causal, scale=scale, enable_gqa=enable_gqa,
-                        bias=bias, topk=topk, qk_norm=qk_norm, rotary=rotary, q_offset=q_offset,
-                        k_prefix=k_prefix, gqa_order=gqa_order, backend=backend)
-        outs.append(out[0].transpose(0, 1))
+        outs.append(attention(qb, kb, vb, **kw)[0].transpose(0, 1))
     return torch.cat(outs, 0) if outs else q.new_zeros(0, q.shape[1], v.shape[2])
 
 
