@@ -130,7 +130,6 @@ def frozen_gc():
         gc.unfreeze()
 
 
-
 def _proc_kb(key: str) -> Optional[int]:
     try:
         with open("/proc/self/status") as f:

@@ -69,10 +69,10 @@ inline void prefetch_row(const T* src, int64_t n) {
 // The loops are compiled three times: at the baseline ISA (SSE2 on x86-64) and, on x86, with AVX2 +
 // FMA and with AVX-512 (F/VL/BW/DQ, 512-bit vectors preferred: on Zen 5 its fp32 division and the
 // masked selects run 2-5x faster than the AVX2 copy's); isa() picks one per process (isa.cpp);
-// run_isa(f) runs f() in the chosen copy. `flatten` inlines f
-// and everything it calls into each copy, so the loops vectorize for that ISA and no out-of-line
-// function is ever compiled for AVX2 (an inline function shared with other code keeps one baseline
-// copy: nothing AVX2 can run on a CPU without it). The AVX2 copy gives the results of a whole build
+// run_isa(f) runs f() in the chosen copy. `flatten` inlines f and everything it calls into each
+// copy, so the loops vectorize for that ISA and no out-of-line function is ever compiled for AVX2
+// or AVX-512 (an inline function shared with other code keeps one baseline copy: nothing AVX2 or
+// AVX-512 can run on a CPU without it). The AVX2 copy gives the results of a whole build
 // with -mavx2 -mfma (FMA contraction included), the AVX-512 copy those of -mavx512{f,vl,bw,dq}
 // -mprefer-vector-width=512, the baseline copy those of a build without.
 template <typename F>

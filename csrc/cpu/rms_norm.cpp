@@ -1,7 +1,8 @@
 // CPU RMSNorm / ScaleNorm (optionally fused with the residual add), forward and backward.
 // Rows are split over threads with parallel_for_isa; fp32 rows are read and written in place,
-// other dtypes widened once into fp32 buffers (in_row / out_row), and the math comes from xtk_math.h (shared with the CUDA kernels), in the copy of
-// the loops compiled for this CPU (cpu_common.h).
+// other dtypes widened once into fp32 buffers (in_row / out_row), and the math comes from
+// xtk_math.h (shared with the CUDA kernels), in the copy of the loops compiled for this CPU
+// (cpu_common.h).
 #include <ATen/Parallel.h>
 
 #include <algorithm>

@@ -113,8 +113,9 @@ def rotary_tables(pos: torch.Tensor, rot: Rotary, power: Optional[torch.Tensor],
 
 def _rotary_tables(pos, rot: Rotary, power, work):
     theta = pos.to(torch.float64)[:, None] * rot.inv_freq.to(torch.float64)[None, :] / rot.interpolation_factor
-    cos = theta.cos().repeat_interleave(2, dim=-1).to(work)
-    sin = torch.stack([-theta.sin(), theta.sin()], dim=-1).flatten(-2).to(work)
+    cos, sin = theta.cos(), theta.sin()
+    cos = cos.repeat_interleave(2, dim=-1).to(work)
+    sin = torch.stack([-sin, sin], dim=-1).flatten(-2).to(work)
     scale = None
     if power is not None:
         s = rot.xpos_scale.to(torch.float64)[None, :] ** power.to(torch.float64)[:, None]
