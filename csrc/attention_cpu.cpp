@@ -352,7 +352,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> attention_distance_bw
     dk = dk.sum(2).view({z.b, z.hk, z.h / z.hk, z.nk, z.d}).sum(2);
     dv = dv.sum(2).view({z.b, z.hk, z.h / z.hk, z.nk, z.dv}).sum(2);
   }
-  at::Tensor g_rvec = bias_grad ? g.view({z.b, z.h, z.groups, R}).sum({0, 2})
+  at::Tensor g_rvec = bias_grad ? g.view({z.b, z.h, z.groups, R}).sum(at::IntArrayRef{0, 2})
                                 : at::zeros({z.hv, R}, q.options().dtype(at::kDouble));
   if (bias_grad && z.hv == 1) g_rvec = g_rvec.sum(0, /*keepdim=*/true);
   return {dq, dk, dv, g_rvec};

@@ -27,6 +27,7 @@ from model_helpers import perturb
 pytestmark = pytest.mark.usefixtures("one_thread")
 V = 37
 INTERPRETER = torch.cuda.is_available() or os.environ.get("TRITON_INTERPRET") == "1"
+TRITON_DEVICE = "cuda" if torch.cuda.is_available() else "cpu"  # where the 'triton' backend runs here
 
 
 def lm(max_seq_len=32, wrapper_kw=None, **layer_kw):
@@ -147,17 +148,19 @@ def test_the_static_step_reads_nothing_on_the_host(feature, monkeypatch):
     same step on the reference path (which reads the lengths) trips the guard."""
     monkeypatch.delenv("XTK_DEBUG_CHECKS", raising=False)
     kw = FEATURES[feature]
-    w = lm(**kw)
-    prompts = torch.randint(0, V, (2, 5))
-    with torch.no_grad():
-        logits, cache = w.net(prompts, return_intermediates=True, **context_for(kw, 2))
-    first = logits[:, -1].argmax(-1, keepdim=True)
-    sampler = DeviceSampler(0.9, static_decode.top_k, dict(k=5))
-    for backend, guarded in (("triton", contextlib.nullcontext()), ("eager", pytest.raises(AssertionError, match="host"))):
-        state = static_state(w.net, cache, first, 4, backend)
-        with torch.no_grad(), guarded, no_host_reads(monkeypatch):
-            for _ in range(2):
-                decode_step(w.net, state, sampler)
+    w = lm(**kw).to(TRITON_DEVICE)  # compiled Triton takes CUDA tensors only
+    with torch.device(TRITON_DEVICE):
+        prompts = torch.randint(0, V, (2, 5))
+        with torch.no_grad():
+            logits, cache = w.net(prompts, return_intermediates=True, **context_for(kw, 2))
+        first = logits[:, -1].argmax(-1, keepdim=True)
+        sampler = DeviceSampler(0.9, static_decode.top_k, dict(k=5))
+        for backend, guarded in (("triton", contextlib.nullcontext()),
+                                 ("eager", pytest.raises(AssertionError, match="host"))):
+            state = static_state(w.net, cache, first, 4, backend)
+            with torch.no_grad(), guarded, no_host_reads(monkeypatch):
+                for _ in range(2):
+                    decode_step(w.net, state, sampler)
         if backend == "triton":
             assert state.seqlens.tolist() == [state.k_prefix + 7] * 2 and state.index.tolist() == [3]
 
