@@ -7,7 +7,10 @@
 - the shared per-element math header compiles with plain g++ too;
 - the CUDA torch glue (csrc/torch_ops_cuda.cpp, with torch_ops.cpp's XTK_WITH_CUDA branches)
   passes a g++ syntax check against torch's headers; the one header a CPU build of torch lacks
-  (c10/cuda/impl/cuda_cmake_macros.h) is stubbed in a temporary folder.
+  (c10/cuda/impl/cuda_cmake_macros.h) is stubbed in a temporary folder;
+- every C++ source and the glue pass the same syntax check against the GPU image's torch
+  (GPU_IMAGE_TORCH: its headers, unpacked once from the wheel into ~/.cache/xtk), which builds
+  xtk._C there.
 
 nvcc missing fails these tests (CI machines have it), unless XTK_ALLOW_NO_NVCC=1 says this
 machine has no CUDA toolkit on purpose. The compiles run concurrently (2 cores in CI).
@@ -18,6 +21,8 @@ import shutil
 import subprocess
 import sys
 import sysconfig
+import tempfile
+import zipfile
 from pathlib import Path
 
 import pytest
@@ -84,21 +89,75 @@ def _cuda_include():
     return Path(m.group(1)) if m else nvcc.parent.parent / "include"
 
 
-def _glue_check_cmd(out):
-    try:
-        from torch.utils.cpp_extension import include_paths
-    except Exception:
-        return None
+def _glue_check_cmd(out, torch_includes=None):
+    """g++ -fsyntax-only of the CUDA glue (torch_ops_cuda.cpp + torch_ops.cpp's XTK_WITH_CUDA parts)
+    against ``torch_includes`` (default: the installed torch's headers), or None without torch."""
+    if torch_includes is None:
+        try:
+            from torch.utils.cpp_extension import include_paths
+        except Exception:
+            return None
+        torch_includes = include_paths()
     stub = out / "stub" / "c10" / "cuda" / "impl"
     stub.mkdir(parents=True)
     (stub / "cuda_cmake_macros.h").write_text("#pragma once\n#define C10_CUDA_BUILD_SHARED_LIBS\n")
     tu = out / "glue_tu.cpp"
     tu.write_text(f'#include "{CSRC / "torch_ops.cpp"}"\n#include "{CSRC / "torch_ops_cuda.cpp"}"\n')
     cuda_inc = _cuda_include()
-    cxx = shutil.which(os.environ.get("CXX", "g++")) or "g++"
-    return [cxx, "-std=c++20", "-fsyntax-only", "-DXTK_WITH_CUDA=1", f"-I{out / 'stub'}",
-            *[f"-I{p}" for p in include_paths()], f"-I{sysconfig.get_paths()['include']}",
+    return [_cxx(), "-std=c++20", "-fsyntax-only", "-DXTK_WITH_CUDA=1", f"-I{out / 'stub'}",
+            *[f"-I{p}" for p in torch_includes], f"-I{sysconfig.get_paths()['include']}",
             f"-I{CSRC / 'include'}", f"-I{CSRC}", f"-I{cuda_inc}", str(tu)]
+
+
+def _cxx():
+    return shutil.which(os.environ.get("CXX", "g++")) or "g++"
+
+
+# ----------------------------------------------------------------------------- the GPU image's torch
+GPU_IMAGE_TORCH = "2.11.0"  # the GPU machines' torch: xtk._C is built there against its headers
+
+
+def _gpu_image_torch_includes() -> list:
+    """Include folders of torch==GPU_IMAGE_TORCH's headers, unpacked once from its wheel into
+    ``~/.cache/xtk`` (pip download; only ``torch/include`` is kept)."""
+    base = Path(os.environ.get("XDG_CACHE_HOME") or Path.home() / ".cache") / "xtk" / f"torch-{GPU_IMAGE_TORCH}-include"
+    inc = base / "torch" / "include"
+    if not (inc / "ATen" / "ATen.h").exists():
+        with tempfile.TemporaryDirectory() as tmp:
+            r = subprocess.run([sys.executable, "-m", "pip", "download", "-q", "--no-deps", "--only-binary=:all:",
+                                f"torch=={GPU_IMAGE_TORCH}", "-d", tmp], capture_output=True, text=True, timeout=1800)
+            assert r.returncode == 0, f"pip download torch=={GPU_IMAGE_TORCH}: {r.stderr[-3000:]}"
+            wheel = next(Path(tmp).glob("torch-*.whl"))
+            staging = Path(tempfile.mkdtemp(dir=base.parent if base.parent.exists() else None))
+            with zipfile.ZipFile(wheel) as z:
+                z.extractall(staging, [m for m in z.namelist() if m.startswith("torch/include/")])
+            base.parent.mkdir(parents=True, exist_ok=True)
+            shutil.rmtree(base, ignore_errors=True)
+            os.replace(staging, base)
+    return [inc, inc / "torch" / "csrc" / "api" / "include"]
+
+
+def test_sources_compile_against_the_gpu_image_torch(tmp_path):
+    """Every C++ source (the CPU ones as setup.py builds them, and the CUDA glue) passes a g++ syntax
+    check against the GPU image's torch headers, not only CI's newer torch: on the H200 (2026-11-28)
+    torch 2.11's headers made ``Tensor::sum({0, 2})`` ambiguous, xtk._C failed to build there and pip
+    still reported success (the build never fails an install)."""
+    sys.path.insert(0, str(ROOT))
+    from csrc.build import CPU_SOURCES, CXX_FLAGS
+    includes = _gpu_image_torch_includes()
+    procs = {}
+    for src in CPU_SOURCES:
+        cmd = [_cxx(), "-std=c++17", "-fsyntax-only", "-fopenmp", *CXX_FLAGS, *[f"-I{p}" for p in includes],
+               f"-I{sysconfig.get_paths()['include']}", f"-I{CSRC / 'include'}", f"-I{CSRC}", str(ROOT / src)]
+        procs[src] = _start(cmd, tmp_path / (Path(src).stem + ".log"))
+    if _nvcc_or_none():
+        procs["CUDA glue"] = _start(_glue_check_cmd(tmp_path, includes), tmp_path / "glue.log")
+    failed = {name: Path(p.args_log).read_text()[-3000:] for name, p in procs.items() if p.wait(timeout=600) != 0}
+    assert not failed, f"against torch {GPU_IMAGE_TORCH}'s headers: {failed}"
+
+
+def _nvcc_or_none():
+    return find_nvcc() if os.environ.get("XTK_ALLOW_NO_NVCC") == "1" else _nvcc()
 
 
 def test_there_are_cuda_sources():
