@@ -42,6 +42,7 @@ def parse(argv):
     p.add_argument("--tune", default=None, metavar="CLASSES[@DIMS]",
                    help="tune these classes (optionally class:feature) at these head dims, e.g. 'posbias:t5,qk@128'")
     p.add_argument("--warm-shard", default=None, help=argparse.SUPPRESS)  # internal: compile shard I/N
+    p.add_argument("--warm-until", type=float, default=None, help=argparse.SUPPRESS)  # internal: epoch seconds
     return p.parse_args(argv)
 
 
@@ -78,10 +79,20 @@ def _warm_one(plan, what, item):
         call()
 
 
-def warm_shard(plan, shard: str) -> int:
-    """Run (compile) each job of shard I/N once; errors are left to the measured run to report."""
+# Shares of --budget-s: compilation hands out no job past COMPILE_SHARE of it (what is left compiles
+# on first use, inside its phase); in the full run the speed phase times no cell past SPEED_SHARE (its
+# 432 cells would leave tuning nothing; --quick's 44 take what they need), tuning stops at the whole
+# budget. With the correctness sweep (never cut) the run ends near the budget.
+COMPILE_SHARE, SPEED_SHARE = 0.35, 0.75
+
+
+def warm_shard(plan, shard: str, until: float = None) -> int:
+    """Run (compile) each job of shard I/N once, in the plan's order, none started past ``until``
+    (epoch seconds); errors are left to the measured run to report."""
     i, n = (int(x) for x in shard.split("/"))
     for j, (what, item) in enumerate(plan.warm_jobs()):
+        if until is not None and time.time() > until:
+            break
         if j % n == i:
             try:
                 _warm_one(plan, what, item)
@@ -93,12 +104,13 @@ def warm_shard(plan, shard: str) -> int:
     return 0
 
 
-def compile_all(argv, jobs: int) -> float:
-    """Compile in ``jobs`` processes (the same flags plus --warm-shard); -> wall seconds."""
+def compile_all(argv, jobs: int, until: float) -> float:
+    """Compile in ``jobs`` processes (the same flags plus --warm-shard), none starting a job past
+    ``until`` (epoch seconds); -> wall seconds."""
     t0 = time.perf_counter()
     if jobs > 0:
-        procs = [subprocess.Popen([sys.executable, "-m", "xtk.bench.gpucheck", *argv, "--warm-shard", f"{i}/{jobs}"],
-                                  stdout=subprocess.DEVNULL) for i in range(jobs)]
+        procs = [subprocess.Popen([sys.executable, "-m", "xtk.bench.gpucheck", *argv, "--warm-shard", f"{i}/{jobs}",
+                                   "--warm-until", repr(until)], stdout=subprocess.DEVNULL) for i in range(jobs)]
         for p in procs:
             p.wait()
     return time.perf_counter() - t0
@@ -143,7 +155,7 @@ def main(argv=None) -> int:
         return 2
     plan = Plan(args)
     if args.warm_shard:
-        return warm_shard(plan, args.warm_shard)
+        return warm_shard(plan, args.warm_shard, args.warm_until)
     t_start = time.perf_counter()
     budget = args.budget_s or (200.0 if args.quick else 330.0)
     out = args.out or f"gpucheck-{report.slug(plan.device)}-{time.strftime('%Y%m%d-%H%M')}"
@@ -151,13 +163,14 @@ def main(argv=None) -> int:
     jobs = args.jobs if args.jobs is not None else (2 if plan.dry else max(1, (os.cpu_count() or 4) - 2))
     res = dict(env=environment(plan.device), info=_info(), args=vars(args), arch=plan.arch)
     print(res["info"], flush=True)
-    res["compile_s"] = compile_all(argv, jobs)
+    res["compile_s"] = compile_all(argv, jobs, time.time() + COMPILE_SHARE * budget)
     print(f"gpucheck: compiled {len(plan.warm_jobs())} jobs in {jobs} processes: {res['compile_s']:.1f} s", flush=True)
     res["cases"] = run_phase(plan.cases, lambda c: gc_cases.run_case(c, plan.device), "correctness")
     res["cases"] += gc_cases.ext_cases(plan.device, plan.dry) + ([] if plan.dry else gc_cases.device_guard_case())
     res["tf32_rounding"] = gc_cases.TF32_ROUNDING.get(str(plan.device), "not probed")  # how tl.dot reads fp32
     deadline = t_start + budget
-    timed = run_phase(plan.cells, lambda c: speed.time_cell(c, plan.dtype, plan.device), "speed", deadline)
+    speed_deadline = t_start + budget * (SPEED_SHARE if plan.tune and not args.quick else 1.0)
+    timed = run_phase(plan.cells, lambda c: speed.time_cell(c, plan.dtype, plan.device), "speed", speed_deadline)
     res["speed"] = [r.to_json() for r in timed if r is not None]
     bw = [speed.time_bandwidth(c, plan.dtype, plan.device, plan.dry) for c in speed.bandwidth_cells(plan.dry)]
     res["bandwidth"] = [r.to_json() for r in bw]

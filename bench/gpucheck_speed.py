@@ -40,7 +40,10 @@ def shapes(quick: bool, dry: bool):
 
 
 def cells(quick: bool, dry: bool) -> list[tuple]:
-    """Every timed attention cell. Quick: xtk's features, SDPA's backends, flex and eager with ALiBi."""
+    """Every timed attention cell, in the order they are timed (a run cut by its time budget keeps
+    the first): the anchor shape's cells (the targets read them), then the memory target's
+    (``_priority``), then the rest of the grid. Quick: the anchor shape alone, xtk's features, SDPA's
+    backends, flex and eager with ALiBi."""
     out = []
     for shape in shapes(quick, dry):
         for causal in (False, True):
@@ -53,7 +56,17 @@ def cells(quick: bool, dry: bool) -> list[tuple]:
                 out += [("eager", f, shape, causal, mode) for f in eager]
                 if not (quick or dry):
                     out += [("sdpa", f, shape, causal, mode) for f in ("alibi", "t5")]
-    return out
+    return sorted(out, key=lambda cell: _priority(cell, shapes(True, dry)[0]))  # stable: grid order within
+
+
+def _priority(cell, anchor) -> int:
+    """0: the anchor shape's cells; 1: the memory target's (ALiBi forward+backward, xtk and eager, at
+    head dim 128, non-causal: ``gpucheck_report.memory_target``); 2: the rest."""
+    impl, feature, shape, causal, mode = cell
+    if shape == anchor:
+        return 0
+    memory = impl in ("xtk", "eager") and feature == "alibi" and mode == "fwd+bwd" and not causal
+    return 1 if memory and shape[3] == anchor[3] else 2
 
 
 def make_call(cell, dtype, device):

@@ -79,3 +79,28 @@ def test_tune_spec_names_classes_features_and_dims():
     for bad in ("nosuch", "qk:nosuch"):
         with pytest.raises(ValueError, match="--tune"):
             gpucheck_speed.tune_cells(False, False, 90, bad)
+
+
+def test_full_run_times_the_anchor_and_memory_cells_first():
+    """A full run cut by its budget still has the targets' cells: the anchor shape's come first, then
+    the memory target's (xtk and eager ALiBi forward+backward at n 1k and 16k, d 128)."""
+    cells = gpucheck_speed.cells(False, False)
+    anchor = gpucheck_speed.shapes(True, False)[0]
+    n_anchor = sum(c[2] == anchor for c in cells)
+    assert n_anchor and all(c[2] == anchor for c in cells[:n_anchor])
+    memory = cells[n_anchor:n_anchor + 4]
+    assert {(c[0], c[1], c[2][2], c[2][3], c[4]) for c in memory} == \
+        {(impl, "alibi", n, 128, "fwd+bwd") for impl in ("xtk", "eager") for n in (1024, 16384)}
+    assert sorted(cells, key=str) == sorted(set(cells), key=str)  # reordered, none lost or repeated
+
+
+def test_compile_shards_start_no_job_past_their_deadline(monkeypatch):
+    """--warm-until: a shard hands out jobs only until then (what is left compiles on first use)."""
+    from xtk.bench import gpucheck
+    plan = gpucheck.Plan(gpucheck.parse(["--dry-run"]))
+    ran = []
+    monkeypatch.setattr(gpucheck, "_warm_one", lambda plan, what, item: ran.append(what))
+    gpucheck.warm_shard(plan, "0/1", until=0.0)
+    assert ran == []
+    gpucheck.warm_shard(plan, "0/1", until=None)
+    assert len(ran) == len(plan.warm_jobs())
