@@ -123,13 +123,15 @@ inline void dispatch_dtype(DType dt, F&& f) {
 
 // Sum of a[k] * b[k] in T (float or double) with 8 independent lanes (vectorizes without
 // fast-math), scalar tail.
-template <typename T>
+template <typename T, int L = 8>
 inline T dot_lanes(const T* a, const T* b, int64_t n) {
-  constexpr int L = 8;
-  T acc[L] = {0, 0, 0, 0, 0, 0, 0, 0};
+  static_assert(L >= 8 && L % 8 == 0, "lanes: a multiple of 8");
+  T acc[L] = {};
   int64_t k = 0;
   for (; k + L <= n; k += L)
     for (int l = 0; l < L; ++l) acc[l] += a[k + l] * b[k + l];
+  for (int w = L / 2; w >= 8; w /= 2)  // fold to 8 lanes, pairwise
+    for (int l = 0; l < w; ++l) acc[l] += acc[l + w];
   T tail = 0;
   for (; k < n; ++k) tail += a[k] * b[k];
   return ((acc[0] + acc[1]) + (acc[2] + acc[3])) + ((acc[4] + acc[5]) + (acc[6] + acc[7])) + tail;

@@ -35,7 +35,7 @@ void fwd_impl(const T* x, const T* res, T* s_out, const float* g, int64_t g_stri
         flush(so, st, dim);
         sr = in_row(st, sb.data(), dim);  // the rounded sum (fp32: the same values, in place)
       }
-      const float n = rms_norm_signed(dot_lanes(sr, sr, dim), eps);
+      const float n = rms_norm_signed(dot_lanes<float, 64>(sr, sr, dim), eps);
       norm[r] = n;
       const float an = std::fabs(n), g0 = g ? g[0] : 1.0f;
       T* yt = y + r * dim;
@@ -50,6 +50,11 @@ void fwd_impl(const T* x, const T* res, T* s_out, const float* g, int64_t g_stri
   });
 }
 
+// dx = a * (g * dy - b * shat), shat = s / |n|, a = sqrt(dim) / |n|, b = sum(g * dy * shat) (0 for the
+// signed-norm branch: rms_bwd_coefs); gain terms sqrt(dim) * dy * shat. Two passes over a row: shat,
+// g * dy and their dot (64 lanes: the 8-lane dot's dependency chain was the loop's bottleneck), then
+// dx and the gain terms. The form keeps dx = g * dy - b * shat's cancellation exact where eager's is
+// (dim 1: shat = +-1).
 template <typename T>
 void bwd_impl(const T* dy, const T* ds_extra, const T* s, const float* g, int64_t g_stride, const float* norm,
               T* dx, double* dg_partial, int64_t rows, int64_t dim) {
@@ -58,35 +63,40 @@ void bwd_impl(const T* dy, const T* ds_extra, const T* s, const float* g, int64_
   // One part = a contiguous range of rows with its own gain-gradient partial row: no second pass
   // over s for dg, no atomics; the caller sums the parts.
   parallel_for_isa(0, parts, 1, [&](int64_t pbegin, int64_t pend) {
-    std::vector<float> sb(dim), gdy(dim), dyb(dim), sh(dim), outb(dim), extra(ds_extra ? dim : 0);
+    std::vector<float> sb(dim), dyb(dim), gdy(dim), sh(dim), outb(dim), extra(ds_extra ? dim : 0);
+    const float g0 = g ? g[0] : 1.0f;
     for (int64_t p = pbegin; p < pend; ++p) {
       const int64_t r0 = p * rows / parts, r1 = (p + 1) * rows / parts;
-      double* dgp = dg_partial ? dg_partial + p * dim : nullptr;
+      double* __restrict__ dgp = dg_partial ? dg_partial + p * dim : nullptr;
       if (dgp) std::fill(dgp, dgp + dim, 0.0);
       for (int64_t r = r0; r < r1; ++r) {
         const float* __restrict__ sr = in_row(s + r * dim, sb.data(), dim);
         const float* __restrict__ dyr = in_row(dy + r * dim, dyb.data(), dim);
-        const float g0 = g ? g[0] : 1.0f;
-        if (g && g_stride) {
-          for (int64_t k = 0; k < dim; ++k) gdy[k] = g[k] * dyr[k];
-        } else {
-          for (int64_t k = 0; k < dim; ++k) gdy[k] = g0 * dyr[k];
-        }
+        float* __restrict__ gd = gdy.data();
+        float* __restrict__ shat = sh.data();
         const float an = std::fabs(norm[r]);
-        for (int64_t k = 0; k < dim; ++k) sh[k] = sr[k] / an;  // shat
+        if (g && g_stride) {
+          for (int64_t k = 0; k < dim; ++k) gd[k] = g[k] * dyr[k], shat[k] = sr[k] / an;
+        } else {
+          for (int64_t k = 0; k < dim; ++k) gd[k] = g0 * dyr[k], shat[k] = sr[k] / an;
+        }
         float a, b;
-        rms_bwd_coefs(norm[r], sqrt_dim, dot_lanes(gdy.data(), sh.data(), dim), &a, &b);
+        rms_bwd_coefs(norm[r], sqrt_dim, dot_lanes<float, 64>(gd, shat, dim), &a, &b);
         T* dxt = dx + r * dim;
         float* __restrict__ out = out_row(dxt, outb.data());
+        if (dgp) {  // the gain terms in the same pass as dx
+          for (int64_t k = 0; k < dim; ++k) {
+            out[k] = a * (gd[k] - b * shat[k]);
+            dgp[k] += static_cast<double>(sqrt_dim * dyr[k] * shat[k]);
+          }
+        } else {
+          for (int64_t k = 0; k < dim; ++k) out[k] = a * (gd[k] - b * shat[k]);
+        }
         if (ds_extra) {
           const float* __restrict__ ex = in_row(ds_extra + r * dim, extra.data(), dim);
-          for (int64_t k = 0; k < dim; ++k) out[k] = a * (gdy[k] - b * sh[k]) + ex[k];
-        } else {
-          for (int64_t k = 0; k < dim; ++k) out[k] = a * (gdy[k] - b * sh[k]);
+          for (int64_t k = 0; k < dim; ++k) out[k] += ex[k];
         }
         flush(out, dxt, dim);
-        if (dgp)
-          for (int64_t k = 0; k < dim; ++k) dgp[k] += static_cast<double>(sqrt_dim * dyr[k] * sh[k]);
       }
     }
   });
