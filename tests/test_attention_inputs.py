@@ -246,3 +246,33 @@ def test_positional_and_keyword_spelling_of_one_argument():
     t = torch.randn(1, 1, 3, 4)
     with pytest.raises(TypeError, match="got both q and query"):
         xtk.attention(t, t, t, query=t)
+
+
+# ----------------------------------------------------------------------------- a causal mask that hides nothing
+@pytest.mark.parametrize("backend", ["eager", "chunked", "triton"])
+@pytest.mark.parametrize("nq,nk,k_prefix,q_offset", [(1, 9, 0, 8), (3, 9, 2, 6), (2, 5, 5, 0), (1, 7, 0, 20)])
+def test_causal_that_hides_nothing_is_dropped(backend, nq, nk, k_prefix, q_offset, monkeypatch):
+    """Decode steps over a whole cache (the first query at or past the last key's position) take the
+    unmasked path: is_causal is dropped in validation, with the same values and gradients; one
+    position earlier the mask hides a key and stays."""
+    if backend == "triton" and not (torch.cuda.is_available() or __import__("os").environ.get("TRITON_INTERPRET") == "1"):
+        pytest.skip("needs CUDA or the Triton interpreter")
+    from xtk.ops import attention as attention_op
+    seen = []
+    real = attention_op._validate
+    monkeypatch.setattr(attention_op, "_validate", lambda *a, **kw: seen.append(real(*a, **kw)) or seen[-1])
+    torch.manual_seed(0)
+    dev = "cuda" if torch.cuda.is_available() and backend == "triton" else "cpu"
+    q, k, v = (torch.randn(1, 2, n, 16, device=dev, requires_grad=True) for n in (nq, nk, nk))
+    bias = Alibi(torch.tensor([0.5, 0.25], device=dev))
+    kw = dict(q_offset=q_offset, k_prefix=k_prefix, bias=bias, backend=backend)
+    causal = xtk.attention(q, k, v, is_causal=True, **kw)
+    assert seen[-1].is_causal is False
+    grads = torch.autograd.grad(causal.sum(), (q, k, v))
+    plain = xtk.attention(q, k, v, is_causal=False, **kw)
+    assert torch.equal(causal, plain)
+    for a, b in zip(grads, torch.autograd.grad(plain.sum(), (q, k, v))):
+        assert torch.equal(a, b)
+    if nk - k_prefix > 0 and q_offset > -1:  # one position earlier: the last key is hidden from query 0
+        xtk.attention(q, k, v, is_causal=True, **dict(kw, q_offset=nk - 2 - k_prefix))
+        assert seen[-1].is_causal is True

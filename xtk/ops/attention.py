@@ -128,7 +128,10 @@ def _validate(q, k, v, attn_mask, dropout_p, is_causal, scale, enable_gqa, bias,
     _validate_rotary(rotary, d)
     if hooks is not None and not isinstance(hooks, ScoreHooks):
         raise TypeError(f"hooks: expected xtk.reference.attention.ScoreHooks or None, got {type(hooks).__name__}")
-    return AttentionInputs(q, k, v, attn_mask, float(dropout_p), bool(is_causal), scale, bias, topk,
+    # causal hides nothing when the first query's position (q_offset) is at or past the last key's
+    # (nk - 1 - k_prefix): a decode step over its whole cache. Dropped, so no backend builds a mask
+    is_causal = bool(is_causal) and q_offset < nk - 1 - k_prefix
+    return AttentionInputs(q, k, v, attn_mask, float(dropout_p), is_causal, scale, bias, topk,
                            qk_norm, rotary, q_offset, k_prefix, hooks, gqa_order)
 
 
