@@ -121,9 +121,15 @@ inline T logits_row(T* s, const T* rv, int64_t n, int64_t kp, T scale, int64_t t
     for (int64_t j = p; j < n; ++j) s[j] += rv[j];
     return row_max(s + p, n - p);
   }());
-  if (topk <= 0 || topk >= n) return mx;
-  const T kth = kth_largest(s, n, topk, tmp), ninf = -std::numeric_limits<T>::infinity();
-  for (int64_t j = 0; j < n; ++j) s[j] = s[j] < kth ? ninf : s[j];
+  // the row's trailing -inf (the keys a causal block's earlier rows cannot see) are its smallest
+  // entries: never candidates. Left in, the search's run bound became -inf and its selection took
+  // the whole row (the causal top-k forward ran 2.1x the plain causal one)
+  const T ninf = -std::numeric_limits<T>::infinity();
+  int64_t m = n;
+  while (m > 0 && s[m - 1] == ninf) --m;
+  if (topk <= 0 || topk >= m) return mx;
+  const T kth = kth_largest(s, m, topk, tmp);
+  for (int64_t j = 0; j < m; ++j) s[j] = s[j] < kth ? ninf : s[j];
   return mx;  // top-k drops values below the kth only: the max stays
 }
 
