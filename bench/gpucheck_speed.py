@@ -56,7 +56,8 @@ def cells(quick: bool, dry: bool) -> list[tuple]:
                 out += [("eager", f, shape, causal, mode) for f in eager]
                 if not (quick or dry):
                     out += [("sdpa", f, shape, causal, mode) for f in ("alibi", "t5")]
-    return sorted(out, key=lambda cell: _priority(cell, shapes(True, dry)[0]))  # stable: grid order within
+    anchor = shapes(True, dry)[0]
+    return sorted(out, key=lambda cell: _priority(cell, anchor))  # stable: grid order within
 
 
 def _priority(cell, anchor) -> int:

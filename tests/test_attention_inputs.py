@@ -3,6 +3,7 @@ fp16 logits that overflow only before scaling (eager), double backward through t
 learned biases, DistanceTable with no queries, T5's ``max_distance`` bound (checked against
 x-transformers), and SDPA's ``query``/``key``/``value`` keyword names."""
 import math
+import os
 
 import pytest
 import torch
@@ -255,7 +256,7 @@ def test_causal_that_hides_nothing_is_dropped(backend, nq, nk, k_prefix, q_offse
     """Decode steps over a whole cache (the first query at or past the last key's position) take the
     unmasked path: is_causal is dropped in validation, with the same values and gradients; one
     position earlier the mask hides a key and stays."""
-    if backend == "triton" and not (torch.cuda.is_available() or __import__("os").environ.get("TRITON_INTERPRET") == "1"):
+    if backend == "triton" and not (torch.cuda.is_available() or os.environ.get("TRITON_INTERPRET") == "1"):
         pytest.skip("needs CUDA or the Triton interpreter")
     from xtk.ops import attention as attention_op
     seen = []

@@ -161,8 +161,8 @@ def test_the_static_step_reads_nothing_on_the_host(feature, monkeypatch):
             with torch.no_grad(), guarded, no_host_reads(monkeypatch):
                 for _ in range(2):
                     decode_step(w.net, state, sampler)
-        if backend == "triton":
-            assert state.seqlens.tolist() == [state.k_prefix + 7] * 2 and state.index.tolist() == [3]
+            if backend == "triton":
+                assert state.seqlens.tolist() == [state.k_prefix + 7] * 2 and state.index.tolist() == [3]
 
 
 def test_cuda_graph_on_cpu_is_refused_before_any_work():

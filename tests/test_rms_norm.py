@@ -82,7 +82,7 @@ def _gain_sums(g, x, weight=None, residual=None):
     dim = s.shape[-1]
     terms = (g[..., :dim] * s / s.norm(dim=-1, keepdim=True) * dim ** 0.5).abs()
     sums = terms.reshape(-1, dim).sum(0)
-    return {"weight": (sums if weight.numel() == dim and dim > 1 else sums.sum()).reshape(weight.shape)}
+    return {"weight": (sums if weight.numel() == dim else sums.sum()).reshape(weight.shape)}
 
 
 @needs_ext

@@ -121,8 +121,9 @@ inline void dispatch_dtype(DType dt, F&& f) {
   throw std::invalid_argument("xtk cpu: unsupported dtype code");
 }
 
-// Sum of a[k] * b[k] in T (float or double) with 8 independent lanes (vectorizes without
-// fast-math), scalar tail.
+// Sum of a[k] * b[k] in T (float or double) with L independent lanes (vectorizes without
+// fast-math; more lanes, more independent add chains), folded pairwise to 8, scalar tail. The
+// order is fixed by L alone: every ISA copy gives the same result.
 template <typename T, int L = 8>
 inline T dot_lanes(const T* a, const T* b, int64_t n) {
   static_assert(L >= 8 && L % 8 == 0, "lanes: a multiple of 8");
