@@ -38,8 +38,8 @@ ARCHS = (80, 90)
 DIMS = tiles.HEAD_DIMS
 _PTR_F32 = {"STATS", "THR", "DELTA", "DSLOPE", "DTAB", "DS", "DLSC", "SLOPES", "TAB", "QSC", "KSC", "DQSC", "DKSC",
             "INV_FREQ", "XPOS", "OP", "LSEP", "LSE", "SCR", "KTH"}
-_PTR_I32 = {"SEQLENS", "BT", "ROWS", "CU_Q", "CU_K"}  # the decode kernel's cache lengths, block table, cache rows;
-# a packed batch's sequence offsets (VARLEN)
+_PTR_I32 = {"SEQLENS", "BT", "ROWS", "CU_Q", "CU_K", "NANF"}  # the decode kernel's cache lengths, block table,
+# cache rows; a packed batch's sequence offsets (VARLEN); the NaN-rule guard twins' device flag
 _PTR_IO = {"Q", "K", "V", "O", "DO", "DQ", "DK", "DV_"}
 _PTR_I64 = {"SEED", "SEED_PTR", "SEEDS"}  # a device-side dropout seed / philox state, if the kernels take one
 _FLOAT_SCALARS = {"sm_scale", "dropout_p", "xpos_base", "interp"}
@@ -50,8 +50,8 @@ _DIV16_STRIDES = {"sqb", "sqh", "sqm", "skb", "skh", "skn", "svb", "svh", "svn",
 _TY = {"float16": "fp16", "bfloat16": "bf16", "float32": "fp32"}
 _SWITCHES = ("IS_CAUSAL", "BIAS_KIND", "MASK_KIND", "HAS_TOPK", "HAS_DROPOUT", "NEED_DSLOPE", "NEED_DTAB", "NEED_DS",
              "NEED_DLSC", "HAS_NORM", "GROUPS", "HAS_DSCALE", "HAS_ROT", "HAS_XPOS", "GQA_REPEAT", "PAGED", "TOPK_PASS",
-             "VARLEN")
-_INT_SWITCHES = ("BIAS_KIND", "MASK_KIND", "TOPK_PASS")
+             "VARLEN", "NAN_GUARD")
+_INT_SWITCHES = ("BIAS_KIND", "MASK_KIND", "TOPK_PASS", "NAN_GUARD")
 _COMBINE_CFG = dict(BLOCK_M=16, BLOCK_N=16, num_warps=4, num_stages=1)  # the combine kernel: no table entry
 MAX_SPLITS = 128  # attention_decode_op.MAX_SPLITS (the combine's lse vector; that module imports torch)
 
@@ -353,7 +353,7 @@ def _ci_set() -> list[dict]:
     for cc, prec in itertools.product(ARCHS, precs):
         specs.append(spec("thr", cc, 64, prec, topk=1, HAS_TOPK=1))
         specs.append(spec("thr", cc, 128, prec, topk=128, HAS_TOPK=1, **_QK_ALL))
-    specs += _NOT_MONOTONE + _decode_specs() + _varlen_specs()
+    specs += _NOT_MONOTONE + _decode_specs() + _varlen_specs() + _GUARD_TWINS
     return list({spec_name(s): s for s in specs}.values())
 
 
@@ -430,6 +430,27 @@ _NOT_MONOTONE = [spec("dq", 80, 64, "16bit", BIAS_KIND=kinds.BIAS_ALIBI, NEED_DS
                  spec("dq", 80, 64, "ieee", BIAS_KIND=kinds.BIAS_DENSE_FLOAT, NEED_DS=1),
                  spec("dq", 90, 128, "16bit", NEED_DLSC=1, **_QK_ALL),
                  spec("dq", 90, 32, "ieee", NEED_DLSC=1, **_QK_ALL)]
+
+
+# the NaN rule's guard twins (NAN_GUARD, kernels/attention_op.py): each kernel's twin once per arch
+# with the switches that shape its selects (a float mask, causal, a learned bias gradient), so that
+# each compiles and fits its shared memory. The flagged twins (1) run only on inputs holding NaN/inf:
+# their spills are recorded, not refused (``twin_spill_ok``); the empty-row twin (fwd 2) runs after
+# every forward without a float mask and must not spill.
+_GUARD_TWINS = [spec("fwd", 90, 128, "16bit", IS_CAUSAL=1, MASK_KIND=kinds.MASK_FLOAT, NAN_GUARD=1),
+                spec("fwd", 80, 64, "tf32", BIAS_KIND=kinds.BIAS_DENSE_FLOAT, NAN_GUARD=1),
+                spec("fwd", 90, 64, "16bit", IS_CAUSAL=1, NAN_GUARD=2),
+                spec("fwd", 80, 128, "16bit", MASK_KIND=kinds.MASK_BOOL, NAN_GUARD=2),
+                spec("thr", 90, 64, "16bit", topk=8, HAS_TOPK=1, MASK_KIND=kinds.MASK_FLOAT, NAN_GUARD=1),
+                spec("dkdv", 90, 128, "16bit", IS_CAUSAL=1, NAN_GUARD=1),
+                spec("dkdv", 80, 64, "tf32", MASK_KIND=kinds.MASK_FLOAT, NAN_GUARD=1),
+                spec("dq", 90, 128, "16bit", IS_CAUSAL=1, BIAS_KIND=kinds.BIAS_ALIBI, NEED_DSLOPE=1, NAN_GUARD=1),
+                spec("dq", 80, 64, "16bit", IS_CAUSAL=1, BIAS_KIND=kinds.BIAS_TABLE, NEED_DTAB=1, NAN_GUARD=1)]
+
+
+def twin_spill_ok(s: dict) -> bool:
+    """Whether a specialization may spill because it is a flagged guard twin (see ``_GUARD_TWINS``)."""
+    return s["switches"].get("NAN_GUARD") == 1
 
 
 def _full_set() -> list[dict]:

@@ -12,12 +12,17 @@
   unordered, so in deterministic mode the launcher takes dS whole and sums its diagonals
   instead), dense-bias gradient as the
   dS tile stored into a (b, h, nq, nk) buffer (only when a dense bias requires grad).
-NaN rule (README "NaN, inf and masking"): not followed by these gradients where a masked pair
-meets NaN/inf. A NaN row's statistics make P NaN on its masked pairs too; a masked NaN/inf q or k
-row reaches dK, dQ as 0 x NaN inside ``dS^T @ Q`` / ``dS @ K``; delta is NaN where a masked key's v
-made O NaN. Each fix tried on 2026-11-27 spilled shipped tiles on the AOT set (issue 12's note:
-selects on P and dS up to 860 B on fp32 tiles; zeroing the operand tiles in-kernel up to 1,860 B;
-loading zeroed copies up to 924 B; a runtime delta-repair branch in dQ 284 B).
+NaN rule (README "NaN, inf and masking"): the everyday kernels break it where a masked pair meets
+NaN/inf (a NaN row's statistics make P NaN on its masked pairs too; a masked NaN/inf q or k row
+reaches dK, dQ as 0 x NaN inside ``dS^T @ Q`` / ``dS @ K``; delta = dO . O is NaN where a masked
+key's v made O NaN), and each in-kernel fix spilled shipped tiles (2026-11-27: selects on P and dS
+up to 860 B on fp32 tiles; zeroing the operand tiles up to 1,860 B). So the rule lives in guard
+twins (NAN_GUARD): the launcher runs the everyday dK/dV and dQ kernels, then the dQ twin, then the
+dK/dV twin; each twin returns at once unless the device flag NANF says q, k or v holds a NaN/inf,
+and otherwise redoes its block with the selects (P and dS 0 on masked pairs, ``_finite`` operands
+in the gradient products, delta recomputed as the sum of P dP over unmasked pairs and stored for
+the dK/dV twin) and overwrites the everyday results (the table gradient goes to a buffer of its
+own: the everyday kernel's atomics cannot be taken back).
 Dropout: the same counter-based keep-mask as the forward (``_dropout_keep``), keyed by the seed
 the forward drew on the device (``SEED``, a pointer: no host sync).
 Grids: one axis, (blocks x batch * heads) folded (``_fold``), so no axis meets CUDA's 65,535 limit.
@@ -26,13 +31,15 @@ import triton
 import triton.language as tl
 
 from .attention_common import (DECODE_INTS, _causal_key_end, _causal_query_start, _dropout_keep, _fold,
-                               _head_bias, _load_kt, _load_q, _logits, _qk_tile_bwd, _query_program, _seq_span,
+                               _finite, _head_bias, _load_kt, _load_q, _logits, _qk_tile_bwd, _query_program,
+                               _seq_span,
                                _table_grad_tile, _tile_ptrs, _tile_ptrs_t)
 
 
 @triton.jit(do_not_specialize=DECODE_INTS)
 def _attn_bwd_dkdv(
         Q, K, V, DO, DK, DV_, STATS, DELTA, THR, SLOPES, TAB, MASK, BIAS, QSC, KSC, INV_FREQ, XPOS, DKSC, CU_Q, CU_K,
+        NANF,
         sqb, sqh, sqm, sqd, skb, skh, skn, skd, svb, svh, svn, svd, sdob, sdoh, sdom, sdod,
         sdkb, sdkh, sdkn, sdkd, sdvb, sdvh, sdvn, sdvd,
         stab_l, stab_h, tab_center, smb, smh, smm, smn, sbb, sbh, sbm, sbn,
@@ -40,8 +47,11 @@ def _attn_bwd_dkdv(
         IS_CAUSAL: tl.constexpr, BIAS_KIND: tl.constexpr, MASK_KIND: tl.constexpr, HAS_TOPK: tl.constexpr,
         HAS_DROPOUT: tl.constexpr, PRECISION: tl.constexpr,
         HAS_NORM: tl.constexpr, GROUPS: tl.constexpr, HAS_DSCALE: tl.constexpr, HAS_ROT: tl.constexpr,
-        HAS_XPOS: tl.constexpr, GQA_REPEAT: tl.constexpr, VARLEN: tl.constexpr,
+        HAS_XPOS: tl.constexpr, GQA_REPEAT: tl.constexpr, VARLEN: tl.constexpr, NAN_GUARD: tl.constexpr,
         BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_DV: tl.constexpr):
+    if NAN_GUARD:  # the guard twin: runs only when q, k or v holds NaN/inf (the device flag NANF)
+        if tl.load(NANF) == 0:
+            return
     n_kblocks = tl.cdiv(NK, BLOCK_N)
     pid_n, off_bhk = _fold(n_kblocks)
     off_b = off_bhk // HK
@@ -89,11 +99,14 @@ def _attn_bwd_dkdv(
             delta = tl.load(DELTA + off_bh.to(tl.int64) * NQ + offs_m, mask=row_ok, other=0.0)
             s = _logits(tl.dot(q, kt, input_precision=PRECISION), offs_m, offs_n, off_b, off_h, nq, nk, q_offset,
                         k_prefix, sm_scale, slope, tab, stab_l, tab_center,
-                        MASK, smb, smh, smm, smn, BIAS, sbb, sbh, sbm, sbn, IS_CAUSAL, BIAS_KIND, MASK_KIND)
+                        MASK, smb, smh, smm, smn, BIAS, sbb, sbh, sbm, sbn, IS_CAUSAL, BIAS_KIND, MASK_KIND,
+                        NAN_GUARD)
             if HAS_TOPK:
                 thr = tl.load(THR + off_bh.to(tl.int64) * NQ + offs_m, mask=row_ok, other=float("-inf"))
                 s = tl.where(s < thr[:, None], float("-inf"), s)
             p = tl.exp(s - m_row[:, None]) * inv_l[:, None]
+            if NAN_GUARD:  # a masked pair's P is 0 even in a NaN row (exp(-inf - NaN))
+                p = tl.where(s == float("-inf"), 0.0, p)
             dp = tl.dot(do, vt, input_precision=PRECISION)
             if HAS_DROPOUT:
                 keep = _dropout_keep(seed, off_bh, offs_m, offs_n, dropout_p)
@@ -103,11 +116,16 @@ def _attn_bwd_dkdv(
                 pd = p
             dv += tl.dot(tl.trans(pd).to(do.dtype), do, input_precision=PRECISION)
             ds = p * (dp - delta[:, None])
+            if NAN_GUARD:  # nothing flows back through a masked pair (0 x NaN where its v is NaN)
+                ds = tl.where(s == float("-inf"), 0.0, ds)
+                q = _finite(q)
             dk += tl.dot(tl.trans(ds).to(q.dtype), q, input_precision=PRECISION)
     dk = dk * sm_scale
     if HAS_NORM or HAS_DSCALE or HAS_ROT:  # dL/dk' -> dL/dk, and this block's share of dL/d(k dim scale)
         k = tl.load(_tile_ptrs(k_base, offs_n, offs_d, skn, skd), mask=col_ok[:, None] & (offs_d[None, :] < D),
                     other=0.0)
+        if NAN_GUARD:
+            k = _finite(k)
         dk, dksc = _qk_tile_bwd(k, dk, offs_d, D, offs_n - k_prefix, offs_n >= k_prefix, KSC + off_hk * D, INV_FREQ,
                                 XPOS, R, interp, max_half, xpos_base, -1.0, HAS_NORM, GROUPS, HAS_DSCALE, HAS_ROT,
                                 HAS_XPOS, BLOCK_N, BLOCK_D)
@@ -127,7 +145,7 @@ def _dq_key_tile(q, do, thr, seed, k_base, v_base, ksc, offs_m, offs_n, offs_d, 
                  xpos_base, IS_CAUSAL: tl.constexpr, BIAS_KIND: tl.constexpr, MASK_KIND: tl.constexpr,
                  HAS_TOPK: tl.constexpr, HAS_DROPOUT: tl.constexpr, PRECISION: tl.constexpr,
                  HAS_NORM: tl.constexpr, GROUPS: tl.constexpr, HAS_DSCALE: tl.constexpr, HAS_ROT: tl.constexpr,
-                 HAS_XPOS: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr):
+                 HAS_XPOS: tl.constexpr, NAN_GUARD: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr):
     """One key block of the dQ kernel's loops (its delta pass and its gradient pass): the k' tile
     (transposed), ``q'.k'`` (fp32), the masked logits (top-k applied, masked = -inf) and ``dP = dO
     . v`` (dropout applied), each (BLOCK_M, BLOCK_N)."""
@@ -138,7 +156,8 @@ def _dq_key_tile(q, do, thr, seed, k_base, v_base, ksc, offs_m, offs_n, offs_d, 
                  other=0.0)
     qk = tl.dot(q, kt, input_precision=PRECISION)
     s = _logits(qk, offs_m, offs_n, off_b, off_h, NQ, NK, q_offset, k_prefix, sm_scale, slope, tab, stab_l,
-                tab_center, MASK, smb, smh, smm, smn, BIAS, sbb, sbh, sbm, sbn, IS_CAUSAL, BIAS_KIND, MASK_KIND)
+                tab_center, MASK, smb, smh, smm, smn, BIAS, sbb, sbh, sbm, sbn, IS_CAUSAL, BIAS_KIND, MASK_KIND,
+                NAN_GUARD)
     if HAS_TOPK:
         s = tl.where(s < thr[:, None], float("-inf"), s)
     dp = tl.dot(do, vt, input_precision=PRECISION)
@@ -151,7 +170,7 @@ def _dq_key_tile(q, do, thr, seed, k_base, v_base, ksc, offs_m, offs_n, offs_d, 
 @triton.jit(do_not_specialize=DECODE_INTS)
 def _attn_bwd_dq(
         Q, K, V, DO, DQ, STATS, DELTA, THR, SLOPES, TAB, MASK, BIAS, DSLOPE, DTAB, DS, QSC, KSC, INV_FREQ, XPOS, DQSC,
-        DLSC, CU_Q, CU_K,
+        DLSC, CU_Q, CU_K, NANF,
         sqb, sqh, sqm, sqd, skb, skh, skn, skd, svb, svh, svn, svd, sdob, sdoh, sdom, sdod,
         sdqb, sdqh, sdqm, sdqd,
         stab_l, stab_h, tab_center, smb, smh, smm, smn, sbb, sbh, sbm, sbn,
@@ -159,9 +178,12 @@ def _attn_bwd_dq(
         IS_CAUSAL: tl.constexpr, BIAS_KIND: tl.constexpr, MASK_KIND: tl.constexpr, HAS_TOPK: tl.constexpr,
         HAS_DROPOUT: tl.constexpr, PRECISION: tl.constexpr,
         HAS_NORM: tl.constexpr, GROUPS: tl.constexpr, HAS_DSCALE: tl.constexpr, HAS_ROT: tl.constexpr,
-        HAS_XPOS: tl.constexpr, GQA_REPEAT: tl.constexpr, VARLEN: tl.constexpr,
+        HAS_XPOS: tl.constexpr, GQA_REPEAT: tl.constexpr, VARLEN: tl.constexpr, NAN_GUARD: tl.constexpr,
         NEED_DSLOPE: tl.constexpr, NEED_DTAB: tl.constexpr, NEED_DS: tl.constexpr, NEED_DLSC: tl.constexpr,
         BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_DV: tl.constexpr):
+    if NAN_GUARD:  # the guard twin: runs only when q, k or v holds NaN/inf (the device flag NANF)
+        if tl.load(NANF) == 0:
+            return
     pid_m, off_bh, off_b, off_h, off_hk, start_m = _query_program(H, HK, NQ, BLOCK_M, GQA_REPEAT)
     q0, nq, k0, nk, max_half = _seq_span(CU_Q, CU_K, off_b, NQ, NK, q_offset, k_prefix, max_half, VARLEN)
     if VARLEN:
@@ -197,10 +219,11 @@ def _attn_bwd_dq(
     dlsc = tl.zeros([BLOCK_M], tl.float32)
     pi = q_offset + offs_m
     end_n = _causal_key_end(start_m, BLOCK_M, nk, q_offset, k_prefix, IS_CAUSAL)
-    if NEED_DSLOPE or NEED_DTAB or NEED_DS or NEED_DLSC:
+    if NEED_DSLOPE or NEED_DTAB or NEED_DS or NEED_DLSC or NAN_GUARD:
         # bias (and logit scale) gradients sum dS over whole rows (ALiBi: weighted by |p_i - p_j|), which amplifies
         # the rounding of delta = dO . O and of the online-softmax row sum: recompute both from
-        # this kernel's own logits (l = sum_j exp(s - m) with the final m, delta = sum_j P dP)
+        # this kernel's own logits (l = sum_j exp(s - m) with the final m, delta = sum_j P dP); the
+        # guard twin always does (over unmasked pairs only: dO . O is NaN where a masked key's v is)
         l_sum = tl.zeros([BLOCK_M], tl.float32)
         pdp = tl.zeros([BLOCK_M], tl.float32)
         for start_n in range(0, end_n, BLOCK_N):
@@ -210,12 +233,18 @@ def _attn_bwd_dq(
                 skn, skd, svn, svd, nq, nk, D, DV, q_offset, k_prefix, sm_scale, dropout_p, slope, tab, stab_l,
                 tab_center, MASK, smb, smh, smm, smn, BIAS, sbb, sbh, sbm, sbn, INV_FREQ, XPOS, R, interp, max_half,
                 xpos_base, IS_CAUSAL, BIAS_KIND, MASK_KIND, HAS_TOPK, HAS_DROPOUT, PRECISION,
-                HAS_NORM, GROUPS, HAS_DSCALE, HAS_ROT, HAS_XPOS, BLOCK_N, BLOCK_D)
+                HAS_NORM, GROUPS, HAS_DSCALE, HAS_ROT, HAS_XPOS, NAN_GUARD, BLOCK_N, BLOCK_D)
             e = tl.exp(s - m_row[:, None])
+            edp = e * dp
+            if NAN_GUARD:
+                e = tl.where(s == float("-inf"), 0.0, e)
+                edp = tl.where(s == float("-inf"), 0.0, edp)
             l_sum += tl.sum(e, axis=1)
-            pdp += tl.sum(e * dp, axis=1)
+            pdp += tl.sum(edp, axis=1)
         inv_l = 1.0 / tl.where(l_sum == 0.0, 1.0, l_sum)
         delta = pdp * inv_l
+        if NAN_GUARD:  # for the dK/dV twin, which runs next
+            tl.store(DELTA + off_bh.to(tl.int64) * NQ + offs_m, delta, mask=row_ok)
     for start_n in range(0, end_n, BLOCK_N):
         offs_n = start_n + offs_n0
         col_ok = offs_n < nk
@@ -224,16 +253,22 @@ def _attn_bwd_dq(
             skn, skd, svn, svd, nq, nk, D, DV, q_offset, k_prefix, sm_scale, dropout_p, slope, tab, stab_l,
             tab_center, MASK, smb, smh, smm, smn, BIAS, sbb, sbh, sbm, sbn, INV_FREQ, XPOS, R, interp, max_half,
             xpos_base, IS_CAUSAL, BIAS_KIND, MASK_KIND, HAS_TOPK, HAS_DROPOUT, PRECISION,
-            HAS_NORM, GROUPS, HAS_DSCALE, HAS_ROT, HAS_XPOS, BLOCK_N, BLOCK_D)
+            HAS_NORM, GROUPS, HAS_DSCALE, HAS_ROT, HAS_XPOS, NAN_GUARD, BLOCK_N, BLOCK_D)
         p = tl.exp(s - m_row[:, None]) * inv_l[:, None]
         ds = p * (dp - delta[:, None])
+        if NAN_GUARD:  # nothing flows back through a masked pair (P NaN in a NaN row, 0 x NaN where v is NaN)
+            ds = tl.where(s == float("-inf"), 0.0, ds)
+            kt = _finite(kt)
         dq += tl.dot(ds.to(q.dtype), tl.trans(kt), input_precision=PRECISION)
         positional = (offs_n >= k_prefix) & col_ok
         dist = pi[:, None] - (offs_n - k_prefix)[None, :]
         if NEED_DSLOPE:
             dslope += tl.sum(tl.where(positional[None, :], -ds * tl.abs(dist).to(tl.float32), 0.0), axis=1)
         if NEED_DLSC:  # fp32 dS times the fp32 q'.k' (not the rounded dS of the dq product)
-            dlsc += tl.sum(ds * qk, axis=1)
+            if NAN_GUARD:
+                dlsc += tl.sum(tl.where(s == float("-inf"), 0.0, ds * qk), axis=1)
+            else:
+                dlsc += tl.sum(ds * qk, axis=1)
         if NEED_DTAB:  # diagonal sums of the tile, one atomic per distance
             first = q_offset + start_m - (start_n + BLOCK_N - 1 - k_prefix) + tab_center
             _table_grad_tile(DTAB + off_h * stab_h, stab_l, ds, positional[None, :] & row_ok[:, None], first,
@@ -245,6 +280,8 @@ def _attn_bwd_dq(
     if HAS_NORM or HAS_DSCALE or HAS_ROT:  # dL/dq' -> dL/dq, and this block's share of dL/d(q dim scale)
         qraw = tl.load(_tile_ptrs(q_base, offs_m, offs_d, sqm, sqd), mask=row_ok[:, None] & (offs_d[None, :] < D),
                        other=0.0)
+        if NAN_GUARD:
+            qraw = _finite(qraw)
         dq, dqsc = _qk_tile_bwd(qraw, dq, offs_d, D, q_offset + offs_m, offs_m >= 0, QSC + off_h * D, INV_FREQ, XPOS, R,
                                 interp, max_half, xpos_base, 1.0, HAS_NORM, GROUPS, HAS_DSCALE, HAS_ROT, HAS_XPOS,
                                 BLOCK_M, BLOCK_D)

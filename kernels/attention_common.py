@@ -137,17 +137,23 @@ def _head_bias(SLOPES, TAB, off_h, stab_h, BIAS_KIND: tl.constexpr):
 
 
 @triton.jit
-def _dense_tile(s, ptr, sb, sh, sm, sn, off_b, off_h, offs_m, offs_n, NQ, NK, KIND: tl.constexpr):
+def _dense_tile(s, ptr, sb, sh, sm, sn, off_b, off_h, offs_m, offs_n, NQ, NK, KIND: tl.constexpr,
+                NAN_GUARD: tl.constexpr):
     """Add (KIND ``_MASK_FLOAT``) or apply as keep-mask (``_MASK_BOOL``) one tile of a broadcast (b, h, nq, nk)
-    tensor. (A -inf float entry over a NaN logit gives NaN, not -inf: a select there spilled heavy
-    forward tiles, 36-88 B on the AOT set, 2026-11-27.)"""
+    tensor. A -inf float entry over a NaN logit gives NaN, not -inf, unless NAN_GUARD (the guard
+    twin, see ``_finite``): there it selects -inf (the select spilled heavy forward tiles, 36-88 B
+    on the AOT set, 2026-11-27, so the everyday kernels leave it out)."""
     inb = (offs_m[:, None] < NQ) & (offs_n[None, :] < NK)
     # int64 offsets, summed before they meet the pointer: this association keeps the loop-invariant
     # half (rows in the forward and dq, columns in dK/dV) an offset vector, not a column of pointers
     off = offs_m.to(tl.int64)[:, None] * sm + offs_n.to(tl.int64)[None, :] * sn
     p = ptr + off_b.to(tl.int64) * sb + off_h.to(tl.int64) * sh + off
     if KIND == _MASK_FLOAT:
-        s = s + tl.load(p, mask=inb, other=0.0).to(tl.float32)
+        add = tl.load(p, mask=inb, other=0.0).to(tl.float32)
+        if NAN_GUARD:
+            s = tl.where(add == float("-inf"), float("-inf"), s + add)
+        else:
+            s = s + add
     else:
         keep = tl.load(p, mask=inb, other=0)
         s = tl.where(keep != 0, s, float("-inf"))
@@ -158,8 +164,9 @@ def _dense_tile(s, ptr, sb, sh, sm, sn, off_b, off_h, offs_m, offs_n, NQ, NK, KI
 def _logits(qk, offs_m, offs_n, off_b, off_h, NQ, NK, q_offset, k_prefix, sm_scale,
             slope, TAB, stride_tab, tab_center,
             MASK, smb, smh, smm, smn, BIAS, sbb, sbh, sbm, sbn,
-            IS_CAUSAL: tl.constexpr, BIAS_KIND: tl.constexpr, MASK_KIND: tl.constexpr):
-    """Scaled, biased, masked logits of one tile (fp32, masked = -inf)."""
+            IS_CAUSAL: tl.constexpr, BIAS_KIND: tl.constexpr, MASK_KIND: tl.constexpr, NAN_GUARD: tl.constexpr):
+    """Scaled, biased, masked logits of one tile (fp32, masked = -inf; under NAN_GUARD a -inf float
+    mask or bias entry masks a NaN logit too)."""
     s = qk * sm_scale
     pi = q_offset + offs_m
     pj = offs_n - k_prefix
@@ -171,17 +178,30 @@ def _logits(qk, offs_m, offs_n, off_b, off_h, NQ, NK, q_offset, k_prefix, sm_sca
         ok = positional[None, :] & (offs_m[:, None] < NQ) & (offs_n[None, :] < NK)
         s = s + tl.load(TAB + (dist + tab_center).to(tl.int64) * stride_tab, mask=ok, other=0.0).to(tl.float32)
     if BIAS_KIND == _DENSE_FLOAT:
-        s = _dense_tile(s, BIAS, sbb, sbh, sbm, sbn, off_b, off_h, offs_m, offs_n, NQ, NK, _MASK_FLOAT)
+        s = _dense_tile(s, BIAS, sbb, sbh, sbm, sbn, off_b, off_h, offs_m, offs_n, NQ, NK, _MASK_FLOAT,
+                        NAN_GUARD)
     if BIAS_KIND == _DENSE_BOOL:
-        s = _dense_tile(s, BIAS, sbb, sbh, sbm, sbn, off_b, off_h, offs_m, offs_n, NQ, NK, _MASK_BOOL)
+        s = _dense_tile(s, BIAS, sbb, sbh, sbm, sbn, off_b, off_h, offs_m, offs_n, NQ, NK, _MASK_BOOL,
+                        NAN_GUARD)
     if MASK_KIND == _MASK_FLOAT:
-        s = _dense_tile(s, MASK, smb, smh, smm, smn, off_b, off_h, offs_m, offs_n, NQ, NK, _MASK_FLOAT)
+        s = _dense_tile(s, MASK, smb, smh, smm, smn, off_b, off_h, offs_m, offs_n, NQ, NK, _MASK_FLOAT,
+                        NAN_GUARD)
     if MASK_KIND == _MASK_BOOL:
-        s = _dense_tile(s, MASK, smb, smh, smm, smn, off_b, off_h, offs_m, offs_n, NQ, NK, _MASK_BOOL)
+        s = _dense_tile(s, MASK, smb, smh, smm, smn, off_b, off_h, offs_m, offs_n, NQ, NK, _MASK_BOOL,
+                        NAN_GUARD)
     valid = (offs_n[None, :] < NK) & (offs_m[:, None] < NQ)
     if IS_CAUSAL:
         valid = valid & ~((pj[None, :] > pi[:, None]) & positional[None, :])
     return tl.where(valid, s, float("-inf"))
+
+
+@triton.jit
+def _finite(x):
+    """``x`` with every NaN/inf element replaced by 0: the guard twins' operand of a gradient
+    product (``dS @ K``, ``dS^T @ Q``). Exact under the NaN rule: a pair whose logit is finite has
+    finite q and k rows, so a zeroed element only ever meets dS = 0 (a masked pair), where the
+    product must add nothing; a row whose unmasked logit it poisons has dS NaN there anyway."""
+    return tl.where(tl.abs(x) < float("inf"), x, 0.0).to(x.dtype)
 
 
 @triton.jit

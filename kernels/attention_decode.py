@@ -146,7 +146,7 @@ def _decode_split(
                          other=0.0)
         s = _logits(tl.dot(q, kt, input_precision=PRECISION), qi, offs_n, off_b, 0, NQ, nk, q_offset, k_prefix,
                     sm_scale, slope[:, None], tab[:, None], stab_l, tab_center,
-                    Q, 0, 0, 0, 0, Q, 0, 0, 0, 0, IS_CAUSAL, BIAS_KIND, 0)
+                    Q, 0, 0, 0, 0, Q, 0, 0, 0, 0, IS_CAUSAL, BIAS_KIND, 0, False)
         if TOPK_PASS == _TOPK_LOGITS:
             tl.store(SCR + row_bh[:, None] * s_scr + offs_n[None, :], s, mask=ok[:, None] & col_ok[None, :])
         else:

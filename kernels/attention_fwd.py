@@ -4,9 +4,17 @@ One program per (query block, batch * head). Online softmax in fp32, log-sum-exp
 the backward as two numbers per row, the row max ``m`` and the row sum ``l`` (STATS is
 (b*h, 2, nq)): the backward's ``exp(s - m) / l`` is then as accurate as an eager softmax (a
 folded ``exp(s - (m + log l))`` loses ``|s - m| * eps`` more, which the ALiBi slope gradient
-amplifies). A row with no unmasked key stores output 0 (NaN when a masked key's v it skipped is
-NaN: 0 x NaN; a select on the output row spilled a posbias tile, 12 B) and ``m = +inf`` (so the
-recomputed P is 0 everywhere). GQA: query head ``h`` reads kv head ``h // (H // HK)``, or ``h % HK`` under GQA_REPEAT.
+amplifies). A row with no unmasked key stores output 0 and ``m = +inf`` (so the recomputed P is 0
+everywhere).
+
+NAN_GUARD, the twins of the NaN rule (README "NaN, inf and masking"), launched after the everyday
+kernel (NAN_GUARD 0) to overwrite its results where the rule needs selects that spilled shipped
+tiles when built into it (12-88 B, 2026-11-27): 1, with a float mask or dense bias, returns at
+once unless the device flag NANF says q, k or v holds a NaN/inf, and otherwise redoes its block
+with a -inf float entry masking a NaN logit (``_dense_tile``) and an empty row's output 0 where a
+masked key's v is NaN (0 x NaN in ``acc``); 2, with masks that can empty a row (bool masks,
+causal rows before every key), only stores 0 in the rows the everyday kernel found empty (its
+stored ``m = +inf, l = 1``): it reads the row statistics and writes nothing else. GQA: query head ``h`` reads kv head ``h // (H // HK)``, or ``h % HK`` under GQA_REPEAT.
 VARLEN (a packed batch, ``attention_common._seq_span``): batch entries are sequences, NQ / NK the
 longest lengths allowed, so STATS and THR are (B*h, [2,] max_seqlen_q) with each sequence's rows first.
 
@@ -25,14 +33,17 @@ from .attention_common import (DECODE_INTS, _causal_key_end, _dropout_keep, _fol
 
 @triton.jit(do_not_specialize=DECODE_INTS)
 def _attn_topk_threshold(
-        Q, K, THR, SLOPES, TAB, MASK, BIAS, QSC, KSC, INV_FREQ, XPOS, CU_Q, CU_K,
+        Q, K, THR, SLOPES, TAB, MASK, BIAS, QSC, KSC, INV_FREQ, XPOS, CU_Q, CU_K, NANF,
         sqb, sqh, sqm, sqd, skb, skh, skn, skd,
         stab_l, stab_h, tab_center, smb, smh, smm, smn, sbb, sbh, sbm, sbn,
         H, HK, NQ, NK, D, q_offset, k_prefix, sm_scale, TOPK, R, max_half, xpos_base, interp,
         IS_CAUSAL: tl.constexpr, BIAS_KIND: tl.constexpr, MASK_KIND: tl.constexpr, PRECISION: tl.constexpr,
         HAS_NORM: tl.constexpr, GROUPS: tl.constexpr, HAS_DSCALE: tl.constexpr, HAS_ROT: tl.constexpr,
-        HAS_XPOS: tl.constexpr, GQA_REPEAT: tl.constexpr, VARLEN: tl.constexpr,
+        HAS_XPOS: tl.constexpr, GQA_REPEAT: tl.constexpr, VARLEN: tl.constexpr, NAN_GUARD: tl.constexpr,
         K2: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr):
+    if NAN_GUARD:  # the guard twin: runs only when the inputs hold NaN/inf (the device flag NANF)
+        if tl.load(NANF) == 0:
+            return
     pid_m, off_bh, off_b, off_h, off_hk, start_m = _query_program(H, HK, NQ, BLOCK_M, GQA_REPEAT)
     q0, nq, k0, nk, max_half = _seq_span(CU_Q, CU_K, off_b, NQ, NK, q_offset, k_prefix, max_half, VARLEN)
     if VARLEN:
@@ -55,7 +66,7 @@ def _attn_topk_threshold(
                       xpos_base, HAS_NORM, GROUPS, HAS_DSCALE, HAS_ROT, HAS_XPOS, BLOCK_N, BLOCK_D)
         s = _logits(tl.dot(q, kt, input_precision=PRECISION), offs_m, offs_n, off_b, off_h, nq, nk, q_offset,
                     k_prefix, sm_scale, slope, tab, stab_l, tab_center,
-                    MASK, smb, smh, smm, smn, BIAS, sbb, sbh, sbm, sbn, IS_CAUSAL, BIAS_KIND, MASK_KIND)
+                    MASK, smb, smh, smm, smn, BIAS, sbb, sbh, sbm, sbn, IS_CAUSAL, BIAS_KIND, MASK_KIND, NAN_GUARD)
         # NaN ranks above everything (as in torch.topk): ranked as +inf here
         tile_top = tl.topk(tl.where(s != s, float("inf"), s), K2, dim=1)
         best = tl.topk(tl.reshape(tl.join(best, tile_top), [BLOCK_M, 2 * K2]), K2, dim=1)
@@ -71,15 +82,18 @@ def _attn_topk_threshold(
 
 @triton.jit(do_not_specialize=DECODE_INTS)
 def _attn_fwd(
-        Q, K, V, O, STATS, THR, SLOPES, TAB, MASK, BIAS, QSC, KSC, INV_FREQ, XPOS, CU_Q, CU_K,
+        Q, K, V, O, STATS, THR, SLOPES, TAB, MASK, BIAS, QSC, KSC, INV_FREQ, XPOS, CU_Q, CU_K, NANF,
         sqb, sqh, sqm, sqd, skb, skh, skn, skd, svb, svh, svn, svd, sob, soh, som, sod,
         stab_l, stab_h, tab_center, smb, smh, smm, smn, sbb, sbh, sbm, sbn,
         H, HK, NQ, NK, D, DV, q_offset, k_prefix, sm_scale, dropout_p, SEED, R, max_half, xpos_base, interp,
         IS_CAUSAL: tl.constexpr, BIAS_KIND: tl.constexpr, MASK_KIND: tl.constexpr, HAS_TOPK: tl.constexpr,
         HAS_DROPOUT: tl.constexpr, PRECISION: tl.constexpr,
         HAS_NORM: tl.constexpr, GROUPS: tl.constexpr, HAS_DSCALE: tl.constexpr, HAS_ROT: tl.constexpr,
-        HAS_XPOS: tl.constexpr, GQA_REPEAT: tl.constexpr, VARLEN: tl.constexpr,
+        HAS_XPOS: tl.constexpr, GQA_REPEAT: tl.constexpr, VARLEN: tl.constexpr, NAN_GUARD: tl.constexpr,
         BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_DV: tl.constexpr):
+    if NAN_GUARD == 1:  # the guard twin: runs only when the inputs hold NaN/inf (the device flag NANF)
+        if tl.load(NANF) == 0:
+            return
     pid_m, off_bh, off_b, off_h, off_hk, start_m = _query_program(H, HK, NQ, BLOCK_M, GQA_REPEAT)
     q0, nq, k0, nk, max_half = _seq_span(CU_Q, CU_K, off_b, NQ, NK, q_offset, k_prefix, max_half, VARLEN)
     if VARLEN:
@@ -90,6 +104,14 @@ def _attn_fwd(
     offs_d = tl.arange(0, BLOCK_D)
     offs_dv = tl.arange(0, BLOCK_DV)
     row_ok = offs_m < nq
+    if NAN_GUARD == 2:  # the empty-row twin: the rows the everyday kernel found empty get 0
+        m_prev = tl.load(STATS + off_bh.to(tl.int64) * 2 * NQ + offs_m, mask=row_ok, other=0.0)
+        l_prev = tl.load(STATS + off_bh.to(tl.int64) * 2 * NQ + NQ + offs_m, mask=row_ok, other=0.0)
+        empty = row_ok & (m_prev == float("inf")) & (l_prev == 1.0)  # (a +inf logit's row: m = +inf, l NaN)
+        zero = tl.zeros([BLOCK_M, BLOCK_DV], tl.float32).to(O.dtype.element_ty)
+        o_base = O + off_b.to(tl.int64) * sob + q0 * som + off_h.to(tl.int64) * soh
+        tl.store(_tile_ptrs(o_base, offs_m, offs_dv, som, sod), zero, mask=empty[:, None] & (offs_dv[None, :] < DV))
+        return
     q = _load_q(Q + off_b.to(tl.int64) * sqb + q0 * sqm + off_h.to(tl.int64) * sqh, offs_m, offs_d, sqm, sqd, nq, D,
                 q_offset, QSC + off_h * D, INV_FREQ, XPOS, R, interp, max_half, xpos_base,
                 HAS_NORM, GROUPS, HAS_DSCALE, HAS_ROT, HAS_XPOS, BLOCK_M, BLOCK_D)
@@ -112,7 +134,7 @@ def _attn_fwd(
                       xpos_base, HAS_NORM, GROUPS, HAS_DSCALE, HAS_ROT, HAS_XPOS, BLOCK_N, BLOCK_D)
         s = _logits(tl.dot(q, kt, input_precision=PRECISION), offs_m, offs_n, off_b, off_h, nq, nk, q_offset,
                     k_prefix, sm_scale, slope, tab, stab_l, tab_center,
-                    MASK, smb, smh, smm, smn, BIAS, sbb, sbh, sbm, sbn, IS_CAUSAL, BIAS_KIND, MASK_KIND)
+                    MASK, smb, smh, smm, smn, BIAS, sbb, sbh, sbm, sbn, IS_CAUSAL, BIAS_KIND, MASK_KIND, NAN_GUARD)
         if HAS_TOPK:  # a NaN logit is never dropped (NaN < thr is false): its row stays NaN
             s = tl.where(s < thr[:, None], float("-inf"), s)
         m_new = tl.maximum(m_i, tl.max(s, axis=1))
@@ -129,6 +151,8 @@ def _attn_fwd(
         m_i = m_new
     empty = l_i == 0.0
     out = acc / tl.where(empty, 1.0, l_i)[:, None]
+    if NAN_GUARD == 1:  # a row with no unmasked key is 0 even where a masked key's v was NaN (0 x NaN in acc)
+        out = tl.where(empty[:, None], 0.0, out)
     m_row = tl.where(empty, float("inf"), m_i)
     l_row = tl.where(empty, 1.0, l_i)
     tl.store(_tile_ptrs(O + off_b.to(tl.int64) * sob + q0 * som + off_h.to(tl.int64) * soh, offs_m, offs_dv, som, sod),

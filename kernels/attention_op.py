@@ -11,6 +11,11 @@ threshold); the backward allocates dq/dk/dv, the (b, h, nq) delta, an (h, 2L-1) 
 and per-program ALiBi and QK dim-scale partials ((n / BLOCK) x d) -- all linear in n. QK-norm and
 rotary/xpos allocate nothing of q's or k's size: they run on the tiles inside every kernel. Only a
 dense bias that requires grad gets a (b, h, nq, nk) gradient buffer (its gradient has that size anyway).
+
+The NaN rule (README "NaN, inf and masking") runs in guard twins, launched after the everyday
+kernels (``fwd_guard``; every backward): the NaN flag ``nan_flag`` reads q, k and v once (three
+max-|x| reductions, a 0-d result, no host sync) and a table gradient gets a second (h, 2L-1)
+buffer; on clean inputs the twins' programs return at once.
 """
 from __future__ import annotations
 
@@ -253,6 +258,27 @@ def _pad_rows(x: Tensor, varlen: Varlen, n: int) -> Tensor:
     return out
 
 
+# ----------------------------------------------------------------------------- the NaN rule's guard twins
+
+def nan_flag(*ts: Tensor) -> Tensor:
+    """The guard twins' NANF: a 0-d int32 on the tensors' device, 1 when any of ``ts`` holds a NaN
+    or inf, else 0. One max-|x| reduction per tensor (a NaN propagates through it), no host read:
+    the twins read it on the device and return at once when it is 0."""
+    peaks = [torch.linalg.vector_norm(t, float("inf")).float().reshape(1) for t in ts if t.numel()]
+    if not peaks:
+        return torch.zeros((), dtype=torch.int32, device=ts[0].device)
+    return (~torch.isfinite(torch.cat(peaks))).any().to(torch.int32)
+
+
+def fwd_guard(mask_kind: int, bias_kind: int) -> int:
+    """The forward's guard twin (``attention_fwd``'s NAN_GUARD): 1 (the flagged redo) with a float
+    mask or dense bias, where a -inf entry must mask a NaN logit; 2 (zero the empty rows: it reads
+    the row statistics, writes only those rows) otherwise, so that a masked key's NaN v never
+    reaches a row with no unmasked key as 0 x NaN (bool masks, causal rows before every key, and
+    rows whose every logit is -inf, an inf in q or k: any call can have one)."""
+    return 1 if mask_kind == MASK_FLOAT or bias_kind == BIAS_DENSE_FLOAT else 2
+
+
 def _forward(q, k, v, slopes, table, mask, dense, scale, is_causal, q_offset, k_prefix, topk, dropout_p, seed,
              qk=NO_QK, gqa_repeat=False, varlen: Optional[Varlen] = None):
     q, k, v = (_narrow_cols(t) for t in (q, k, v))
@@ -277,23 +303,28 @@ def _forward(q, k, v, slopes, table, mask, dense, scale, is_causal, q_offset, k_
     if nq == 0 or b * h == 0:
         return out, stats, thr
     cu_ptrs, cu_meta = _cu_args(varlen, stats)
+    guard = fwd_guard(mask_kind, bias_kind)
+    flag = nan_flag(q, k, v) if guard == 1 else stats  # NANF (any pointer where no twin reads it)
     if has_topk:
         cfg_thr = config("thr", d, dv, _arch(q.device), topk, precision=tprec, cls=cls)
+        for mode in (0, 1) if guard == 1 else (0,):
+            with _device_guard(q.device):
+                _attn_topk_threshold[launch_grids(b, h, hk, nq, nk, dict(thr=_blocks(cfg_thr)))["thr"]](
+                    q, k, thr, *ptrs, *qk_ptrs, *cu_ptrs, flag, *_strides(varlen, q, k), *scal,
+                    h, hk, nq, nk, d, q_offset, k_prefix, scale, topk, *qk_scal,
+                    IS_CAUSAL=is_causal, BIAS_KIND=bias_kind, MASK_KIND=mask_kind, PRECISION=prec, **qk_meta,
+                    GQA_REPEAT=gqa_repeat, **cu_meta, NAN_GUARD=mode, K2=triton.next_power_of_2(topk),
+                    BLOCK_D=block_d(d), **cfg_thr)
+    for mode in (0, guard) if guard else (0,):  # the everyday kernel, then its guard twin
         with _device_guard(q.device):
-            _attn_topk_threshold[launch_grids(b, h, hk, nq, nk, dict(thr=_blocks(cfg_thr)))["thr"]](
-                q, k, thr, *ptrs, *qk_ptrs, *cu_ptrs, *_strides(varlen, q, k), *scal,
-                h, hk, nq, nk, d, q_offset, k_prefix, scale, topk, *qk_scal,
-                IS_CAUSAL=is_causal, BIAS_KIND=bias_kind, MASK_KIND=mask_kind, PRECISION=prec, **qk_meta,
-                GQA_REPEAT=gqa_repeat, **cu_meta, K2=triton.next_power_of_2(topk), BLOCK_D=block_d(d), **cfg_thr)
-    with _device_guard(q.device):
-        _attn_fwd[launch_grids(b, h, hk, nq, nk, dict(fwd=(bm, bn)))["fwd"]](
-            q, k, v, out, stats, thr if has_topk else stats, *ptrs, *qk_ptrs, *cu_ptrs,
-            *_strides(varlen, q, k, v, out), *scal,
-            h, hk, nq, nk, d, dv, q_offset, k_prefix, scale, dropout_p, seed, *qk_scal,
-            IS_CAUSAL=is_causal, BIAS_KIND=bias_kind, MASK_KIND=mask_kind, HAS_TOPK=has_topk,
-            HAS_DROPOUT=dropout_p > 0.0, PRECISION=prec, **qk_meta, GQA_REPEAT=gqa_repeat, **cu_meta,
-            BLOCK_M=bm, BLOCK_N=bn, BLOCK_D=block_d(d), BLOCK_DV=block_d(dv),
-            num_warps=cfg["num_warps"], num_stages=cfg["num_stages"])
+            _attn_fwd[launch_grids(b, h, hk, nq, nk, dict(fwd=(bm, bn)))["fwd"]](
+                q, k, v, out, stats, thr if has_topk else stats, *ptrs, *qk_ptrs, *cu_ptrs, flag,
+                *_strides(varlen, q, k, v, out), *scal,
+                h, hk, nq, nk, d, dv, q_offset, k_prefix, scale, dropout_p, seed, *qk_scal,
+                IS_CAUSAL=is_causal, BIAS_KIND=bias_kind, MASK_KIND=mask_kind, HAS_TOPK=has_topk,
+                HAS_DROPOUT=dropout_p > 0.0, PRECISION=prec, **qk_meta, GQA_REPEAT=gqa_repeat, **cu_meta,
+                NAN_GUARD=mode, BLOCK_M=bm, BLOCK_N=bn, BLOCK_D=block_d(d), BLOCK_DV=block_d(dv),
+                num_warps=cfg["num_warps"], num_stages=cfg["num_stages"])
     return out, stats, thr
 
 
@@ -339,18 +370,36 @@ def _backward(do, q, k, v, out, stats, thr, seed, slopes, table, mask, dense, sc
     thr_arg = thr if has_topk else stats
     seed = seed.to(q.device)  # the forward's device seed (a no-op); a host seed tensor is copied over
     grids = launch_grids(b, h, hk, nq, nk, dict(dkdv=_blocks(cfg_kv), dq=_blocks(cfg)))
-    with _device_guard(q.device):
+    # the guard twins run after every backward: any call can mask a pair -- by a mask, causal,
+    # top-k, or a -inf logit (an inf in q or k) -- whose NaN/inf then meets the gradient products
+    flag = nan_flag(q, k, v)
+    # the table gradient's atomics cannot be taken back: the dQ twin adds into a buffer of its own
+    dtab_guard = torch.zeros_like(dtab) if need_dtable else dtab
+
+    def dkdv(mode):
         _attn_bwd_dkdv[grids["dkdv"]](
-            q, k, v, do, dk, dvv, stats, delta, thr_arg, *ptrs, *qk_ptrs, dksc if has_dsc else stats, *cu_ptrs,
+            q, k, v, do, dk, dvv, stats, delta, thr_arg, *ptrs, *qk_ptrs, dksc if has_dsc else stats, *cu_ptrs, flag,
             *_strides(varlen, q, k, v, do, dk, dvv), *scal,
-            h, hk, nq, nk, d, dv, q_offset, k_prefix, scale, dropout_p, seed, *qk_scal, **common, **cfg_kv)
+            h, hk, nq, nk, d, dv, q_offset, k_prefix, scale, dropout_p, seed, *qk_scal, **common, NAN_GUARD=mode,
+            **cfg_kv)
+
+    def dq_pass(mode, dtab_out):
         _attn_bwd_dq[grids["dq"]](
             q, k, v, do, dq, stats, delta, thr_arg, *ptrs, dslopes if need_dslopes else stats,
-            dtab if need_dtable else stats, ds if need_ds else stats, *qk_ptrs, dqsc if has_dsc else stats,
-            dlsc if need_dlsc else stats, *cu_ptrs,
+            dtab_out if need_dtable else stats, ds if need_ds else stats, *qk_ptrs, dqsc if has_dsc else stats,
+            dlsc if need_dlsc else stats, *cu_ptrs, flag,
             *_strides(varlen, q, k, v, do, dq), *scal,
             h, hk, nq, nk, d, dv, q_offset, k_prefix, scale, dropout_p, seed, *qk_scal,
-            NEED_DSLOPE=need_dslopes, NEED_DTAB=need_dtable, NEED_DS=need_ds, NEED_DLSC=need_dlsc, **common, **cfg)
+            NEED_DSLOPE=need_dslopes, NEED_DTAB=need_dtable, NEED_DS=need_ds, NEED_DLSC=need_dlsc, **common,
+            NAN_GUARD=mode, **cfg)
+
+    with _device_guard(q.device):
+        dkdv(False)
+        dq_pass(False, dtab)
+        dq_pass(True, dtab_guard)  # the twins: the dQ one first (it stores the delta the dK/dV one reads)
+        dkdv(True)
+    if need_dtable:
+        dtab = torch.where(flag != 0, dtab_guard, dtab)
     return (dq, dk, dvv, dslopes.sum((0, 2)), dtab, ds, *_dsc_sums(dqsc, dksc, has_dsc),
             dlsc.sum() if need_dlsc else dlsc.new_empty(0))
 

@@ -71,7 +71,7 @@ from .. import backends
 from ..bias import Bias
 from ..reference import attention as reference
 from .attention import in_interleave_order
-from ..reference.attention import _rotate_qk, qk_norm_apply, split_scale
+from ..reference.attention import _qk_features, split_scale
 
 _FLASH = getattr(torch.ops.aten, "_scaled_dot_product_flash_attention_for_cpu", None)
 _FLASH_BWD = getattr(torch.ops.aten, "_scaled_dot_product_flash_attention_for_cpu_backward", None)
@@ -708,22 +708,12 @@ class _Attention(torch.autograd.Function):
 # ----------------------------------------------------------------------------- entry
 def _prepare(inputs):
     """QK-norm and rotary/xpos on q and k (ordinary autograd), and the logit scale as a float."""
-    q, k, scale = inputs.q, inputs.k, inputs.scale
-    if inputs.qk_norm is not None:
-        n = inputs.qk_norm
-        q = qk_norm_apply(q, n.groups, n.q_dim_scale)
-        k = qk_norm_apply(k, n.groups, n.k_dim_scale)
-        scale = n.scale
-    if inputs.rotary is not None:
-        q, k = _rotate_qk(q, k, inputs.rotary, inputs.q_offset, inputs.k_prefix)
+    # a learned logit scale is folded into q so that it gets its gradient (the reference's NaN-rule
+    # handling of poisoned rows included)
+    q, k, scale = _qk_features(inputs.q, inputs.k, inputs.scale, inputs.qk_norm, inputs.rotary, inputs.q_offset,
+                               inputs.k_prefix, fold_scale=True)
     if scale is None:
         scale = q.shape[-1] ** -0.5
-    if isinstance(scale, torch.Tensor):
-        if scale.requires_grad:  # a learned logit scale: fold it into q so that it gets its gradient
-            q = q * scale.to(q.dtype)
-            scale = 1.0
-        else:
-            scale = float(scale)
     return q, k, float(scale)
 
 

@@ -164,19 +164,57 @@ def _logits(q, k, keep, two, rest, work):
     return s.index_put(live, product(*live))
 
 
-def _qk_features(q, k, scale, qk_norm: Optional[QKNorm], rotary: Optional[Rotary], q_offset: int, k_prefix: int):
+class _PoisonRows(torch.autograd.Function):
+    """``where(bad, raw, clean)`` over the rows of ``x`` (the features' input) holding NaN/inf:
+    ``raw`` (the features of the poisoned rows, no gradient path) there, ``clean`` (the features of
+    ``x`` with those rows zeroed) elsewhere. Backward, under the NaN rule: ``clean`` takes the
+    gradient as is -- a poisoned row's is 0 where its pairs are all masked (zeros then meet the
+    zeroed row, not 0 x NaN in the norm's chain rule) and NaN where it attends, which it carries
+    into the feature parameters' gradients; ``x`` gets NaN in those attending rows, 0 in the rest."""
+
+    @staticmethod
+    def forward(ctx, clean, raw, x):
+        bad = ~torch.isfinite(x).all(-1, keepdim=True)
+        ctx.save_for_backward(bad)
+        return torch.where(bad, raw, clean)
+
+    @staticmethod
+    def backward(ctx, g):
+        (bad,) = ctx.saved_tensors
+        hit = bad & (g != 0).any(-1, keepdim=True)  # NaN != 0: an attending row's NaN counts
+        return g, None, torch.zeros_like(g).masked_fill(hit, float("nan"))
+
+
+def _qk_features(q, k, scale, qk_norm: Optional[QKNorm], rotary: Optional[Rotary], q_offset: int, k_prefix: int,
+                 fold_scale: bool = False):
     """Steps 2-3 on the kv heads, before GQA expansion: QK-norm, then rotary/xpos.
 
     q ``(b, h, nq, d)``, k ``(b, hk, nk, d)`` -> q, k (same shapes and dtype ``t``) and the logit
     scale (``qk_norm.scale`` under QK-norm, else ``scale`` unchanged, maybe None). Precision: the
-    normalization and dim scales in ``t``; rotary as ``rotary_apply`` (rounded once to ``t``)."""
-    if qk_norm is not None:
-        q = qk_norm_apply(q, qk_norm.groups, qk_norm.q_dim_scale)
-        k = qk_norm_apply(k, qk_norm.groups, qk_norm.k_dim_scale)
-        scale = qk_norm.scale
-    if rotary is not None:
-        q, k = _rotate_qk(q, k, rotary, q_offset, k_prefix)
-    return q, k, scale
+    normalization and dim scales in ``t``; rotary as ``rotary_apply`` (rounded once to ``t``).
+    ``fold_scale``: a logit scale that requires grad is multiplied into q here (then 1.0 returned).
+    NaN rule: the norm (and a folded scale) would turn a masked NaN/inf row's zero gradient into
+    NaN (0 x NaN in the chain rule); such rows go through ``_PoisonRows`` (outside torch.compile)."""
+    def features(q, k):
+        sc = scale
+        if qk_norm is not None:
+            q = qk_norm_apply(q, qk_norm.groups, qk_norm.q_dim_scale)
+            k = qk_norm_apply(k, qk_norm.groups, qk_norm.k_dim_scale)
+            sc = qk_norm.scale
+        if rotary is not None:
+            q, k = _rotate_qk(q, k, rotary, q_offset, k_prefix)
+        if fold_scale and isinstance(sc, torch.Tensor) and sc.requires_grad:
+            q, sc = q * sc.to(q.dtype), 1.0
+        return q, k, sc
+
+    nonlinear = qk_norm is not None or (fold_scale and isinstance(scale, torch.Tensor))
+    if not nonlinear or torch.compiler.is_compiling() or bool(torch.isfinite(q).all() and torch.isfinite(k).all()):
+        return features(q, k)
+    bad_q, bad_k = (~torch.isfinite(x).all(-1, keepdim=True) for x in (q, k))
+    q_clean, k_clean, sc = features(q.masked_fill(bad_q, 0.0), k.masked_fill(bad_k, 0.0))
+    with torch.no_grad():
+        q_raw, k_raw, _ = features(q, k)
+    return _PoisonRows.apply(q_clean, q_raw, q), _PoisonRows.apply(k_clean, k_raw, k), sc
 
 
 def _mask_pieces(attn_mask, bias, is_causal: bool, h: int, nq: int, nk: int, q_offset: int, k_prefix: int,
