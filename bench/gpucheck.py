@@ -166,6 +166,7 @@ def main(argv=None) -> int:
     res["compile_s"] = compile_all(argv, jobs, time.time() + COMPILE_SHARE * budget)
     print(f"gpucheck: compiled {len(plan.warm_jobs())} jobs in {jobs} processes: {res['compile_s']:.1f} s", flush=True)
     res["cases"] = run_phase(plan.cases, lambda c: gc_cases.run_case(c, plan.device), "correctness")
+    res["cases"] += gc_cases.nan_rule_cases(plan.device, plan.dry)
     res["cases"] += gc_cases.ext_cases(plan.device, plan.dry) + ([] if plan.dry else gc_cases.device_guard_case())
     res["tf32_rounding"] = gc_cases.TF32_ROUNDING.get(str(plan.device), "not probed")  # how tl.dot reads fp32
     deadline = t_start + budget

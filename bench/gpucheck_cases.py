@@ -95,6 +95,13 @@ def _inputs(case, device):
         masks["attn_mask"] = (torch.rand(b, 1, nq, nk, generator=g) > 0.3).to(device)
     if "keypad" in feats:
         masks["attn_mask"] = (torch.rand(b, 1, 1, nk, generator=g) > 0.3).to(device)
+    if "maskfloat" in feats:
+        masks["attn_mask"] = torch.randn(b, 1, nq, nk, generator=g).to(device)
+    if "nan" in feats and "attn_mask" in masks:  # NaN-rule cases: batch 0's keys 3, 5 and row 4 hidden
+        m = masks["attn_mask"]
+        hide = False if m.dtype == torch.bool else float("-inf")
+        m[0, :, :, [3, 5]] = hide
+        m[0, :, 4] = hide
     rot = max(16, d // 2) // 2 * 2
     rotary = Rotary(rot, rotary_inv_freq(rot, device=device), xpos_scale=xpos_scale(rot, device=device)) \
         if "rotary" in feats else None
@@ -191,6 +198,46 @@ def run_case(case, device, warm_only: bool = False) -> dict:
         return dict(name=case["name"], ok=all(c["ok"] for c in checks), checks=checks, error="")
     except Exception as e:  # noqa: BLE001 - a check reports, it does not crash
         return dict(name=case["name"], ok=False, checks=[], error=f"{type(e).__name__}: {str(e)[:400]}")
+
+
+NAN_FEATURES = ("maskbool+t5+nan", "causal+alibi+topk+nan", "maskbool+table+qknorm+gqa8to2+nan", "maskfloat+dense+nan")
+
+
+def _poison(case, tensors):
+    """NaN/inf where the case's masks hide them: batch 0's keys 3 and 5 and its q row 4 (a mask
+    case), the last key (causal, nq = nk - 1: no query sees it). Not v: a masked key's NaN v reaches
+    the rows whose sum reads it (0 x NaN, as SDPA), which the rule leaves NaN."""
+    t = {n: x.clone() for n, x in tensors.items()}
+    if "causal" in case["feature"]:
+        t["k"][:, :, -1] = float("nan")
+    else:
+        t["k"][0, :, 3], t["k"][0, :, 5, 1], t["q"][0, :, 4] = float("nan"), float("inf"), float("nan")
+    return t
+
+
+def nan_rule_cases(device, dry: bool) -> list[dict]:
+    """The NaN rule (README "NaN, inf and masking") on the compiled kernels and their guard twins
+    (kernels/attention_op.py): NaN/inf put where the masks hide them (``_poison``) change nothing --
+    the output and every gradient (q, k, v, the learned bias or QK scale) of the poisoned call are
+    judged against the clean inputs' eager and fp64 references by the 2x rule (the poisoned rows'
+    own gradients included: nothing flows through a masked pair, so they are the clean run's 0)."""
+    d, n = (16, 17) if dry else (128, 130)
+    out = []
+    for feature in NAN_FEATURES:
+        case = _case(feature, "float32" if dry else "bfloat16", d, n - 1 if "causal" in feature else n, n, b=2)
+        try:
+            tensors, grads, kwargs = _inputs(case, device)
+            dtype = getattr(torch, case["dtype"])
+            tensors = {k: v.to(dtype) for k, v in tensors.items()}
+            go = torch.randn(case["b"], case["h"], case["nq"], d, generator=torch.Generator().manual_seed(7))
+            kern = _run("triton", _poison(case, tensors), grads, kwargs, dtype, go.to(device, dtype))
+            eager = _run("eager", tensors, grads, kwargs, dtype, go.to(device, dtype))
+            oracle = _run("eager", tensors, grads, kwargs, torch.float64, go.to(device))
+            checks = [judge_2x(k, e, o, name) for (name, k), (_, e), (_, o) in zip(kern, eager, oracle)]
+            out.append(dict(name="nan-rule/" + case["name"], ok=all(c["ok"] for c in checks), checks=checks, error=""))
+        except Exception as e:  # noqa: BLE001 - a check reports, it does not crash
+            out.append(dict(name="nan-rule/" + case["name"], ok=False, checks=[], error=f"{type(e).__name__}: {e}"[:400]))
+    return out
 
 
 def ext_cases(device, dry: bool) -> list[dict]:

@@ -26,9 +26,11 @@ def test_dry_run_writes_every_file_and_runs_every_phase(dry_run):
     png = [] if res["plot"] else ["report.png"]  # res["plot"]: why there is no plot (matplotlib missing)
     assert sorted(os.listdir(out)) == sorted(["report.json", "report.md", "tiles_tuned_sm90.json"] + png), proc.stderr
     assert res["compile_s"] > 0
-    kernel_cases = [c for c in res["cases"] if not c["name"].startswith(("ext", "extension"))]
+    kernel_cases = [c for c in res["cases"] if not c["name"].startswith(("ext", "extension", "nan-rule"))]
     assert len(kernel_cases) == len(gpucheck_cases.cases(False, True)) and all(c["ok"] for c in kernel_cases), \
         [c for c in kernel_cases if not c["ok"]]
+    nan_cases = [c for c in res["cases"] if c["name"].startswith("nan-rule")]
+    assert len(nan_cases) == len(gpucheck_cases.NAN_FEATURES) and all(c["ok"] for c in nan_cases), nan_cases
     assert len(res["speed"]) == len(gpucheck_speed.cells(False, True))
     assert all(r["ms"] for r in res["speed"] if r["impl"] in ("xtk", "eager")), res["speed"]
     assert {r["op"] for r in res["bandwidth"]} == {"copy", "rms_norm", "glu"}
@@ -53,6 +55,18 @@ def test_a_broken_kernel_fails_the_check(monkeypatch):
     case = gpucheck_cases.cases(False, True)[1]
     verdict = gpucheck_cases.run_case(case, "cpu")
     assert not verdict["ok"] and any(not c["ok"] and c["name"] == "out" for c in verdict["checks"]), verdict
+
+
+def test_the_nan_rule_cases_can_fail(monkeypatch):
+    """Without the guard twins (forward twin off, the backward's flag forced to 0) every NaN-rule
+    case reports the gradients the masked poison reaches."""
+    from xtk.kernels import attention_op
+    real_flag = attention_op.nan_flag
+    monkeypatch.setattr(attention_op, "fwd_guard", lambda *a: 0)
+    monkeypatch.setattr(attention_op, "nan_flag", lambda *ts: real_flag(*ts) * 0)
+    verdicts = gpucheck_cases.nan_rule_cases("cpu", True)
+    assert verdicts and not any(v["ok"] for v in verdicts), verdicts
+    assert all(any(c["name"] == "dq" and not c["ok"] for c in v["checks"]) for v in verdicts)
 
 
 def test_targets_read_the_anchor_cells():
