@@ -22,10 +22,12 @@ Top-k (HAS_TOPK): ``_attn_topk_threshold`` streams the key blocks, keeps the K2 
 >= topk) largest logits of each row in a (BLOCK_M, K2) buffer merged tile by tile with
 ``tl.topk``, and stores the row's topk-th largest unmasked logit (-inf when the row has fewer
 than topk unmasked keys, i.e. keep all; NaN logits rank first, as in torch.topk, and a NaN
-threshold keeps all). The forward and backward then mask ``s < threshold`` (never a NaN logit).
+threshold keeps all; the guard twin ranks +inf next, so that topk +inf logits keep only those). The forward and backward then mask ``s < threshold`` (never a NaN logit).
 """
 import triton
 import triton.language as tl
+
+FLT_MAX = tl.constexpr(3.4028234663852886e38)  # the largest finite float32
 
 from .attention_common import (DECODE_INTS, _causal_key_end, _dropout_keep, _fold, _head_bias, _load_kt, _load_q,
                                _logits, _query_program, _seq_span, _tile_ptrs)
@@ -67,16 +69,24 @@ def _attn_topk_threshold(
         s = _logits(tl.dot(q, kt, input_precision=PRECISION), offs_m, offs_n, off_b, off_h, nq, nk, q_offset,
                     k_prefix, sm_scale, slope, tab, stab_l, tab_center,
                     MASK, smb, smh, smm, smn, BIAS, sbb, sbh, sbm, sbn, IS_CAUSAL, BIAS_KIND, MASK_KIND, NAN_GUARD)
-        # NaN ranks above everything (as in torch.topk): ranked as +inf here
-        tile_top = tl.topk(tl.where(s != s, float("inf"), s), K2, dim=1)
+        # NaN ranks above everything (as in torch.topk): ranked as +inf here; the guard twin ranks
+        # +inf just below it (as the largest finite float), so that a k-th that is +inf stays one
+        if NAN_GUARD:
+            ranked_s = tl.where(s != s, float("inf"), tl.where(s == float("inf"), FLT_MAX, s))
+        else:
+            ranked_s = tl.where(s != s, float("inf"), s)
+        tile_top = tl.topk(ranked_s, K2, dim=1)
         best = tl.topk(tl.reshape(tl.join(best, tile_top), [BLOCK_M, 2 * K2]), K2, dim=1)
     # the topk-th largest of the kept multiset (sorted largest first); +inf there means topk NaN
-    # (or +inf) logits: NaN, which keeps every key (the reference's threshold is NaN when topk
-    # logits are NaN; with +inf ones it keeps only those, in a row that is NaN either way)
+    # (or, in the everyday kernel, +inf) logits: NaN, which keeps every key (the reference's
+    # threshold is NaN when topk logits are NaN; with topk +inf ones it keeps only those, as the
+    # guard twin does: the row is NaN either way, but the keys it drops must get no gradient)
     ranked = tl.sort(best, dim=1, descending=True)
     col = tl.arange(0, K2)
     kth = tl.max(tl.where(col[None, :] == TOPK - 1, ranked, float("-inf")), axis=1)
     kth = tl.where(kth == float("inf"), float("nan"), kth)
+    if NAN_GUARD:
+        kth = tl.where(kth == FLT_MAX, float("inf"), kth)
     tl.store(THR + off_bh.to(tl.int64) * NQ + offs_m, kth, mask=offs_m < nq)
 
 

@@ -275,7 +275,8 @@ def fwd_guard(mask_kind: int, bias_kind: int) -> int:
     mask or dense bias, where a -inf entry must mask a NaN logit; 2 (zero the empty rows: it reads
     the row statistics, writes only those rows) otherwise, so that a masked key's NaN v never
     reaches a row with no unmasked key as 0 x NaN (bool masks, causal rows before every key, and
-    rows whose every logit is -inf, an inf in q or k: any call can have one)."""
+    rows whose every logit is -inf, an inf in q or k: any call can have one). With top-k the
+    threshold pass has a flagged twin too, on every call (topk +inf logits keep only those)."""
     return 1 if mask_kind == MASK_FLOAT or bias_kind == BIAS_DENSE_FLOAT else 2
 
 
@@ -304,10 +305,11 @@ def _forward(q, k, v, slopes, table, mask, dense, scale, is_causal, q_offset, k_
         return out, stats, thr
     cu_ptrs, cu_meta = _cu_args(varlen, stats)
     guard = fwd_guard(mask_kind, bias_kind)
-    flag = nan_flag(q, k, v) if guard == 1 else stats  # NANF (any pointer where no twin reads it)
+    # NANF (any pointer where no twin reads it); top-k's threshold twin runs on every top-k call
+    flag = nan_flag(q, k, v) if guard == 1 or has_topk else stats
     if has_topk:
         cfg_thr = config("thr", d, dv, _arch(q.device), topk, precision=tprec, cls=cls)
-        for mode in (0, 1) if guard == 1 else (0,):
+        for mode in (0, 1):
             with _device_guard(q.device):
                 _attn_topk_threshold[launch_grids(b, h, hk, nq, nk, dict(thr=_blocks(cfg_thr)))["thr"]](
                     q, k, thr, *ptrs, *qk_ptrs, *cu_ptrs, flag, *_strides(varlen, q, k), *scal,

@@ -373,3 +373,36 @@ def test_learned_gradients_ignore_masked_poison(kind, monkeypatch):
             except AssertionError as e:
                 errors.append(str(e))
     assert not errors, "\n".join(errors)
+
+
+@pytest.mark.parametrize("topk", [1, 2])
+def test_topk_keeps_only_inf_logits(topk):
+    """A row with at least topk +inf logits keeps only those (the reference's threshold is +inf):
+    the row is NaN, but the keys top-k drops get no gradient from it. Keys 3 and 5 of kv head 0
+    hold +inf in feature 0, the query rows' feature 0 is +-1 (a +inf or a -inf logit, never 0 x inf).
+    Every backend against the eager reference on the same inputs: NaN/inf rows equal, the rest by
+    the 2x rule (exact small-integer inputs, SPEC §4)."""
+    torch.manual_seed(0)
+    q = torch.randint(-2, 3, (B, H, NQ, D)).double()
+    k = torch.randint(-2, 3, (B, HK, NK, D)).double()
+    v = randn(B, HK, NK, D).double()
+    q[..., 0] = torch.where(torch.rand(B, H, NQ) < 0.6, 1.0, -1.0)
+    k[0, 0, [3, 5], 0] = INF
+    g = randn(B, H, NQ, D)
+    kw = dict(topk=topk, scale=0.25, enable_gqa=True)
+    eager, oracle = (_run("reference", *(x.detach().to(t) for x in (q, k, v)), kw, g)
+                     for t in (torch.float32, torch.float64))
+    errors = []
+    for backend in BACKENDS:
+        got = _run(backend, *(x.detach().float() for x in (q, k, v)), kw, g)
+        for name in ("out", "q", "k", "v"):
+            t, e, o = (r[name].detach().cpu() for r in (got, eager, oracle))
+            bad, want = ~torch.isfinite(t).all(-1), ~torch.isfinite(o).all(-1)
+            if (bad != want).any():
+                errors.append(f"{backend} {name}: NaN/inf rows {bad.nonzero().tolist()}, the reference's {want.nonzero().tolist()}")
+                continue
+            try:
+                assert_close_2x(t[~want], e[~want], o[~want], f"{backend} {name}")
+            except AssertionError as err:
+                errors.append(str(err))
+    assert want.any() and not errors, "\n".join(errors)
