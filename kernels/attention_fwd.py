@@ -12,9 +12,11 @@ kernel (NAN_GUARD 0) to overwrite its results where the rule needs selects that 
 tiles when built into it (12-88 B, 2026-11-27): 1, with a float mask or dense bias, returns at
 once unless the device flag NANF says q, k or v holds a NaN/inf, and otherwise redoes its block
 with a -inf float entry masking a NaN logit (``_dense_tile``) and an empty row's output 0 where a
-masked key's v is NaN (0 x NaN in ``acc``); 2, with masks that can empty a row (bool masks,
-causal rows before every key), only stores 0 in the rows the everyday kernel found empty (its
-stored ``m = +inf, l = 1``): it reads the row statistics and writes nothing else. GQA: query head ``h`` reads kv head ``h // (H // HK)``, or ``h % HK`` under GQA_REPEAT.
+masked key's v is NaN (0 x NaN in ``acc``); 2, on every other call (``attention_op.fwd_guard``),
+only stores 0 in the rows the everyday kernel found empty (its stored ``m = +inf, l = 1``): it
+reads the row statistics and writes nothing else.
+
+GQA: query head ``h`` reads kv head ``h // (H // HK)``, or ``h % HK`` under GQA_REPEAT.
 VARLEN (a packed batch, ``attention_common._seq_span``): batch entries are sequences, NQ / NK the
 longest lengths allowed, so STATS and THR are (B*h, [2,] max_seqlen_q) with each sequence's rows first.
 
@@ -27,10 +29,10 @@ threshold keeps all; the guard twin ranks +inf next, so that topk +inf logits ke
 import triton
 import triton.language as tl
 
-FLT_MAX = tl.constexpr(3.4028234663852886e38)  # the largest finite float32
-
 from .attention_common import (DECODE_INTS, _causal_key_end, _dropout_keep, _fold, _head_bias, _load_kt, _load_q,
                                _logits, _query_program, _seq_span, _tile_ptrs)
+
+FLT_MAX = tl.constexpr(3.4028234663852886e38)  # the largest finite float32
 
 
 @triton.jit(do_not_specialize=DECODE_INTS)

@@ -307,19 +307,20 @@ def _forward(q, k, v, slopes, table, mask, dense, scale, is_causal, q_offset, k_
     guard = fwd_guard(mask_kind, bias_kind)
     # NANF (any pointer where no twin reads it); top-k's threshold twin runs on every top-k call
     flag = nan_flag(q, k, v) if guard == 1 or has_topk else stats
-    if has_topk:
-        cfg_thr = config("thr", d, dv, _arch(q.device), topk, precision=tprec, cls=cls)
-        for mode in (0, 1):
-            with _device_guard(q.device):
-                _attn_topk_threshold[launch_grids(b, h, hk, nq, nk, dict(thr=_blocks(cfg_thr)))["thr"]](
+    with _device_guard(q.device):
+        if has_topk:
+            cfg_thr = config("thr", d, dv, _arch(q.device), topk, precision=tprec, cls=cls)
+            grid_thr = launch_grids(b, h, hk, nq, nk, dict(thr=_blocks(cfg_thr)))["thr"]
+            for mode in (0, 1):
+                _attn_topk_threshold[grid_thr](
                     q, k, thr, *ptrs, *qk_ptrs, *cu_ptrs, flag, *_strides(varlen, q, k), *scal,
                     h, hk, nq, nk, d, q_offset, k_prefix, scale, topk, *qk_scal,
                     IS_CAUSAL=is_causal, BIAS_KIND=bias_kind, MASK_KIND=mask_kind, PRECISION=prec, **qk_meta,
                     GQA_REPEAT=gqa_repeat, **cu_meta, NAN_GUARD=mode, K2=triton.next_power_of_2(topk),
                     BLOCK_D=block_d(d), **cfg_thr)
-    for mode in (0, guard) if guard else (0,):  # the everyday kernel, then its guard twin
-        with _device_guard(q.device):
-            _attn_fwd[launch_grids(b, h, hk, nq, nk, dict(fwd=(bm, bn)))["fwd"]](
+        grid = launch_grids(b, h, hk, nq, nk, dict(fwd=(bm, bn)))["fwd"]
+        for mode in (0, guard):  # the everyday kernel, then its guard twin
+            _attn_fwd[grid](
                 q, k, v, out, stats, thr if has_topk else stats, *ptrs, *qk_ptrs, *cu_ptrs, flag,
                 *_strides(varlen, q, k, v, out), *scal,
                 h, hk, nq, nk, d, dv, q_offset, k_prefix, scale, dropout_p, seed, *qk_scal,

@@ -165,16 +165,15 @@ def _logits(q, k, keep, two, rest, work):
 
 
 class _PoisonRows(torch.autograd.Function):
-    """``where(bad, raw, clean)`` over the rows of ``x`` (the features' input) holding NaN/inf:
-    ``raw`` (the features of the poisoned rows, no gradient path) there, ``clean`` (the features of
+    """``where(bad, raw, clean)``, ``bad`` (``(..., 1)``) the rows of ``x`` (the features' input)
+    holding NaN/inf: ``raw`` (the features of the poisoned rows, no gradient path) there, ``clean`` (the features of
     ``x`` with those rows zeroed) elsewhere. Backward, under the NaN rule: ``clean`` takes the
     gradient as is -- a poisoned row's is 0 where its pairs are all masked (zeros then meet the
     zeroed row, not 0 x NaN in the norm's chain rule) and NaN where it attends, which it carries
     into the feature parameters' gradients; ``x`` gets NaN in those attending rows, 0 in the rest."""
 
     @staticmethod
-    def forward(ctx, clean, raw, x):
-        bad = ~torch.isfinite(x).all(-1, keepdim=True)
+    def forward(ctx, clean, raw, x, bad):
         ctx.save_for_backward(bad)
         return torch.where(bad, raw, clean)
 
@@ -182,7 +181,7 @@ class _PoisonRows(torch.autograd.Function):
     def backward(ctx, g):
         (bad,) = ctx.saved_tensors
         hit = bad & (g != 0).any(-1, keepdim=True)  # NaN != 0: an attending row's NaN counts
-        return g, None, torch.zeros_like(g).masked_fill(hit, float("nan"))
+        return g, None, torch.zeros_like(g).masked_fill(hit, float("nan")), None
 
 
 def _qk_features(q, k, scale, qk_norm: Optional[QKNorm], rotary: Optional[Rotary], q_offset: int, k_prefix: int,
@@ -214,7 +213,7 @@ def _qk_features(q, k, scale, qk_norm: Optional[QKNorm], rotary: Optional[Rotary
     q_clean, k_clean, sc = features(q.masked_fill(bad_q, 0.0), k.masked_fill(bad_k, 0.0))
     with torch.no_grad():
         q_raw, k_raw, _ = features(q, k)
-    return _PoisonRows.apply(q_clean, q_raw, q), _PoisonRows.apply(k_clean, k_raw, k), sc
+    return _PoisonRows.apply(q_clean, q_raw, q, bad_q), _PoisonRows.apply(k_clean, k_raw, k, bad_k), sc
 
 
 def _mask_pieces(attn_mask, bias, is_causal: bool, h: int, nq: int, nk: int, q_offset: int, k_prefix: int,
