@@ -97,12 +97,12 @@ def targets(results: list[Result], bandwidth: list[dict], anchor=(4096, 128)) ->
 def compiled_kernels() -> list[dict]:
     """Registers, spills and shared memory of every attention kernel this process compiled or loaded."""
     try:
-        from xtk.kernels import attention_bwd, attention_fwd
+        from xtk.kernels import attention_bwd, attention_fwd, attention_qk
     except Exception:  # noqa: BLE001
         return []
     rows = []
     for fn in (attention_fwd._attn_fwd, attention_fwd._attn_topk_threshold, attention_bwd._attn_bwd_dkdv,
-               attention_bwd._attn_bwd_dq):
+               attention_bwd._attn_bwd_dq, attention_qk._qk_rows):
         for entry in getattr(fn, "device_caches", {}).values():
             cache = entry[0] if isinstance(entry, tuple) else entry
             for key, kern in getattr(cache, "items", lambda: [])():

@@ -27,7 +27,8 @@ XTK_FEATURES = ["none", "alibi", "t5", "dtable", "topk8", "qknorm_rotary"]
 SDPA_BACKENDS = {"sdpa-flash": "FLASH_ATTENTION", "sdpa-efficient": "EFFICIENT_ATTENTION", "sdpa-cudnn": "CUDNN_ATTENTION"}
 FLEX_FEATURES = ["none", "alibi", "t5", "dtable"]
 # the specialization class each tuning feature stands for
-TUNE_FEATURES = {"plain": "none", "posbias": "alibi", "qk": "qknorm_rotary", "heavy": "topk8"}  # cls -> feature
+# (QK-norm + rotary is no class of these kernels: the row kernel applies it before them)
+TUNE_FEATURES = {"plain": "none", "posbias": "alibi", "heavy": "topk8"}  # cls -> feature
 
 
 def shapes(quick: bool, dry: bool):
@@ -160,7 +161,7 @@ def tune_cells(quick: bool, dry: bool, arch: int, spec: Optional[str] = None) ->
     """(cls, kind, d, tile, feature) for every candidate tile, the shipped one included.
 
     Default: quick, the first 6 of plain and posbias at d128; otherwise every class of
-    ``TUNE_FEATURES`` at d64 and d128. ``spec`` ("posbias:t5,qk@128"): the classes to tune, each
+    ``TUNE_FEATURES`` at d64 and d128. ``spec`` ("posbias:t5,heavy@128"): the classes to tune, each
     optionally with the feature that stands for it, then ``@`` and the head dims."""
     classes = {c: TUNE_FEATURES[c] for c in (["plain", "posbias"] if quick or dry else TUNE_FEATURES)}
     dims = (32,) if dry else (128,) if quick else (64, 128)

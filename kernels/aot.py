@@ -33,34 +33,46 @@ import time
 
 from . import kinds, tiles
 
-KINDS = ("fwd", "thr", "dkdv", "dq", "decode", "combine")
+KINDS = ("fwd", "thr", "dkdv", "dq", "decode", "combine", "qkrows")
 ARCHS = (80, 90)
 DIMS = tiles.HEAD_DIMS
-_PTR_F32 = {"STATS", "THR", "DELTA", "DSLOPE", "DTAB", "DS", "DLSC", "SLOPES", "TAB", "QSC", "KSC", "DQSC", "DKSC",
-            "INV_FREQ", "XPOS", "OP", "LSEP", "LSE", "SCR", "KTH"}
+_PTR_F32 = {"STATS", "THR", "DELTA", "DSLOPE", "DTAB", "DS", "DLSC", "SLOPES", "TAB", "QSC", "KSC", "DSC", "DSC_PART",
+            "G", "INV_FREQ", "XPOS", "OP", "LSEP", "LSE", "SCR", "KTH"}
 _PTR_I32 = {"SEQLENS", "BT", "ROWS", "CU_Q", "CU_K", "NANF"}  # the decode kernel's cache lengths, block table,
 # cache rows; a packed batch's sequence offsets (VARLEN); the NaN-rule guard twins' device flag
-_PTR_IO = {"Q", "K", "V", "O", "DO", "DQ", "DK", "DV_"}
+_PTR_IO = {"Q", "K", "V", "O", "DO", "DQ", "DK", "DV_", "X", "Y"}
 _PTR_I64 = {"SEED", "SEED_PTR", "SEEDS"}  # a device-side dropout seed / philox state, if the kernels take one
 _FLOAT_SCALARS = {"sm_scale", "dropout_p", "xpos_base", "interp"}
-_INT_UPPER = {"H", "HK", "NQ", "NK", "D", "DV", "TOPK", "R", "B", "NEW", "SPLITS", "ROWS_TOTAL"}  # sizes (all other upper-case names are pointers)
-_UNIT_STRIDES = {"sqd", "skd", "svd", "sod", "sdod", "sdqd", "sdkd", "sdvd", "smn", "sbn"}
+_INT_UPPER = {"H", "HK", "NQ", "NK", "D", "DV", "TOPK", "R", "B", "NEW", "SPLITS", "ROWS_TOTAL", "HEADS"}  # sizes (all other upper-case names are pointers)
+_UNIT_STRIDES = {"sqd", "skd", "svd", "sod", "sdod", "sdqd", "sdkd", "sdvd", "smn", "sbn", "sxd", "sgd", "syd"}
 _DIV16_STRIDES = {"sqb", "sqh", "sqm", "skb", "skh", "skn", "svb", "svh", "svn", "sob", "soh", "som",
-                  "sdob", "sdoh", "sdom", "sdqb", "sdqh", "sdqm", "sdkb", "sdkh", "sdkn", "sdvb", "sdvh", "sdvn"}
+                  "sdob", "sdoh", "sdom", "sdqb", "sdqh", "sdqm", "sdkb", "sdkh", "sdkn", "sdvb", "sdvh", "sdvn",
+                  "sxb", "sxh", "sxn", "sgb", "sgh", "sgn", "syb", "syh", "syn"}
 _TY = {"float16": "fp16", "bfloat16": "bf16", "float32": "fp32"}
 _SWITCHES = ("IS_CAUSAL", "BIAS_KIND", "MASK_KIND", "HAS_TOPK", "HAS_DROPOUT", "NEED_DSLOPE", "NEED_DTAB", "NEED_DS",
              "NEED_DLSC", "HAS_NORM", "GROUPS", "HAS_DSCALE", "HAS_ROT", "HAS_XPOS", "GQA_REPEAT", "PAGED", "TOPK_PASS",
-             "VARLEN", "NAN_GUARD")
+             "VARLEN", "NAN_GUARD", "IS_KEY", "BACKWARD")
 _INT_SWITCHES = ("BIAS_KIND", "MASK_KIND", "TOPK_PASS", "NAN_GUARD")
 _COMBINE_CFG = dict(BLOCK_M=16, BLOCK_N=16, num_warps=4, num_stages=1)  # the combine kernel: no table entry
 MAX_SPLITS = 128  # attention_decode_op.MAX_SPLITS (the combine's lse vector; that module imports torch)
 
 
 def _kernel(kind):
-    from . import attention_bwd, attention_decode, attention_fwd
+    from . import attention_bwd, attention_decode, attention_fwd, attention_qk
     return {"fwd": attention_fwd._attn_fwd, "thr": attention_fwd._attn_topk_threshold,
             "dkdv": attention_bwd._attn_bwd_dkdv, "dq": attention_bwd._attn_bwd_dq,
-            "decode": attention_decode._decode_split, "combine": attention_decode._decode_combine}[kind]
+            "decode": attention_decode._decode_split, "combine": attention_decode._decode_combine,
+            "qkrows": attention_qk._qk_rows}[kind]
+
+
+def _fixed_config(kind: str, d: int) -> dict | None:
+    """The tile of a kernel that has no table entry (the decode combine, the QK row kernel), else None."""
+    if kind == "combine":
+        return _COMBINE_CFG
+    if kind == "qkrows":
+        from .attention_qk import rows_config
+        return rows_config(d)
+    return None
 
 
 # ----------------------------------------------------------------------------- one specialization
@@ -85,11 +97,13 @@ def spec_name(s: dict) -> str:
 
 
 def spec_cls(s: dict) -> str:
-    """The specialization class the launcher computes for this spec's switches."""
+    """The specialization class the launcher computes for this spec's switches (QK features make a
+    class of their own only in the decode kernel, the one that has them as switches)."""
     sw = s["switches"]
-    qk = any(sw.get(n) for n in ("HAS_NORM", "HAS_DSCALE", "HAS_ROT"))
-    return tiles.spec_class(int(sw.get("BIAS_KIND", 0)), int(sw.get("MASK_KIND", 0)), bool(sw.get("HAS_TOPK")),
-                            bool(sw.get("HAS_DROPOUT")), qk)
+    qk = s["kind"] == "decode" and any(sw.get(n) for n in ("HAS_NORM", "HAS_DSCALE", "HAS_ROT"))
+    cls = tiles.spec_class(int(sw.get("BIAS_KIND", 0)), int(sw.get("MASK_KIND", 0)), bool(sw.get("HAS_TOPK")),
+                           bool(sw.get("HAS_DROPOUT")), qk)
+    return tiles.dq_class(cls, bool(sw.get("NEED_DLSC"))) if s["kind"] == "dq" else cls
 
 
 def _topk(s: dict) -> int:
@@ -142,11 +156,10 @@ def build(s: dict, cfg: dict | None = None):
     d, ty = s["d"], _TY[s["dtype"]]
     topk = _topk(s)
     if cfg is None:
-        cfg = _COMBINE_CFG if s["kind"] == "combine" else tiles.config(s["kind"], d, d, s["cc"], topk, s["precision"],
-                                                                      spec_cls(s))
+        cfg = _fixed_config(s["kind"], d) or tiles.config(s["kind"], d, d, s["cc"], topk, s["precision"], spec_cls(s))
     constexprs = {n: int(sw.get(n, 0)) if n in _INT_SWITCHES else bool(sw.get(n, 0)) for n in _SWITCHES}
     constexprs.update(GROUPS=int(sw.get("GROUPS", 1)), PRECISION="ieee" if s["precision"] == "ieee" else "tf32",
-                      K2=1 << max(0, topk - 1).bit_length(), BLOCK_M=cfg["BLOCK_M"], BLOCK_N=cfg["BLOCK_N"],
+                      K2=1 << max(0, topk - 1).bit_length(), BLOCK_M=cfg.get("BLOCK_M"), BLOCK_N=cfg["BLOCK_N"],
                       BLOCK_D=tiles.block_d(d), BLOCK_DV=tiles.block_d(d), PAGE=int(sw.get("PAGE", 16)),
                       BLOCK_S=MAX_SPLITS)
     constexprs = {k: v for k, v in constexprs.items() if k in fn.arg_names}
@@ -165,7 +178,7 @@ _SPILL = re.compile(r"(\d+) bytes spill stores, (\d+) bytes spill loads")
 def launcher_key(s: dict, arch: int | None = None) -> str:
     """The table key ``tiles.config`` reads for spec ``s`` on ``arch`` (default: the spec's cc)."""
     arch = arch or s["cc"]
-    if s["kind"] == "combine":
+    if _fixed_config(s["kind"], s["d"]):
         return None  # a fixed config, no table entry
     bd, cls = tiles.padded_head_dim(s["d"], s["d"]), spec_cls(s)
     k, entry = tiles.lookup(s["kind"], arch, bd, s["precision"], cls)
@@ -178,7 +191,7 @@ def smem_limit(s: dict) -> int:
     """The shared memory (bytes per block) the launcher's config for ``s`` must fit: the smallest
     limit among the archs running that tile (an sm80 tile runs on sm_86/89 too unless the file's
     ``smem99`` entries, or an XTK_TILES file for sm_86, give those another)."""
-    if s["cc"] != 80 or s["kind"] == "combine":
+    if s["cc"] != 80 or _fixed_config(s["kind"], s["d"]):
         return tiles.SMEM_LIMIT[s["cc"]]
     args, rest = (s["kind"], s["d"], s["d"]), (_topk(s), s["precision"], spec_cls(s))
     try:
@@ -240,10 +253,11 @@ def verdict(r: dict) -> str | None:
 
 # ----------------------------------------------------------------------------- representatives of a class
 
-_QK_ALL = dict(HAS_NORM=1, GROUPS=2, HAS_DSCALE=1, HAS_ROT=1, HAS_XPOS=1)
-# per class, the heaviest switch combinations: each also holds every lighter class's switches
-# (ALiBi + a bool mask, the third dense combination, is lighter than both dense ones here: the CI set
-# compiles it alone per switch; plain without causal is a subset of causal's code)
+_QK_ALL = dict(HAS_NORM=1, GROUPS=2, HAS_DSCALE=1, HAS_ROT=1, HAS_XPOS=1)  # the decode kernel's and the row kernel's
+# per class of fwd/thr/dkdv/dq, the heaviest switch combinations: each also holds every lighter
+# class's switches (ALiBi + a bool mask, the third dense combination, is lighter than both dense ones
+# here: the CI set compiles it alone per switch; plain without causal is a subset of causal's code).
+# NEED_DLSC (a learned QK-norm scale's gradient) takes the dq kernel's heavy tile (``tiles.dq_class``).
 _CLASS_REPS = {
     "plain": [dict(IS_CAUSAL=1)],
     "posbias": [dict(IS_CAUSAL=1, BIAS_KIND=kinds.BIAS_TABLE, NEED_DTAB=1),
@@ -251,8 +265,7 @@ _CLASS_REPS = {
     "dense": [dict(IS_CAUSAL=1, BIAS_KIND=kinds.BIAS_TABLE, MASK_KIND=kinds.MASK_FLOAT, NEED_DTAB=1),
               dict(IS_CAUSAL=1, BIAS_KIND=kinds.BIAS_DENSE_FLOAT, MASK_KIND=kinds.MASK_FLOAT, NEED_DS=1)],
 }
-_CLASS_REPS["qk"] = [dict(r, NEED_DLSC=1, **_QK_ALL) for r in _CLASS_REPS["dense"]]
-_CLASS_REPS["heavy"] = [dict(r, HAS_TOPK=1, HAS_DROPOUT=1) for r in _CLASS_REPS["qk"]]
+_CLASS_REPS["heavy"] = [dict(r, NEED_DLSC=1, HAS_TOPK=1, HAS_DROPOUT=1) for r in _CLASS_REPS["dense"]]
 
 
 # the decode kernel (kernels/attention_decode.py): two table classes, posbias (plain falls back to it)
@@ -285,13 +298,14 @@ def reps(kind: str, cc: int, bd: int, precision: str, cls: str, cfg: dict | None
 # ----------------------------------------------------------------------------- the covering sets
 
 def _table_keys(arch: int):
-    """Every (kind, cls, precision, bd) the tables hold for table arch ``arch``: all classes at 16 bit
-    and TF32; exact fp32 (FMA tiles, register-bound whatever the switches) holds plain and heavy,
-    the classes between fall back to heavy (tiles.lookup); decode holds posbias (plain falls back to
-    it) and qk, except where no qk tile compiles spill-free (there the kernel refuses QK features)."""
+    """Every (kind, cls, precision, bd) the tables hold for table arch ``arch``: every class but qk
+    (the decode kernel's) at 16 bit and TF32; exact fp32 (FMA tiles, register-bound whatever the
+    switches) holds plain and heavy, the classes between fall back to heavy (tiles.lookup); decode
+    holds posbias (plain falls back to it) and qk, except where no qk tile compiles spill-free
+    (there the kernel refuses QK features)."""
     for prec, bd in itertools.product(tiles.PRECISIONS, DIMS):
         for kind in ("fwd", "dkdv", "dq"):
-            for cls in (tiles.CLASSES if prec != "ieee" else ("plain", "heavy")):
+            for cls in (tiles.ATTN_CLASSES if prec != "ieee" else ("plain", "heavy")):
                 yield kind, cls, prec, bd
         yield "thr", "heavy", prec, bd
         yield "thrwide", "heavy", prec, bd
@@ -335,10 +349,13 @@ def _ci_set() -> list[dict]:
     single = [dict(IS_CAUSAL=1), dict(BIAS_KIND=kinds.BIAS_ALIBI), dict(BIAS_KIND=kinds.BIAS_TABLE),
               dict(BIAS_KIND=kinds.BIAS_DENSE_FLOAT), dict(BIAS_KIND=kinds.BIAS_DENSE_BOOL),
               dict(MASK_KIND=kinds.MASK_FLOAT), dict(MASK_KIND=kinds.MASK_BOOL), dict(HAS_TOPK=1), dict(HAS_DROPOUT=1),
-              dict(HAS_NORM=1), dict(HAS_NORM=1, GROUPS=2), dict(HAS_DSCALE=1), dict(HAS_ROT=1),
-              dict(HAS_ROT=1, HAS_XPOS=1)]
+              # the learned QK-norm scale's gradient with each class's switches in dq, at the heavy tile
+              # (five entries where the in-kernel QK switches were: the rotation after them stays as it was)
+              dict(NEED_DLSC=1), dict(NEED_DLSC=1, IS_CAUSAL=1), dict(NEED_DLSC=1, MASK_KIND=kinds.MASK_BOOL),
+              dict(NEED_DLSC=1, BIAS_KIND=kinds.BIAS_ALIBI, NEED_DSLOPE=1),
+              dict(NEED_DLSC=1, BIAS_KIND=kinds.BIAS_TABLE, NEED_DTAB=1)]
     grads = [dict(BIAS_KIND=kinds.BIAS_ALIBI, NEED_DSLOPE=1), dict(BIAS_KIND=kinds.BIAS_TABLE, NEED_DTAB=1),
-             dict(BIAS_KIND=kinds.BIAS_DENSE_FLOAT, NEED_DS=1), dict(NEED_DLSC=1, **_QK_ALL)]
+             dict(BIAS_KIND=kinds.BIAS_DENSE_FLOAT, NEED_DS=1), dict(NEED_DLSC=1, HAS_TOPK=1, HAS_DROPOUT=1)]
     grid = list(itertools.product(ARCHS, DIMS))
     precs = ("16bit", "tf32", "ieee")
     # GQA_REPEAT last: a switch inserted earlier moves the others' (kind, arch, dim, precision) rotation
@@ -352,17 +369,17 @@ def _ci_set() -> list[dict]:
         specs.append(spec(("fwd", "dkdv", "dq")[j % 3], cc, d, "16bit", dtype="float16" if j % 2 else "bfloat16"))
     for cc, prec in itertools.product(ARCHS, precs):
         specs.append(spec("thr", cc, 64, prec, topk=1, HAS_TOPK=1))
-        specs.append(spec("thr", cc, 128, prec, topk=128, HAS_TOPK=1, **_QK_ALL))
-    specs += _NOT_MONOTONE + _decode_specs() + _varlen_specs() + _GUARD_TWINS
+        specs.append(spec("thr", cc, 128, prec, topk=128, HAS_TOPK=1, IS_CAUSAL=1, BIAS_KIND=kinds.BIAS_TABLE))
+    specs += _NOT_MONOTONE + _decode_specs() + _varlen_specs() + _GUARD_TWINS + _qk_rows_specs()
     return list({spec_name(s): s for s in specs}.values())
 
 
 # the packed-batch switch (xtk.attention_varlen's one launch): every switch combination it runs --
-# no dense bias or attn_mask there, so its heaviest is the qk class's table representative with
-# top-k and dropout (the heavy class's tile) -- in the four kernels on both archs
+# no dense bias or attn_mask there, so its heaviest is a distance table with top-k and dropout (the
+# heavy class's tile) and the learned QK-norm scale's gradient -- in the four kernels on both archs
 _VARLEN = [dict(IS_CAUSAL=1), dict(IS_CAUSAL=1, BIAS_KIND=kinds.BIAS_ALIBI, NEED_DSLOPE=1),
            dict(BIAS_KIND=kinds.BIAS_TABLE, NEED_DTAB=1, GQA_REPEAT=1),
-           dict(IS_CAUSAL=1, BIAS_KIND=kinds.BIAS_TABLE, NEED_DTAB=1, NEED_DLSC=1, HAS_TOPK=1, HAS_DROPOUT=1, **_QK_ALL)]
+           dict(IS_CAUSAL=1, BIAS_KIND=kinds.BIAS_TABLE, NEED_DTAB=1, NEED_DLSC=1, HAS_TOPK=1, HAS_DROPOUT=1)]
 
 
 def _varlen_specs() -> list[dict]:
@@ -428,8 +445,8 @@ _DECODE_TOPK = [spec("decode", 80, 128, "16bit", TOPK_PASS=kinds.TOPK_LOGITS, PA
 # bounded by its key's spill_ok
 _NOT_MONOTONE = [spec("dq", 80, 64, "16bit", BIAS_KIND=kinds.BIAS_ALIBI, NEED_DSLOPE=1),
                  spec("dq", 80, 64, "ieee", BIAS_KIND=kinds.BIAS_DENSE_FLOAT, NEED_DS=1),
-                 spec("dq", 90, 128, "16bit", NEED_DLSC=1, **_QK_ALL),
-                 spec("dq", 90, 32, "ieee", NEED_DLSC=1, **_QK_ALL)]
+                 spec("dq", 90, 128, "16bit", NEED_DLSC=1),
+                 spec("dq", 90, 32, "ieee", NEED_DLSC=1)]
 
 
 # the NaN rule's guard twins (NAN_GUARD, kernels/attention_op.py): each kernel's twin once per arch
@@ -446,6 +463,24 @@ _GUARD_TWINS = [spec("fwd", 90, 128, "16bit", IS_CAUSAL=1, MASK_KIND=kinds.MASK_
                 spec("dkdv", 80, 64, "tf32", MASK_KIND=kinds.MASK_FLOAT, NAN_GUARD=1),
                 spec("dq", 90, 128, "16bit", IS_CAUSAL=1, BIAS_KIND=kinds.BIAS_ALIBI, NEED_DSLOPE=1, NAN_GUARD=1),
                 spec("dq", 80, 64, "16bit", IS_CAUSAL=1, BIAS_KIND=kinds.BIAS_TABLE, NEED_DTAB=1, NAN_GUARD=1)]
+
+
+def _qk_rows_specs() -> list[dict]:
+    """The QK row kernel (kernels/attention_qk.py) on both archs at every head dim: forward and
+    backward, q rows and k rows, every feature at once in the three dtypes, each feature alone, and
+    the packed batch."""
+    specs = []
+    dtypes = ("bfloat16", "float16", "float32")
+    alone = [dict(HAS_NORM=1), dict(HAS_NORM=1, GROUPS=2, HAS_DSCALE=1), dict(HAS_ROT=1), dict(HAS_ROT=1, HAS_XPOS=1)]
+    for j, (cc, d) in enumerate(itertools.product(ARCHS, DIMS)):
+        for backward, is_key in itertools.product((0, 1), (0, 1)):
+            dtype = dtypes[(j + 2 * backward + is_key) % 3]
+            specs.append(spec("qkrows", cc, d, "ieee" if dtype == "float32" else "16bit", dtype=dtype,
+                              BACKWARD=backward, IS_KEY=is_key, **_QK_ALL))
+        for i, sw in enumerate(alone):
+            specs.append(spec("qkrows", cc, d, "16bit", BACKWARD=(i + j) % 2, IS_KEY=i % 2, **sw))
+        specs.append(spec("qkrows", cc, d, "16bit", BACKWARD=j % 2, IS_KEY=(j // 2) % 2, VARLEN=1, **_QK_ALL))
+    return specs
 
 
 def twin_spill_ok(s: dict) -> bool:

@@ -30,24 +30,21 @@ Grids: one axis, (blocks x batch * heads) folded (``_fold``), so no axis meets C
 import triton
 import triton.language as tl
 
-from .attention_common import (DECODE_INTS, _causal_key_end, _causal_query_start, _dropout_keep, _fold,
-                               _finite, _head_bias, _load_kt, _load_q, _logits, _qk_tile_bwd, _query_program,
-                               _seq_span,
-                               _table_grad_tile, _tile_ptrs, _tile_ptrs_t)
+from .attention_common import (DECODE_INTS, _causal_key_end, _causal_query_start, _dropout_keep, _finite, _fold,
+                               _head_bias, _load_kt, _load_q, _logits, _query_program, _seq_span, _table_grad_tile,
+                               _tile_ptrs, _tile_ptrs_t)
 
 
 @triton.jit(do_not_specialize=DECODE_INTS)
 def _attn_bwd_dkdv(
-        Q, K, V, DO, DK, DV_, STATS, DELTA, THR, SLOPES, TAB, MASK, BIAS, QSC, KSC, INV_FREQ, XPOS, DKSC, CU_Q, CU_K,
-        NANF,
+        Q, K, V, DO, DK, DV_, STATS, DELTA, THR, SLOPES, TAB, MASK, BIAS, CU_Q, CU_K, NANF,
         sqb, sqh, sqm, sqd, skb, skh, skn, skd, svb, svh, svn, svd, sdob, sdoh, sdom, sdod,
         sdkb, sdkh, sdkn, sdkd, sdvb, sdvh, sdvn, sdvd,
         stab_l, stab_h, tab_center, smb, smh, smm, smn, sbb, sbh, sbm, sbn,
-        H, HK, NQ, NK, D, DV, q_offset, k_prefix, sm_scale, dropout_p, SEED, R, max_half, xpos_base, interp,
+        H, HK, NQ, NK, D, DV, q_offset, k_prefix, sm_scale, dropout_p, SEED,
         IS_CAUSAL: tl.constexpr, BIAS_KIND: tl.constexpr, MASK_KIND: tl.constexpr, HAS_TOPK: tl.constexpr,
         HAS_DROPOUT: tl.constexpr, PRECISION: tl.constexpr,
-        HAS_NORM: tl.constexpr, GROUPS: tl.constexpr, HAS_DSCALE: tl.constexpr, HAS_ROT: tl.constexpr,
-        HAS_XPOS: tl.constexpr, GQA_REPEAT: tl.constexpr, VARLEN: tl.constexpr, NAN_GUARD: tl.constexpr,
+        GQA_REPEAT: tl.constexpr, VARLEN: tl.constexpr, NAN_GUARD: tl.constexpr,
         BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_DV: tl.constexpr):
     if NAN_GUARD:  # the guard twin: runs only when q, k or v holds NaN/inf (the device flag NANF)
         if tl.load(NANF) == 0:
@@ -58,7 +55,7 @@ def _attn_bwd_dkdv(
     off_hk = off_bhk % HK
     group = H // HK
     start_n = pid_n * BLOCK_N
-    q0, nq, k0, nk, max_half = _seq_span(CU_Q, CU_K, off_b, NQ, NK, q_offset, k_prefix, max_half, VARLEN)
+    q0, nq, k0, nk, _ = _seq_span(CU_Q, CU_K, off_b, NQ, NK, q_offset, k_prefix, 0, VARLEN)
     if VARLEN:
         if start_n >= nk:  # a key block past its sequence's end
             return
@@ -68,8 +65,7 @@ def _attn_bwd_dkdv(
     offs_dv = tl.arange(0, BLOCK_DV)
     col_ok = offs_n < nk
     k_base = K + off_b.to(tl.int64) * skb + k0 * skn + off_hk.to(tl.int64) * skh
-    kt = _load_kt(k_base, offs_n, offs_d, skn, skd, nk, D, k_prefix, KSC + off_hk * D, INV_FREQ, XPOS, R, interp,
-                  max_half, xpos_base, HAS_NORM, GROUPS, HAS_DSCALE, HAS_ROT, HAS_XPOS, BLOCK_N, BLOCK_D)
+    kt = _load_kt(k_base, offs_n, offs_d, skn, skd, nk, D)
     vt = tl.load(_tile_ptrs_t(V + off_b.to(tl.int64) * svb + k0 * svn + off_hk.to(tl.int64) * svh, offs_dv, offs_n,
                               svd, svn),
                  mask=col_ok[None, :] & (offs_dv[:, None] < DV), other=0.0)
@@ -90,8 +86,7 @@ def _attn_bwd_dkdv(
         for start_m in range(start_q, nq, BLOCK_M):
             offs_m = start_m + offs_m0
             row_ok = offs_m < nq
-            q = _load_q(q_base, offs_m, offs_d, sqm, sqd, nq, D, q_offset, QSC + off_h * D, INV_FREQ, XPOS, R, interp,
-                        max_half, xpos_base, HAS_NORM, GROUPS, HAS_DSCALE, HAS_ROT, HAS_XPOS, BLOCK_M, BLOCK_D)
+            q = _load_q(q_base, offs_m, offs_d, sqm, sqd, nq, D)
             do = tl.load(_tile_ptrs(do_base, offs_m, offs_dv, sdom, sdod),
                          mask=row_ok[:, None] & (offs_dv[None, :] < DV), other=0.0)
             m_row = tl.load(STATS + off_bh.to(tl.int64) * 2 * NQ + offs_m, mask=row_ok, other=float("inf"))
@@ -121,16 +116,6 @@ def _attn_bwd_dkdv(
                 q = _finite(q)
             dk += tl.dot(tl.trans(ds).to(q.dtype), q, input_precision=PRECISION)
     dk = dk * sm_scale
-    if HAS_NORM or HAS_DSCALE or HAS_ROT:  # dL/dk' -> dL/dk, and this block's share of dL/d(k dim scale)
-        k = tl.load(_tile_ptrs(k_base, offs_n, offs_d, skn, skd), mask=col_ok[:, None] & (offs_d[None, :] < D),
-                    other=0.0)
-        if NAN_GUARD:
-            k = _finite(k)
-        dk, dksc = _qk_tile_bwd(k, dk, offs_d, D, offs_n - k_prefix, offs_n >= k_prefix, KSC + off_hk * D, INV_FREQ,
-                                XPOS, R, interp, max_half, xpos_base, -1.0, HAS_NORM, GROUPS, HAS_DSCALE, HAS_ROT,
-                                HAS_XPOS, BLOCK_N, BLOCK_D)
-        if HAS_DSCALE:
-            tl.store(DKSC + (off_bhk.to(tl.int64) * n_kblocks + pid_n) * D + offs_d, dksc, mask=offs_d < D)
     tl.store(_tile_ptrs(DK + off_b.to(tl.int64) * sdkb + k0 * sdkn + off_hk.to(tl.int64) * sdkh, offs_n, offs_d, sdkn,
                         sdkd), dk.to(DK.dtype.element_ty), mask=col_ok[:, None] & (offs_d[None, :] < D))
     tl.store(_tile_ptrs(DV_ + off_b.to(tl.int64) * sdvb + k0 * sdvn + off_hk.to(tl.int64) * sdvh, offs_n, offs_dv, sdvn,
@@ -139,19 +124,16 @@ def _attn_bwd_dkdv(
 
 
 @triton.jit
-def _dq_key_tile(q, do, thr, seed, k_base, v_base, ksc, offs_m, offs_n, offs_d, offs_dv, off_b, off_h, off_bh,
+def _dq_key_tile(q, do, thr, seed, k_base, v_base, offs_m, offs_n, offs_d, offs_dv, off_b, off_h, off_bh,
                  skn, skd, svn, svd, NQ, NK, D, DV, q_offset, k_prefix, sm_scale, dropout_p, slope, tab, stab_l,
-                 tab_center, MASK, smb, smh, smm, smn, BIAS, sbb, sbh, sbm, sbn, INV_FREQ, XPOS, R, interp, max_half,
-                 xpos_base, IS_CAUSAL: tl.constexpr, BIAS_KIND: tl.constexpr, MASK_KIND: tl.constexpr,
-                 HAS_TOPK: tl.constexpr, HAS_DROPOUT: tl.constexpr, PRECISION: tl.constexpr,
-                 HAS_NORM: tl.constexpr, GROUPS: tl.constexpr, HAS_DSCALE: tl.constexpr, HAS_ROT: tl.constexpr,
-                 HAS_XPOS: tl.constexpr, NAN_GUARD: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr):
-    """One key block of the dQ kernel's loops (its delta pass and its gradient pass): the k' tile
-    (transposed), ``q'.k'`` (fp32), the masked logits (top-k applied, masked = -inf) and ``dP = dO
+                 tab_center, MASK, smb, smh, smm, smn, BIAS, sbb, sbh, sbm, sbn,
+                 IS_CAUSAL: tl.constexpr, BIAS_KIND: tl.constexpr, MASK_KIND: tl.constexpr,
+                 HAS_TOPK: tl.constexpr, HAS_DROPOUT: tl.constexpr, PRECISION: tl.constexpr, NAN_GUARD: tl.constexpr):
+    """One key block of the dQ kernel's loops (its delta pass and its gradient pass): the k tile
+    (transposed), ``q.k`` (fp32), the masked logits (top-k applied, masked = -inf) and ``dP = dO
     . v`` (dropout applied), each (BLOCK_M, BLOCK_N)."""
     col_ok = offs_n < NK
-    kt = _load_kt(k_base, offs_n, offs_d, skn, skd, NK, D, k_prefix, ksc, INV_FREQ, XPOS, R, interp, max_half,
-                  xpos_base, HAS_NORM, GROUPS, HAS_DSCALE, HAS_ROT, HAS_XPOS, BLOCK_N, BLOCK_D)
+    kt = _load_kt(k_base, offs_n, offs_d, skn, skd, NK, D)
     vt = tl.load(_tile_ptrs_t(v_base, offs_dv, offs_n, svd, svn), mask=col_ok[None, :] & (offs_dv[:, None] < DV),
                  other=0.0)
     qk = tl.dot(q, kt, input_precision=PRECISION)
@@ -169,23 +151,21 @@ def _dq_key_tile(q, do, thr, seed, k_base, v_base, ksc, offs_m, offs_n, offs_d, 
 
 @triton.jit(do_not_specialize=DECODE_INTS)
 def _attn_bwd_dq(
-        Q, K, V, DO, DQ, STATS, DELTA, THR, SLOPES, TAB, MASK, BIAS, DSLOPE, DTAB, DS, QSC, KSC, INV_FREQ, XPOS, DQSC,
-        DLSC, CU_Q, CU_K, NANF,
+        Q, K, V, DO, DQ, STATS, DELTA, THR, SLOPES, TAB, MASK, BIAS, DSLOPE, DTAB, DS, DLSC, CU_Q, CU_K, NANF,
         sqb, sqh, sqm, sqd, skb, skh, skn, skd, svb, svh, svn, svd, sdob, sdoh, sdom, sdod,
         sdqb, sdqh, sdqm, sdqd,
         stab_l, stab_h, tab_center, smb, smh, smm, smn, sbb, sbh, sbm, sbn,
-        H, HK, NQ, NK, D, DV, q_offset, k_prefix, sm_scale, dropout_p, SEED, R, max_half, xpos_base, interp,
+        H, HK, NQ, NK, D, DV, q_offset, k_prefix, sm_scale, dropout_p, SEED,
         IS_CAUSAL: tl.constexpr, BIAS_KIND: tl.constexpr, MASK_KIND: tl.constexpr, HAS_TOPK: tl.constexpr,
         HAS_DROPOUT: tl.constexpr, PRECISION: tl.constexpr,
-        HAS_NORM: tl.constexpr, GROUPS: tl.constexpr, HAS_DSCALE: tl.constexpr, HAS_ROT: tl.constexpr,
-        HAS_XPOS: tl.constexpr, GQA_REPEAT: tl.constexpr, VARLEN: tl.constexpr, NAN_GUARD: tl.constexpr,
+        GQA_REPEAT: tl.constexpr, VARLEN: tl.constexpr, NAN_GUARD: tl.constexpr,
         NEED_DSLOPE: tl.constexpr, NEED_DTAB: tl.constexpr, NEED_DS: tl.constexpr, NEED_DLSC: tl.constexpr,
         BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_DV: tl.constexpr):
     if NAN_GUARD:  # the guard twin: runs only when q, k or v holds NaN/inf (the device flag NANF)
         if tl.load(NANF) == 0:
             return
     pid_m, off_bh, off_b, off_h, off_hk, start_m = _query_program(H, HK, NQ, BLOCK_M, GQA_REPEAT)
-    q0, nq, k0, nk, max_half = _seq_span(CU_Q, CU_K, off_b, NQ, NK, q_offset, k_prefix, max_half, VARLEN)
+    q0, nq, k0, nk, _ = _seq_span(CU_Q, CU_K, off_b, NQ, NK, q_offset, k_prefix, 0, VARLEN)
     if VARLEN:
         if start_m >= nq:  # a block past its sequence's end (its partial-sum slots stay 0)
             return
@@ -196,9 +176,7 @@ def _attn_bwd_dq(
     offs_dv = tl.arange(0, BLOCK_DV)
     row_ok = offs_m < nq
     q_base = Q + off_b.to(tl.int64) * sqb + q0 * sqm + off_h.to(tl.int64) * sqh
-    q = _load_q(q_base, offs_m, offs_d, sqm, sqd, nq, D, q_offset, QSC + off_h * D, INV_FREQ, XPOS, R, interp,
-                max_half, xpos_base, HAS_NORM, GROUPS, HAS_DSCALE, HAS_ROT, HAS_XPOS, BLOCK_M, BLOCK_D)
-    ksc = KSC + off_hk * D
+    q = _load_q(q_base, offs_m, offs_d, sqm, sqd, nq, D)
     do = tl.load(_tile_ptrs(DO + off_b.to(tl.int64) * sdob + q0 * sdom + off_h.to(tl.int64) * sdoh, offs_m, offs_dv,
                             sdom, sdod),
                  mask=row_ok[:, None] & (offs_dv[None, :] < DV), other=0.0)
@@ -229,11 +207,10 @@ def _attn_bwd_dq(
         for start_n in range(0, end_n, BLOCK_N):
             offs_n = start_n + offs_n0
             kt, qk, s, dp = _dq_key_tile(
-                q, do, thr, seed, k_base, v_base, ksc, offs_m, offs_n, offs_d, offs_dv, off_b, off_h, off_bh,
+                q, do, thr, seed, k_base, v_base, offs_m, offs_n, offs_d, offs_dv, off_b, off_h, off_bh,
                 skn, skd, svn, svd, nq, nk, D, DV, q_offset, k_prefix, sm_scale, dropout_p, slope, tab, stab_l,
-                tab_center, MASK, smb, smh, smm, smn, BIAS, sbb, sbh, sbm, sbn, INV_FREQ, XPOS, R, interp, max_half,
-                xpos_base, IS_CAUSAL, BIAS_KIND, MASK_KIND, HAS_TOPK, HAS_DROPOUT, PRECISION,
-                HAS_NORM, GROUPS, HAS_DSCALE, HAS_ROT, HAS_XPOS, NAN_GUARD, BLOCK_N, BLOCK_D)
+                tab_center, MASK, smb, smh, smm, smn, BIAS, sbb, sbh, sbm, sbn,
+                IS_CAUSAL, BIAS_KIND, MASK_KIND, HAS_TOPK, HAS_DROPOUT, PRECISION, NAN_GUARD)
             e = tl.exp(s - m_row[:, None])
             edp = e * dp
             if NAN_GUARD:
@@ -249,11 +226,10 @@ def _attn_bwd_dq(
         offs_n = start_n + offs_n0
         col_ok = offs_n < nk
         kt, qk, s, dp = _dq_key_tile(
-            q, do, thr, seed, k_base, v_base, ksc, offs_m, offs_n, offs_d, offs_dv, off_b, off_h, off_bh,
+            q, do, thr, seed, k_base, v_base, offs_m, offs_n, offs_d, offs_dv, off_b, off_h, off_bh,
             skn, skd, svn, svd, nq, nk, D, DV, q_offset, k_prefix, sm_scale, dropout_p, slope, tab, stab_l,
-            tab_center, MASK, smb, smh, smm, smn, BIAS, sbb, sbh, sbm, sbn, INV_FREQ, XPOS, R, interp, max_half,
-            xpos_base, IS_CAUSAL, BIAS_KIND, MASK_KIND, HAS_TOPK, HAS_DROPOUT, PRECISION,
-            HAS_NORM, GROUPS, HAS_DSCALE, HAS_ROT, HAS_XPOS, NAN_GUARD, BLOCK_N, BLOCK_D)
+            tab_center, MASK, smb, smh, smm, smn, BIAS, sbb, sbh, sbm, sbn,
+            IS_CAUSAL, BIAS_KIND, MASK_KIND, HAS_TOPK, HAS_DROPOUT, PRECISION, NAN_GUARD)
         p = tl.exp(s - m_row[:, None]) * inv_l[:, None]
         ds = p * (dp - delta[:, None])
         if NAN_GUARD:  # nothing flows back through a masked pair (P NaN in a NaN row, 0 x NaN where v is NaN)
@@ -277,16 +253,6 @@ def _attn_bwd_dq(
             ds_off = offs_m.to(tl.int64)[:, None] * NK + offs_n[None, :]  # int64: nq * nk passes 2^31
             tl.store(DS + off_bh.to(tl.int64) * NQ * NK + ds_off, ds, mask=row_ok[:, None] & col_ok[None, :])
     dq = dq * sm_scale
-    if HAS_NORM or HAS_DSCALE or HAS_ROT:  # dL/dq' -> dL/dq, and this block's share of dL/d(q dim scale)
-        qraw = tl.load(_tile_ptrs(q_base, offs_m, offs_d, sqm, sqd), mask=row_ok[:, None] & (offs_d[None, :] < D),
-                       other=0.0)
-        if NAN_GUARD:
-            qraw = _finite(qraw)
-        dq, dqsc = _qk_tile_bwd(qraw, dq, offs_d, D, q_offset + offs_m, offs_m >= 0, QSC + off_h * D, INV_FREQ, XPOS, R,
-                                interp, max_half, xpos_base, 1.0, HAS_NORM, GROUPS, HAS_DSCALE, HAS_ROT, HAS_XPOS,
-                                BLOCK_M, BLOCK_D)
-        if HAS_DSCALE:
-            tl.store(DQSC + (off_bh.to(tl.int64) * n_mblocks + pid_m) * D + offs_d, dqsc, mask=offs_d < D)
     tl.store(_tile_ptrs(DQ + off_b.to(tl.int64) * sdqb + q0 * sdqm + off_h.to(tl.int64) * sdqh, offs_m, offs_d, sdqm,
                         sdqd),
              dq.to(DQ.dtype.element_ty), mask=row_ok[:, None] & (offs_d[None, :] < D))

@@ -23,13 +23,10 @@ Switches (``tl.constexpr``):
   mask, positions from 0; a program whose block lies past its sequence's length returns at once.
 - GQA_REPEAT: query head ``h`` reads kv head ``h % HK`` (x-transformers' order) instead of
   ``h // (H // HK)`` (SDPA's); the dK/dV kernel walks a kv head's query heads in the same order.
-- QK features (SPEC §2 steps 2-3), applied to the q tile once per program and to every k tile as
-  it is loaded (``_load_q`` / ``_load_kt``), from positions -- no q'/k' tensor exists:
-  HAS_NORM (grouped l2 norm, GROUPS groups), HAS_DSCALE (per-dim scales, (h, d) for q and
-  (hk, d) for k; a learned QK-norm scale is folded into q's by the launcher), HAS_ROT (rotary on
-  the first R features, interleaved pairs), HAS_XPOS (the xpos scale on the rotated pairs). The
-  backward recomputes them the same way and chains the gradient of q'/k' back to the raw q/k
-  and to the dim scales with ``_qk_tile_bwd``.
+- QK features (SPEC §2 steps 2-3): not switches of these kernels. The launcher applies them once
+  per row (``attention_qk._qk_rows``) and the kernels take q' / k'; their fp32 math lives here
+  (``_qk_tile_fwd`` / ``_qk_tile_bwd``), shared with the decode kernel, which applies them to its
+  cache tiles in-kernel (each key once per step).
 """
 import triton
 import triton.language as tl
@@ -382,32 +379,14 @@ def _qk_tile_bwd(x, g, offs_d, D, pos, rot_row, DSCALE_ROW, INV_FREQ, XPOS, R, i
 
 
 @triton.jit
-def _load_q(q_base, offs_m, offs_d, sqm, sqd, NQ, D, q_offset, QSC_ROW, INV_FREQ, XPOS, R, interp, max_half,
-            xpos_base, HAS_NORM: tl.constexpr, GROUPS: tl.constexpr, HAS_DSCALE: tl.constexpr,
-            HAS_ROT: tl.constexpr, HAS_XPOS: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_D: tl.constexpr):
-    """The (BLOCK_M, BLOCK_D) q' tile in q's dtype (raw q without QK features); query ``i`` at ``q_offset + i``."""
-    q = tl.load(_tile_ptrs(q_base, offs_m, offs_d, sqm, sqd), mask=(offs_m[:, None] < NQ) & (offs_d[None, :] < D),
-                other=0.0)
-    if HAS_NORM or HAS_DSCALE or HAS_ROT:
-        q = _qk_tile_fwd(q, offs_d, D, q_offset + offs_m, offs_m >= 0, QSC_ROW, INV_FREQ, XPOS, R, interp,
-                         max_half, xpos_base, 1.0, HAS_NORM, GROUPS, HAS_DSCALE, HAS_ROT, HAS_XPOS,
-                         BLOCK_M, BLOCK_D).to(q.dtype)
-    return q
+def _load_q(q_base, offs_m, offs_d, sqm, sqd, NQ, D):
+    """The (BLOCK_M, BLOCK_D) q tile (q' where the launcher applied QK features)."""
+    return tl.load(_tile_ptrs(q_base, offs_m, offs_d, sqm, sqd), mask=(offs_m[:, None] < NQ) & (offs_d[None, :] < D),
+                   other=0.0)
 
 
 @triton.jit
-def _load_kt(k_base, offs_n, offs_d, skn, skd, NK, D, k_prefix, KSC_ROW, INV_FREQ, XPOS, R, interp, max_half,
-             xpos_base, HAS_NORM: tl.constexpr, GROUPS: tl.constexpr, HAS_DSCALE: tl.constexpr,
-             HAS_ROT: tl.constexpr, HAS_XPOS: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr):
-    """The transposed (BLOCK_D, BLOCK_N) k' tile in k's dtype; key ``j`` at ``j - k_prefix``, prefix keys unrotated."""
-    if HAS_NORM or HAS_DSCALE or HAS_ROT:
-        k = tl.load(_tile_ptrs(k_base, offs_n, offs_d, skn, skd), mask=(offs_n[:, None] < NK) & (offs_d[None, :] < D),
-                    other=0.0)
-        kp = _qk_tile_fwd(k, offs_d, D, offs_n - k_prefix, offs_n >= k_prefix, KSC_ROW, INV_FREQ, XPOS, R, interp,
-                          max_half, xpos_base, -1.0, HAS_NORM, GROUPS, HAS_DSCALE, HAS_ROT, HAS_XPOS,
-                          BLOCK_N, BLOCK_D)
-        kt = tl.trans(kp.to(k.dtype))
-    else:
-        kt = tl.load(_tile_ptrs_t(k_base, offs_d, offs_n, skd, skn),
-                     mask=(offs_n[None, :] < NK) & (offs_d[:, None] < D), other=0.0)
-    return kt
+def _load_kt(k_base, offs_n, offs_d, skn, skd, NK, D):
+    """The transposed (BLOCK_D, BLOCK_N) k tile (k' where the launcher applied QK features)."""
+    return tl.load(_tile_ptrs_t(k_base, offs_d, offs_n, skd, skn), mask=(offs_n[None, :] < NK) & (offs_d[:, None] < D),
+                   other=0.0)

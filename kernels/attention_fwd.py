@@ -37,37 +37,32 @@ FLT_MAX = tl.constexpr(3.4028234663852886e38)  # the largest finite float32
 
 @triton.jit(do_not_specialize=DECODE_INTS)
 def _attn_topk_threshold(
-        Q, K, THR, SLOPES, TAB, MASK, BIAS, QSC, KSC, INV_FREQ, XPOS, CU_Q, CU_K, NANF,
+        Q, K, THR, SLOPES, TAB, MASK, BIAS, CU_Q, CU_K, NANF,
         sqb, sqh, sqm, sqd, skb, skh, skn, skd,
         stab_l, stab_h, tab_center, smb, smh, smm, smn, sbb, sbh, sbm, sbn,
-        H, HK, NQ, NK, D, q_offset, k_prefix, sm_scale, TOPK, R, max_half, xpos_base, interp,
+        H, HK, NQ, NK, D, q_offset, k_prefix, sm_scale, TOPK,
         IS_CAUSAL: tl.constexpr, BIAS_KIND: tl.constexpr, MASK_KIND: tl.constexpr, PRECISION: tl.constexpr,
-        HAS_NORM: tl.constexpr, GROUPS: tl.constexpr, HAS_DSCALE: tl.constexpr, HAS_ROT: tl.constexpr,
-        HAS_XPOS: tl.constexpr, GQA_REPEAT: tl.constexpr, VARLEN: tl.constexpr, NAN_GUARD: tl.constexpr,
+        GQA_REPEAT: tl.constexpr, VARLEN: tl.constexpr, NAN_GUARD: tl.constexpr,
         K2: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr):
     if NAN_GUARD:  # the guard twin: runs only when the inputs hold NaN/inf (the device flag NANF)
         if tl.load(NANF) == 0:
             return
     pid_m, off_bh, off_b, off_h, off_hk, start_m = _query_program(H, HK, NQ, BLOCK_M, GQA_REPEAT)
-    q0, nq, k0, nk, max_half = _seq_span(CU_Q, CU_K, off_b, NQ, NK, q_offset, k_prefix, max_half, VARLEN)
+    q0, nq, k0, nk, _ = _seq_span(CU_Q, CU_K, off_b, NQ, NK, q_offset, k_prefix, 0, VARLEN)
     if VARLEN:
         if start_m >= nq:  # a block past its sequence's end
             return
     offs_m = start_m + tl.arange(0, BLOCK_M)
     offs_n0 = tl.arange(0, BLOCK_N)
     offs_d = tl.arange(0, BLOCK_D)
-    q = _load_q(Q + off_b.to(tl.int64) * sqb + q0 * sqm + off_h.to(tl.int64) * sqh, offs_m, offs_d, sqm, sqd, nq, D,
-                q_offset, QSC + off_h * D, INV_FREQ, XPOS, R, interp, max_half, xpos_base,
-                HAS_NORM, GROUPS, HAS_DSCALE, HAS_ROT, HAS_XPOS, BLOCK_M, BLOCK_D)
-    ksc = KSC + off_hk * D
+    q = _load_q(Q + off_b.to(tl.int64) * sqb + q0 * sqm + off_h.to(tl.int64) * sqh, offs_m, offs_d, sqm, sqd, nq, D)
     k_base = K + off_b.to(tl.int64) * skb + k0 * skn + off_hk.to(tl.int64) * skh
     slope, tab = _head_bias(SLOPES, TAB, off_h, stab_h, BIAS_KIND)
     best = tl.full([BLOCK_M, K2], float("-inf"), tl.float32)
     end_n = _causal_key_end(start_m, BLOCK_M, nk, q_offset, k_prefix, IS_CAUSAL)
     for start_n in range(0, end_n, BLOCK_N):
         offs_n = start_n + offs_n0
-        kt = _load_kt(k_base, offs_n, offs_d, skn, skd, nk, D, k_prefix, ksc, INV_FREQ, XPOS, R, interp, max_half,
-                      xpos_base, HAS_NORM, GROUPS, HAS_DSCALE, HAS_ROT, HAS_XPOS, BLOCK_N, BLOCK_D)
+        kt = _load_kt(k_base, offs_n, offs_d, skn, skd, nk, D)
         s = _logits(tl.dot(q, kt, input_precision=PRECISION), offs_m, offs_n, off_b, off_h, nq, nk, q_offset,
                     k_prefix, sm_scale, slope, tab, stab_l, tab_center,
                     MASK, smb, smh, smm, smn, BIAS, sbb, sbh, sbm, sbn, IS_CAUSAL, BIAS_KIND, MASK_KIND, NAN_GUARD)
@@ -94,20 +89,19 @@ def _attn_topk_threshold(
 
 @triton.jit(do_not_specialize=DECODE_INTS)
 def _attn_fwd(
-        Q, K, V, O, STATS, THR, SLOPES, TAB, MASK, BIAS, QSC, KSC, INV_FREQ, XPOS, CU_Q, CU_K, NANF,
+        Q, K, V, O, STATS, THR, SLOPES, TAB, MASK, BIAS, CU_Q, CU_K, NANF,
         sqb, sqh, sqm, sqd, skb, skh, skn, skd, svb, svh, svn, svd, sob, soh, som, sod,
         stab_l, stab_h, tab_center, smb, smh, smm, smn, sbb, sbh, sbm, sbn,
-        H, HK, NQ, NK, D, DV, q_offset, k_prefix, sm_scale, dropout_p, SEED, R, max_half, xpos_base, interp,
+        H, HK, NQ, NK, D, DV, q_offset, k_prefix, sm_scale, dropout_p, SEED,
         IS_CAUSAL: tl.constexpr, BIAS_KIND: tl.constexpr, MASK_KIND: tl.constexpr, HAS_TOPK: tl.constexpr,
         HAS_DROPOUT: tl.constexpr, PRECISION: tl.constexpr,
-        HAS_NORM: tl.constexpr, GROUPS: tl.constexpr, HAS_DSCALE: tl.constexpr, HAS_ROT: tl.constexpr,
-        HAS_XPOS: tl.constexpr, GQA_REPEAT: tl.constexpr, VARLEN: tl.constexpr, NAN_GUARD: tl.constexpr,
+        GQA_REPEAT: tl.constexpr, VARLEN: tl.constexpr, NAN_GUARD: tl.constexpr,
         BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_DV: tl.constexpr):
     if NAN_GUARD == 1:  # the guard twin: runs only when the inputs hold NaN/inf (the device flag NANF)
         if tl.load(NANF) == 0:
             return
     pid_m, off_bh, off_b, off_h, off_hk, start_m = _query_program(H, HK, NQ, BLOCK_M, GQA_REPEAT)
-    q0, nq, k0, nk, max_half = _seq_span(CU_Q, CU_K, off_b, NQ, NK, q_offset, k_prefix, max_half, VARLEN)
+    q0, nq, k0, nk, _ = _seq_span(CU_Q, CU_K, off_b, NQ, NK, q_offset, k_prefix, 0, VARLEN)
     if VARLEN:
         if start_m >= nq:  # a block past its sequence's end
             return
@@ -124,10 +118,7 @@ def _attn_fwd(
         o_base = O + off_b.to(tl.int64) * sob + q0 * som + off_h.to(tl.int64) * soh
         tl.store(_tile_ptrs(o_base, offs_m, offs_dv, som, sod), zero, mask=empty[:, None] & (offs_dv[None, :] < DV))
         return
-    q = _load_q(Q + off_b.to(tl.int64) * sqb + q0 * sqm + off_h.to(tl.int64) * sqh, offs_m, offs_d, sqm, sqd, nq, D,
-                q_offset, QSC + off_h * D, INV_FREQ, XPOS, R, interp, max_half, xpos_base,
-                HAS_NORM, GROUPS, HAS_DSCALE, HAS_ROT, HAS_XPOS, BLOCK_M, BLOCK_D)
-    ksc = KSC + off_hk * D
+    q = _load_q(Q + off_b.to(tl.int64) * sqb + q0 * sqm + off_h.to(tl.int64) * sqh, offs_m, offs_d, sqm, sqd, nq, D)
     k_base = K + off_b.to(tl.int64) * skb + k0 * skn + off_hk.to(tl.int64) * skh
     v_base = V + off_b.to(tl.int64) * svb + k0 * svn + off_hk.to(tl.int64) * svh
     slope, tab = _head_bias(SLOPES, TAB, off_h, stab_h, BIAS_KIND)
@@ -142,8 +133,7 @@ def _attn_fwd(
     for start_n in range(0, end_n, BLOCK_N):
         offs_n = start_n + offs_n0
         col_ok = offs_n < nk
-        kt = _load_kt(k_base, offs_n, offs_d, skn, skd, nk, D, k_prefix, ksc, INV_FREQ, XPOS, R, interp, max_half,
-                      xpos_base, HAS_NORM, GROUPS, HAS_DSCALE, HAS_ROT, HAS_XPOS, BLOCK_N, BLOCK_D)
+        kt = _load_kt(k_base, offs_n, offs_d, skn, skd, nk, D)
         s = _logits(tl.dot(q, kt, input_precision=PRECISION), offs_m, offs_n, off_b, off_h, nq, nk, q_offset,
                     k_prefix, sm_scale, slope, tab, stab_l, tab_center,
                     MASK, smb, smh, smm, smn, BIAS, sbb, sbh, sbm, sbn, IS_CAUSAL, BIAS_KIND, MASK_KIND, NAN_GUARD)

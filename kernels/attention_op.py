@@ -9,8 +9,10 @@ copies); the QK features go in as the fields of ``QKArgs``.
 Memory: besides the outputs, the forward allocates the (b, h, nq) log-sum-exp (and the top-k
 threshold); the backward allocates dq/dk/dv, the (b, h, nq) delta, an (h, 2L-1) table gradient
 and per-program ALiBi and QK dim-scale partials ((n / BLOCK) x d) -- all linear in n. QK-norm and
-rotary/xpos allocate nothing of q's or k's size: they run on the tiles inside every kernel. Only a
-dense bias that requires grad gets a (b, h, nq, nk) gradient buffer (its gradient has that size anyway).
+rotary/xpos run once per row before the attention kernels (``attention_qk._qk_rows``): the forward
+allocates q' and k' (q's and k's size and dtype), the backward recomputes them and holds dL/dq',
+dL/dk' in fp32 for the chain back to q and k. Only a dense bias that requires grad gets a (b, h, nq,
+nk) gradient buffer (its gradient has that size anyway).
 
 The NaN rule (README "NaN, inf and masking") runs in guard twins, launched after the everyday
 kernels (``fwd_guard``; every backward): the NaN flag ``nan_flag`` reads q, k and v once (three
@@ -28,8 +30,9 @@ import triton
 
 from .attention_bwd import _attn_bwd_dkdv, _attn_bwd_dq
 from .attention_fwd import _attn_fwd, _attn_topk_threshold, _dropout_mask_kernel
+from .attention_qk import _qk_rows, rows_config
 from .kinds import BIAS_ALIBI, BIAS_DENSE_BOOL, BIAS_DENSE_FLOAT, BIAS_NONE, BIAS_TABLE, MASK_BOOL, MASK_FLOAT, MASK_NONE
-from .tiles import config, precision_of, spec_class  # tile tables: kernels/tiles_sm80.json, tiles_sm90.json
+from .tiles import config, dq_class, precision_of, spec_class  # tile tables: kernels/tiles_sm80.json, tiles_sm90.json
 
 Tensor = torch.Tensor
 MAX_HEAD_DIM = 256
@@ -159,7 +162,8 @@ def _device_guard(device):
 
 
 class QKArgs(NamedTuple):
-    """The in-kernel QK features: the trailing arguments of both custom ops, in their order.
+    """The QK features: the trailing arguments of both custom ops, in their order (applied per row
+    by ``_qk_rows`` before the attention kernels; in-kernel by the decode kernel).
 
     groups > 0: grouped l2 norm; q_scale (h, d) and k_scale (hk, d) fp32 per-dim scales (both or
     neither); rot_dim > 0: rotary with inv_freq (rot_dim // 2,) fp32, xpos (rot_dim // 2,) fp32
@@ -184,7 +188,8 @@ NO_QK = QKArgs()
 
 
 def _qk_slots(q, qk: QKArgs):
-    """Kernel arguments of the in-kernel QK-norm / rotary / xpos: pointers, scalars, constexprs."""
+    """Kernel arguments of QK-norm / rotary / xpos (the row kernel's, the decode kernel's): pointers
+    (q scale, k scale, inv_freq, xpos), scalars (R, max_half, xpos_base, interp), constexprs."""
     qsc = qk.q_scale
     if qk.logit_scale is not None:  # a learned QK-norm logit scale: folded into q's dim scale
         qsc = qsc * qk.logit_scale
@@ -197,13 +202,6 @@ def _qk_slots(q, qk: QKArgs):
 
 def _uses_qk(meta) -> bool:
     return bool(meta["HAS_NORM"] or meta["HAS_DSCALE"] or meta["HAS_ROT"])
-
-
-def _dsc_sums(dqsc, dksc, has_dsc):
-    """Dim-scale gradients (h, d) / (hk, d) from the per-program partials (b, h|hk, blocks, d)."""
-    if not has_dsc:
-        return dqsc.new_empty(0), dksc.new_empty(0)
-    return dqsc.sum((0, 2)), dksc.sum((0, 2))
 
 
 class Varlen(NamedTuple):
@@ -280,6 +278,45 @@ def fwd_guard(mask_kind: int, bias_kind: int) -> int:
     return 1 if mask_kind == MASK_FLOAT or bias_kind == BIAS_DENSE_FLOAT else 2
 
 
+def _qk_rows_launch(x: Tensor, g: Optional[Tensor], y: Tensor, dsc_part: Tensor, is_key: bool, qk: QKArgs,
+                    b: int, nq: int, nk: int, q_offset: int, k_prefix: int, varlen: Optional[Varlen]):
+    """One launch of ``attention_qk._qk_rows`` over the rows of ``x`` (q: (b, h, nq, d); k: (b, hk, nk, d);
+    packed views under ``varlen``): ``y = x'`` (``g`` None) or ``y = dL/dx`` from ``g = dL/dx'``
+    (fp32), the dim-scale partials into ``dsc_part`` (b, heads, blocks, d) fp32."""
+    heads, n, d = x.shape[1], (nk if is_key else nq), x.shape[3]
+    cfg = rows_config(d)
+    ptrs, scal, meta = _qk_slots(x, qk)  # (q scale, k scale, inv_freq, xpos) pointers
+    cu_ptrs, cu_meta = _cu_args(varlen, x)
+    g = x if g is None else g
+    _qk_rows[(triton.cdiv(n, cfg["BLOCK_N"]) * b * heads,)](
+        x, g, y, ptrs[1] if is_key else ptrs[0], dsc_part, ptrs[2], ptrs[3], *cu_ptrs, *_strides(varlen, x, g, y),
+        heads, nq, nk, d, q_offset, k_prefix, *scal, IS_KEY=is_key, BACKWARD=g is not x, **meta, **cu_meta, **cfg)
+
+
+def _qk_apply(q: Tensor, k: Tensor, qk: QKArgs, b, nq, nk, q_offset, k_prefix, varlen) -> tuple[Tensor, Tensor]:
+    """(q', k'): the QK features applied once per row, in q's / k's dtype (call under the device guard)."""
+    qp, kp = torch.empty_like(q), torch.empty_like(k)
+    for x, y, is_key in ((q, qp, False), (k, kp, True)):
+        _qk_rows_launch(x, None, y, x, is_key, qk, b, nq, nk, q_offset, k_prefix, varlen)
+    return qp, kp
+
+
+def _qk_chain(q, k, dqp, dkp, qk: QKArgs, b, nq, nk, q_offset, k_prefix, varlen) -> tuple:
+    """(dq, dk, d q-scale (h, d) | (0,), d k-scale (hk, d) | (0,)) from the fp32 dL/dq', dL/dk' of the
+    attention backward: chained through the QK features per row; the dim-scale gradients summed
+    from per-block partials here (deterministic). Call under the device guard."""
+    has_dsc = _qk_slots(q, qk)[2]["HAS_DSCALE"]
+    out = []
+    for x, g, is_key, n in ((q, dqp, False, nq), (k, dkp, True, nk)):
+        dx = torch.empty_like(x)
+        blocks = triton.cdiv(n, rows_config(x.shape[3])["BLOCK_N"]) if has_dsc else 0
+        part = torch.zeros(b, x.shape[1], blocks, x.shape[3], dtype=torch.float32, device=x.device)
+        if x.numel():
+            _qk_rows_launch(x, g, dx, part, is_key, qk, b, nq, nk, q_offset, k_prefix, varlen)
+        out.append((dx, part.sum((0, 2)) if has_dsc else part.new_empty(0)))
+    return out[0][0], out[1][0], out[0][1], out[1][1]
+
+
 def _forward(q, k, v, slopes, table, mask, dense, scale, is_causal, q_offset, k_prefix, topk, dropout_p, seed,
              qk=NO_QK, gqa_repeat=False, varlen: Optional[Varlen] = None):
     q, k, v = (_narrow_cols(t) for t in (q, k, v))
@@ -293,9 +330,8 @@ def _forward(q, k, v, slopes, table, mask, dense, scale, is_causal, q_offset, k_
     stats = rows(b, h, 2, nq, dtype=torch.float32, device=q.device)  # row max, row sum
     has_topk = 0 < topk < nk
     thr = rows(b, h, nq if has_topk else 0, dtype=torch.float32, device=q.device)
-    qk_ptrs, qk_scal, qk_meta = _qk_slots(q, qk)
-    cls = spec_class(*_slots(q, slopes, table, mask, dense, b, h, nq, nk)[2:], has_topk, dropout_p > 0.0,
-                     _uses_qk(qk_meta))
+    uses_qk = _uses_qk(_qk_slots(q, qk)[2])  # applied to the rows first: not part of the kernels' class
+    cls = spec_class(*_slots(q, slopes, table, mask, dense, b, h, nq, nk)[2:], has_topk, dropout_p > 0.0)
     tprec = precision_of(_precision(q.dtype), q.element_size())
     cfg = config("fwd", d, dv, _arch(q.device), topk if has_topk else 0, precision=tprec, cls=cls)
     bm, bn = cfg["BLOCK_M"], cfg["BLOCK_N"]
@@ -305,27 +341,29 @@ def _forward(q, k, v, slopes, table, mask, dense, scale, is_causal, q_offset, k_
         return out, stats, thr
     cu_ptrs, cu_meta = _cu_args(varlen, stats)
     guard = fwd_guard(mask_kind, bias_kind)
-    # NANF (any pointer where no twin reads it); top-k's threshold twin runs on every top-k call
-    flag = nan_flag(q, k, v) if guard == 1 or has_topk else stats
     with _device_guard(q.device):
+        if uses_qk:
+            q, k = _qk_apply(q, k, qk, b, nq, nk, q_offset, k_prefix, varlen)
+        # NANF (any pointer where no twin reads it); top-k's threshold twin runs on every top-k call
+        flag = nan_flag(q, k, v) if guard == 1 or has_topk else stats
         if has_topk:
             cfg_thr = config("thr", d, dv, _arch(q.device), topk, precision=tprec, cls=cls)
             grid_thr = launch_grids(b, h, hk, nq, nk, dict(thr=_blocks(cfg_thr)))["thr"]
             for mode in (0, 1):
                 _attn_topk_threshold[grid_thr](
-                    q, k, thr, *ptrs, *qk_ptrs, *cu_ptrs, flag, *_strides(varlen, q, k), *scal,
-                    h, hk, nq, nk, d, q_offset, k_prefix, scale, topk, *qk_scal,
-                    IS_CAUSAL=is_causal, BIAS_KIND=bias_kind, MASK_KIND=mask_kind, PRECISION=prec, **qk_meta,
+                    q, k, thr, *ptrs, *cu_ptrs, flag, *_strides(varlen, q, k), *scal,
+                    h, hk, nq, nk, d, q_offset, k_prefix, scale, topk,
+                    IS_CAUSAL=is_causal, BIAS_KIND=bias_kind, MASK_KIND=mask_kind, PRECISION=prec,
                     GQA_REPEAT=gqa_repeat, **cu_meta, NAN_GUARD=mode, K2=triton.next_power_of_2(topk),
                     BLOCK_D=block_d(d), **cfg_thr)
         grid = launch_grids(b, h, hk, nq, nk, dict(fwd=(bm, bn)))["fwd"]
         for mode in (0, guard):  # the everyday kernel, then its guard twin
             _attn_fwd[grid](
-                q, k, v, out, stats, thr if has_topk else stats, *ptrs, *qk_ptrs, *cu_ptrs, flag,
+                q, k, v, out, stats, thr if has_topk else stats, *ptrs, *cu_ptrs, flag,
                 *_strides(varlen, q, k, v, out), *scal,
-                h, hk, nq, nk, d, dv, q_offset, k_prefix, scale, dropout_p, seed, *qk_scal,
+                h, hk, nq, nk, d, dv, q_offset, k_prefix, scale, dropout_p, seed,
                 IS_CAUSAL=is_causal, BIAS_KIND=bias_kind, MASK_KIND=mask_kind, HAS_TOPK=has_topk,
-                HAS_DROPOUT=dropout_p > 0.0, PRECISION=prec, **qk_meta, GQA_REPEAT=gqa_repeat, **cu_meta,
+                HAS_DROPOUT=dropout_p > 0.0, PRECISION=prec, GQA_REPEAT=gqa_repeat, **cu_meta,
                 NAN_GUARD=mode, BLOCK_M=bm, BLOCK_N=bn, BLOCK_D=block_d(d), BLOCK_DV=block_d(dv),
                 num_warps=cfg["num_warps"], num_stages=cfg["num_stages"])
     return out, stats, thr
@@ -336,39 +374,52 @@ def _backward(do, q, k, v, out, stats, thr, seed, slopes, table, mask, dense, sc
               gqa_repeat=False, varlen: Optional[Varlen] = None):
     do, q, k, v = (_narrow_cols(t) for t in (do, q, k, v))
     b, h, nq, d, hk, nk, dv = _sizes(q, k, v, varlen)
-    dq = torch.empty_like(q)
-    dk = torch.empty_like(k)
-    dvv = torch.empty_like(v)
     has_topk = 0 < topk < nk
     arch = _arch(q.device)
     tprec = precision_of(_precision(q.dtype), q.element_size())
-    qk_ptrs, qk_scal, qk_meta = _qk_slots(q, qk)
-    cls = spec_class(*_slots(q, slopes, table, mask, dense, b, h, nq, nk)[2:], has_topk, dropout_p > 0.0,
-                     _uses_qk(qk_meta))
+    uses_qk = _uses_qk(_qk_slots(q, qk)[2])  # applied to the rows first: not part of the kernels' class
+    cls = spec_class(*_slots(q, slopes, table, mask, dense, b, h, nq, nk)[2:], has_topk, dropout_p > 0.0)
     cfg_kv = config("dkdv", d, dv, arch, topk if has_topk else 0, precision=tprec, cls=cls)
-    cfg = config("dq", d, dv, arch, topk if has_topk else 0, precision=tprec, cls=cls)
+    cfg = config("dq", d, dv, arch, topk if has_topk else 0, precision=tprec, cls=dq_class(cls, need_dlsc))
     n_mblocks = triton.cdiv(nq, cfg["BLOCK_M"])
     dslopes = torch.zeros(b, h, n_mblocks if need_dslopes else 0, dtype=torch.float32, device=q.device)
     dtab = torch.zeros_like(table, dtype=torch.float32) if need_dtable else q.new_empty(0, dtype=torch.float32)
     dlsc = torch.zeros(b, h, n_mblocks if need_dlsc else 0, dtype=torch.float32, device=q.device)
     ds = torch.zeros(b, h, nq, nk, dtype=torch.float32, device=q.device) if need_ds else q.new_empty(0, dtype=torch.float32)
-    n_kblocks = triton.cdiv(nk, cfg_kv["BLOCK_N"])
-    has_dsc = qk_meta["HAS_DSCALE"]
-    # per-program partial sums of the dim-scale gradients (summed here: deterministic)
-    dqsc = torch.zeros(b, h, n_mblocks, d if has_dsc else 0, dtype=torch.float32, device=q.device)
-    dksc = torch.zeros(b, hk, n_kblocks, d if has_dsc else 0, dtype=torch.float32, device=q.device)
+    # with QK features the kernels take q', k' and give fp32 dL/dq', dL/dk' for ``_qk_chain``
+    grad_of = (lambda x: torch.empty_like(x, dtype=torch.float32)) if uses_qk else torch.empty_like
+    dq, dk, dvv = grad_of(q), grad_of(k), torch.empty_like(v)
     if b * h == 0 or nq == 0 or nk == 0:
         dq.zero_(), dk.zero_(), dvv.zero_()
-        return (dq, dk, dvv, dslopes.sum((0, 2)), dtab, ds, *_dsc_sums(dqsc, dksc, has_dsc),
-                dlsc.sum() if need_dlsc else dlsc.new_empty(0))
+    else:
+        with _device_guard(q.device):
+            qp, kp = _qk_apply(q, k, qk, b, nq, nk, q_offset, k_prefix, varlen) if uses_qk else (q, k)
+            dtab = _backward_kernels(do, qp, kp, v, out, stats, thr, seed, slopes, table, mask, dense, scale,
+                                     is_causal, q_offset, k_prefix, topk, dropout_p, (dq, dk, dvv, dslopes, dtab, ds,
+                                     dlsc), (cfg_kv, cfg), gqa_repeat, varlen)
+    dqsc, dksc = q.new_empty(0, dtype=torch.float32), q.new_empty(0, dtype=torch.float32)
+    if uses_qk:
+        with _device_guard(q.device):
+            dq, dk, dqsc, dksc = _qk_chain(q, k, dq, dk, qk, b, nq, nk, q_offset, k_prefix, varlen)
+    return dq, dk, dvv, dslopes.sum((0, 2)), dtab, ds, dqsc, dksc, dlsc.sum() if need_dlsc else dlsc.new_empty(0)
+
+
+def _backward_kernels(do, q, k, v, out, stats, thr, seed, slopes, table, mask, dense, scale, is_causal, q_offset,
+                      k_prefix, topk, dropout_p, bufs, cfgs, gqa_repeat, varlen):
+    """The dK/dV and dQ kernels and their guard twins into ``bufs`` (dq, dk, dv, ALiBi partials, table
+    gradient, dS, logit-scale partials; the unused ones (0,)-sized); -> the table gradient."""
+    dq, dk, dvv, dslopes, dtab, ds, dlsc = bufs
+    cfg_kv, cfg = cfgs
+    b, h, nq, d, hk, nk, dv = _sizes(q, k, v, varlen)
+    need_dslopes, need_dtable, need_ds, need_dlsc = (t.numel() > 0 for t in (dslopes, dtab, ds, dlsc))
     delta = (do.float() * out.float()).sum(-1)  # (b, h, nq): the preprocess, O(n)
     if varlen is not None:
         delta = _pad_rows(delta[0], varlen, nq)
     cu_ptrs, cu_meta = _cu_args(varlen, stats)
     ptrs, scal, bias_kind, mask_kind = _slots(q, slopes, table, mask, dense, b, h, nq, nk)
-    prec = _precision(q.dtype)
+    has_topk = 0 < topk < nk
     common = dict(IS_CAUSAL=is_causal, BIAS_KIND=bias_kind, MASK_KIND=mask_kind, HAS_TOPK=has_topk,
-                  HAS_DROPOUT=dropout_p > 0.0, PRECISION=prec, BLOCK_D=block_d(d), BLOCK_DV=block_d(dv), **qk_meta,
+                  HAS_DROPOUT=dropout_p > 0.0, PRECISION=_precision(q.dtype), BLOCK_D=block_d(d), BLOCK_DV=block_d(dv),
                   GQA_REPEAT=gqa_repeat, **cu_meta)
     thr_arg = thr if has_topk else stats
     seed = seed.to(q.device)  # the forward's device seed (a no-op); a host seed tensor is copied over
@@ -381,30 +432,24 @@ def _backward(do, q, k, v, out, stats, thr, seed, slopes, table, mask, dense, sc
 
     def dkdv(mode):
         _attn_bwd_dkdv[grids["dkdv"]](
-            q, k, v, do, dk, dvv, stats, delta, thr_arg, *ptrs, *qk_ptrs, dksc if has_dsc else stats, *cu_ptrs, flag,
+            q, k, v, do, dk, dvv, stats, delta, thr_arg, *ptrs, *cu_ptrs, flag,
             *_strides(varlen, q, k, v, do, dk, dvv), *scal,
-            h, hk, nq, nk, d, dv, q_offset, k_prefix, scale, dropout_p, seed, *qk_scal, **common, NAN_GUARD=mode,
-            **cfg_kv)
+            h, hk, nq, nk, d, dv, q_offset, k_prefix, scale, dropout_p, seed, **common, NAN_GUARD=mode, **cfg_kv)
 
     def dq_pass(mode, dtab_out):
         _attn_bwd_dq[grids["dq"]](
             q, k, v, do, dq, stats, delta, thr_arg, *ptrs, dslopes if need_dslopes else stats,
-            dtab_out if need_dtable else stats, ds if need_ds else stats, *qk_ptrs, dqsc if has_dsc else stats,
-            dlsc if need_dlsc else stats, *cu_ptrs, flag,
+            dtab_out if need_dtable else stats, ds if need_ds else stats, dlsc if need_dlsc else stats, *cu_ptrs, flag,
             *_strides(varlen, q, k, v, do, dq), *scal,
-            h, hk, nq, nk, d, dv, q_offset, k_prefix, scale, dropout_p, seed, *qk_scal,
+            h, hk, nq, nk, d, dv, q_offset, k_prefix, scale, dropout_p, seed,
             NEED_DSLOPE=need_dslopes, NEED_DTAB=need_dtable, NEED_DS=need_ds, NEED_DLSC=need_dlsc, **common,
             NAN_GUARD=mode, **cfg)
 
-    with _device_guard(q.device):
-        dkdv(False)
-        dq_pass(False, dtab)
-        dq_pass(True, dtab_guard)  # the twins: the dQ one first (it stores the delta the dK/dV one reads)
-        dkdv(True)
-    if need_dtable:
-        dtab = torch.where(flag != 0, dtab_guard, dtab)
-    return (dq, dk, dvv, dslopes.sum((0, 2)), dtab, ds, *_dsc_sums(dqsc, dksc, has_dsc),
-            dlsc.sum() if need_dlsc else dlsc.new_empty(0))
+    dkdv(False)
+    dq_pass(False, dtab)
+    dq_pass(True, dtab_guard)  # the twins: the dQ one first (it stores the delta the dK/dV one reads)
+    dkdv(True)
+    return torch.where(flag != 0, dtab_guard, dtab) if need_dtable else dtab
 
 
 # ----------------------------------------------------------------------------- custom ops
@@ -425,7 +470,7 @@ def attention_fwd(q: Tensor, k: Tensor, v: Tensor, slopes: Optional[Tensor], tab
     bias | dense: float or bool tensor broadcastable to (b,h,nq,nk); at most one of the three.
     mask: attn_mask, float or bool, broadcastable. topk 0: off. seed < 0: draw one on q's device
     with torch's generator (``_seed``: fresh per CUDA-graph replay); seed >= 0: reproducible.
-    q_scale ... logit_scale: the QK features (``QKArgs``), applied in-kernel to the q/k tiles.
+    q_scale ... logit_scale: the QK features (``QKArgs``), applied once per q/k row (``_qk_rows``).
     gqa_repeat: query head i reads kv head i % hk (x-transformers' order) instead of i // (h / hk).
     cu_seqlens_q / cu_seqlens_k (int32 (B + 1,), on q's device) given: a packed batch of B sequences
     (``Varlen``): q/k/v are the packed (total, heads, d) tensors seen as (1, heads, total, d), every
@@ -468,7 +513,7 @@ def attention_bwd(do: Tensor, q: Tensor, k: Tensor, v: Tensor, out: Tensor, stat
                   max_seqlen_k: int = 0) -> tuple[Tensor, Tensor, Tensor, Tensor, Tensor, Tensor, Tensor, Tensor, Tensor]:
     """-> (dq, dk, dv, dslopes (h,)|(0,), dtable like table|(0,), dS (b,h,nq,nk) fp32 | (0,),
     d q_scale (h, d) fp32 | (0,), d k_scale (hk, d) fp32 | (0,), sum of dS * (q'.k') * scale 0-d
-    fp32 | (0,)): the QK features are recomputed in-kernel and the gradients chained back to the
+    fp32 | (0,)): q' and k' are recomputed per row and the gradients chained back to the
     raw q and k; the dim-scale gradients are those of the effective q scale (q_scale * logit_scale).
     seed: the forward's 0-d int64 seed tensor, read by the kernels on the device (no host sync).
     cu_seqlens_q ... max_seqlen_k: a packed batch, as in ``attention_fwd`` (b, nq, nk of dS: B,

@@ -13,10 +13,13 @@ class, precision and padded head dim, stored under the key ``"<kind>/<cls>/<prec
   fp32 there runs the reference path);
 - cls: the specialization class (``spec_class``), lightest first: ``plain`` < ``posbias`` <
   ``dense`` < ``qk`` < ``heavy``. Each class's entry was compiled (``kernels/aot.py --pick``)
-  with the heaviest switch combinations of its own class *and every lighter one* (a ``qk``
+  with the heaviest switch combinations of its own class *and every lighter one* (a ``heavy``
   entry also holds ALiBi + a bool mask, a dense float bias + a float mask, a distance table, and
   their gradients in dq), so a lookup that finds no entry for its class may fall back to the
-  next heavier class -- never to a lighter one, whose tiles were never checked with its switches;
+  next heavier class -- never to a lighter one, whose tiles were never checked with its switches.
+  ``qk`` (in-kernel QK features) is the decode kernel's only: fwd, thr, dkdv and dq take q' / k'
+  from the row kernel (``attention_qk``), so QK features add nothing to their class (the
+  learned QK-norm scale's gradient takes the dq kernel's ``heavy`` tile: ``dq_class``);
 - precision: ``16bit`` (fp16/bf16 inputs), ``tf32`` (fp32 inputs with
   ``torch.backends.cuda.matmul.allow_tf32``: tensor cores on 4-byte operands, so twice the shared
   memory of 16 bit and tiles of their own), ``ieee`` (fp32 inputs, exact products: FMA tiles, no
@@ -24,12 +27,12 @@ class, precision and padded head dim, stored under the key ``"<kind>/<cls>/<prec
   ``heavy``: register-bound FMA tiles gain little from the lighter switches);
 - bd: ``max(32, next_pow2(max(d, dv)))``, one of 32, 64, 128, 256.
 
-TF32 on sm_90: a TF32 ``tl.dot`` whose operand comes out of the in-kernel rotary (the q'/k' tiles
-of the ``qk`` and ``heavy`` classes) does not compile in its wgmma form under triton 3.6 or 3.9
-(``LLVM ERROR: Illegal shared layout`` in TritonGPUOptimizeDotOperands, issue 11); Triton takes
-wgmma only for 64-row dots, so those entries hold tiles of at most 32 rows in every dot (dQ:
-BLOCK_M; dK/dV: BLOCK_M and BLOCK_N), which compile to mma.sync. The search found them by
-compiling, not by a rule: ``kernels/aot.py --pick`` skips candidates that fail to compile.
+TF32 on sm_90: a TF32 ``tl.dot`` whose operand came out of the in-kernel rotary (the q'/k' tiles
+of the former ``qk`` and ``heavy`` classes of fwd/dkdv/dq) did not compile in its wgmma form under
+triton 3.6 or 3.9 (``LLVM ERROR: Illegal shared layout`` in TritonGPUOptimizeDotOperands, issue
+11); the search (``kernels/aot.py --pick`` skips candidates that fail to compile) gave the TF32
+``heavy`` entries tiles of at most 32 rows in every dot. Since the QK features moved to the row
+kernel those entries are merely conservative (not re-picked); the decode kernel keeps its own.
 
 Each file holds ``arch``, ``tiles`` (the entries), ``evidence`` (the source of every entry not
 named in ``evidence_keys``: "aot no-spill 3.6+3.9", the largest candidate that compiled with no
@@ -62,6 +65,7 @@ import re
 from . import kinds
 
 CLASSES = ("plain", "posbias", "dense", "qk", "heavy")  # lightest first: spec_class picks the heaviest that applies
+ATTN_CLASSES = ("plain", "posbias", "dense", "heavy")  # those of fwd/thr/dkdv/dq (qk: the decode kernel only)
 KINDS = ("fwd", "thr", "thrwide", "dkdv", "dq", "decode")
 PRECISIONS = ("16bit", "tf32", "ieee")
 HEAD_DIMS = (32, 64, 128, 256)
@@ -92,12 +96,13 @@ class UnsupportedConfig(TileConfigError):
 
 # ----------------------------------------------------------------------------- classes
 
-def spec_class(bias_kind: int, mask_kind: int, has_topk: bool, has_dropout: bool, qk: bool) -> str:
+def spec_class(bias_kind: int, mask_kind: int, has_topk: bool, has_dropout: bool, qk: bool = False) -> str:
     """The specialization class of one launch: the heaviest that applies, in the order
     ``plain < posbias < dense < qk < heavy``.
 
     bias_kind: BIAS_* (0 none, 1 ALiBi, 2 distance table, 3 dense float, 4 dense bool);
-    mask_kind: MASK_* (0 none, 1 float, 2 bool); qk: QK-norm / dim scales / rotary in-kernel.
+    mask_kind: MASK_* (0 none, 1 float, 2 bool); qk: QK-norm / dim scales / rotary in-kernel (the
+    decode kernel; the other kernels take q' / k' from the row kernel and leave it False).
     heavy: top-k and/or dropout; qk: QK features; dense: a dense bias or any attn_mask;
     posbias: ALiBi or a distance table (T5 included); plain: none of these."""
     if has_topk or has_dropout:
@@ -111,6 +116,14 @@ def spec_class(bias_kind: int, mask_kind: int, has_topk: bool, has_dropout: bool
     if bias_kind:
         raise TileConfigError(f"unknown bias_kind {bias_kind}")
     return "plain"
+
+
+def dq_class(cls: str, need_dlsc: bool) -> str:
+    """The dQ kernel's class: ``heavy`` when it forms a learned QK-norm scale's gradient (NEED_DLSC,
+    one more (BLOCK_M, BLOCK_N) fp32 tile live), else the launch's class. The lighter classes' dq
+    tiles spill with it (AOT 2026-11-28: 24-272 B, e.g. sm_90 TF32 d128 plain, sm_90 16-bit d128
+    with a distance table); the heavy ones were picked with it among their representatives."""
+    return "heavy" if need_dlsc else cls
 
 
 def precision_of(kernel_precision: str, element_size: int) -> str:

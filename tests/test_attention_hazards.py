@@ -197,7 +197,7 @@ def test_dense_bool_mask_with_row_offsets_past_2_31():
 
 # ----------------------------------------------------------------------------- device guard
 
-KERNELS = ("_attn_topk_threshold", "_attn_fwd", "_attn_bwd_dkdv", "_attn_bwd_dq", "_dropout_mask_kernel")
+KERNELS = ("_attn_topk_threshold", "_attn_fwd", "_attn_bwd_dkdv", "_attn_bwd_dq", "_dropout_mask_kernel", "_qk_rows")
 
 
 def test_device_guard_is_the_tensors_device():
@@ -207,7 +207,7 @@ def test_device_guard_is_the_tensors_device():
 
 
 def test_every_launch_runs_under_the_device_guard(monkeypatch):
-    """Each of the five kernels is launched inside ``_device_guard(q.device)`` (spied: the guard
+    """Each of the six kernels (QK-norm on: the row kernel too) is launched inside ``_device_guard(q.device)`` (spied: the guard
     records the device it is entered for, each kernel's launch records the guards it runs under)."""
     active, launches = [], []
 
@@ -222,7 +222,7 @@ def test_every_launch_runs_under_the_device_guard(monkeypatch):
     monkeypatch.setattr(attention_op, "_device_guard", guard)
     spy_launches(monkeypatch, attention_op, KERNELS, lambda name, args, kwargs: launches.append((name, list(active))))
     q, k, v = (torch.randn(1, 2, 9, 16, device=DEV, requires_grad=True) for _ in range(3))
-    out = torch.ops.xtk.attention_fwd(q, k, v, None, None, None, None, 0.25, True, 0, 0, 3, 0.2, 5)[0]
+    out = torch.ops.xtk.attention_fwd(q, k, v, None, None, None, None, 0.25, True, 0, 0, 3, 0.2, 5, groups=2)[0]
     out.sum().backward()
     attention_op.dropout_keep_mask(5, 1, 2, 9, 9, 0.2, DEV)  # a device string: the guard takes the resolved device
     assert sorted({n for n, _ in launches}) == sorted(KERNELS), launches  # (and the NaN-rule guard twins)

@@ -98,30 +98,29 @@ def test_learned_qk_scale_gradient_bf16_over_seeds():
     assert k_mean <= 2 * e_mean, f"dscale mean error: kernel {errs['kernel']} vs eager {errs['eager']}"
 
 
-def test_qk_features_materialize_no_q_or_k_copy():
-    """The forward allocates nothing of q's or k's size: QK-norm and rotary/xpos happen on the tiles."""
-    from torch.utils._python_dispatch import TorchDispatchMode
+def test_qk_features_run_once_per_row(monkeypatch):
+    """QK-norm, dim scales and rotary/xpos run once per q and k row (``attention_qk._qk_rows``: one
+    launch over q's rows, one over k's, each row block once), not once per tile pair inside the
+    attention kernels; the backward chains dL/dq', dL/dk' back the same way (two more launches)."""
+    from launch_spy import spy_launches
     b, h, hk, nq, nk, d, dv = 1, 4, 2, 24, 40, 16, 8
-    q, k = torch.randn(b, h, nq, d, device=DEV), torch.randn(b, hk, nk, d, device=DEV)
+    q = torch.randn(b, h, nq, d, device=DEV, requires_grad=True)
+    k = torch.randn(b, hk, nk, d, device=DEV, requires_grad=True)
     v = torch.randn(b, hk, nk, dv, device=DEV)
     qs, ks = torch.rand(h, 1, d, device=DEV) + 0.5, torch.rand(hk, 1, d, device=DEV) + 0.5
-    sizes = []
-
-    class Record(TorchDispatchMode):
-        def __torch_dispatch__(self, func, types, args=(), kwargs=None):
-            out = func(*args, **(kwargs or {}))
-            sizes.extend(t.numel() for t in (out if isinstance(out, (tuple, list)) else [out])
-                         if isinstance(t, torch.Tensor))
-            return out
-
+    launches = []
+    spy_launches(monkeypatch, attention_op, ["_qk_rows"], lambda name, args, kw: launches.append(
+        (kw["IS_KEY"], kw["BACKWARD"], args[21])))  # args[21]: HEADS
     kw = dict(is_causal=True, enable_gqa=True, qk_norm=QKNorm(groups=2, scale=d ** -0.5, q_dim_scale=qs, k_dim_scale=ks),
               rotary=Rotary(8, rotary_inv_freq(8, device=DEV), xpos_scale=xpos_scale(8, device=DEV)))
-    with Record():
-        out = xtk.attention(q, k, v, backend="triton", **kw)
-    assert sizes and not {q.numel(), k.numel()} & set(sizes), sizes
+    out = xtk.attention(q, k, v, backend="triton", **kw)
+    assert sorted(launches) == [(False, False, h), (True, False, hk)]
+    out.sum().backward()
+    # the backward recomputes q', k' (two launches) and chains both gradients (two more)
+    assert sorted(launches[2:]) == [(False, False, h), (False, True, h), (True, False, hk), (True, True, hk)]
     kw.pop("enable_gqa")
-    want = reference(q.double(), k.double(), v.double(), **kw)
-    assert (out.double() - want).abs().max() < 1e-4
+    want = reference(q.detach().double(), k.detach().double(), v.double(), **kw)
+    assert (out.detach().double() - want).abs().max() < 1e-4
 
 
 # ----------------------------------------------------------------------------- dropout

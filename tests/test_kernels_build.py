@@ -104,12 +104,12 @@ def test_ptxas_reports_no_spills(aot_results):
 def test_tensor_cores_used(aot_results):
     """16-bit and TF32 specializations use tensor cores: ``wgmma`` on sm_90 wherever the tile has
     64-row blocks at 16 bit (Triton's wgmma needs M >= 64), ``mma.sync`` otherwise (sm_80/86, and
-    the sm_90 tiles of 16-32 rows: the TF32 QK-feature tiles, see kernels/tiles.py, and the
+    the sm_90 tiles of 16-32 rows: the TF32 heavy tiles, see kernels/tiles.py, and the
     heavy classes at large head dims). fp32 with exact products runs FMA."""
     bad = []
     for r in _ok(aot_results):
         s, cfg = r["spec"], r["config"]
-        if s["precision"] == "ieee" or s["kind"] == "combine":  # combine: a weighted sum, no dot
+        if s["precision"] == "ieee" or s["kind"] in ("combine", "qkrows"):  # weighted sums / row math, no dot
             continue
         if s["switches"].get("NAN_GUARD") == 2:  # the forward's empty-row twin: loads and stores, no dot
             continue
@@ -137,14 +137,15 @@ def _table_entries():
 def test_set_compiles_every_shipped_entry(aot_results):
     """Every tile of both tables (each kind, precision, head dim and class) was compiled here."""
     seen = {(r["spec"]["cc"], r["spec"]["kind"], r["spec"]["precision"], r["spec"]["d"],
-             tuple(r["config"][n] for n in ("BLOCK_M", "BLOCK_N", "num_warps", "num_stages"))) for r in aot_results}
+             tuple(r["config"][n] for n in ("BLOCK_M", "BLOCK_N", "num_warps", "num_stages")))
+            for r in aot_results if r["spec"]["kind"] != "qkrows"}  # the row kernel: a fixed tile, no table
     missing = sorted(_table_entries() - seen)
     assert not missing, missing
 
 
 def test_set_covers_every_switch_kernel_arch_and_precision(aot_results):
     specs = [r["spec"] for r in aot_results]
-    assert {s["kind"] for s in specs} == {"fwd", "thr", "dkdv", "dq", "decode", "combine"}
+    assert {s["kind"] for s in specs} == {"fwd", "thr", "dkdv", "dq", "decode", "combine", "qkrows"}
     assert {80, 90} <= {s["cc"] for s in specs}
     assert {32, 64, 128, 256} <= {s["d"] for s in specs}
     assert {"float16", "bfloat16", "float32"} <= {s["dtype"] for s in specs}
@@ -155,16 +156,29 @@ def test_set_covers_every_switch_kernel_arch_and_precision(aot_results):
                  ("NEED_DTAB", 1), ("NEED_DS", 1), ("NEED_DLSC", 1), ("HAS_NORM", 1), ("GROUPS", 2), ("HAS_DSCALE", 1),
                  ("HAS_ROT", 1), ("HAS_XPOS", 1)]:
         assert need in seen, need
-    # the in-kernel QK features with TF32 (the sm_90 'Illegal shared layout' of issue 11) in every
-    # kernel on both archs, and with the heaviest switches
-    for kind in ("fwd", "thr", "dkdv", "dq"):
-        for cc in (80, 90):
-            assert any(s["kind"] == kind and s["cc"] == cc and s["precision"] == "tf32" and s["switches"].get("HAS_ROT")
-                       for s in specs), (kind, cc)
+    # the heaviest switches (a position bias or dense bias, a float mask, top-k, dropout) in each kernel
+    # the QK row kernel: forward and backward, q and k rows, every feature, each dtype, packed batches
+    rows = [s for s in specs if s["kind"] == "qkrows"]
+    for cc in (80, 90):
+        for backward, is_key in ((0, 0), (0, 1), (1, 0), (1, 1)):
+            assert any(s["cc"] == cc and s["switches"].get("BACKWARD", 0) == backward and s["switches"].get("IS_KEY", 0)
+                       == is_key and all(s["switches"].get(n) for n in QK + ("HAS_XPOS",)) for s in rows)
+        assert {s["dtype"] for s in rows if s["cc"] == cc} == {"float16", "bfloat16", "float32"}
+        assert {s["d"] for s in rows if s["cc"] == cc} == {32, 64, 128, 256}
+        assert any(s["cc"] == cc and s["switches"].get("VARLEN") for s in rows)
     for kind in ("fwd", "dkdv", "dq"):
         for cc in (80, 90):
             sw = [s["switches"] for s in specs if s["kind"] == kind and s["cc"] == cc]
-            assert any(any(w.get(n) for n in QK) and w.get("HAS_DROPOUT") and w.get("HAS_TOPK") for w in sw), (kind, cc)
+            assert any(w.get("BIAS_KIND") and w.get("MASK_KIND") and w.get("HAS_DROPOUT") and w.get("HAS_TOPK")
+                       for w in sw), (kind, cc)
+    # the learned QK-norm scale's gradient (NEED_DLSC) with each class's switches, at the dq kernel's
+    # heavy tile (tiles.dq_class), TF32 included
+    from xtk.kernels import aot
+    dlsc = [s for s in specs if s["kind"] == "dq" and s["switches"].get("NEED_DLSC")]
+    assert {aot.spec_cls(s) for s in dlsc} == {"heavy"}
+    assert {0, 1, 2} <= {s["switches"].get("BIAS_KIND", 0) for s in dlsc}
+    assert any(s["switches"].get("MASK_KIND") for s in dlsc)
+    assert {80, 90} <= {s["cc"] for s in dlsc if s["precision"] == "tf32"}
     assert any(s["kind"] == "thr" and s.get("topk") == 128 for s in specs)
     # the NaN rule's guard twins: each kernel's flagged twin on both archs, the forward's empty-row twin
     for kind in ("fwd", "dkdv", "dq"):

@@ -3,7 +3,8 @@
 Under ``TRITON_INTERPRET=1`` the launcher runs 32x32 tiles (the interpreter's speed), so the
 tiles a GPU runs were never executed by a test. Here ``XTK_INTERPRET_TILES=sm80|sm90`` makes the
 launcher take that arch's shipped table, and a covering set of cases -- every specialization class
-(plain, posbias, dense, qk, heavy) at every padded head dim (32..256), each class and each head
+of the attention kernels (plain, posbias, dense, heavy; qk is the decode kernel's) at every padded
+head dim (32..256), each class and each head
 dim in every precision (fp32 with TF32 allowed, fp32 exact, 16 bit), on both tables -- runs
 forward and backward against the eager reference by the 2x rule (tests/tolerance.py). Sizes are
 small but never below the tiles: each launch covers at least two query blocks (one partial)
@@ -33,7 +34,7 @@ if not CUDA and os.environ.get("TRITON_INTERPRET") != "1":
 from xtk.kernels import attention_op, tiles  # noqa: E402  (after the interpreter switch)
 
 DEV = "cuda" if CUDA else "cpu"
-CLASSES = tiles.CLASSES
+CLASSES = tiles.ATTN_CLASSES
 DIMS = tiles.HEAD_DIMS
 PRECISIONS = ("tf32", "ieee", "16bit")
 
@@ -59,7 +60,8 @@ def _dtype(precision, d):
 
 def _sizes(arch, cls, d, precision):
     """nq, nk: past the largest BLOCK_M (two query blocks, one partial) and BLOCK_N of the launches."""
-    cfgs = [tiles.lookup(kind, arch, d, precision, cls)[1] for kind in ("fwd", "dkdv", "dq")]
+    cfgs = [tiles.lookup(kind, arch, d, precision, tiles.dq_class(cls, cls == "plain") if kind == "dq" else cls)[1]
+            for kind in ("fwd", "dkdv", "dq")]
     bm = max(c[0] for c in cfgs)
     bn = max(max(c[1] for c in cfgs), max(c[0] for c in cfgs[1:2]))
     return bm + 5, max(2 * bn - 3, bm + 9)
@@ -67,9 +69,10 @@ def _sizes(arch, cls, d, precision):
 
 def make(cls, d, nq, nk, dtype):
     """(inputs, grad names, kw builder) for one class: causal GQA 2->1 attention plus
-    plain: nothing; posbias: learned ALiBi slopes (d 32/128) or a T5 table (d 64/256);
-    dense: a dense float bias with grad and a bool key mask; qk: grouped QK-norm with learned
-    dim scales, rotary + xpos, ALiBi; heavy: top-k with ALiBi and a bool key mask.
+    plain: grouped QK-norm with learned dim scales and a learned scale (whose gradient the dq
+    kernel forms at the plain tile), rotary + xpos -- QK features leave the class as it is;
+    posbias: learned ALiBi slopes (d 32/128) or a T5 table (d 64/256);
+    dense: a dense float bias with grad and a bool key mask; heavy: top-k with ALiBi and a bool key mask.
 
     heavy's q and k are small integers (scale 8/d, power-of-two slopes): every logit is exact, so
     the threshold pass and the passes that compare against it agree whatever their tiles (random
@@ -83,9 +86,9 @@ def make(cls, d, nq, nk, dtype):
         inputs["k"] = torch.randint(-2, 3, (1, hk, nk, d), device=DEV).float()
     grads = ["q", "k", "v"]
     t5 = cls == "posbias" and d in (64, 256)
-    if cls in ("posbias", "qk", "heavy") and not t5:
+    if cls in ("posbias", "heavy") and not t5:
         inputs["slopes"] = torch.tensor(alibi_slopes(h), device=DEV)
-        if cls == "posbias":  # with QK features the slope gradient is marginal for eager fp32 too (any tile)
+        if cls == "posbias":
             grads.append("slopes")
     if t5:
         inputs["t5table"] = torch.randn(32, h, device=DEV)
@@ -97,13 +100,14 @@ def make(cls, d, nq, nk, dtype):
         m = torch.rand(1, 1, 1, nk, device=DEV) > 0.2
         m[..., :3] = True
         inputs["keymask"] = m
-    if cls == "qk":
+    if cls == "plain":
         inputs["qs"] = torch.rand(h, 1, d, device=DEV) + 0.5
         inputs["ks"] = torch.rand(hk, 1, d, device=DEV) + 0.5
-        grads += ["qs", "ks"]
+        inputs["lam"] = torch.tensor(4.0, device=DEV)
+        grads += ["qs", "ks", "lam"]
     rd = min(d, 32)
 
-    def kw(slopes=None, t5table=None, dense=None, keymask=None, qs=None, ks=None):
+    def kw(slopes=None, t5table=None, dense=None, keymask=None, qs=None, ks=None, lam=None):
         out = dict(is_causal=True, q_offset=nk - nq if nk > nq else 0, k_prefix=2)
         if slopes is not None:
             out["bias"] = Alibi(slopes)
@@ -114,7 +118,7 @@ def make(cls, d, nq, nk, dtype):
         if keymask is not None:
             out["attn_mask"] = keymask
         if qs is not None:
-            out["qk_norm"] = QKNorm(groups=2, scale=d ** -0.5 * 4, q_dim_scale=qs, k_dim_scale=ks)
+            out["qk_norm"] = QKNorm(groups=2, scale=lam, q_dim_scale=qs, k_dim_scale=ks)
             out["rotary"] = Rotary(rd, rotary_inv_freq(rd, device=DEV), xpos_scale=xpos_scale(rd, device=DEV))
         if cls == "heavy":
             out.update(topk=8, scale=8.0 / d)  # a power of two: logits stay exact, of size ~1 at every d
@@ -160,9 +164,10 @@ def test_shipped_tiles_in_interpreter(arch, cls, d, precision, monkeypatch, reco
     kinds = {c[0] for c in recorded}
     assert {"fwd", "dkdv", "dq"} <= kinds and ("thr" in kinds) == (cls == "heavy"), kinds
     for kind, prec, got_cls, cfg in recorded:
-        assert (prec, got_cls) == (precision, cls), (kind, prec, got_cls)
+        want_cls = tiles.dq_class(cls, cls == "plain") if kind == "dq" else cls  # plain: a learned QK-norm scale
+        assert (prec, got_cls) == (precision, want_cls), (kind, prec, got_cls)
         if kind != "thr":
-            want = tiles.lookup(kind, arch, d, precision, cls)[1]
+            want = tiles.lookup(kind, arch, d, precision, want_cls)[1]
             assert (cfg["BLOCK_M"], cfg["BLOCK_N"], cfg["num_warps"], cfg["num_stages"]) == want, (kind, cfg, want)
 
 

@@ -1,8 +1,8 @@
 """The ``triton`` attention backend: ``xtk.attention``'s inputs as the arguments of the Triton kernels.
 
 Data flow: ``xtk.attention`` validates -> ``backends.pick`` -> ``BACKEND.run(inputs)`` here: QK-norm
-and rotary/xpos become ``QKArgs`` (``_qk_args``; applied in-kernel to the q/k tiles, forward and
-backward), the bias descriptor gives its kernel arguments itself (``Bias.kernel_args``: ALiBi slopes
+and rotary/xpos become ``QKArgs`` (``_qk_args``; applied once per q/k row before the attention
+kernels, forward and backward), the bias descriptor gives its kernel arguments itself (``Bias.kernel_args``: ALiBi slopes
 padded to all heads, T5 as a per-distance table gathered with the reference bucket function, so
 autograd carries its gradient), then the custom op ``torch.ops.xtk.attention_fwd``
 (``xtk/kernels/attention_op.py``, launchers and autograd rule).
@@ -30,11 +30,11 @@ def _dim_scale(t, heads: int, d: int):
 
 
 def _qk_args(inputs) -> tuple[QKArgs, float]:
-    """QK-norm and rotary/xpos as arguments of the attention kernels (applied in-kernel to the q/k
-    tiles, positions computed there: no q'/k' tensor, no (n, d) cos/sin table); -> (qk, scale).
+    """QK-norm and rotary/xpos as arguments of the attention op (applied once per q/k row by the row
+    kernel before the attention kernels, positions computed there: no (n, d) cos/sin table); -> (qk, scale).
 
     Dim scales go in as (h, d) / (hk, d) fp32 views built with differentiable torch ops, so their
-    gradients (computed in-kernel) reach the (h|hk, 1, d) parameters through autograd. A tensor
+    gradients (formed by the row kernel) reach the (h|hk, 1, d) parameters through autograd. A tensor
     (learned) QK-norm scale goes in as ``logit_scale``: the op multiplies it into q's dim scale
     (rotary is linear, so scaling q' scales the logits; the kernel scale becomes 1) and forms its
     gradient from fp32 dS in the dq kernel."""
