@@ -278,41 +278,43 @@ def fwd_guard(mask_kind: int, bias_kind: int) -> int:
     return 1 if mask_kind == MASK_FLOAT or bias_kind == BIAS_DENSE_FLOAT else 2
 
 
-def _qk_rows_launch(x: Tensor, g: Optional[Tensor], y: Tensor, dsc_part: Tensor, is_key: bool, qk: QKArgs,
+def _qk_rows_launch(x: Tensor, g: Optional[Tensor], y: Tensor, dsc_part: Tensor, is_key: bool, slots: tuple,
                     b: int, nq: int, nk: int, q_offset: int, k_prefix: int, varlen: Optional[Varlen]):
     """One launch of ``attention_qk._qk_rows`` over the rows of ``x`` (q: (b, h, nq, d); k: (b, hk, nk, d);
     packed views under ``varlen``): ``y = x'`` (``g`` None) or ``y = dL/dx`` from ``g = dL/dx'``
-    (fp32), the dim-scale partials into ``dsc_part`` (b, heads, blocks, d) fp32."""
+    (fp32), the dim-scale partials into ``dsc_part`` (b, heads, blocks, d) fp32. ``slots``: the
+    call's ``_qk_slots`` (formed once per call: it multiplies a learned scale into q's)."""
     heads, n, d = x.shape[1], (nk if is_key else nq), x.shape[3]
     cfg = rows_config(d)
-    ptrs, scal, meta = _qk_slots(x, qk)  # (q scale, k scale, inv_freq, xpos) pointers
+    ptrs, scal, meta = slots  # (q scale, k scale, inv_freq, xpos) pointers
     cu_ptrs, cu_meta = _cu_args(varlen, x)
-    g = x if g is None else g
+    backward = g is not None
+    g = g if backward else x  # any pointer: the forward never reads G
     _qk_rows[(triton.cdiv(n, cfg["BLOCK_N"]) * b * heads,)](
         x, g, y, ptrs[1] if is_key else ptrs[0], dsc_part, ptrs[2], ptrs[3], *cu_ptrs, *_strides(varlen, x, g, y),
-        heads, nq, nk, d, q_offset, k_prefix, *scal, IS_KEY=is_key, BACKWARD=g is not x, **meta, **cu_meta, **cfg)
+        heads, nq, nk, d, q_offset, k_prefix, *scal, IS_KEY=is_key, BACKWARD=backward, **meta, **cu_meta, **cfg)
 
 
-def _qk_apply(q: Tensor, k: Tensor, qk: QKArgs, b, nq, nk, q_offset, k_prefix, varlen) -> tuple[Tensor, Tensor]:
+def _qk_apply(q: Tensor, k: Tensor, slots: tuple, b, nq, nk, q_offset, k_prefix, varlen) -> tuple[Tensor, Tensor]:
     """(q', k'): the QK features applied once per row, in q's / k's dtype (call under the device guard)."""
     qp, kp = torch.empty_like(q), torch.empty_like(k)
     for x, y, is_key in ((q, qp, False), (k, kp, True)):
-        _qk_rows_launch(x, None, y, x, is_key, qk, b, nq, nk, q_offset, k_prefix, varlen)
+        _qk_rows_launch(x, None, y, x, is_key, slots, b, nq, nk, q_offset, k_prefix, varlen)
     return qp, kp
 
 
-def _qk_chain(q, k, dqp, dkp, qk: QKArgs, b, nq, nk, q_offset, k_prefix, varlen) -> tuple:
+def _qk_chain(q, k, dqp, dkp, slots: tuple, b, nq, nk, q_offset, k_prefix, varlen) -> tuple:
     """(dq, dk, d q-scale (h, d) | (0,), d k-scale (hk, d) | (0,)) from the fp32 dL/dq', dL/dk' of the
     attention backward: chained through the QK features per row; the dim-scale gradients summed
     from per-block partials here (deterministic). Call under the device guard."""
-    has_dsc = _qk_slots(q, qk)[2]["HAS_DSCALE"]
+    has_dsc = slots[2]["HAS_DSCALE"]
     out = []
     for x, g, is_key, n in ((q, dqp, False, nq), (k, dkp, True, nk)):
         dx = torch.empty_like(x)
         blocks = triton.cdiv(n, rows_config(x.shape[3])["BLOCK_N"]) if has_dsc else 0
         part = torch.zeros(b, x.shape[1], blocks, x.shape[3], dtype=torch.float32, device=x.device)
         if x.numel():
-            _qk_rows_launch(x, g, dx, part, is_key, qk, b, nq, nk, q_offset, k_prefix, varlen)
+            _qk_rows_launch(x, g, dx, part, is_key, slots, b, nq, nk, q_offset, k_prefix, varlen)
         out.append((dx, part.sum((0, 2)) if has_dsc else part.new_empty(0)))
     return out[0][0], out[1][0], out[0][1], out[1][1]
 
@@ -330,7 +332,8 @@ def _forward(q, k, v, slopes, table, mask, dense, scale, is_causal, q_offset, k_
     stats = rows(b, h, 2, nq, dtype=torch.float32, device=q.device)  # row max, row sum
     has_topk = 0 < topk < nk
     thr = rows(b, h, nq if has_topk else 0, dtype=torch.float32, device=q.device)
-    uses_qk = _uses_qk(_qk_slots(q, qk)[2])  # applied to the rows first: not part of the kernels' class
+    qk_slots = _qk_slots(q, qk)
+    uses_qk = _uses_qk(qk_slots[2])  # applied to the rows first: not part of the kernels' class
     cls = spec_class(*_slots(q, slopes, table, mask, dense, b, h, nq, nk)[2:], has_topk, dropout_p > 0.0)
     tprec = precision_of(_precision(q.dtype), q.element_size())
     cfg = config("fwd", d, dv, _arch(q.device), topk if has_topk else 0, precision=tprec, cls=cls)
@@ -343,7 +346,7 @@ def _forward(q, k, v, slopes, table, mask, dense, scale, is_causal, q_offset, k_
     guard = fwd_guard(mask_kind, bias_kind)
     with _device_guard(q.device):
         if uses_qk:
-            q, k = _qk_apply(q, k, qk, b, nq, nk, q_offset, k_prefix, varlen)
+            q, k = _qk_apply(q, k, qk_slots, b, nq, nk, q_offset, k_prefix, varlen)
         # NANF (any pointer where no twin reads it); top-k's threshold twin runs on every top-k call
         flag = nan_flag(q, k, v) if guard == 1 or has_topk else stats
         if has_topk:
@@ -377,7 +380,8 @@ def _backward(do, q, k, v, out, stats, thr, seed, slopes, table, mask, dense, sc
     has_topk = 0 < topk < nk
     arch = _arch(q.device)
     tprec = precision_of(_precision(q.dtype), q.element_size())
-    uses_qk = _uses_qk(_qk_slots(q, qk)[2])  # applied to the rows first: not part of the kernels' class
+    qk_slots = _qk_slots(q, qk)
+    uses_qk = _uses_qk(qk_slots[2])  # applied to the rows first: not part of the kernels' class
     cls = spec_class(*_slots(q, slopes, table, mask, dense, b, h, nq, nk)[2:], has_topk, dropout_p > 0.0)
     cfg_kv = config("dkdv", d, dv, arch, topk if has_topk else 0, precision=tprec, cls=cls)
     cfg = config("dq", d, dv, arch, topk if has_topk else 0, precision=tprec, cls=dq_class(cls, need_dlsc))
@@ -389,18 +393,17 @@ def _backward(do, q, k, v, out, stats, thr, seed, slopes, table, mask, dense, sc
     # with QK features the kernels take q', k' and give fp32 dL/dq', dL/dk' for ``_qk_chain``
     grad_of = (lambda x: torch.empty_like(x, dtype=torch.float32)) if uses_qk else torch.empty_like
     dq, dk, dvv = grad_of(q), grad_of(k), torch.empty_like(v)
-    if b * h == 0 or nq == 0 or nk == 0:
-        dq.zero_(), dk.zero_(), dvv.zero_()
-    else:
-        with _device_guard(q.device):
-            qp, kp = _qk_apply(q, k, qk, b, nq, nk, q_offset, k_prefix, varlen) if uses_qk else (q, k)
+    dqsc, dksc = q.new_empty(0, dtype=torch.float32), q.new_empty(0, dtype=torch.float32)
+    with _device_guard(q.device):
+        if b * h == 0 or nq == 0 or nk == 0:
+            dq.zero_(), dk.zero_(), dvv.zero_()
+        else:
+            qp, kp = _qk_apply(q, k, qk_slots, b, nq, nk, q_offset, k_prefix, varlen) if uses_qk else (q, k)
             dtab = _backward_kernels(do, qp, kp, v, out, stats, thr, seed, slopes, table, mask, dense, scale,
                                      is_causal, q_offset, k_prefix, topk, dropout_p, (dq, dk, dvv, dslopes, dtab, ds,
                                      dlsc), (cfg_kv, cfg), gqa_repeat, varlen)
-    dqsc, dksc = q.new_empty(0, dtype=torch.float32), q.new_empty(0, dtype=torch.float32)
-    if uses_qk:
-        with _device_guard(q.device):
-            dq, dk, dqsc, dksc = _qk_chain(q, k, dq, dk, qk, b, nq, nk, q_offset, k_prefix, varlen)
+        if uses_qk:
+            dq, dk, dqsc, dksc = _qk_chain(q, k, dq, dk, qk_slots, b, nq, nk, q_offset, k_prefix, varlen)
     return dq, dk, dvv, dslopes.sum((0, 2)), dtab, ds, dqsc, dksc, dlsc.sum() if need_dlsc else dlsc.new_empty(0)
 
 
