@@ -9,7 +9,8 @@ parallel processes (Triton's and inductor's on-disk caches carry it to the main 
 wall time is reported); correctness (gpucheck_cases: the compiled kernels against the fp64
 oracle, 2x rule, values and every gradient; the extension's RMSNorm/GLU; a device-guard case on
 a second GPU); speed and tile tuning (gpucheck_speed), cut short past ``--budget-s``. Writes
-``report.json``, ``report.md``, ``report.png`` and ``tiles_tuned_sm<cc>.json`` into ``--out``,
+``report.json``, ``report.md``, ``report.png`` and ``tiles_tuned_sm<cc>.json`` into ``--out``
+(``partial.json`` after correctness and after speed, until the whole report replaces it),
 prints a verdict per target, and exits 1 on any correctness failure (speed misses do not fail).
 """
 from __future__ import annotations
@@ -169,12 +170,16 @@ def main(argv=None) -> int:
     res["cases"] += gc_cases.nan_rule_cases(plan.device, plan.dry)
     res["cases"] += gc_cases.ext_cases(plan.device, plan.dry) + ([] if plan.dry else gc_cases.device_guard_case())
     res["tf32_rounding"] = gc_cases.TF32_ROUNDING.get(str(plan.device), "not probed")  # how tl.dot reads fp32
+    res["correctness_done_s"] = time.perf_counter() - t_start
+    report.checkpoint(res, out)
     deadline = t_start + budget
     speed_deadline = t_start + budget * (SPEED_SHARE if plan.tune and not args.quick else 1.0)
     timed = run_phase(plan.cells, lambda c: speed.time_cell(c, plan.dtype, plan.device), "speed", speed_deadline)
     res["speed"] = [r.to_json() for r in timed if r is not None]
     bw = [speed.time_bandwidth(c, plan.dtype, plan.device, plan.dry) for c in speed.bandwidth_cells(plan.dry)]
     res["bandwidth"] = [r.to_json() for r in bw]
+    res["speed_done_s"] = time.perf_counter() - t_start
+    report.checkpoint(res, out)
     tuned = run_phase(plan.tune, lambda c: speed.time_tune(c, plan.dtype, plan.device, plan.dry), "tune", deadline)
     res["tune"] = [t for t in tuned if t is not None]
     res["tuned_tiles"] = speed.winners(res["tune"], plan.arch, f"gpucheck {res['env']['date']} {res['env']['device_name']}")

@@ -192,6 +192,12 @@ def plot(res, path) -> Optional[str]:
     return None
 
 
+def checkpoint(res, out: str) -> None:
+    """The results so far into ``partial.json`` (a run killed by a lease's end still leaves them)."""
+    with open(os.path.join(out, "partial.json"), "w") as fh:
+        json.dump(res, fh, indent=1, default=str)
+
+
 def write(res, out: str) -> None:
     res["plot"] = plot(res, os.path.join(out, "report.png"))  # None, or why there is no plot
     with open(os.path.join(out, "report.json"), "w") as fh:
@@ -200,6 +206,8 @@ def write(res, out: str) -> None:
         fh.write(markdown(res))
     with open(os.path.join(out, f"tiles_tuned_sm{res['arch']}.json"), "w") as fh:
         json.dump(res["tuned_tiles"], fh, indent=1)
+    if os.path.exists(os.path.join(out, "partial.json")):  # the whole report supersedes it
+        os.remove(os.path.join(out, "partial.json"))
 
 
 def print_verdicts(res, out: str) -> int:
