@@ -105,6 +105,20 @@ def _dense_bias(kw, h, n, causal, dtype):
     return m
 
 
+def _compile_without_fallback(fn):
+    """``torch.compile(fn)`` for a baseline that must run compiled or fail. Every flex cell compiles
+    flex_attention anew (its own score_mod, block mask, shapes), and past dynamo's recompile limit
+    (8 by default) dynamo silently runs the function *eagerly* -- for flex_attention the unfused
+    math path, quadratic in memory (an H200 gpucheck timed T5 causal flex at 42 ms and 13 GB
+    against 2.8 ms non-causal). So: a high limit, an error when it is hit, and fullgraph=True (a
+    graph break raises instead of falling back)."""
+    import torch._dynamo.config as dynamo_config
+    dynamo_config.recompile_limit = max(dynamo_config.recompile_limit, 4096)
+    dynamo_config.accumulated_recompile_limit = max(dynamo_config.accumulated_recompile_limit, 4096)
+    dynamo_config.fail_on_recompile_limit_hit = True
+    return torch.compile(fn, dynamic=False, fullgraph=True)
+
+
 def _flex_fn(kw, h, n, causal, device, nk=None, q_offset=0, enable_gqa=False):
     """(compiled flex_attention callable(q, k, v, scale), reason-if-unavailable): ``n`` query rows at
     positions ``q_offset + i`` over ``nk`` (default ``n``) keys at positions ``j``."""
@@ -139,7 +153,7 @@ def _flex_fn(kw, h, n, causal, device, nk=None, q_offset=0, enable_gqa=False):
     block_mask = None
     if causal:
         block_mask = create_block_mask(lambda b, hh, qi, kj: qi + q_offset >= kj, None, None, n, nk, device=device)
-    compiled = torch.compile(flex_attention, dynamic=False)
+    compiled = _compile_without_fallback(flex_attention)
 
     def call(q, k, v, scale):
         return compiled(q, k, v, score_mod=score_mod, block_mask=block_mask, scale=scale, enable_gqa=enable_gqa)
