@@ -42,8 +42,8 @@ def shapes(quick: bool, dry: bool):
 
 def cells(quick: bool, dry: bool) -> list[tuple]:
     """Every timed attention cell, in the order they are timed (a run cut by its time budget keeps
-    the first): the anchor shape's cells (the targets read them), then the memory target's
-    (``_priority``), then the rest of the grid. Quick: the anchor shape alone, xtk's features, SDPA's
+    the first): the anchor shape's cells (the targets read them), then the memory target's, then
+    the anchor's slow baselines, then the rest of the grid (``_priority``). Quick: the anchor shape alone, xtk's features, SDPA's
     backends, flex and eager with ALiBi."""
     out = []
     for shape in shapes(quick, dry):
@@ -63,12 +63,17 @@ def cells(quick: bool, dry: bool) -> list[tuple]:
 
 def _priority(cell, anchor) -> int:
     """0: the anchor shape's cells; 1: the memory target's (ALiBi forward+backward, xtk and eager, at
-    head dim 128, non-causal: ``gpucheck_report.memory_target``); 2: the rest."""
+    head dim 128, non-causal: ``gpucheck_report.memory_target``); 2: the anchor's slow baselines (eager
+    and SDPA T5 forward+backward: ~2.5 s a step on an H200, the gather's backward over (b, h, n, n);
+    timed first, they kept the first full run from the memory target); 3: the rest."""
     impl, feature, shape, causal, mode = cell
-    if shape == anchor:
+    slow = impl in ("eager", "sdpa") and feature == "t5" and mode == "fwd+bwd"
+    if shape == anchor and not slow:
         return 0
     memory = impl in ("xtk", "eager") and feature == "alibi" and mode == "fwd+bwd" and not causal
-    return 1 if memory and shape[3] == anchor[3] else 2
+    if memory and shape[3] == anchor[3]:
+        return 1
+    return 2 if shape == anchor else 3
 
 
 def make_call(cell, dtype, device):
