@@ -8,7 +8,9 @@
   produces the gradients of the learned bias inputs (with a first pass over the keys that
   recomputes delta as sum_j P dP, consistent with its own P, so whole-row sums of dS cancel): ALiBi slope partials per program
   (summed by the launcher: deterministic), distance-table gradient as each tile's diagonal sums
-  (``_table_grad_tile``: BLOCK_M + BLOCK_N - 1 relaxed atomics per tile, not one per element;
+  (``_table_grad_tile``: BLOCK_M + BLOCK_N - 1 relaxed atomics per tile, not one per element; a
+  tile wholly beyond an edge of the table -- most of a T5 table's, which ends where its buckets
+  saturate -- adds to a running sum instead, one atomic per edge per program;
   unordered, so in deterministic mode the launcher takes dS whole and sums its diagonals
   instead), dense-bias gradient as the
   dS tile stored into a (b, h, nq, nk) buffer (only when a dense bias requires grad).
@@ -195,6 +197,8 @@ def _attn_bwd_dq(
     dq = tl.zeros([BLOCK_M, BLOCK_D], tl.float32)
     dslope = tl.zeros([BLOCK_M], tl.float32)
     dlsc = tl.zeros([BLOCK_M], tl.float32)
+    dtab_lo = tl.zeros([BLOCK_M], tl.float32)  # NEED_DTAB: dS of the tiles wholly beyond the table's lower / upper edge
+    dtab_hi = tl.zeros([BLOCK_M], tl.float32)
     pi = q_offset + offs_m
     end_n = _causal_key_end(start_m, BLOCK_M, nk, q_offset, k_prefix, IS_CAUSAL)
     if NEED_DSLOPE or NEED_DTAB or NEED_DS or NEED_DLSC or NAN_GUARD:
@@ -245,10 +249,16 @@ def _attn_bwd_dq(
                 dlsc += tl.sum(tl.where(s == float("-inf"), 0.0, ds * qk), axis=1)
             else:
                 dlsc += tl.sum(ds * qk, axis=1)
-        if NEED_DTAB:  # diagonal sums of the tile, one atomic per distance
-            first = q_offset + start_m - (start_n + BLOCK_N - 1 - k_prefix) + tab_center
-            _table_grad_tile(DTAB + off_h * stab_h, stab_l, ds, positional[None, :] & row_ok[:, None], first,
-                             2 * tab_center + 1, BLOCK_M, BLOCK_N)
+        if NEED_DTAB:
+            first = q_offset + start_m - (start_n + BLOCK_N - 1 - k_prefix) + tab_center  # row of the lowest distance
+            keep = positional[None, :] & row_ok[:, None]
+            upper = first >= 2 * tab_center  # the whole tile at or beyond the table's upper edge
+            lower = first + BLOCK_M + BLOCK_N - 2 <= 0  # ... or its lower edge
+            row_sums = tl.sum(tl.where(keep, ds, 0.0), axis=1)
+            dtab_hi += tl.where(upper, row_sums, 0.0)
+            dtab_lo += tl.where(lower, row_sums, 0.0)
+            if (first < 2 * tab_center) & (first + BLOCK_M + BLOCK_N - 2 > 0):  # diagonal sums, one atomic each
+                _table_grad_tile(DTAB + off_h * stab_h, stab_l, ds, keep, first, 2 * tab_center + 1, BLOCK_M, BLOCK_N)
         if NEED_DS:
             ds_off = offs_m.to(tl.int64)[:, None] * NK + offs_n[None, :]  # int64: nq * nk passes 2^31
             tl.store(DS + off_bh.to(tl.int64) * NQ * NK + ds_off, ds, mask=row_ok[:, None] & col_ok[None, :])
@@ -260,3 +270,7 @@ def _attn_bwd_dq(
         tl.store(DSLOPE + off_bh.to(tl.int64) * n_mblocks + pid_m, tl.sum(dslope, axis=0))
     if NEED_DLSC:
         tl.store(DLSC + off_bh.to(tl.int64) * n_mblocks + pid_m, tl.sum(dlsc, axis=0) * sm_scale)
+    if NEED_DTAB:  # the edge rows' sums, one atomic each
+        tl.atomic_add(DTAB + off_h * stab_h, tl.sum(dtab_lo, axis=0), sem="relaxed")
+        tl.atomic_add(DTAB + off_h * stab_h + (2 * tab_center).to(tl.int64) * stab_l, tl.sum(dtab_hi, axis=0),
+                      sem="relaxed")

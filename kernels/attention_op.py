@@ -470,7 +470,8 @@ def attention_fwd(q: Tensor, k: Tensor, v: Tensor, slopes: Optional[Tensor], tab
     the dropout seed used (int64 0-d, on q's device; 0 without dropout)).
 
     slopes: (h,) fp32 ALiBi slopes (0 for heads without one) | table: (2L-1, h) fp32 per-distance
-    bias | dense: float or bool tensor broadcastable to (b,h,nq,nk); at most one of the three.
+    bias, row clamp(p_i - p_j, -(L-1), L-1) + L-1 (distances beyond it take the edge rows) | dense:
+    float or bool tensor broadcastable to (b,h,nq,nk); at most one of the three.
     mask: attn_mask, float or bool, broadcastable. topk 0: off. seed < 0: draw one on q's device
     with torch's generator (``_seed``: fresh per CUDA-graph replay); seed >= 0: reproducible.
     q_scale ... logit_scale: the QK features (``QKArgs``), applied once per q/k row (``_qk_rows``).
@@ -574,7 +575,8 @@ def _reduce_to(grad: Tensor, like: Tensor) -> Tensor:
 
 def _table_grad_from_ds(ds: Tensor, table: Tensor, q_offset: int, k_prefix: int) -> Tensor:
     """Deterministic distance-table gradient: the sums of dS (b, h, nq, nk) along each diagonal
-    ``p_i - p_j`` of the positional keys, by the skew trick (pad, flatten, re-view), no scatter."""
+    ``p_i - p_j`` of the positional keys, by the skew trick (pad, flatten, re-view), no scatter;
+    the diagonals beyond the table summed into its edge rows (``attention_fwd``'s clamp)."""
     b, h, nq, nk = ds.shape
     dtab = torch.zeros(table.shape, dtype=torch.float32, device=ds.device)
     pos = ds[..., k_prefix:].sum(0).flip(-1)  # (h, nq, np); column c holds key j = np - 1 - c
@@ -583,9 +585,16 @@ def _table_grad_from_ds(ds: Tensor, table: Tensor, q_offset: int, k_prefix: int)
         return dtab
     width = npos + nq
     skew = torch.nn.functional.pad(pos, (0, nq)).reshape(h, nq * width)[:, :nq * (width - 1)]
-    diag = skew.reshape(h, nq, width - 1).sum(1)  # t = i + np - 1 - j, i.e. p_i - p_j = q_offset + t - (np - 1)
-    start = (table.shape[0] - 1) // 2 + q_offset - (npos - 1)
-    dtab[start:start + nq + npos - 1] = diag.t()
+    diag = skew.reshape(h, nq, width - 1).sum(1).t()  # row t: p_i - p_j = q_offset + t - (np - 1)
+    last = table.shape[0] - 1
+    start = last // 2 + q_offset - (npos - 1)  # the table row of diagonal 0 (may lie outside the table)
+    lo, hi = max(0, -start), min(diag.shape[0], last - start + 1)  # diagonals [lo, hi) fall inside
+    if lo >= hi:  # every diagonal beyond one edge
+        dtab[0 if start < 0 else last] += diag.sum(0)
+        return dtab
+    dtab[start + lo:start + hi] = diag[lo:hi]
+    dtab[start + lo] += diag[:lo].sum(0)  # beyond the lower edge: onto the first row inside
+    dtab[start + hi - 1] += diag[hi:].sum(0)
     return dtab
 
 

@@ -5,7 +5,7 @@ bias descriptor names its kind). Plain ints, no triton import: ``xtk.bias`` read
 # BIAS_KIND: what the kernel expands for the bias slot
 BIAS_NONE = 0
 BIAS_ALIBI = 1         # one slope per head (0 for heads without one): -slope * |p_i - p_j|
-BIAS_TABLE = 2         # one value per signed distance and head: tab[(p_i - p_j) + center, h] (T5, DistanceTable)
+BIAS_TABLE = 2         # one value per signed distance and head: tab[clamp(p_i - p_j, -C, C) + C, h] (T5, DistanceTable)
 BIAS_DENSE_FLOAT = 3   # an additive float tensor broadcast to (b, h, nq, nk)
 BIAS_DENSE_BOOL = 4    # a boolean keep-mask broadcast to (b, h, nq, nk)
 

@@ -277,3 +277,22 @@ def test_causal_that_hides_nothing_is_dropped(backend, nq, nk, k_prefix, q_offse
     if nk - k_prefix > 0 and q_offset > -1:  # one position earlier: the last key is hidden from query 0
         xtk.attention(q, k, v, is_causal=True, **dict(kw, q_offset=nk - 2 - k_prefix))
         assert seen[-1].is_causal is True
+
+
+@pytest.mark.parametrize("causal", [True, False])
+@pytest.mark.parametrize("num_buckets,extra", [(4, 0), (8, 1), (16, 0), (32, 0), (32, 100), (5, 7)])
+def test_t5_buckets_saturate_at_max_distance(num_buckets, extra, causal):
+    """The kernels' T5 table stops at |p_i - p_j| = max_distance and clamps farther distances to its
+    edge rows (``T5.kernel_args``): every farther distance must have the edge's bucket."""
+    md = t5_min_max_distance(num_buckets, causal) + extra
+    far = torch.arange(md, 20 * md + 1000)
+    for sign in (1, -1):  # rel = p_j - p_i
+        buckets = t5_bucket(sign * far, num_buckets, md, causal)
+        assert torch.equal(buckets, buckets[:1].expand_as(buckets)), (sign, buckets.unique())
+    table = torch.randn(num_buckets, 3)
+    bias = T5(table, num_buckets=num_buckets, max_distance=md, causal=causal)
+    kt = bias.kernel_args(3, 7, 5000, 0, 0).table
+    assert kt.shape == (2 * md + 1, 3)
+    dist = torch.arange(-4000, 4001)
+    clamped = dist.clamp(-md, md) + md
+    assert torch.equal(kt[clamped], bias.at_distance(dist, 3, torch.float32).t())

@@ -71,8 +71,8 @@ def make_case(feature, b=2, h=4, hk=2, nq=17, nk=17, d=16, dv=None, dtype=torch.
     if "alibi" in feats:
         inputs["slopes"] = torch.tensor(alibi_slopes(h - 1), device=DEV)  # the last head gets none
         grads.append("slopes")
-    if "t5" in feats:
-        inputs["t5table"] = torch.randn(32, h, device=DEV)
+    if "t5" in feats or "t5short" in feats:
+        inputs["t5table"] = torch.randn(16 if "t5short" in feats else 32, h, device=DEV)
         grads.append("t5table")
     if "table" in feats:
         L = nq + nk + 8
@@ -109,7 +109,10 @@ def make_case(feature, b=2, h=4, hk=2, nq=17, nk=17, d=16, dv=None, dtype=torch.
         if "slopes" in kw:
             out["bias"] = Alibi(kw["slopes"])
         if "t5table" in kw:
-            out["bias"] = T5(kw["t5table"], num_buckets=32, max_distance=64, causal="causal" in feats, scale=0.5)
+            # t5short: buckets saturated from distance 12 on, so most tiles lie beyond the kernel table's edges
+            short = "t5short" in feats
+            out["bias"] = T5(kw["t5table"], num_buckets=16 if short else 32, max_distance=12 if short else 64,
+                             causal="causal" in feats, scale=0.5)
         if "dtable" in kw:
             out["bias"] = DistanceTable(kw["dtable"])
         if "dense" in kw:
@@ -214,6 +217,25 @@ def test_positions(backend, case):
                        + (["keypad"] if case % 4 == 1 else []))
     dtype = torch.bfloat16 if case % 3 == 1 and backend != "triton" else torch.float32
     run_check(backend, feature, dtype=dtype, nq=nq, nk=nk, positions=(off, min(prefix, nk)))
+
+
+# T5 whose buckets saturate at distance 12: tiles wholly beyond either edge of the kernels' table
+# (one value read per tile; the table gradient's running edge sums) next to tiles across an edge
+EDGE_CASES = [("t5short", 130, 130, None), ("t5short+causal", 130, 130, None), ("t5short+gqa8to2", 40, 130, (0, 0)),
+              ("t5short+causal+prefix", 17, 130, (110, 3)), ("t5short+keypad", 130, 40, (-60, 0))]
+
+
+@pytest.mark.parametrize("feature,nq,nk,positions", EDGE_CASES, ids=[f"{c[0]}-{c[1]}x{c[2]}" for c in EDGE_CASES])
+def test_t5_tiles_beyond_the_table_edges(backend, feature, nq, nk, positions):
+    run_check(backend, feature, nq=nq, nk=nk, b=1, positions=positions)
+
+
+@pytest.mark.parametrize("feature,nq,nk,positions", EDGE_CASES, ids=[f"{c[0]}-{c[1]}x{c[2]}" for c in EDGE_CASES])
+def test_t5_table_edges_in_deterministic_mode(feature, nq, nk, positions, monkeypatch):
+    """Triton's deterministic table gradient (dS whole, its diagonals summed on the host side,
+    ``_table_grad_from_ds``) folds the diagonals beyond the table into its edge rows too."""
+    monkeypatch.setattr(torch, "are_deterministic_algorithms_enabled", lambda: True)
+    run_check("triton", feature, nq=nq, nk=nk, b=1, positions=positions)
 
 
 if FULL:  # the heavy sweep exists only with XTK_FULL_TESTS=1 (hours in the interpreter, minutes on a GPU)

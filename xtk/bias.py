@@ -119,7 +119,8 @@ class KernelBias(NamedTuple):
     ``kinds.BIAS_*``, as ``Bias.kernel_kind`` says).
 
     slopes: ``(h,)`` fp32 (ALiBi, 0 for heads without a slope); table: ``(2L - 1, h)`` fp32, row
-    ``(p_i - p_j) + L - 1`` (T5 and DistanceTable); dense: the user's tensor, broadcastable to
+    ``clamp(p_i - p_j, -(L - 1), L - 1) + L - 1`` (T5 and DistanceTable: distances beyond the table
+    take its edge rows); dense: the user's tensor, broadcastable to
     ``(b, h, nq, nk)`` (float or bool). Gradients flow from these back to the descriptor's tensor."""
 
     slopes: Optional[torch.Tensor] = None
@@ -285,10 +286,12 @@ class T5(Bias):
         return self.table.to(dtype)[bucket].movedim(-1, 0) * self.scale
 
     def kernel_args(self, h, nq, nk, q_offset, k_prefix) -> KernelBias:
-        """The T5 bias per signed distance of this call, ``(2L - 1, h)`` fp32, gathered from ``table``
-        with the reference bucket function (the table's gradient flows through the gather)."""
-        far = farthest_distance(nq, nk, q_offset, k_prefix)
-        dist = torch.arange(-far, far + 1, device=self.table.device)
+        """The T5 bias per signed distance, ``(2 * max_distance + 1, h)`` fp32, gathered from ``table``
+        with the reference bucket function (the table's gradient flows through the gather). The
+        buckets saturate at ``|p_i - p_j| >= max_distance`` (SPEC §2.5: the log bucket reaches
+        ``num_buckets - 1`` there and is clamped beyond), so the kernels' edge rows stand for every
+        farther distance (``KernelBias``): the table's size does not grow with the call's."""
+        dist = torch.arange(-self.max_distance, self.max_distance + 1, device=self.table.device)
         return KernelBias(table=self.at_distance(dist, h, self.table.dtype).t().float().contiguous())
 
 

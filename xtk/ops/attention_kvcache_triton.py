@@ -59,15 +59,15 @@ def reasons(inputs, forced: bool) -> list:
 
 
 def _bias_args(inputs, capacity: int):
-    """(slopes | None, table | None) for the kernel: T5's table covers every distance a query can
-    form with a key of a cache of ``capacity`` slots (|p_i - p_j| <= capacity + nq), host sizes only."""
+    """(slopes | None, table | None) for the kernel, host sizes only: T5's table ends where its
+    buckets saturate (the kernel clamps farther distances to its edge rows); a DistanceTable's is
+    the user's, checked per row of the cache on the host (``attention_kvcache``)."""
     bias, h, nq = inputs.bias, inputs.q.shape[1], inputs.q.shape[2]
     if bias is None:
         return None, None
     if bias.kernel_kind == BIAS_ALIBI:
         return bias.kernel_args(h, nq, 0, 0, 0).slopes, None
-    far = capacity + nq  # kernel_args of a call whose farthest distance is ``far``: rows -far..far
-    return None, bias.kernel_args(h, 1, far + 1, 0, 0).table
+    return None, bias.kernel_args(h, 1, capacity + nq + 1, 0, 0).table
 
 
 def run(inputs):
