@@ -43,8 +43,8 @@ def shapes(quick: bool, dry: bool):
 def cells(quick: bool, dry: bool) -> list[tuple]:
     """Every timed attention cell, in the order they are timed (a run cut by its time budget keeps
     the first): the anchor shape's cells (the targets read them), then the memory target's, then
-    the anchor's slow baselines, then the rest of the grid (``_priority``). Quick: the anchor shape alone, xtk's features, SDPA's
-    backends, flex and eager with ALiBi."""
+    the anchor's slow baselines, then the rest of the grid (``_priority``). Quick: the anchor shape
+    alone, xtk's features, SDPA's backends, flex and eager with ALiBi."""
     out = []
     for shape in shapes(quick, dry):
         for causal in (False, True):
