@@ -41,7 +41,7 @@ def parse(argv):
                    help="stop timing/tuning past this many seconds from start (default 330, quick 200)")
     p.add_argument("--no-tune", action="store_true", help="skip the tile tuning phase")
     p.add_argument("--tune", default=None, metavar="CLASSES[@DIMS]",
-                   help="tune these classes (optionally class:feature) at these head dims, e.g. 'posbias:t5,heavy@128'")
+                   help="tune these classes (optionally class:feature) at these head dims, e.g. 'posbias:topk8,plain@128'")
     p.add_argument("--warm-shard", default=None, help=argparse.SUPPRESS)  # internal: compile shard I/N
     p.add_argument("--warm-until", type=float, default=None, help=argparse.SUPPRESS)  # internal: epoch seconds
     return p.parse_args(argv)

@@ -28,7 +28,9 @@ SDPA_BACKENDS = {"sdpa-flash": "FLASH_ATTENTION", "sdpa-efficient": "EFFICIENT_A
 FLEX_FEATURES = ["none", "alibi", "t5", "dtable"]
 # the specialization class each tuning feature stands for
 # (QK-norm + rotary is no class of these kernels: the row kernel applies it before them)
-TUNE_FEATURES = {"plain": "none", "posbias": "alibi", "heavy": "topk8"}  # cls -> feature
+# cls -> the feature that stands for it; heavy (dropout, or top-k with a dense bias or mask) has none
+# among bench_attention's features since top-k alone became posbias (kernels/tiles.py spec_class)
+TUNE_FEATURES = {"plain": "none", "posbias": "alibi"}
 
 
 def shapes(quick: bool, dry: bool):
@@ -166,7 +168,7 @@ def tune_cells(quick: bool, dry: bool, arch: int, spec: Optional[str] = None) ->
     """(cls, kind, d, tile, feature) for every candidate tile, the shipped one included.
 
     Default: quick, the first 6 of plain and posbias at d128; otherwise every class of
-    ``TUNE_FEATURES`` at d64 and d128. ``spec`` ("posbias:t5,heavy@128"): the classes to tune, each
+    ``TUNE_FEATURES`` at d64 and d128. ``spec`` ("posbias:topk8,plain@128"): the classes to tune, each
     optionally with the feature that stands for it, then ``@`` and the head dims."""
     classes = {c: TUNE_FEATURES[c] for c in (["plain", "posbias"] if quick or dry else TUNE_FEATURES)}
     dims = (32,) if dry else (128,) if quick else (64, 128)

@@ -256,12 +256,14 @@ def verdict(r: dict) -> str | None:
 _QK_ALL = dict(HAS_NORM=1, GROUPS=2, HAS_DSCALE=1, HAS_ROT=1, HAS_XPOS=1)  # the decode kernel's and the row kernel's
 # per class of fwd/thr/dkdv/dq, the heaviest switch combinations: each also holds every lighter
 # class's switches (ALiBi + a bool mask, the third dense combination, is lighter than both dense ones
-# here: the CI set compiles it alone per switch; plain without causal is a subset of causal's code).
+# here: the CI set compiles it alone per switch; plain without causal is a subset of causal's code),
+# but for top-k, which posbias holds and dense does not (dense with top-k is heavy: ``spec_class``):
+# an entry shared by both is compiled with each one's representative (``_entry_specs``).
 # NEED_DLSC (a learned QK-norm scale's gradient) takes the dq kernel's heavy tile (``tiles.dq_class``).
 _CLASS_REPS = {
     "plain": [dict(IS_CAUSAL=1)],
-    "posbias": [dict(IS_CAUSAL=1, BIAS_KIND=kinds.BIAS_TABLE, NEED_DTAB=1),
-                dict(IS_CAUSAL=1, BIAS_KIND=kinds.BIAS_ALIBI, NEED_DSLOPE=1)],
+    "posbias": [dict(IS_CAUSAL=1, BIAS_KIND=kinds.BIAS_TABLE, NEED_DTAB=1, HAS_TOPK=1),
+                dict(IS_CAUSAL=1, BIAS_KIND=kinds.BIAS_ALIBI, NEED_DSLOPE=1, HAS_TOPK=1)],
     "dense": [dict(IS_CAUSAL=1, BIAS_KIND=kinds.BIAS_TABLE, MASK_KIND=kinds.MASK_FLOAT, NEED_DTAB=1),
               dict(IS_CAUSAL=1, BIAS_KIND=kinds.BIAS_DENSE_FLOAT, MASK_KIND=kinds.MASK_FLOAT, NEED_DS=1)],
 }
@@ -315,7 +317,8 @@ def _table_keys(arch: int):
 
 def _entry_specs(cc: int, lookup_arch: int) -> list[dict]:
     """One spec per distinct tile entry of each (kind, precision, bd): the heaviest representative of
-    the heaviest class that uses it (lighter classes with the same tile are subsets of it)."""
+    the heaviest class that uses it (lighter classes with the same tile are subsets of it), and a
+    lighter class's own where it holds a switch that one lacks (posbias's top-k beside dense)."""
     out = []
     groups = {}
     for kind, cls, prec, bd in _table_keys(80 if cc < 90 else 90):
@@ -325,7 +328,12 @@ def _entry_specs(cc: int, lookup_arch: int) -> list[dict]:
         groups.setdefault((kind, prec, bd, entry), []).append(cls)
     for (kind, prec, bd, entry), classes in groups.items():
         cfg = dict(BLOCK_M=entry[0], BLOCK_N=entry[1])
-        out.append(reps(kind, cc, bd, prec, classes[-1], cfg)[0])
+        heaviest = reps(kind, cc, bd, prec, classes[-1], cfg)[0]
+        out.append(heaviest)
+        for cls in classes[:-1]:  # a lighter class with a switch the heaviest lacks (top-k in posbias)
+            rep = reps(kind, cc, bd, prec, cls, cfg)[0]
+            if set(rep["switches"]) - set(heaviest["switches"]):
+                out.append(rep)
     return out
 
 

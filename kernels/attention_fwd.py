@@ -21,8 +21,10 @@ VARLEN (a packed batch, ``attention_common._seq_span``): batch entries are seque
 longest lengths allowed, so STATS and THR are (B*h, [2,] max_seqlen_q) with each sequence's rows first.
 
 Top-k (HAS_TOPK): ``_attn_topk_threshold`` streams the key blocks, keeps the K2 (a power of two
->= topk) largest logits of each row in a (BLOCK_M, K2) buffer merged tile by tile with
-``tl.topk``, and stores the row's topk-th largest unmasked logit (-inf when the row has fewer
+>= topk) largest logits of each row in a (BLOCK_M, K2) buffer merged tile by tile -- by extraction
+(``_merge_by_extraction``, the nearest key block first) for K2 <= THR_K2, else with ``tl.topk``
+(a bitonic network over the whole tile whatever the data: 2.9x the plain forward's time at topk
+8, b4 h16 n4096 d128 bf16 on an H200, 2026-11-28, when it served every K2) -- and stores the row's topk-th largest unmasked logit (-inf when the row has fewer
 than topk unmasked keys, i.e. keep all; NaN logits rank first, as in torch.topk, and a NaN
 threshold keeps all; the guard twin ranks +inf next, so that topk +inf logits keep only those). The forward and backward then mask ``s < threshold`` (never a NaN logit).
 """
@@ -31,8 +33,48 @@ import triton.language as tl
 
 from .attention_common import (DECODE_INTS, _causal_key_end, _dropout_keep, _fold, _head_bias, _load_kt, _load_q,
                                _logits, _query_program, _seq_span, _tile_ptrs)
+from .tiles import THR_K2
 
 FLT_MAX = tl.constexpr(3.4028234663852886e38)  # the largest finite float32
+EXTRACT_MAX_K2 = tl.constexpr(THR_K2)  # buffers up to this merge tiles by extraction, wider ones by tl.topk
+
+
+@triton.jit
+def _ranked_logits(q, k_base, start_n, offs_m, offs_n0, offs_d, skn, skd, off_b, off_h, nq, nk, D, q_offset,
+                   k_prefix, sm_scale, slope, tab, stab_l, tab_center, MASK, smb, smh, smm, smn,
+                   BIAS, sbb, sbh, sbm, sbn, IS_CAUSAL: tl.constexpr, BIAS_KIND: tl.constexpr,
+                   MASK_KIND: tl.constexpr, PRECISION: tl.constexpr, NAN_GUARD: tl.constexpr):
+    """The threshold pass's logits of one key block (BLOCK_M, BLOCK_N) fp32, ranked: NaN ranks above
+    everything (as in torch.topk) as +inf; the guard twin ranks +inf just below it (as the largest
+    finite float), so that a k-th that is +inf stays one."""
+    offs_n = start_n + offs_n0
+    kt = _load_kt(k_base, offs_n, offs_d, skn, skd, nk, D)
+    s = _logits(tl.dot(q, kt, input_precision=PRECISION), offs_m, offs_n, off_b, off_h, nq, nk, q_offset,
+                k_prefix, sm_scale, slope, tab, stab_l, tab_center,
+                MASK, smb, smh, smm, smn, BIAS, sbb, sbh, sbm, sbn, IS_CAUSAL, BIAS_KIND, MASK_KIND, NAN_GUARD)
+    if NAN_GUARD:
+        return tl.where(s != s, float("inf"), tl.where(s == float("inf"), FLT_MAX, s))
+    return tl.where(s != s, float("inf"), s)
+
+
+@triton.jit
+def _merge_by_extraction(ranked_s, best, floor, at, offs_n0):
+    """Merge one tile into the rows' K2 largest so far: while some row's largest remaining tile value
+    beats its floor (the smallest kept), that value replaces one copy of the floor and leaves the tile.
+
+    ranked_s: (BLOCK_M, BLOCK_N) fp32, no NaN; best: (BLOCK_M, K2) fp32, unordered, the multiset of
+    the K2 largest values seen; floor, at: (BLOCK_M,) its minimum and a column holding it. Exact:
+    when the loop stops every value left in the tile is <= its row's floor. Rounds: one per value
+    that enters (K2 at most per row), plus one; few once the buffer holds the row's large values."""
+    cols = tl.arange(0, best.shape[1])
+    top, where_top = tl.max(ranked_s, axis=1, return_indices=True)
+    while tl.max((top > floor).to(tl.int32), axis=0) > 0:
+        enter = top > floor
+        best = tl.where(enter[:, None] & (cols[None, :] == at[:, None]), top[:, None], best)
+        ranked_s = tl.where(enter[:, None] & (offs_n0[None, :] == where_top[:, None]), float("-inf"), ranked_s)
+        floor, at = tl.min(best, axis=1, return_indices=True)
+        top, where_top = tl.max(ranked_s, axis=1, return_indices=True)
+    return best, floor, at
 
 
 @triton.jit(do_not_specialize=DECODE_INTS)
@@ -58,22 +100,30 @@ def _attn_topk_threshold(
     q = _load_q(Q + off_b.to(tl.int64) * sqb + q0 * sqm + off_h.to(tl.int64) * sqh, offs_m, offs_d, sqm, sqd, nq, D)
     k_base = K + off_b.to(tl.int64) * skb + k0 * skn + off_hk.to(tl.int64) * skh
     slope, tab = _head_bias(SLOPES, TAB, off_h, stab_h, BIAS_KIND)
-    best = tl.full([BLOCK_M, K2], float("-inf"), tl.float32)
     end_n = _causal_key_end(start_m, BLOCK_M, nk, q_offset, k_prefix, IS_CAUSAL)
-    for start_n in range(0, end_n, BLOCK_N):
-        offs_n = start_n + offs_n0
-        kt = _load_kt(k_base, offs_n, offs_d, skn, skd, nk, D)
-        s = _logits(tl.dot(q, kt, input_precision=PRECISION), offs_m, offs_n, off_b, off_h, nq, nk, q_offset,
-                    k_prefix, sm_scale, slope, tab, stab_l, tab_center,
-                    MASK, smb, smh, smm, smn, BIAS, sbb, sbh, sbm, sbn, IS_CAUSAL, BIAS_KIND, MASK_KIND, NAN_GUARD)
-        # NaN ranks above everything (as in torch.topk): ranked as +inf here; the guard twin ranks
-        # +inf just below it (as the largest finite float), so that a k-th that is +inf stays one
-        if NAN_GUARD:
-            ranked_s = tl.where(s != s, float("inf"), tl.where(s == float("inf"), FLT_MAX, s))
-        else:
-            ranked_s = tl.where(s != s, float("inf"), s)
-        tile_top = tl.topk(ranked_s, K2, dim=1)
-        best = tl.topk(tl.reshape(tl.join(best, tile_top), [BLOCK_M, 2 * K2]), K2, dim=1)
+    best = tl.full([BLOCK_M, K2], float("-inf"), tl.float32)
+    if K2 <= EXTRACT_MAX_K2:
+        floor, at = tl.min(best, axis=1, return_indices=True)  # the row's K2-th largest so far, and where
+        last_n = tl.cdiv(end_n, BLOCK_N) - 1
+        for i in range(0, last_n + 1):
+            # the nearest key block first: a recency bias (ALiBi, causal) puts the largest logits
+            # there, and later blocks then rarely enter the buffer
+            ranked_s = _ranked_logits(
+                q, k_base, (last_n - i) * BLOCK_N, offs_m, offs_n0, offs_d, skn, skd, off_b, off_h, nq, nk, D,
+                q_offset, k_prefix, sm_scale, slope, tab, stab_l, tab_center, MASK, smb, smh, smm, smn,
+                BIAS, sbb, sbh, sbm, sbn, IS_CAUSAL, BIAS_KIND, MASK_KIND, PRECISION, NAN_GUARD)
+            if K2 == 1:  # the row's maximum
+                best = tl.maximum(best, tl.max(ranked_s, axis=1, keep_dims=True))
+            else:
+                best, floor, at = _merge_by_extraction(ranked_s, best, floor, at, offs_n0)
+    else:
+        for start_n in range(0, end_n, BLOCK_N):
+            ranked_s = _ranked_logits(
+                q, k_base, start_n, offs_m, offs_n0, offs_d, skn, skd, off_b, off_h, nq, nk, D,
+                q_offset, k_prefix, sm_scale, slope, tab, stab_l, tab_center, MASK, smb, smh, smm, smn,
+                BIAS, sbb, sbh, sbm, sbn, IS_CAUSAL, BIAS_KIND, MASK_KIND, PRECISION, NAN_GUARD)
+            tile_top = tl.topk(ranked_s, K2, dim=1)
+            best = tl.topk(tl.reshape(tl.join(best, tile_top), [BLOCK_M, 2 * K2]), K2, dim=1)
     # the topk-th largest of the kept multiset (sorted largest first); +inf there means topk NaN
     # (or, in the everyday kernel, +inf) logits: NaN, which keeps every key (the reference's
     # threshold is NaN when topk logits are NaN; with topk +inf ones it keeps only those, as the

@@ -17,6 +17,11 @@ class, precision and padded head dim, stored under the key ``"<kind>/<cls>/<prec
   entry also holds ALiBi + a bool mask, a dense float bias + a float mask, a distance table, and
   their gradients in dq), so a lookup that finds no entry for its class may fall back to the
   next heavier class -- never to a lighter one, whose tiles were never checked with its switches.
+  One exception: top-k without a dense bias or mask is ``posbias`` (2026-11-28; it was ``heavy``,
+  whose small tiles made the top-k forward 2.5x and its dK/dV and dQ 3.8x the plain kernels on an
+  H200) and ``dense`` does not hold it: every 16-bit and TF32 table has its own ``posbias``
+  entries, exact fp32 falls back to ``heavy``, and an entry ``dense`` shares with ``posbias`` is
+  compiled with both classes' representatives (``kernels/aot.py``).
   ``qk`` (in-kernel QK features) is the decode kernel's only: fwd, thr, dkdv and dq take q' / k'
   from the row kernel (``attention_qk``), so QK features add nothing to their class (the
   learned QK-norm scale's gradient takes the dq kernel's ``heavy`` tile: ``dq_class``);
@@ -103,15 +108,17 @@ def spec_class(bias_kind: int, mask_kind: int, has_topk: bool, has_dropout: bool
     bias_kind: BIAS_* (0 none, 1 ALiBi, 2 distance table, 3 dense float, 4 dense bool);
     mask_kind: MASK_* (0 none, 1 float, 2 bool); qk: QK-norm / dim scales / rotary in-kernel (the
     decode kernel; the other kernels take q' / k' from the row kernel and leave it False).
-    heavy: top-k and/or dropout; qk: QK features; dense: a dense bias or any attn_mask;
-    posbias: ALiBi or a distance table (T5 included); plain: none of these."""
-    if has_topk or has_dropout:
+    heavy: dropout, or top-k with a dense bias or an attn_mask; qk: QK features; dense: a dense
+    bias or any attn_mask; posbias: ALiBi or a distance table (T5 included), or top-k without a
+    dense bias or mask (its kernels add a row of thresholds and a select: the posbias entries were
+    picked with it); plain: none of these."""
+    if has_dropout:
         return "heavy"
     if qk:
         return "qk"
     if bias_kind in _BIAS_DENSE or mask_kind:
-        return "dense"
-    if bias_kind in _BIAS_POS:
+        return "heavy" if has_topk else "dense"
+    if bias_kind in _BIAS_POS or has_topk:
         return "posbias"
     if bias_kind:
         raise TileConfigError(f"unknown bias_kind {bias_kind}")

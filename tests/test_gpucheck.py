@@ -83,14 +83,15 @@ def test_targets_read_the_anchor_cells():
 
 
 def test_tune_spec_names_classes_features_and_dims():
-    """``--tune 'posbias:t5,heavy@64'``: those classes, T5 standing for posbias, d64 only, the shipped tile
-    among the candidates; an unknown class or feature is refused by name (qk: the decode kernel's)."""
-    cells = gpucheck_speed.tune_cells(False, False, 90, "posbias:t5,heavy@64")
-    assert {(c[0], c[4]) for c in cells} == {("posbias", "t5"), ("heavy", "topk8")}
+    """``--tune 'posbias:topk8,plain@64'``: those classes, top-k standing for posbias, d64 only, the
+    shipped tile among the candidates; an unknown class or feature is refused by name (qk: the decode
+    kernel's; heavy: none of the bench's features launches it since top-k alone is posbias)."""
+    cells = gpucheck_speed.tune_cells(False, False, 90, "posbias:topk8,plain@64")
+    assert {(c[0], c[4]) for c in cells} == {("posbias", "topk8"), ("plain", "none")}
     assert {c[2] for c in cells} == {64}
-    shipped = gpucheck_speed._shipped_tile(90, "dq", "heavy", 64)
-    assert shipped and ("heavy", "dq", 64, shipped, "topk8") in cells
-    for bad in ("nosuch", "heavy:nosuch", "qk"):
+    shipped = gpucheck_speed._shipped_tile(90, "dq", "posbias", 64)
+    assert shipped and ("posbias", "dq", 64, shipped, "topk8") in cells
+    for bad in ("nosuch", "posbias:nosuch", "qk", "heavy"):
         with pytest.raises(ValueError, match="--tune"):
             gpucheck_speed.tune_cells(False, False, 90, bad)
 

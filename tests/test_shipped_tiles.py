@@ -71,17 +71,17 @@ def make(cls, d, nq, nk, dtype):
     """(inputs, grad names, kw builder) for one class: causal GQA 2->1 attention plus
     plain: grouped QK-norm with learned dim scales and a learned scale (whose gradient the dq
     kernel forms at the plain tile), rotary + xpos -- QK features leave the class as it is;
-    posbias: learned ALiBi slopes (d 32/128) or a T5 table (d 64/256);
+    posbias: top-k with learned ALiBi slopes (d 32/128) or a T5 table (d 64/256);
     dense: a dense float bias with grad and a bool key mask; heavy: top-k with ALiBi and a bool key mask.
 
-    heavy's q and k are small integers (scale 8/d, power-of-two slopes): every logit is exact, so
-    the threshold pass and the passes that compare against it agree whatever their tiles (random
-    logits computed under two tile shapes may differ in the last bit -- the interpreter's numpy
-    matmul blocks by shape -- and flip the key at the threshold itself)."""
+    With top-k, q and k are small integers (scale 8/d, power-of-two slopes, T5 values multiples of
+    1/4): every logit is exact, so the threshold pass and the passes that compare against it agree
+    whatever their tiles (random logits computed under two tile shapes may differ in the last bit --
+    the interpreter's numpy matmul blocks by shape -- and flip the key at the threshold itself)."""
     h, hk = 2, 1
     inputs = dict(q=torch.randn(1, h, nq, d, device=DEV), k=torch.randn(1, hk, nk, d, device=DEV),
                   v=torch.randn(1, hk, nk, d, device=DEV))
-    if cls == "heavy":
+    if cls in ("posbias", "heavy"):  # top-k
         inputs["q"] = torch.randint(-2, 3, (1, h, nq, d), device=DEV).float()
         inputs["k"] = torch.randint(-2, 3, (1, hk, nk, d), device=DEV).float()
     grads = ["q", "k", "v"]
@@ -91,7 +91,7 @@ def make(cls, d, nq, nk, dtype):
         if cls == "posbias":
             grads.append("slopes")
     if t5:
-        inputs["t5table"] = torch.randn(32, h, device=DEV)
+        inputs["t5table"] = torch.randint(-8, 9, (32, h), device=DEV).float() / 4
         grads.append("t5table")
     if cls == "dense":
         inputs["dense"] = torch.randn(1, h, nq, nk, device=DEV)
@@ -120,7 +120,7 @@ def make(cls, d, nq, nk, dtype):
         if qs is not None:
             out["qk_norm"] = QKNorm(groups=2, scale=lam, q_dim_scale=qs, k_dim_scale=ks)
             out["rotary"] = Rotary(rd, rotary_inv_freq(rd, device=DEV), xpos_scale=xpos_scale(rd, device=DEV))
-        if cls == "heavy":
+        if cls in ("posbias", "heavy"):
             out.update(topk=8, scale=8.0 / d)  # a power of two: logits stay exact, of size ~1 at every d
         return out
 
@@ -162,7 +162,7 @@ def test_shipped_tiles_in_interpreter(arch, cls, d, precision, monkeypatch, reco
     finally:
         torch.backends.cuda.matmul.allow_tf32 = allow
     kinds = {c[0] for c in recorded}
-    assert {"fwd", "dkdv", "dq"} <= kinds and ("thr" in kinds) == (cls == "heavy"), kinds
+    assert {"fwd", "dkdv", "dq"} <= kinds and ("thr" in kinds) == (cls in ("posbias", "heavy")), kinds
     for kind, prec, got_cls, cfg in recorded:
         want_cls = tiles.dq_class(cls, cls == "plain") if kind == "dq" else cls  # plain: a learned QK-norm scale
         assert (prec, got_cls) == (precision, want_cls), (kind, prec, got_cls)
@@ -189,7 +189,10 @@ def test_class_order_and_fallback():
     assert sc(3, 0, False, False, False) == sc(4, 0, False, False, False) == sc(1, 2, False, False, False) == "dense"
     assert sc(0, 1, False, False, False) == "dense"
     assert sc(3, 1, False, False, True) == "qk"
-    assert sc(0, 0, True, False, False) == sc(0, 0, False, True, True) == sc(4, 2, True, True, True) == "heavy"
+    # top-k: posbias without a dense bias or mask (its tiles were picked with it), heavy with one
+    assert sc(0, 0, True, False, False) == sc(1, 0, True, False, False) == sc(2, 0, True, False, False) == "posbias"
+    assert sc(3, 0, True, False, False) == sc(0, 2, True, False, False) == sc(1, 1, True, False, False) == "heavy"
+    assert sc(0, 0, False, True, True) == sc(1, 0, False, True, False) == sc(4, 2, True, True, True) == "heavy"
     with pytest.raises(tiles.TileConfigError):
         sc(9, 0, False, False, False)
 
