@@ -111,6 +111,30 @@ def test_weight_kinds_and_leading_dims(device, kind):
 
 @needs_ext
 @pytest.mark.parametrize("device", DEVICES)
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=str)
+@pytest.mark.parametrize("residual", [False, True], ids=["plain", "residual"])
+def test_long_rows_and_unaligned_gain(device, dtype, residual):
+    """The CUDA forward keeps a row in registers up to 4 16-byte vectors per thread of a
+    1024-thread row: a bf16 row of 40,000 (5,000 vectors) and an fp32 one (10,000) pass that and
+    read s again; a gain that is a view 4 bytes past an aligned start makes every access scalar
+    (a vector gain is read in 16-byte loads only when its address allows)."""
+    rows, dim = 3, 40000
+    x = torch.randn(rows, dim, device=device) * 2.0
+    inputs = {"x": x, "weight": torch.randn(dim, device=device) * 0.5 + 1.0}
+    if residual:
+        inputs["residual"] = torch.randn(rows, dim, device=device)
+    kernel, eager = _fns(residual)
+    check_against_oracle(kernel, eager, inputs, dtype, grad_names=list(inputs))
+    base = torch.randn(65, device=device) * 0.5 + 1.0
+    inputs = {"x": torch.randn(7, 64, device=device), "weight": base[1:]}
+    assert inputs["weight"].data_ptr() % 16
+    if residual:
+        inputs["residual"] = torch.randn(7, 64, device=device)
+    check_against_oracle(kernel, eager, inputs, dtype, grad_names=list(inputs))
+
+
+@needs_ext
+@pytest.mark.parametrize("device", DEVICES)
 def test_zero_rows_and_clamped_norm(device):
     """A zero row hits the eps clamp (y = 0, gradient through the clamp's constant branch);
     strided (non-contiguous) input; the new residual's own gradient adds to dx."""

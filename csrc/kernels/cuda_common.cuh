@@ -52,10 +52,10 @@ __device__ __forceinline__ void store_pack(T* p, const float (&in)[N]) {
 // every pointer is 16-byte aligned, else 1 (scalar). Two widths only, to keep compile time down.
 template <typename T>
 inline int pick_vec(int64_t len, const void* p0, const void* p1 = nullptr, const void* p2 = nullptr,
-                    const void* p3 = nullptr) {
+                    const void* p3 = nullptr, const void* p4 = nullptr) {
   const int v = 16 / static_cast<int>(sizeof(T));
   bool ok = len % v == 0;
-  for (const void* p : {p0, p1, p2, p3}) ok = ok && (reinterpret_cast<uintptr_t>(p) % 16 == 0);
+  for (const void* p : {p0, p1, p2, p3, p4}) ok = ok && (reinterpret_cast<uintptr_t>(p) % 16 == 0);
   return ok ? v : 1;
 }
 

@@ -21,17 +21,19 @@ namespace {
 
 constexpr int kSmallBlock = 256;
 constexpr int kMaxSmemBytes = 48 * 1024;
+constexpr int kVecsPerThread = 4;  // a row's vectors per thread (config); the forward keeps them in registers
 
 struct Config {
   int tpr, threads, groups;
 };
 
-// Threads per row: about 4 vectors each, a power of two in [1, 1024].
+// Threads per row: at most kVecsPerThread vectors each (past 1024 threads, more), a power of two
+// in [1, 1024].
 inline Config config(int64_t dim, int elem_bytes) {
   const int64_t vmax = 16 / elem_bytes;
   const int64_t nvec = (dim + vmax - 1) / vmax;
   int tpr = 1;
-  while (tpr < 1024 && tpr * 4 < nvec) tpr *= 2;
+  while (tpr < 1024 && tpr * kVecsPerThread < nvec) tpr *= 2;
   if (tpr <= 32) return {tpr, kSmallBlock, kSmallBlock / tpr};
   return {tpr, tpr, 1};
 }
@@ -50,7 +52,61 @@ __device__ __forceinline__ float group_sum(float v, int tpr, float* scratch) {
   return t;
 }
 
+// One vector of s at vector index v: x, or x + residual rounded to T (and stored to s_out), in fp32.
 template <typename T, int VEC, bool HAS_RES>
+__device__ __forceinline__ void load_s(const T* x, const T* res, T* s_out, int64_t v, float (&a)[VEC]) {
+  load_pack<T, VEC>(x + v * VEC, a);
+  if (HAS_RES) {
+    float b[VEC];
+    load_pack<T, VEC>(res + v * VEC, b);
+    Pack<T, VEC> pk;
+#pragma unroll
+    for (int i = 0; i < VEC; ++i) {
+      pk.v[i] = from_f<T>(a[i] + b[i]);
+      a[i] = to_f(pk.v[i]);
+    }
+    *reinterpret_cast<Pack<T, VEC>*>(s_out + v * VEC) = pk;
+  }
+}
+
+// VEC gains from column k: a vector gain (gs != 0) as 16-byte loads when VEC is a multiple of 4
+// (the launcher checks g's alignment with the rows'), else the scalar g0 repeated.
+template <int VEC>
+__device__ __forceinline__ void load_gain(const float* g, int64_t gs, float g0, int64_t k, float (&out)[VEC]) {
+  if (gs) {
+    if constexpr (VEC % 4 == 0) {
+#pragma unroll
+      for (int i = 0; i < VEC; i += 4) {
+        const float4 f = *reinterpret_cast<const float4*>(g + k + i);
+        out[i] = f.x;
+        out[i + 1] = f.y;
+        out[i + 2] = f.z;
+        out[i + 3] = f.w;
+      }
+    } else {
+#pragma unroll
+      for (int i = 0; i < VEC; ++i) out[i] = g[k + i];
+    }
+  } else {
+#pragma unroll
+    for (int i = 0; i < VEC; ++i) out[i] = g0;
+  }
+}
+
+// y = s / n * sqrt(dim) * g for one vector (eager's order of operations), stored at vector index v.
+template <typename T, int VEC>
+__device__ __forceinline__ void store_normed(T* y, int64_t v, const float (&a)[VEC], float an, float sqrt_dim,
+                                             const float* g, int64_t gs, float g0) {
+  float gv[VEC], o[VEC];
+  load_gain<VEC>(g, gs, g0, v * VEC, gv);
+#pragma unroll
+  for (int i = 0; i < VEC; ++i) o[i] = a[i] / an * sqrt_dim * gv[i];
+  store_pack<T, VEC>(y + v * VEC, o);
+}
+
+// CACHED (nvec <= kVecsPerThread * tpr): the thread keeps its vectors of s in registers between the
+// two passes, so x (and s) are read from memory once; else pass 2 reads s again.
+template <typename T, int VEC, bool HAS_RES, bool CACHED>
 __global__ void rms_norm_fwd_kernel(RmsNormFwdParams p, int tpr) {
   __shared__ float scratch[32];
   const int group = threadIdx.x / tpr, lane = threadIdx.x % tpr;
@@ -62,26 +118,28 @@ __global__ void rms_norm_fwd_kernel(RmsNormFwdParams p, int tpr) {
   const T* res = HAS_RES ? static_cast<const T*>(p.residual) + off : nullptr;
   T* s_out = HAS_RES ? static_cast<T*>(p.s_out) + off : nullptr;
   T* y = static_cast<T*>(p.y) + off;
+  float kept[CACHED ? kVecsPerThread : 1][VEC];
 
   // pass 1: s (= x, or x + residual rounded to T and stored), sum of squares in fp32
   float ss = 0.0f;
   if (valid) {
-    for (int64_t v = lane; v < nvec; v += tpr) {
-      float a[VEC];
-      load_pack<T, VEC>(x + v * VEC, a);
-      if (HAS_RES) {
-        float b[VEC];
-        load_pack<T, VEC>(res + v * VEC, b);
-        Pack<T, VEC> pk;
+    if (CACHED) {
 #pragma unroll
-        for (int i = 0; i < VEC; ++i) {
-          pk.v[i] = from_f<T>(a[i] + b[i]);
-          a[i] = to_f(pk.v[i]);
+      for (int j = 0; j < kVecsPerThread; ++j) {
+        const int64_t v = lane + static_cast<int64_t>(j) * tpr;
+        if (v < nvec) {
+          load_s<T, VEC, HAS_RES>(x, res, s_out, v, kept[j]);
+#pragma unroll
+          for (int i = 0; i < VEC; ++i) ss += kept[j][i] * kept[j][i];
         }
-        *reinterpret_cast<Pack<T, VEC>*>(s_out + v * VEC) = pk;
       }
+    } else {
+      for (int64_t v = lane; v < nvec; v += tpr) {
+        float a[VEC];
+        load_s<T, VEC, HAS_RES>(x, res, s_out, v, a);
 #pragma unroll
-      for (int i = 0; i < VEC; ++i) ss += a[i] * a[i];
+        for (int i = 0; i < VEC; ++i) ss += a[i] * a[i];
+      }
     }
     for (int64_t k = tail0 + lane; k < dim; k += tpr) {
       float a = to_f(x[k]);
@@ -99,17 +157,23 @@ __global__ void rms_norm_fwd_kernel(RmsNormFwdParams p, int tpr) {
   if (lane == 0) p.norm[row] = n;
   const float an = fabsf(n), sqrt_dim = sqrtf(static_cast<float>(dim));
 
-  // pass 2: y = s / n * sqrt(dim) * g, eager's order (s re-read: this thread wrote it above)
+  // pass 2: y = s / n * sqrt(dim) * g (s re-read when not kept: this thread wrote it above)
   const T* s = HAS_RES ? s_out : x;
   const float* g = p.g;
   const int64_t gs = p.g_stride;
   const float g0 = g ? g[0] : 1.0f;
-  for (int64_t v = lane; v < nvec; v += tpr) {
-    float a[VEC];
-    load_pack<T, VEC>(s + v * VEC, a);
+  if (CACHED) {
 #pragma unroll
-    for (int i = 0; i < VEC; ++i) a[i] = a[i] / an * sqrt_dim * (gs ? g[v * VEC + i] : g0);
-    store_pack<T, VEC>(y + v * VEC, a);
+    for (int j = 0; j < kVecsPerThread; ++j) {
+      const int64_t v = lane + static_cast<int64_t>(j) * tpr;
+      if (v < nvec) store_normed<T, VEC>(y, v, kept[j], an, sqrt_dim, g, gs, g0);
+    }
+  } else {
+    for (int64_t v = lane; v < nvec; v += tpr) {
+      float a[VEC];
+      load_pack<T, VEC>(s + v * VEC, a);
+      store_normed<T, VEC>(y, v, a, an, sqrt_dim, g, gs, g0);
+    }
   }
   for (int64_t k = tail0 + lane; k < dim; k += tpr) y[k] = from_f<T>(to_f(s[k]) / an * sqrt_dim * (gs ? g[k] : g0));
 }
@@ -147,11 +211,12 @@ __global__ void rms_norm_bwd_kernel(RmsNormBwdParams p, int tpr, bool acc_in_sme
     float dot = 0.0f;
     if (valid) {
       for (int64_t v = lane; v < nvec; v += tpr) {
-        float a[VEC], d[VEC];
+        float a[VEC], d[VEC], gv[VEC];
         load_pack<T, VEC>(s + v * VEC, a);
         load_pack<T, VEC>(dy + v * VEC, d);
+        load_gain<VEC>(g, gs, g0, v * VEC, gv);
 #pragma unroll
-        for (int i = 0; i < VEC; ++i) dot += (gs ? g[v * VEC + i] : g0) * d[i] * (a[i] / an);
+        for (int i = 0; i < VEC; ++i) dot += gv[i] * d[i] * (a[i] / an);
       }
       for (int64_t k = tail0 + lane; k < dim; k += tpr) dot += (gs ? g[k] : g0) * to_f(dy[k]) * (to_f(s[k]) / an);
     }
@@ -163,13 +228,14 @@ __global__ void rms_norm_bwd_kernel(RmsNormBwdParams p, int tpr, bool acc_in_sme
     const T* ex = HAS_EXTRA ? static_cast<const T*>(p.ds_extra) + off : nullptr;
     T* dx = static_cast<T*>(p.dx) + off;
     for (int64_t v = lane; v < nvec; v += tpr) {
-      float a[VEC], d[VEC], o[VEC];
+      float a[VEC], d[VEC], o[VEC], gv[VEC];
       load_pack<T, VEC>(s + v * VEC, a);
       load_pack<T, VEC>(dy + v * VEC, d);
+      load_gain<VEC>(g, gs, g0, v * VEC, gv);
 #pragma unroll
       for (int i = 0; i < VEC; ++i) {
         a[i] /= an;
-        o[i] = ca * ((gs ? g[v * VEC + i] : g0) * d[i] - cb * a[i]);
+        o[i] = ca * (gv[i] * d[i] - cb * a[i]);
       }
       if (HAS_EXTRA) {
         float e[VEC];
@@ -202,14 +268,15 @@ __global__ void rms_norm_bwd_kernel(RmsNormBwdParams p, int tpr, bool acc_in_sme
   }
 }
 
+// The vector width; a vector gain is read in 16-byte loads too, so its alignment counts.
 template <typename T>
 int vec_for(const RmsNormFwdParams& p) {
-  return pick_vec<T>(p.dim, p.x, p.residual, p.s_out, p.y);
+  return pick_vec<T>(p.dim, p.x, p.residual, p.s_out, p.y, p.g_stride ? p.g : nullptr);
 }
 
 template <typename T>
 int vec_for(const RmsNormBwdParams& p) {
-  return pick_vec<T>(p.dim, p.dy, p.ds_extra, p.s, p.dx);
+  return pick_vec<T>(p.dim, p.dy, p.ds_extra, p.s, p.dx, p.g_stride ? p.g : nullptr);
 }
 
 inline int elem_bytes(DType dt) { return dt == kFloat32 ? 4 : 2; }
@@ -236,10 +303,16 @@ cudaError_t rms_norm_fwd(DType dt, const RmsNormFwdParams& p, cudaStream_t strea
     using T = decltype(tag);
     return dispatch_vec<T>(vec_for<T>(p), [&](auto vt) {
       constexpr int V = decltype(vt)::value;
-      if (p.residual)
-        rms_norm_fwd_kernel<T, V, true><<<static_cast<unsigned>(blocks), c.threads, 0, stream>>>(p, c.tpr);
+      const bool cached = p.dim / V <= static_cast<int64_t>(kVecsPerThread) * c.tpr;
+      const unsigned grid = static_cast<unsigned>(blocks);
+      if (p.residual && cached)
+        rms_norm_fwd_kernel<T, V, true, true><<<grid, c.threads, 0, stream>>>(p, c.tpr);
+      else if (p.residual)
+        rms_norm_fwd_kernel<T, V, true, false><<<grid, c.threads, 0, stream>>>(p, c.tpr);
+      else if (cached)
+        rms_norm_fwd_kernel<T, V, false, true><<<grid, c.threads, 0, stream>>>(p, c.tpr);
       else
-        rms_norm_fwd_kernel<T, V, false><<<static_cast<unsigned>(blocks), c.threads, 0, stream>>>(p, c.tpr);
+        rms_norm_fwd_kernel<T, V, false, false><<<grid, c.threads, 0, stream>>>(p, c.tpr);
       return cudaGetLastError();
     });
   });
