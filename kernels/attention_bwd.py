@@ -32,12 +32,12 @@ Grids: one axis, (blocks x batch * heads) folded (``_fold``), so no axis meets C
 import triton
 import triton.language as tl
 
-from .attention_common import (DECODE_INTS, _causal_key_end, _causal_query_start, _dropout_keep, _finite, _fold,
+from .attention_common import (NOT_SPECIALIZED, _causal_key_end, _causal_query_start, _dropout_keep, _finite, _fold,
                                _head_bias, _load_kt, _load_q, _logits, _query_program, _seq_span, _table_grad_tile,
                                _tile_ptrs, _tile_ptrs_t)
 
 
-@triton.jit(do_not_specialize=DECODE_INTS)
+@triton.jit(do_not_specialize=NOT_SPECIALIZED)
 def _attn_bwd_dkdv(
         Q, K, V, DO, DK, DV_, STATS, DELTA, THR, SLOPES, TAB, MASK, BIAS, CU_Q, CU_K, NANF,
         sqb, sqh, sqm, sqd, skb, skh, skn, skd, svb, svh, svn, svd, sdob, sdoh, sdom, sdod,
@@ -151,7 +151,7 @@ def _dq_key_tile(q, do, thr, seed, k_base, v_base, offs_m, offs_n, offs_d, offs_
     return kt, qk, s, dp
 
 
-@triton.jit(do_not_specialize=DECODE_INTS)
+@triton.jit(do_not_specialize=NOT_SPECIALIZED)
 def _attn_bwd_dq(
         Q, K, V, DO, DQ, STATS, DELTA, THR, SLOPES, TAB, MASK, BIAS, DSLOPE, DTAB, DS, DLSC, CU_Q, CU_K, NANF,
         sqb, sqh, sqm, sqd, skb, skh, skn, skd, svb, svh, svn, svd, sdob, sdoh, sdom, sdod,

@@ -50,6 +50,11 @@ _MASK_BOOL = tl.constexpr(kinds.MASK_BOOL)
 # length, k_prefix = the memory key count); NQ's % 16 hint is worth keeping: without it the AOT
 # dq kernel needed up to 40 more registers per thread (the row-statistics loads lose their alignment).
 DECODE_INTS = ["NK", "q_offset", "tab_center", "max_half"]
+# ... and the distance table's row stride: the launchers pass tables head-major (stab_l = 1,
+# ``attention_op.head_major``), which Triton would turn into a constant -- a code change that moved
+# ptxas's spills by -300..+470 B in 10 of the 296 table specializations of the AOT set (2026-11-28);
+# unspecialized, the kernels compile as the AOT set always compiled them (a plain i32 stride).
+NOT_SPECIALIZED = DECODE_INTS + ["stab_l"]
 
 
 @triton.jit

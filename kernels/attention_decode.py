@@ -86,7 +86,7 @@ def _cache_rows(BT, off_b, sbt, row_b, offs_n, nk, s_page, s_slot, PAGED: tl.con
         return row_b.to(tl.int64) * s_page + offs_n.to(tl.int64) * s_slot
 
 
-@triton.jit(do_not_specialize=["tab_center", "SPLITS"])
+@triton.jit(do_not_specialize=["tab_center", "SPLITS", "stab_l"])
 def _decode_split(
         Q, K, V, OP, LSEP, SEQLENS, BT, ROWS, SLOPES, TAB, QSC, KSC, INV_FREQ, XPOS, SCR, KTH,
         sqb, sqh, sqm, sqd, skb, skh, skn, skd, svb, svh, svn, svd, sbt, stab_l, stab_h, tab_center, s_scr,

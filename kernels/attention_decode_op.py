@@ -12,7 +12,8 @@ import torch
 import triton
 
 from .attention_decode import _decode_combine, _decode_split
-from .attention_op import QKArgs, _arch, _device_guard, _narrow_cols, _precision, _qk_slots, _uses_qk, block_d
+from .attention_op import (QKArgs, _arch, _device_guard, _narrow_cols, _precision, _qk_slots, _uses_qk, block_d,
+                           head_major)
 from .kinds import BIAS_ALIBI, BIAS_NONE, BIAS_TABLE, MASK_NONE, TOPK_LOGITS, TOPK_MASK, TOPK_NONE
 from .tiles import TileConfigError, config, precision_of, spec_class
 
@@ -86,6 +87,7 @@ def decode(q: Tensor, k_cache: Tensor, v_cache: Tensor, seqlens: Tensor, block_t
     part_lse = torch.empty(num_splits, b, h, nq, dtype=torch.float32, device=q.device)
     paged = block_table is not None
     index = block_table if paged else rows
+    table = head_major(table)
     tab = table if table is not None else part
     tstr = (table.stride(0), table.stride(1), (table.shape[0] - 1) // 2) if table is not None else (0, 0, 0)
     n_mb = triton.cdiv((h // hk) * nq, cfg["BLOCK_M"])

@@ -31,7 +31,7 @@ threshold keeps all; the guard twin ranks +inf next, so that topk +inf logits ke
 import triton
 import triton.language as tl
 
-from .attention_common import (DECODE_INTS, _causal_key_end, _dropout_keep, _fold, _head_bias, _load_kt, _load_q,
+from .attention_common import (NOT_SPECIALIZED, _causal_key_end, _dropout_keep, _fold, _head_bias, _load_kt, _load_q,
                                _logits, _query_program, _seq_span, _tile_ptrs)
 from .tiles import THR_K2
 
@@ -77,7 +77,7 @@ def _merge_by_extraction(ranked_s, best, floor, at, offs_n0):
     return best, floor, at
 
 
-@triton.jit(do_not_specialize=DECODE_INTS)
+@triton.jit(do_not_specialize=NOT_SPECIALIZED)
 def _attn_topk_threshold(
         Q, K, THR, SLOPES, TAB, MASK, BIAS, CU_Q, CU_K, NANF,
         sqb, sqh, sqm, sqd, skb, skh, skn, skd,
@@ -137,7 +137,7 @@ def _attn_topk_threshold(
     tl.store(THR + off_bh.to(tl.int64) * NQ + offs_m, kth, mask=offs_m < nq)
 
 
-@triton.jit(do_not_specialize=DECODE_INTS)
+@triton.jit(do_not_specialize=NOT_SPECIALIZED)
 def _attn_fwd(
         Q, K, V, O, STATS, THR, SLOPES, TAB, MASK, BIAS, CU_Q, CU_K, NANF,
         sqb, sqh, sqm, sqd, skb, skh, skn, skd, svb, svh, svn, svd, sob, soh, som, sod,

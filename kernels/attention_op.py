@@ -81,6 +81,17 @@ def _dense4(t: Optional[Tensor], b, h, nq, nk):
     return view, tuple(view.stride()), kind
 
 
+def head_major(table: Optional[Tensor]) -> Optional[Tensor]:
+    """A (2L-1, h) distance table as the kernels read it: the same values, each head's column
+    contiguous (strides (1, 2L-1)), so that the neighbouring distances of a tile's gather are
+    neighbouring addresses. The (h, 1) strides of a row-major table put them 4h bytes apart: about
+    16 L1 wavefronts per warp load at h = 16, which the H200 profile of 2026-11-28 (session 11)
+    matches with the table costing 2.7 ms in each of the T5 forward and dK/dV (1.5 ms plain)."""
+    if table is None or table.t().is_contiguous():
+        return table
+    return table.t().contiguous().t()
+
+
 def _slots(q, slopes, table, mask, dense, b, h, nq, nk):
     """Kernel arguments shared by every pass: pointers, strides and the bias/mask kinds."""
     mview, mstr, mkind = _dense4(mask, b, h, nq, nk)
@@ -322,6 +333,7 @@ def _qk_chain(q, k, dqp, dkp, slots: tuple, b, nq, nk, q_offset, k_prefix, varle
 def _forward(q, k, v, slopes, table, mask, dense, scale, is_causal, q_offset, k_prefix, topk, dropout_p, seed,
              qk=NO_QK, gqa_repeat=False, varlen: Optional[Varlen] = None):
     q, k, v = (_narrow_cols(t) for t in (q, k, v))
+    table = head_major(table)
     b, h, nq, d, hk, nk, dv = _sizes(q, k, v, varlen)
     if varlen is None:
         out = torch.empty(b, h, nq, dv, dtype=q.dtype, device=q.device)
@@ -376,6 +388,7 @@ def _backward(do, q, k, v, out, stats, thr, seed, slopes, table, mask, dense, sc
               k_prefix, topk, dropout_p, need_dslopes, need_dtable, need_ds, qk=NO_QK, need_dlsc=False,
               gqa_repeat=False, varlen: Optional[Varlen] = None):
     do, q, k, v = (_narrow_cols(t) for t in (do, q, k, v))
+    table = head_major(table)  # the table gradient's atomics take the same layout (zeros_like keeps strides)
     b, h, nq, d, hk, nk, dv = _sizes(q, k, v, varlen)
     has_topk = 0 < topk < nk
     arch = _arch(q.device)
@@ -404,7 +417,8 @@ def _backward(do, q, k, v, out, stats, thr, seed, slopes, table, mask, dense, sc
                                      dlsc), (cfg_kv, cfg), gqa_repeat, varlen)
         if uses_qk:
             dq, dk, dqsc, dksc = _qk_chain(q, k, dq, dk, qk_slots, b, nq, nk, q_offset, k_prefix, varlen)
-    return dq, dk, dvv, dslopes.sum((0, 2)), dtab, ds, dqsc, dksc, dlsc.sum() if need_dlsc else dlsc.new_empty(0)
+    return (dq, dk, dvv, dslopes.sum((0, 2)), dtab.contiguous(), ds, dqsc, dksc,
+            dlsc.sum() if need_dlsc else dlsc.new_empty(0))
 
 
 def _backward_kernels(do, q, k, v, out, stats, thr, seed, slopes, table, mask, dense, scale, is_causal, q_offset,
@@ -470,7 +484,8 @@ def attention_fwd(q: Tensor, k: Tensor, v: Tensor, slopes: Optional[Tensor], tab
     the dropout seed used (int64 0-d, on q's device; 0 without dropout)).
 
     slopes: (h,) fp32 ALiBi slopes (0 for heads without one) | table: (2L-1, h) fp32 per-distance
-    bias, row clamp(p_i - p_j, -(L-1), L-1) + L-1 (distances beyond it take the edge rows) | dense:
+    bias, row clamp(p_i - p_j, -(L-1), L-1) + L-1 (distances beyond it take the edge rows; any
+    strides: the kernels read a head-major copy, ``head_major``) | dense:
     float or bool tensor broadcastable to (b,h,nq,nk); at most one of the three.
     mask: attn_mask, float or bool, broadcastable. topk 0: off. seed < 0: draw one on q's device
     with torch's generator (``_seed``: fresh per CUDA-graph replay); seed >= 0: reproducible.

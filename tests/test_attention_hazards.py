@@ -349,6 +349,25 @@ def test_decode_step_integers_are_not_specialized(name):
     assert wanted and wanted <= _not_specialized(kernel), (name, _not_specialized(kernel))
 
 
+@pytest.mark.parametrize("name", [k for k in KERNELS if k not in ("_dropout_mask_kernel", "_qk_rows")] + ["_decode_split"])
+def test_table_row_stride_is_not_specialized(name):
+    """The launchers pass a distance table head-major (stab_l = 1): specialized, that 1 would be a
+    constant and the kernels another code than the AOT set compiles (ptxas's spills moved in 10
+    table specializations when it was); the table's values and strides are the caller's business."""
+    from xtk.kernels import attention_decode
+    kernel = getattr(attention_op, name, None) or getattr(attention_decode, name)
+    assert "stab_l" in kernel.arg_names and "stab_l" in _not_specialized(kernel), name
+
+
+def test_head_major_keeps_values_and_makes_each_head_contiguous():
+    table = torch.randn(9, 4)
+    for t in (table, table.t().contiguous().t(), torch.randn(9, 1).expand(9, 4), table[:, :1]):
+        got = attention_op.head_major(t)
+        assert torch.equal(got, t) and got.stride(0) == 1 and got.t().is_contiguous()
+        assert torch.zeros_like(got).stride() == got.stride()  # the table gradient's buffer: the same layout
+    assert attention_op.head_major(None) is None
+
+
 def test_aot_signature_follows_do_not_specialize():
     """The AOT build gives the decode-step integers no divisibility hint (the JIT gives none) and
     the device seed an int64 pointer (run without the interpreter, as the AOT tool must)."""
