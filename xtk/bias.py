@@ -283,7 +283,7 @@ class T5(Bias):
 
     def at_distance(self, dist, h, dtype) -> torch.Tensor:
         bucket = t5_bucket(-dist, self.num_buckets, self.max_distance, self.causal)
-        return self.table.to(dtype)[bucket].movedim(-1, 0) * self.scale
+        return self.table.to(dtype).t()[:, bucket] * self.scale  # head-major: each head's row contiguous
 
     def kernel_args(self, h, nq, nk, q_offset, k_prefix) -> KernelBias:
         """The T5 bias per signed distance, ``(2 * max_distance + 1, h)`` fp32, gathered from ``table``
@@ -292,7 +292,7 @@ class T5(Bias):
         ``num_buckets - 1`` there and is clamped beyond), so the kernels' edge rows stand for every
         farther distance (``KernelBias``): the table's size does not grow with the call's."""
         dist = torch.arange(-self.max_distance, self.max_distance + 1, device=self.table.device)
-        return KernelBias(table=self.at_distance(dist, h, self.table.dtype).t().float().contiguous())
+        return KernelBias(table=self.at_distance(dist, h, self.table.dtype).float().t())  # head-major, as read
 
 
 @dataclass(frozen=True, eq=False)
