@@ -223,22 +223,25 @@ def _finite(x):
 def _table_grad_tile(DTAB_H, stab_l, ds, keep, first, n_tab, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr):
     """Add one tile's dS to the distance-table gradient column of one head (``DTAB_H``).
 
-    The tile's elements lie on BLOCK_M + BLOCK_N - 1 diagonals (one distance each), taken BLOCK_N
-    at a time: a gather skews row ``i`` by ``i`` so that each diagonal of the chunk becomes a
-    column (a (BLOCK_M, BLOCK_N) tile: no more registers than dS itself), a column sum adds it up,
-    and one relaxed atomic per diagonal adds it to the table -- in place of one atomic per element
-    (BLOCK_M * BLOCK_N). ``keep``: the elements that carry a position bias; ``first``: the table
-    row of the diagonal through (i = 0, j = BLOCK_N - 1); diagonals beyond the table add to its edge
-    rows, as ``_table_tile`` reads them (a DistanceTable's hold no kept element: they add 0)."""
-    dsk = tl.where(keep, ds, 0.0)
+    The tile's elements lie on BLOCK_M + BLOCK_N - 1 diagonals (one distance each). One gather
+    skews the tile: row ``i`` of column ``c`` takes element (i, (i - c) mod BLOCK_N), whose local
+    distance ``i - j`` is ``u * BLOCK_N + c`` with ``u = i // BLOCK_N - (i % BLOCK_N < c)``, so a
+    column sum per ``u`` (cdiv(BLOCK_M, BLOCK_N) + 1 of them) yields BLOCK_N diagonals, and one
+    relaxed atomic per diagonal adds each to the table -- in place of one atomic per element (and of
+    one gather per BLOCK_N diagonals, as before 2026-11-28). ``keep``: the elements that carry a
+    position bias; ``first``: the table row of local distance -(BLOCK_N - 1); diagonals beyond the
+    table add to its edge rows, as ``_table_tile`` reads them (a DistanceTable's hold no kept element)."""
     rows = tl.arange(0, BLOCK_M)
-    for c in range(0, BLOCK_M + BLOCK_N - 1, BLOCK_N):  # a loop, not unrolled: one chunk's indices live at a time
-        t = c + tl.arange(0, BLOCK_N)  # diagonal t holds (i, j) with i - j = t - (BLOCK_N - 1)
-        col = rows[:, None] + (BLOCK_N - 1) - t[None, :]
-        on = (col >= 0) & (col < BLOCK_N)
-        diag = tl.sum(tl.where(on, tl.gather(dsk, tl.where(on, col, 0), axis=1), 0.0), axis=0)
-        row = tl.minimum(tl.maximum(first + t, 0), n_tab - 1)  # beyond the table: its edge rows (_table_tile)
-        tl.atomic_add(DTAB_H + row.to(tl.int64) * stab_l, diag, mask=t < BLOCK_M + BLOCK_N - 1, sem="relaxed")
+    cols = tl.arange(0, BLOCK_N)
+    skewed = tl.gather(tl.where(keep, ds, 0.0), (rows[:, None] - cols[None, :]) & (BLOCK_N - 1), axis=1)
+    # unrolled: as a loop, ptxas spilled 208-424 B on the sm_90 16-bit d128 dQ tile under triton 3.9
+    for u in tl.static_range(-1, (BLOCK_M + BLOCK_N - 1) // BLOCK_N):
+        in_group = (rows[:, None] // BLOCK_N - u) == ((rows[:, None] % BLOCK_N) < cols[None, :]).to(tl.int32)
+        diag = tl.sum(tl.where(in_group, skewed, 0.0), axis=0)
+        dist = u * BLOCK_N + cols  # the local distance i - j of each column's diagonal in this group
+        row = tl.minimum(tl.maximum(first + (BLOCK_N - 1) + dist, 0), n_tab - 1)  # beyond the table: its edges
+        tl.atomic_add(DTAB_H + row.to(tl.int64) * stab_l, diag, mask=(dist > -BLOCK_N) & (dist < BLOCK_M),
+                      sem="relaxed")
 
 
 @triton.jit
