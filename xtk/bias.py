@@ -343,7 +343,9 @@ class DistanceTable(Bias):
         return super().materialize(h, nq, nk, q_offset, k_prefix)
 
     def kernel_args(self, h, nq, nk, q_offset, k_prefix) -> KernelBias:
-        return KernelBias(table=self.table.float().contiguous())
+        # head-major, as the kernels read it (attention_op.head_major): one copy per call here, not one
+        # in the forward and another in the backward
+        return KernelBias(table=self.table.float().t().contiguous().t())
 
 
 @dataclass(frozen=True, eq=False)
