@@ -259,7 +259,7 @@ def _attn_bwd_dq(
             row_sums = tl.sum(tl.where(keep, ds, 0.0), axis=1)
             dtab_hi += tl.where(upper, row_sums, 0.0)
             dtab_lo += tl.where(lower, row_sums, 0.0)
-            if (first < 2 * tab_center) & (first + BLOCK_M + BLOCK_N - 2 > 0):  # diagonal sums, one atomic each
+            if ~(upper | lower):  # diagonal sums, one atomic each
                 _table_grad_tile(DTAB + off_h * stab_h, stab_l, ds, keep, first, 2 * tab_center + 1, BLOCK_M, BLOCK_N)
         if NEED_DS:
             ds_off = offs_m.to(tl.int64)[:, None] * NK + offs_n[None, :]  # int64: nq * nk passes 2^31

@@ -54,7 +54,8 @@ DECODE_INTS = ["NK", "q_offset", "tab_center", "max_half"]
 # ``attention_op.head_major``), which Triton would turn into a constant -- a code change that moved
 # ptxas's spills by -300..+470 B in 10 of the 296 table specializations of the AOT set (2026-11-28);
 # unspecialized, the kernels compile as the AOT set always compiled them (a plain i32 stride).
-NOT_SPECIALIZED = DECODE_INTS + ["stab_l"]
+TABLE_STRIDE = ["stab_l"]
+NOT_SPECIALIZED = DECODE_INTS + TABLE_STRIDE
 
 
 @triton.jit

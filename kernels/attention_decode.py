@@ -29,8 +29,8 @@ no dropout here (the op's backend says why). Accumulation in fp32; the dots in t
 import triton
 import triton.language as tl
 
-from .attention_common import (_ALIBI, _fold, _group_norm_factor, _logits, _qk_tile_fwd, _rotate_pairs, _tile_ptrs,
-                               _tile_ptrs_t)
+from .attention_common import (TABLE_STRIDE, _ALIBI, _fold, _group_norm_factor, _logits, _qk_tile_fwd, _rotate_pairs,
+                               _tile_ptrs, _tile_ptrs_t)
 from .kinds import TOPK_LOGITS, TOPK_MASK
 
 _TOPK_LOGITS = tl.constexpr(TOPK_LOGITS)
@@ -86,7 +86,7 @@ def _cache_rows(BT, off_b, sbt, row_b, offs_n, nk, s_page, s_slot, PAGED: tl.con
         return row_b.to(tl.int64) * s_page + offs_n.to(tl.int64) * s_slot
 
 
-@triton.jit(do_not_specialize=["tab_center", "SPLITS", "stab_l"])
+@triton.jit(do_not_specialize=["tab_center", "SPLITS"] + TABLE_STRIDE)
 def _decode_split(
         Q, K, V, OP, LSEP, SEQLENS, BT, ROWS, SLOPES, TAB, QSC, KSC, INV_FREQ, XPOS, SCR, KTH,
         sqb, sqh, sqm, sqd, skb, skh, skn, skd, svb, svh, svn, svd, sbt, stab_l, stab_h, tab_center, s_scr,
