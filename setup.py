@@ -25,7 +25,7 @@ def _version() -> str:
 
 
 install_requires = ["torch>=2.4", "triton>=3.0; platform_system == 'Linux' and platform_machine == 'x86_64'", "tqdm"]
-test_requires = ["pytest", "pytest-xdist", "pytest-benchmark", "hypothesis", "x-transformers==2.31.10", "transformers>=5.24,<5.25"]  # the module patches (hf_patch.TESTED) are tested on 5.24 only
+test_requires = ["pytest", "pytest-xdist>=3.8", "pytest-benchmark", "hypothesis", "x-transformers==2.31.10", "transformers>=5.24,<5.25"]  # the module patches (hf_patch.TESTED) are tested on 5.24 only
 
 setup(
     name="xtk",

@@ -92,10 +92,12 @@ def one_thread():
     torch.set_num_threads(n)
 
 
-# The slowest file first: the AOT compile (tests/test_kernels_build.py, about 10 of the CI's 2-core
+# The slowest file first: the AOT compile (tests/test_kernels_build.py, 15-20 of the CI's 2-core
 # minutes, in subprocesses) then runs beside the other files, not after them. Under pytest-xdist
-# with --dist loadfile (the README's command) the workers take whole files in collection order;
-# without xdist this only moves that file to the front.
+# with --dist loadfile --no-loadscope-reorder (the README's command) the workers take whole files
+# in collection order (without that flag xdist sends the files with the most tests first: the AOT
+# file, 10 tests, went out 11 minutes into a CI run and ran alone at its end); without xdist this
+# only moves that file to the front.
 FIRST = ("test_kernels_build.py",)
 
 
