@@ -28,6 +28,14 @@ Switches (``tl.constexpr``):
   per row (``attention_qk._qk_rows``) and the kernels take q' / k'; their fp32 math lives here
   (``_qk_tile_fwd`` / ``_qk_tile_bwd``), shared with the decode kernel, which applies them to its
   cache tiles in-kernel (each key once per step).
+
+Every tile takes ``_logits``' selects (key bound, causal, prefix), interior tiles too. Splitting the
+key loop into select-free interior blocks and edge blocks (the Triton tutorial's off-band/on-band
+loops) was built and dropped on 2026-11-28 without a GPU to time it: with the shipped tiles it
+added 25-50 registers per thread to the plain 16-bit forward and spilled in 8-26 of the CI set's
+104 forward and 16 of its 107 dK/dV specializations (AOT, triton 3.6 / 3.9); a runtime branch
+around the logits instead failed triton 3.6's pipeliner. Worth timing on a GPU for the plain
+16-bit forward, the one class that stayed spill-free.
 """
 import triton
 import triton.language as tl
