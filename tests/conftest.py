@@ -102,4 +102,4 @@ FIRST = ("test_kernels_build.py",)
 
 
 def pytest_collection_modifyitems(config, items):
-    items.sort(key=lambda item: os.path.basename(str(item.fspath)) not in FIRST)
+    items.sort(key=lambda item: item.path.name not in FIRST)
