@@ -122,7 +122,8 @@ def _keep_frame_chunks():
     """Load tests/frame_chunks.c (built once with the C compiler into ~/.cache/xtk): CPython keeps
     its freed frame-stack chunks instead of unmapping each one (see the file; an interpreter test
     ran 13.3 s -> 7.4 s with it, 2026-11-29). Test speed only; a no-op where it cannot build or
-    does not apply (not CPython 3.11-3.13 with a GIL), or with XTK_NO_FRAME_CHUNKS=1."""
+    does not apply (not CPython 3.11-3.13 with a GIL), or with XTK_NO_FRAME_CHUNKS=1. -> what
+    happened, for tests/test_interpreter_speedups.py: 'loaded <path>' or 'skipped: <why>'."""
     import ctypes
     import hashlib
     import shutil
@@ -130,9 +131,12 @@ def _keep_frame_chunks():
     import sysconfig
     gil = getattr(sys, "_is_gil_enabled", lambda: True)()
     cc = shutil.which(os.environ.get("CC", "cc")) or shutil.which("gcc")
-    if (os.environ.get("XTK_NO_FRAME_CHUNKS") == "1" or sys.implementation.name != "cpython"
-            or not (3, 11) <= sys.version_info[:2] <= (3, 13) or not gil or cc is None):
-        return
+    if os.environ.get("XTK_NO_FRAME_CHUNKS") == "1":
+        return "skipped: XTK_NO_FRAME_CHUNKS=1"
+    if sys.implementation.name != "cpython" or not (3, 11) <= sys.version_info[:2] <= (3, 13) or not gil:
+        return f"skipped: {sys.implementation.name} {sys.version_info[:2]}, GIL {gil}"
+    if cc is None:
+        return "skipped: no C compiler (cc)"
     src = os.path.join(os.path.dirname(__file__), "frame_chunks.c")
     tag = hashlib.sha256(open(src, "rb").read() + sys.version.encode()).hexdigest()[:16]
     cache = os.path.join(os.environ.get("XDG_CACHE_HOME") or os.path.join(os.path.expanduser("~"), ".cache"), "xtk")
@@ -141,13 +145,15 @@ def _keep_frame_chunks():
         os.makedirs(cache, exist_ok=True)
         tmp = f"{lib}.{os.getpid()}.tmp"
         cmd = [cc, "-O2", "-shared", "-fPIC", f"-I{sysconfig.get_paths()['include']}", src, "-o", tmp]
-        if subprocess.run(cmd, capture_output=True).returncode != 0:
-            return
+        built = subprocess.run(cmd, capture_output=True, text=True)
+        if built.returncode != 0:
+            return f"skipped: {' '.join(cmd)} failed: {built.stderr[-500:]}"
         os.replace(tmp, lib)  # atomic: pytest-xdist workers may build it at once
     ctypes.PyDLL(lib).xtk_keep_frame_chunks()
+    return f"loaded {lib}"
 
 
-_keep_frame_chunks()
+FRAME_CHUNKS = _keep_frame_chunks()
 
 
 @pytest.fixture(autouse=True)
