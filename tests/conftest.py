@@ -118,34 +118,49 @@ if os.environ.get("TRITON_INTERPRET") == "1":
     _patch_lang_once()
 
 
+# the tests' build cache (a triton venv, the GPU image's torch headers, the frame-chunk helper)
+XTK_CACHE = os.path.join(os.environ.get("XDG_CACHE_HOME") or os.path.join(os.path.expanduser("~"), ".cache"), "xtk")
+
+
+def frame_chunks_do_not_apply():
+    """Why ``_keep_frame_chunks`` does not apply here (None where it does): XTK_NO_FRAME_CHUNKS=1,
+    not CPython 3.11-3.13 with a GIL, or no C compiler."""
+    gil = getattr(sys, "_is_gil_enabled", lambda: True)()
+    if os.environ.get("XTK_NO_FRAME_CHUNKS") == "1":
+        return "XTK_NO_FRAME_CHUNKS=1"
+    if sys.implementation.name != "cpython" or not (3, 11) <= sys.version_info[:2] <= (3, 13) or not gil:
+        return f"{sys.implementation.name} {sys.version_info[:2]}, GIL {gil}"
+    if _c_compiler() is None:
+        return "no C compiler (cc)"
+    return None
+
+
+def _c_compiler():
+    import shutil
+    return shutil.which(os.environ.get("CC", "cc")) or shutil.which("gcc")
+
+
 def _keep_frame_chunks():
-    """Load tests/frame_chunks.c (built once with the C compiler into ~/.cache/xtk): CPython keeps
+    """Load tests/frame_chunks.c (built once with the C compiler into XTK_CACHE): CPython keeps
     its freed frame-stack chunks instead of unmapping each one (see the file; an interpreter test
-    ran 13.3 s -> 7.4 s with it, 2026-11-29). Test speed only; a no-op where it cannot build or
-    does not apply (not CPython 3.11-3.13 with a GIL), or with XTK_NO_FRAME_CHUNKS=1. -> what
-    happened, for tests/test_interpreter_speedups.py: 'loaded <path>' or 'skipped: <why>'."""
+    ran 13.3 s -> 7.4 s with it, 2026-11-29). Test speed only; a no-op where it does not apply
+    (``frame_chunks_do_not_apply``) or cannot build or load. -> what happened, for
+    tests/test_interpreter_speedups.py: 'loaded <path>' or 'skipped: <why>'."""
     import ctypes
     import hashlib
-    import shutil
     import subprocess
     import sysconfig
-    gil = getattr(sys, "_is_gil_enabled", lambda: True)()
-    cc = shutil.which(os.environ.get("CC", "cc")) or shutil.which("gcc")
-    if os.environ.get("XTK_NO_FRAME_CHUNKS") == "1":
-        return "skipped: XTK_NO_FRAME_CHUNKS=1"
-    if sys.implementation.name != "cpython" or not (3, 11) <= sys.version_info[:2] <= (3, 13) or not gil:
-        return f"skipped: {sys.implementation.name} {sys.version_info[:2]}, GIL {gil}"
-    if cc is None:
-        return "skipped: no C compiler (cc)"
+    why_not = frame_chunks_do_not_apply()
+    if why_not:
+        return f"skipped: {why_not}"
     src = os.path.join(os.path.dirname(__file__), "frame_chunks.c")
     tag = hashlib.sha256(open(src, "rb").read() + sys.version.encode()).hexdigest()[:16]
-    cache = os.path.join(os.environ.get("XDG_CACHE_HOME") or os.path.join(os.path.expanduser("~"), ".cache"), "xtk")
-    lib = os.path.join(cache, f"frame_chunks-{tag}.so")
+    lib = os.path.join(XTK_CACHE, f"frame_chunks-{tag}.so")
     try:
         if not os.path.exists(lib):
-            os.makedirs(cache, exist_ok=True)
+            os.makedirs(XTK_CACHE, exist_ok=True)
             tmp = f"{lib}.{os.getpid()}.tmp"
-            cmd = [cc, "-O2", "-shared", "-fPIC", f"-I{sysconfig.get_paths()['include']}", src, "-o", tmp]
+            cmd = [_c_compiler(), "-O2", "-shared", "-fPIC", f"-I{sysconfig.get_paths()['include']}", src, "-o", tmp]
             built = subprocess.run(cmd, capture_output=True, text=True)
             if built.returncode != 0:
                 return f"skipped: {' '.join(cmd)} failed: {built.stderr[-500:]}"

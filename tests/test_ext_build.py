@@ -27,6 +27,8 @@ from pathlib import Path
 
 import pytest
 
+from conftest import XTK_CACHE
+
 ROOT = Path(__file__).resolve().parents[1]
 CSRC = ROOT / "csrc"
 CU_FILES = sorted(CSRC.rglob("*.cu"))
@@ -120,7 +122,7 @@ GPU_IMAGE_TORCH = "2.11.0"  # the GPU machines' torch: xtk._C is built there aga
 def _gpu_image_torch_includes() -> list:
     """Include folders of torch==GPU_IMAGE_TORCH's headers, unpacked once from its wheel into
     ``~/.cache/xtk`` (pip download; only ``torch/include`` is kept)."""
-    base = Path(os.environ.get("XDG_CACHE_HOME") or Path.home() / ".cache") / "xtk" / f"torch-{GPU_IMAGE_TORCH}-include"
+    base = Path(XTK_CACHE) / f"torch-{GPU_IMAGE_TORCH}-include"
     inc = base / "torch" / "include"
     if not (inc / "ATen" / "ATen.h").exists():
         with tempfile.TemporaryDirectory() as tmp:

@@ -2,8 +2,6 @@
 apply, and leave the interpreter as it was outside a launch (they make the kernel tests faster,
 never different: the kernel sweeps judge that)."""
 import os
-import shutil
-import sys
 
 import pytest
 import torch
@@ -30,9 +28,8 @@ def _eight_times(X, Y, N: tl.constexpr):
 
 
 def test_frame_chunks_loaded_where_they_apply():
-    applies = (sys.implementation.name == "cpython" and (3, 11) <= sys.version_info[:2] <= (3, 13)
-               and getattr(sys, "_is_gil_enabled", lambda: True)() and os.environ.get("XTK_NO_FRAME_CHUNKS") != "1"
-               and (shutil.which(os.environ.get("CC", "cc")) or shutil.which("gcc")))
+    """Where it applies, the helper built and loaded (a failed build or load would only be slow)."""
+    applies = conftest.frame_chunks_do_not_apply() is None
     assert conftest.FRAME_CHUNKS.startswith("loaded " if applies else "skipped: "), conftest.FRAME_CHUNKS
 
 

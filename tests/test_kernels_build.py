@@ -18,6 +18,8 @@ import sys
 
 import pytest
 
+from conftest import XTK_CACHE
+
 FULL = os.environ.get("XTK_FULL_TESTS") == "1"
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 GPU_TRITON = "3.6.0"  # the GPU machines' triton
@@ -27,8 +29,7 @@ QK = ("HAS_NORM", "HAS_DSCALE", "HAS_ROT")
 
 def triton_venv(version: str) -> str:
     """The python of a venv holding only ``triton==version`` (created once, reused while it imports)."""
-    base = os.environ.get("XDG_CACHE_HOME") or os.path.join(os.path.expanduser("~"), ".cache")
-    venv = os.path.join(base, "xtk", f"venv-triton-{version}")
+    venv = os.path.join(XTK_CACHE, f"venv-triton-{version}")
     python = os.path.join(venv, "bin", "python")
     check = [python, "-c", f"import triton; assert triton.__version__ == {version!r}"]
     if os.path.exists(python) and subprocess.run(check, capture_output=True).returncode == 0:
