@@ -51,7 +51,7 @@ _DIV16_STRIDES = {"sqb", "sqh", "sqm", "skb", "skh", "skn", "svb", "svh", "svn",
 _TY = {"float16": "fp16", "bfloat16": "bf16", "float32": "fp32"}
 _SWITCHES = ("IS_CAUSAL", "BIAS_KIND", "MASK_KIND", "HAS_TOPK", "HAS_DROPOUT", "NEED_DSLOPE", "NEED_DTAB", "NEED_DS",
              "NEED_DLSC", "HAS_NORM", "GROUPS", "HAS_DSCALE", "HAS_ROT", "HAS_XPOS", "GQA_REPEAT", "PAGED", "TOPK_PASS",
-             "VARLEN", "NAN_GUARD", "IS_KEY", "BACKWARD")
+             "VARLEN", "NAN_GUARD", "IS_KEY", "BACKWARD", "GROUP_SPLIT")
 _INT_SWITCHES = ("BIAS_KIND", "MASK_KIND", "TOPK_PASS", "NAN_GUARD")
 _COMBINE_CFG = dict(BLOCK_M=16, BLOCK_N=16, num_warps=4, num_stages=1)  # the combine kernel: no table entry
 MAX_SPLITS = 128  # attention_decode_op.MAX_SPLITS (the combine's lse vector; that module imports torch)
@@ -345,7 +345,9 @@ def _ci_set() -> list[dict]:
     2. every switch value alone at two head dims on both archs, in a kernel and precision that
        rotate (the gradient switches in dq, where they live);
     3. plain without causal at every head dim (fp16 and bf16), the top-k buffer at k = 1 (the
-       running maximum; k = 128, the widest, is every thrwide entry's in 1)."""
+       running maximum; k = 128, the widest, is every thrwide entry's in 1);
+    4. dK/dV's GROUP_SPLIT kernel (the GQA group split over programs where the grid is small, a
+       switch the class representatives do not hold) at every dK/dV entry of 1."""
     specs = []
     for cc in ARCHS:
         specs += _entry_specs(cc, cc)
@@ -355,6 +357,7 @@ def _ci_set() -> list[dict]:
             continue  # refused on sm_86/89: nothing to compile
         kind, cls, prec, bd = k.split("/")
         specs.append(reps(kind, 86, int(bd[1:]), prec, cls)[0])
+    specs += [dict(s, switches=dict(s["switches"], GROUP_SPLIT=1)) for s in specs if s["kind"] == "dkdv"]
     single = [dict(IS_CAUSAL=1), dict(BIAS_KIND=kinds.BIAS_ALIBI), dict(BIAS_KIND=kinds.BIAS_TABLE),
               dict(BIAS_KIND=kinds.BIAS_DENSE_FLOAT), dict(BIAS_KIND=kinds.BIAS_DENSE_BOOL),
               dict(MASK_KIND=kinds.MASK_FLOAT), dict(MASK_KIND=kinds.MASK_BOOL), dict(HAS_TOPK=1), dict(HAS_DROPOUT=1),

@@ -2,8 +2,14 @@
 
 ``delta = rowsum(dO * O)`` is the preprocess (computed by the launcher, O(n)). With
 ``dS = P * (dP - delta)`` (the gradient of the biased logits):
-- ``_attn_bwd_dkdv``: one program per (key block, batch * kv head); it loops over the query
-  heads of its GQA group and over the query blocks, so dK/dV are written once, no atomics.
+- ``_attn_bwd_dkdv``: one program per (key block, batch * kv head, slice of the GQA group); it
+  loops over the query heads of its slice and over the query blocks, so dK/dV are written once, no
+  atomics. The slice is the whole group unless GROUP_SPLIT (the launcher's ``dkdv_split``: only
+  where the plain grid would leave SMs idle, e.g. MQA at batch 1): then ``n_split`` programs share
+  the group and slice s writes its fp32 partial dK/dV as heads ``s * HK + kv head`` of buffers the
+  launcher sums over s (deterministic). A switch, not a runtime branch: the everyday kernel stays
+  the code the tile tables were chosen on (the split's index math moved ptxas's register counts
+  by up to +70 in the heavy classes when always compiled in).
 - ``_attn_bwd_dq``: one program per (query block, batch * head) over the key blocks; it also
   produces the gradients of the learned bias inputs (with a first pass over the keys that
   recomputes delta as sum_j P dP, consistent with its own P, so whole-row sums of dS cancel): ALiBi slope partials per program
@@ -37,25 +43,32 @@ from .attention_common import (NOT_SPECIALIZED, _causal_key_end, _causal_query_s
                                _tile_ptrs, _tile_ptrs_t)
 
 
-@triton.jit(do_not_specialize=NOT_SPECIALIZED)
+# n_split unspecialized: one compiled GROUP_SPLIT kernel serves every split count
+@triton.jit(do_not_specialize=NOT_SPECIALIZED + ["n_split"])
 def _attn_bwd_dkdv(
         Q, K, V, DO, DK, DV_, STATS, DELTA, THR, SLOPES, TAB, MASK, BIAS, CU_Q, CU_K, NANF,
         sqb, sqh, sqm, sqd, skb, skh, skn, skd, svb, svh, svn, svd, sdob, sdoh, sdom, sdod,
         sdkb, sdkh, sdkn, sdkd, sdvb, sdvh, sdvn, sdvd,
         stab_l, stab_h, tab_center, smb, smh, smm, smn, sbb, sbh, sbm, sbn,
-        H, HK, NQ, NK, D, DV, q_offset, k_prefix, sm_scale, dropout_p, SEED,
+        H, HK, NQ, NK, D, DV, q_offset, k_prefix, sm_scale, dropout_p, SEED, n_split,
         IS_CAUSAL: tl.constexpr, BIAS_KIND: tl.constexpr, MASK_KIND: tl.constexpr, HAS_TOPK: tl.constexpr,
         HAS_DROPOUT: tl.constexpr, PRECISION: tl.constexpr,
-        GQA_REPEAT: tl.constexpr, VARLEN: tl.constexpr, NAN_GUARD: tl.constexpr,
+        GQA_REPEAT: tl.constexpr, VARLEN: tl.constexpr, NAN_GUARD: tl.constexpr, GROUP_SPLIT: tl.constexpr,
         BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_DV: tl.constexpr):
     if NAN_GUARD:  # the guard twin: runs only when q, k or v holds NaN/inf (the device flag NANF)
         if tl.load(NANF) == 0:
             return
     n_kblocks = tl.cdiv(NK, BLOCK_N)
     pid_n, off_bhk = _fold(n_kblocks)
+    group = H // HK
+    g_start, g_end, split = 0, group, 0
+    if GROUP_SPLIT:  # n_split programs per (key block, batch * kv head), each a slice of the group
+        split = off_bhk % n_split
+        off_bhk = off_bhk // n_split
+        g_start = split * tl.cdiv(group, n_split)
+        g_end = tl.minimum(group, g_start + tl.cdiv(group, n_split))
     off_b = off_bhk // HK
     off_hk = off_bhk % HK
-    group = H // HK
     start_n = pid_n * BLOCK_N
     q0, nq, k0, nk, _ = _seq_span(CU_Q, CU_K, off_b, NQ, NK, q_offset, k_prefix, 0, VARLEN)
     if VARLEN:
@@ -76,7 +89,7 @@ def _attn_bwd_dkdv(
     dk = tl.zeros([BLOCK_N, BLOCK_D], tl.float32)
     dv = tl.zeros([BLOCK_N, BLOCK_DV], tl.float32)
     start_q = _causal_query_start(start_n, BLOCK_M, q_offset, k_prefix, IS_CAUSAL)
-    for g in range(0, group):
+    for g in range(g_start, g_end):
         if GQA_REPEAT:  # x-transformers' order: query head h reads kv head h % HK
             off_h = g * HK + off_hk
         else:  # SDPA's: query head h reads kv head h // group
@@ -118,6 +131,8 @@ def _attn_bwd_dkdv(
                 q = _finite(q)
             dk += tl.dot(tl.trans(ds).to(q.dtype), q, input_precision=PRECISION)
     dk = dk * sm_scale
+    if GROUP_SPLIT:  # slice s writes heads s * HK + kv head of the fp32 partial buffers
+        off_hk = split * HK + off_hk
     tl.store(_tile_ptrs(DK + off_b.to(tl.int64) * sdkb + k0 * sdkn + off_hk.to(tl.int64) * sdkh, offs_n, offs_d, sdkn,
                         sdkd), dk.to(DK.dtype.element_ty), mask=col_ok[:, None] & (offs_d[None, :] < D))
     tl.store(_tile_ptrs(DV_ + off_b.to(tl.int64) * sdvb + k0 * sdvn + off_hk.to(tl.int64) * sdvh, offs_n, offs_dv, sdvn,

@@ -8,7 +8,9 @@ copies); the QK features go in as the fields of ``QKArgs``.
 
 Memory: besides the outputs, the forward allocates the (b, h, nq) log-sum-exp (and the top-k
 threshold); the backward allocates dq/dk/dv, the (b, h, nq) delta, an (h, 2L-1) table gradient
-and per-program ALiBi and QK dim-scale partials ((n / BLOCK) x d) -- all linear in n. QK-norm and
+and per-program ALiBi and QK dim-scale partials ((n / BLOCK) x d) -- all linear in n; where the
+GQA group is split over programs (``dkdv_split``: grids smaller than the GPU), fp32 partial dK/dV
+of s x their size. QK-norm and
 rotary/xpos run once per row before the attention kernels (``attention_qk._qk_rows``): the forward
 allocates q' and k' (q's and k's size and dtype), the backward recomputes them and holds dL/dq',
 dL/dk' in fp32 for the chain back to q and k. Only a dense bias that requires grad gets a (b, h, nq,
@@ -22,6 +24,7 @@ buffer; on clean inputs the twins' programs return at once.
 from __future__ import annotations
 
 import contextlib
+import functools
 import os
 from typing import NamedTuple, Optional, Union
 
@@ -129,21 +132,54 @@ def _seed(seed: int, device) -> Tensor:
 MAX_PROGRAMS = 2 ** 31 - 1  # CUDA grid axis 0 (axes 1 and 2: 65,535)
 
 
-def launch_grids(b: int, h: int, hk: int, nq: int, nk: int, tiles: dict) -> dict:
+def launch_grids(b: int, h: int, hk: int, nq: int, nk: int, tiles: dict, dkdv_split: int = 1) -> dict:
     """The grid of each launch, ``kind -> (programs,)``: (blocks x batch*heads) folded onto axis 0,
     blocks fastest, as the kernels decode it (``attention_common._fold``).
 
     ``tiles``: kind -> (BLOCK_M, BLOCK_N) for any of 'fwd', 'thr', 'dq', 'mask' (the dropout-mask
-    debug kernel): query blocks x b*h; 'dkdv': key blocks x b*hk. Axis 0 holds 2^31 - 1 programs
+    debug kernel): query blocks x b*h; 'dkdv': key blocks x b*hk x ``dkdv_split`` (``dkdv_split``'s
+    slices of the GQA group). Axis 0 holds 2^31 - 1 programs
     where axes 1 and 2 hold 65,535 (b*h on axis 1 failed to launch at a decode batch of 2,048 x 32
     heads); raises ValueError past that (a q of that many tiles fits in no GPU's memory)."""
     grids = {}
     for kind, (bm, bn) in tiles.items():
-        n = triton.cdiv(nk, bn) * b * hk if kind == "dkdv" else triton.cdiv(nq, bm) * b * h
+        n = triton.cdiv(nk, bn) * b * hk * dkdv_split if kind == "dkdv" else triton.cdiv(nq, bm) * b * h
         if n > MAX_PROGRAMS:
             raise ValueError(f"xtk attention: {kind} launch needs {n} programs > {MAX_PROGRAMS} (grid axis 0)")
         grids[kind] = (n,)
     return grids
+
+
+def dkdv_split(programs: int, group: int, sms: int) -> int:
+    """Slices of the GQA group for the dK/dV kernel (``attention_bwd._attn_bwd_dkdv``), given its
+    ``programs`` (key blocks x b*hk) unsplit, the ``group`` size h // hk and the GPU's ``sms``.
+
+    One program walks its whole group serially, so MQA at batch 1 (n 4096, 64-key blocks: 64
+    programs of 16 heads each) leaves half of a 132-SM GPU idle. Only when ``programs < sms``: the
+    split s minimizing the modelled time (waves of programs * s on ``sms``) x (heads per slice),
+    one program per SM assumed, the smallest s on a tie, among the splits whose every slice holds
+    heads; taken only where it models at most 0.8x the unsplit time (the partial dK/dV buffers,
+    fp32, s x the dK/dV size, and their sum are paid only where they buy clear parallelism; never
+    timed on a GPU). 1 on no GPU (``sms`` 0) and whenever the grid already fills the GPU."""
+    if programs <= 0 or programs >= sms or group <= 1:
+        return 1
+
+    def modelled_time(s):
+        return triton.cdiv(programs * s, sms) * triton.cdiv(group, s)
+    splits = {triton.cdiv(group, triton.cdiv(group, s)) for s in range(1, group + 1)}  # no empty slice
+    best = min(splits, key=lambda s: (modelled_time(s), s))
+    return best if modelled_time(best) <= 0.8 * modelled_time(1) else 1
+
+
+@functools.lru_cache(maxsize=None)
+def _sm_count(device_index: int) -> int:
+    return torch.cuda.get_device_properties(device_index).multi_processor_count
+
+
+def sm_count(device) -> int:
+    """Streaming multiprocessors of ``device``; 0 off CUDA (the interpreter: no split, see ``dkdv_split``)."""
+    return _sm_count(device.index if device.index is not None else torch.cuda.current_device()) \
+        if device.type == "cuda" else 0
 
 
 def _blocks(cfg: dict) -> tuple:
@@ -440,7 +476,12 @@ def _backward_kernels(do, q, k, v, out, stats, thr, seed, slopes, table, mask, d
                   GQA_REPEAT=gqa_repeat, **cu_meta)
     thr_arg = thr if has_topk else stats
     seed = seed.to(q.device)  # the forward's device seed (a no-op); a host seed tensor is copied over
-    grids = launch_grids(b, h, hk, nq, nk, dict(dkdv=_blocks(cfg_kv), dq=_blocks(cfg)))
+    kv_programs = launch_grids(b, h, hk, nq, nk, dict(dkdv=_blocks(cfg_kv)))["dkdv"][0]
+    n_split = dkdv_split(kv_programs, h // hk, sm_count(q.device))
+    grids = launch_grids(b, h, hk, nq, nk, dict(dkdv=_blocks(cfg_kv), dq=_blocks(cfg)), dkdv_split=n_split)
+    # split: each slice of the group writes fp32 partials as heads s * hk + kv head, summed below
+    dk_out, dv_out = (dk, dvv) if n_split == 1 else (
+        torch.empty(t.shape[0], n_split * hk, *t.shape[2:], dtype=torch.float32, device=t.device) for t in (dk, dvv))
     # the guard twins run after every backward: any call can mask a pair -- by a mask, causal,
     # top-k, or a -inf logit (an inf in q or k) -- whose NaN/inf then meets the gradient products
     flag = nan_flag(q, k, v)
@@ -449,9 +490,10 @@ def _backward_kernels(do, q, k, v, out, stats, thr, seed, slopes, table, mask, d
 
     def dkdv(mode):
         _attn_bwd_dkdv[grids["dkdv"]](
-            q, k, v, do, dk, dvv, stats, delta, thr_arg, *ptrs, *cu_ptrs, flag,
-            *_strides(varlen, q, k, v, do, dk, dvv), *scal,
-            h, hk, nq, nk, d, dv, q_offset, k_prefix, scale, dropout_p, seed, **common, NAN_GUARD=mode, **cfg_kv)
+            q, k, v, do, dk_out, dv_out, stats, delta, thr_arg, *ptrs, *cu_ptrs, flag,
+            *_strides(varlen, q, k, v, do, dk_out, dv_out), *scal,
+            h, hk, nq, nk, d, dv, q_offset, k_prefix, scale, dropout_p, seed, n_split, **common, NAN_GUARD=mode,
+            GROUP_SPLIT=n_split > 1, **cfg_kv)
 
     def dq_pass(mode, dtab_out):
         _attn_bwd_dq[grids["dq"]](
@@ -466,6 +508,9 @@ def _backward_kernels(do, q, k, v, out, stats, thr, seed, slopes, table, mask, d
     dq_pass(False, dtab)
     dq_pass(True, dtab_guard)  # the twins: the dQ one first (it stores the delta the dK/dV one reads)
     dkdv(True)
+    if n_split > 1:
+        for out, part in ((dk, dk_out), (dvv, dv_out)):
+            out.copy_(part.unflatten(1, (n_split, hk)).sum(1))
     return torch.where(flag != 0, dtab_guard, dtab) if need_dtable else dtab
 
 
