@@ -11,8 +11,11 @@
   the code the tile tables were chosen on (the split's index math moved ptxas's register counts
   by up to +70 in the heavy classes when always compiled in).
 - ``_attn_bwd_dq``: one program per (query block, batch * head) over the key blocks; it also
-  produces the gradients of the learned bias inputs (with a first pass over the keys that
-  recomputes delta as sum_j P dP, consistent with its own P, so whole-row sums of dS cancel): ALiBi slope partials per program
+  produces the gradients of the learned bias inputs in its one pass over the keys (before
+  2026-11-29 every learned input's gradient took a first pass more, two more products per tile,
+  for delta and l from the kernel's own logits; now only a dense bias's dS and the guard twin do,
+  and the slope and logit-scale sums, whose weights amplify the saved delta's rounding, form their
+  own delta in the same pass: ``ROW_FIX``): ALiBi slope partials per program
   (summed by the launcher: deterministic), distance-table gradient as each tile's diagonal sums
   (``_table_grad_tile``: BLOCK_M + BLOCK_N - 1 relaxed atomics per tile, not one per element; a
   tile wholly beyond an edge of the table -- most of a T5 table's, which ends where its buckets
@@ -214,15 +217,25 @@ def _attn_bwd_dq(
     dlsc = tl.zeros([BLOCK_M], tl.float32)
     dtab_lo = tl.zeros([BLOCK_M], tl.float32)  # NEED_DTAB: dS of the tiles wholly beyond the table's lower / upper edge
     dtab_hi = tl.zeros([BLOCK_M], tl.float32)
+    # ... and, in one pass (ROW_FIX below), the slope and scale sums' second halves: sum w e (the first: sum w e dP)
+    dslope_e = tl.zeros([BLOCK_M], tl.float32)
+    dlsc_e = tl.zeros([BLOCK_M], tl.float32)
+    l_sum = tl.zeros([BLOCK_M], tl.float32)  # sum_j e and sum_j e dP, e = exp(s - m): this kernel's own l and l * delta
+    pdp = tl.zeros([BLOCK_M], tl.float32)
     pi = q_offset + offs_m
     end_n = _causal_key_end(start_m, BLOCK_M, nk, q_offset, k_prefix, IS_CAUSAL)
-    if NEED_DSLOPE or NEED_DTAB or NEED_DS or NEED_DLSC or NAN_GUARD:
-        # bias (and logit scale) gradients sum dS over whole rows (ALiBi: weighted by |p_i - p_j|), which amplifies
-        # the rounding of delta = dO . O and of the online-softmax row sum: recompute both from
-        # this kernel's own logits (l = sum_j exp(s - m) with the final m, delta = sum_j P dP); the
-        # guard twin always does (over unmasked pairs only: dO . O is NaN where a masked key's v is)
-        l_sum = tl.zeros([BLOCK_M], tl.float32)
-        pdp = tl.zeros([BLOCK_M], tl.float32)
+    # The slope and logit-scale gradients sum dS over whole rows with large weights (|p_i - p_j| up
+    # to n; q'.k'), which amplifies the rounding of delta = dO . O (O rounded to 16 bits) and of the
+    # online-softmax row sum l: they take l = sum_j e and delta = sum_j e dP / l from this kernel's
+    # own logits, e = exp(s - m). ROW_FIX: in the gradient pass itself, as per-row sums of w e dP and
+    # w e (sum_j w dS = (sum_j w e dP - delta sum_j w e) / l once the row is done). The dense bias
+    # gradient (dS stored whole) and the guard twin (over unmasked pairs only: dO . O is NaN where a
+    # masked key's v is) take a first pass over the keys for l and delta. Everything else -- dQ, the
+    # table gradient -- takes the saved l and delta, as dK/dV does (bf16, 4 draws: a T5 table's
+    # saturated edge bucket 0.06x the eager error so, 0.04x with its own delta; the ALiBi slope 0.81x
+    # so, 0.18x with it: tests/test_attention_triton.py).
+    ROW_FIX: tl.constexpr = (NEED_DSLOPE or NEED_DLSC) and not (NEED_DS or NAN_GUARD)
+    if NEED_DS or NAN_GUARD:
         for start_n in range(0, end_n, BLOCK_N):
             offs_n = start_n + offs_n0
             kt, qk, s, dp = _dq_key_tile(
@@ -249,21 +262,30 @@ def _attn_bwd_dq(
             skn, skd, svn, svd, nq, nk, D, DV, q_offset, k_prefix, sm_scale, dropout_p, slope, tab, stab_l,
             tab_center, MASK, smb, smh, smm, smn, BIAS, sbb, sbh, sbm, sbn,
             IS_CAUSAL, BIAS_KIND, MASK_KIND, HAS_TOPK, HAS_DROPOUT, PRECISION, NAN_GUARD)
-        p = tl.exp(s - m_row[:, None]) * inv_l[:, None]
-        ds = p * (dp - delta[:, None])
+        e = tl.exp(s - m_row[:, None])
+        ds = e * inv_l[:, None] * (dp - delta[:, None])
         if NAN_GUARD:  # nothing flows back through a masked pair (P NaN in a NaN row, 0 x NaN where v is NaN)
             ds = tl.where(s == float("-inf"), 0.0, ds)
             kt = _finite(kt)
-        dq += tl.dot(ds.to(q.dtype), tl.trans(kt), input_precision=PRECISION)
+        if not ROW_FIX:
+            dq += tl.dot(ds.to(q.dtype), tl.trans(kt), input_precision=PRECISION)
         positional = (offs_n >= k_prefix) & col_ok
         dist = pi[:, None] - (offs_n - k_prefix)[None, :]
+        edp = ds  # what the rows' sums of w dS below add: dS, or under ROW_FIX e dP (and e apart)
+        if ROW_FIX:
+            edp = e * dp
+            l_sum += tl.sum(e, axis=1)
+            pdp += tl.sum(edp, axis=1)
         if NEED_DSLOPE:
-            dslope += tl.sum(tl.where(positional[None, :], -ds * tl.abs(dist).to(tl.float32), 0.0), axis=1)
+            w = tl.where(positional[None, :], -tl.abs(dist).to(tl.float32), 0.0)
+            dslope += tl.sum(w * edp, axis=1)
+            dslope_e += tl.sum(w * e, axis=1)
         if NEED_DLSC:  # fp32 dS times the fp32 q'.k' (not the rounded dS of the dq product)
             if NAN_GUARD:
                 dlsc += tl.sum(tl.where(s == float("-inf"), 0.0, ds * qk), axis=1)
             else:
-                dlsc += tl.sum(ds * qk, axis=1)
+                dlsc += tl.sum(edp * qk, axis=1)
+                dlsc_e += tl.sum(e * qk, axis=1)
         if NEED_DTAB:
             first = q_offset + start_m - (start_n + BLOCK_N - 1 - k_prefix) + tab_center  # row of the lowest distance
             keep = positional[None, :] & row_ok[:, None]
@@ -279,6 +301,13 @@ def _attn_bwd_dq(
         if NEED_DS:
             ds_off = offs_m.to(tl.int64)[:, None] * NK + offs_n[None, :]  # int64: nq * nk passes 2^31
             tl.store(DS + off_bh.to(tl.int64) * NQ * NK + ds_off, ds, mask=row_ok[:, None] & col_ok[None, :])
+        if ROW_FIX:  # after the rows' sums, so that e and dP are dead across the product
+            dq += tl.dot(ds.to(q.dtype), tl.trans(kt), input_precision=PRECISION)
+    if ROW_FIX:  # sum_j w dS = (sum_j w e dP - delta sum_j w e) / l, per row
+        inv_l = 1.0 / tl.where(l_sum == 0.0, 1.0, l_sum)
+        delta = pdp * inv_l
+        dslope = (dslope - delta * dslope_e) * inv_l
+        dlsc = (dlsc - delta * dlsc_e) * inv_l
     dq = dq * sm_scale
     tl.store(_tile_ptrs(DQ + off_b.to(tl.int64) * sdqb + q0 * sdqm + off_h.to(tl.int64) * sdqh, offs_m, offs_d, sdqm,
                         sdqd),
