@@ -2,13 +2,15 @@
 same call forced unsplit (``kernels.attention_op.dkdv_split``), bf16, non-causal and causal.
 
     python bench/profile_dkdv_split.py [--n 4096] [--d 128]
+    python bench/profile_dkdv_split.py --dry-run   # CPU, the Triton interpreter, tiny sizes: the plumbing
 
 Shapes where the unsplit grid leaves SMs idle (MQA / GQA at batch 1-2) and one where it does not
 (b 4, 16 kv heads: the split must stay 1 there). Per cell: the split the launcher takes, the median
 step of each (``triton.testing.do_bench``), their ratio, and torch.profiler's time of the dK/dV
-kernel per step (plus the partials' sum, which only the split pays). CUDA only.
+kernel per step (plus the partials' sum, which only the split pays).
 """
 import argparse
+import time
 
 import torch
 import triton
@@ -19,10 +21,11 @@ from xtk.kernels import attention_op
 SHAPES = [(1, 16, 1), (1, 32, 8), (2, 16, 2), (4, 16, 16)]  # (b, h, hk)
 
 
-def make_step(b, h, hk, n, d, causal):
-    g = torch.Generator(device="cuda").manual_seed(0)
-    q = torch.randn(b, h, n, d, device="cuda", dtype=torch.bfloat16, generator=g).requires_grad_()
-    k, v = (torch.randn(b, hk, n, d, device="cuda", dtype=torch.bfloat16, generator=g).requires_grad_()
+def make_step(b, h, hk, n, d, causal, device="cuda"):
+    g = torch.Generator(device=device).manual_seed(0)
+    dtype = torch.bfloat16 if device == "cuda" else torch.float32
+    q = torch.randn(b, h, n, d, device=device, dtype=dtype, generator=g).requires_grad_()
+    k, v = (torch.randn(b, hk, n, d, device=device, dtype=dtype, generator=g).requires_grad_()
             for _ in range(2))
     do = torch.randn_like(q)
 
@@ -32,7 +35,17 @@ def make_step(b, h, hk, n, d, causal):
     return step
 
 
+def median_ms(step) -> float:
+    if torch.cuda.is_available():
+        return triton.testing.do_bench(step, warmup=25, rep=200)
+    t = time.perf_counter()  # the dry run: one call (its time means nothing)
+    step()
+    return (time.perf_counter() - t) * 1e3
+
+
 def dkdv_ms(step, iters=5) -> float:
+    if not torch.cuda.is_available():
+        return float("nan")
     with torch.profiler.profile(activities=[torch.profiler.ProfilerActivity.CUDA]) as prof:
         for _ in range(iters):
             step()
@@ -40,7 +53,7 @@ def dkdv_ms(step, iters=5) -> float:
     return sum(e.device_time_total for e in prof.key_averages() if "_attn_bwd_dkdv" in e.key) / 1e3 / iters
 
 
-def cell(b, h, hk, n, d, causal):
+def cell(b, h, hk, n, d, causal, device="cuda"):
     auto = attention_op.dkdv_split
     taken = []
 
@@ -49,32 +62,37 @@ def cell(b, h, hk, n, d, causal):
         return taken[-1]
     attention_op.dkdv_split = recorded
     try:
-        step = make_step(b, h, hk, n, d, causal)
+        step = make_step(b, h, hk, n, d, causal, device)
         step()
-        split_ms, split_kernel = triton.testing.do_bench(step, warmup=25, rep=200), dkdv_ms(step)
+        split_ms, split_kernel = median_ms(step), dkdv_ms(step)
         attention_op.dkdv_split = lambda *a: 1
         step()
-        plain_ms, plain_kernel = triton.testing.do_bench(step, warmup=25, rep=200), dkdv_ms(step)
+        plain_ms, plain_kernel = median_ms(step), dkdv_ms(step)
     finally:
         attention_op.dkdv_split = auto
     print(f"| b{b} h{h} hk{hk} n{n} d{d} {'causal' if causal else 'full'} | {taken[0]} | {split_ms:.3f} | "
           f"{plain_ms:.3f} | {plain_ms / split_ms:.2f}x | {split_kernel:.3f} | {plain_kernel:.3f} |", flush=True)
 
 
-def main():
+def main(argv=None):
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--n", type=int, default=4096)
-    parser.add_argument("--d", type=int, default=128)
-    args = parser.parse_args()
-    if not torch.cuda.is_available():
-        raise SystemExit("profile_dkdv_split: needs a CUDA GPU (it times kernels)")
-    print(f"{torch.cuda.get_device_name()}, {attention_op.sm_count(torch.device('cuda'))} SMs, "
-          f"torch {torch.__version__}, triton {triton.__version__}")
+    parser.add_argument("--dry-run", action="store_true", help="CPU (TRITON_INTERPRET=1), tiny sizes: the plumbing")
+    args = parser.parse_args(argv)
+    if args.dry_run:
+        device, n, d, shapes = "cpu", 40, 16, [(1, 4, 1), (2, 4, 4)]
+        attention_op.sm_count = lambda dev: 132  # a stand-in GPU, so that the split happens
+    elif torch.cuda.is_available():
+        device, n, d, shapes = "cuda", args.n, args.d, SHAPES
+    else:
+        raise SystemExit("profile_dkdv_split: needs a CUDA GPU (it times kernels), or --dry-run")
+    print(f"{torch.cuda.get_device_name() if device == 'cuda' else 'cpu (dry run)'}, "
+          f"{attention_op.sm_count(torch.device(device))} SMs, torch {torch.__version__}, triton {triton.__version__}")
     print("| shape | split | fwd+bwd ms (split) | fwd+bwd ms (unsplit) | speedup | dK/dV ms (split) | dK/dV ms (unsplit) |")
     print("|---|---|---|---|---|---|---|")
-    for b, h, hk in SHAPES:
+    for b, h, hk in shapes:
         for causal in (False, True):
-            cell(b, h, hk, args.n, args.d, causal)
+            cell(b, h, hk, n, d, causal, device)
 
 
 if __name__ == "__main__":

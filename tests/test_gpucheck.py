@@ -123,3 +123,18 @@ def test_compile_shards_start_no_job_past_their_deadline(monkeypatch):
     assert ran == []
     gpucheck.warm_shard(plan, "0/1", until=None)
     assert len(ran) == len(plan.warm_jobs())
+
+
+@pytest.mark.skipif(os.environ.get("TRITON_INTERPRET") != "1",
+                    reason="the dry run launches on CPU tensors: the interpreter (tests/conftest.py sets it without CUDA)")
+def test_dkdv_split_bench_dry_run(monkeypatch, capsys):
+    """bench/profile_dkdv_split.py's plumbing on CPU (the interpreter, a stand-in 132-SM GPU): both
+    calls of every cell run, the split is taken where the grid is small and not where it fills."""
+    from xtk.bench import profile_dkdv_split
+    from xtk.kernels import attention_op
+    monkeypatch.setattr(attention_op, "sm_count", attention_op.sm_count)  # the dry run replaces it: restored after
+    profile_dkdv_split.main(["--dry-run"])
+    rows = [line.split("|") for line in capsys.readouterr().out.splitlines() if line.startswith("| b")]
+    assert [(r[1].strip(), r[2].strip()) for r in rows] == [
+        ("b1 h4 hk1 n40 d16 full", "4"), ("b1 h4 hk1 n40 d16 causal", "4"),
+        ("b2 h4 hk4 n40 d16 full", "1"), ("b2 h4 hk4 n40 d16 causal", "1")]
