@@ -347,7 +347,8 @@ def _ci_set() -> list[dict]:
     3. plain without causal at every head dim (fp16 and bf16), the top-k buffer at k = 1 (the
        running maximum; k = 128, the widest, is every thrwide entry's in 1);
     4. dK/dV's GROUP_SPLIT kernel (the GQA group split over programs where the grid is small, a
-       switch the class representatives do not hold) at every dK/dV entry of 1."""
+       switch the class representatives do not hold; it changes the prologue and the store's head
+       only) at every 16-bit dK/dV entry of 1 and at the TF32 and exact-fp32 ones of head dim 128."""
     specs = []
     for cc in ARCHS:
         specs += _entry_specs(cc, cc)
@@ -357,7 +358,8 @@ def _ci_set() -> list[dict]:
             continue  # refused on sm_86/89: nothing to compile
         kind, cls, prec, bd = k.split("/")
         specs.append(reps(kind, 86, int(bd[1:]), prec, cls)[0])
-    specs += [dict(s, switches=dict(s["switches"], GROUP_SPLIT=1)) for s in specs if s["kind"] == "dkdv"]
+    specs += [dict(s, switches=dict(s["switches"], GROUP_SPLIT=1)) for s in specs
+              if s["kind"] == "dkdv" and (s["precision"] == "16bit" or s["d"] == 128)]
     single = [dict(IS_CAUSAL=1), dict(BIAS_KIND=kinds.BIAS_ALIBI), dict(BIAS_KIND=kinds.BIAS_TABLE),
               dict(BIAS_KIND=kinds.BIAS_DENSE_FLOAT), dict(BIAS_KIND=kinds.BIAS_DENSE_BOOL),
               dict(MASK_KIND=kinds.MASK_FLOAT), dict(MASK_KIND=kinds.MASK_BOOL), dict(HAS_TOPK=1), dict(HAS_DROPOUT=1),

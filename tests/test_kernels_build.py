@@ -187,14 +187,16 @@ def test_set_covers_every_switch_kernel_arch_and_precision(aot_results):
             assert any(s["kind"] == kind and s["cc"] == cc and s["switches"].get("NAN_GUARD") == 1 for s in specs)
     assert any(s["kind"] == "thr" and s["switches"].get("NAN_GUARD") == 1 for s in specs)
     assert {80, 90} <= {s["cc"] for s in specs if s["kind"] == "fwd" and s["switches"].get("NAN_GUARD") == 2}
-    # dK/dV's GQA-group split (GROUP_SPLIT): at every dK/dV table entry, like the everyday kernel
+    # dK/dV's GQA-group split (GROUP_SPLIT): at every 16-bit dK/dV entry, and TF32 / fp32 at head dim 128,
+    # with the everyday kernel's representatives
     plain_kv = {(s["cc"], s["d"], s["precision"], json.dumps(s["switches"], sort_keys=True)) for s in specs
                 if s["kind"] == "dkdv" and not s["switches"].get("GROUP_SPLIT")}
     split_kv = {(s["cc"], s["d"], s["precision"], json.dumps({k: v for k, v in s["switches"].items() if k != "GROUP_SPLIT"},
                                                               sort_keys=True))
                 for s in specs if s["kind"] == "dkdv" and s["switches"].get("GROUP_SPLIT")}
-    assert split_kv and {(cc, d, p) for cc, d, p, _ in split_kv} == {(cc, d, p) for cc, d, p, _ in plain_kv}
-    assert split_kv <= plain_kv
+    want = {(cc, d, p) for cc, d, p, _ in plain_kv if p == "16bit" or d == 128}
+    assert split_kv <= plain_kv and {(cc, d, p) for cc, d, p, _ in split_kv} == want
+    assert {80, 86, 90} <= {cc for cc, _, _ in want} and {"16bit", "tf32", "ieee"} == {p for _, _, p in want}
     # the packed-batch switch (attention_varlen's one launch) in the four kernels on both archs
     for kind in ("fwd", "thr", "dkdv", "dq"):
         for cc in (80, 90):
