@@ -6,8 +6,10 @@ same call forced unsplit (``kernels.attention_op.dkdv_split``), bf16, non-causal
 
 Shapes where the unsplit grid leaves SMs idle (MQA / GQA at batch 1-2) and one where it does not
 (b 4, 16 kv heads: the split must stay 1 there). Per cell: the split the launcher takes, the median
-step of each (``triton.testing.do_bench``), their ratio, and torch.profiler's time of the dK/dV
-kernel per step (plus the partials' sum, which only the split pays).
+step of each (``triton.testing.do_bench``; the split's includes the sum of its partials), their
+ratio, and torch.profiler's time of the dK/dV kernel alone per step. CUDA, or ``--dry-run`` (every
+code path once on CPU under TRITON_INTERPRET=1, with a stand-in 132-SM GPU so that the split
+happens; its times mean nothing).
 """
 import argparse
 import time
@@ -76,15 +78,15 @@ def cell(b, h, hk, n, d, causal, device="cuda"):
 
 def main(argv=None):
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--n", type=int, default=4096)
+    parser.add_argument("--n", type=int, default=4096, help="sequence length (queries = keys)")
+    parser.add_argument("--d", type=int, default=128, help="head dim")
     parser.add_argument("--dry-run", action="store_true", help="CPU (TRITON_INTERPRET=1), tiny sizes: the plumbing")
     args = parser.parse_args(argv)
+    device, n, d, shapes = "cuda", args.n, args.d, SHAPES
     if args.dry_run:
         device, n, d, shapes = "cpu", 40, 16, [(1, 4, 1), (2, 4, 4)]
         attention_op.sm_count = lambda dev: 132  # a stand-in GPU, so that the split happens
-    elif torch.cuda.is_available():
-        device, n, d, shapes = "cuda", args.n, args.d, SHAPES
-    else:
+    elif not torch.cuda.is_available():
         raise SystemExit("profile_dkdv_split: needs a CUDA GPU (it times kernels), or --dry-run")
     print(f"{torch.cuda.get_device_name() if device == 'cuda' else 'cpu (dry run)'}, "
           f"{attention_op.sm_count(torch.device(device))} SMs, torch {torch.__version__}, triton {triton.__version__}")

@@ -98,7 +98,6 @@ def test_learned_qk_scale_gradient_bf16_over_seeds():
     assert k_mean <= 2 * e_mean, f"dscale mean error: kernel {errs['kernel']} vs eager {errs['eager']}"
 
 
-
 @pytest.mark.parametrize("feature,nq,nk", [("alibi", 64, 192), ("t5short+causal", 64, 192)])
 def test_learned_bias_gradients_bf16_over_seeds(feature, nq, nk):
     """The learned ALiBi slopes' and T5 table's gradients in bf16, mean error over four draws (one
@@ -126,6 +125,7 @@ def test_learned_bias_gradients_bf16_over_seeds(feature, nq, nk):
             errs[name].append(max_err(out[name], out["oracle"]))
     k_mean, e_mean = sum(errs["kernel"]) / 4, sum(errs["eager"]) / 4
     assert k_mean <= 0.5 * e_mean, f"{feature} gradient mean error: kernel {errs['kernel']} vs eager {errs['eager']}"
+
 
 def test_qk_features_run_once_per_row(monkeypatch):
     """QK-norm, dim scales and rotary/xpos run once per q and k row (``attention_qk._qk_rows``: one

@@ -133,7 +133,7 @@ def test_dkdv_split_bench_dry_run(monkeypatch, capsys):
     from xtk.bench import profile_dkdv_split
     from xtk.kernels import attention_op
     monkeypatch.setattr(attention_op, "sm_count", attention_op.sm_count)  # the dry run replaces it: restored after
-    profile_dkdv_split.main(["--dry-run"])
+    profile_dkdv_split.main(["--dry-run", "--n", "4096", "--d", "128"])  # the GPU run's flags parse too
     rows = [line.split("|") for line in capsys.readouterr().out.splitlines() if line.startswith("| b")]
     assert [(r[1].strip(), r[2].strip()) for r in rows] == [
         ("b1 h4 hk1 n40 d16 full", "4"), ("b1 h4 hk1 n40 d16 causal", "4"),
